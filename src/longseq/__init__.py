@@ -1,0 +1,32 @@
+"""longseq: long-sequence language modelling in PyTorch.
+
+Every model is a (multi-)state RNN at inference::
+
+    import longseq
+    model = longseq.build_model("gla", "tiny")
+    logits = model(input_ids)                     # [B, T] -> [B, T, V]
+    state = model.init_state(batch_size)
+    logits, state = model.step(input_ids, state)  # any number of new tokens
+"""
+
+from .cache import CachePolicy, Full, KVCache
+from .generate import generate, sample_next
+from .models import (
+    GLALM,
+    GLAConfig,
+    LanguageModel,
+    ModelState,
+    TransformerConfig,
+    TransformerLM,
+    build_model,
+    model_from_config,
+)
+from .ops.gla import gated_linear_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CachePolicy", "Full", "GLAConfig", "GLALM", "KVCache", "LanguageModel", "ModelState",
+    "TransformerConfig", "TransformerLM", "build_model", "gated_linear_attention", "generate",
+    "model_from_config", "sample_next", "__version__",
+]

@@ -1,0 +1,120 @@
+"""What every longseq language model shares: embeddings, a stack of blocks, the head, and the state API."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..nn.norm import RMSNorm
+from .config import ModelConfig
+from .state import ModelState
+
+
+class LanguageModel(nn.Module):
+    """Base class: ``model(input_ids) -> logits`` and the recurrent ``init_state`` / ``step`` API.
+
+    Subclasses build ``self.blocks`` whose ``forward(h, positions, layer_state)`` returns
+    ``(h, new_layer_state)`` and implement :meth:`_init_layer_state`.
+    """
+
+    config: ModelConfig
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList()
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    # -- construction -----------------------------------------------------------------------------
+    def _finish_init(self) -> None:
+        """Initialise weights (call at the end of the subclass constructor)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        # GPT-2 style: the projections that write into the residual stream shrink with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("out.weight", "down.weight")) and name.startswith("blocks."):
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
+        if self.config.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Number of distinct parameters (tied weights counted once)."""
+        params = {id(p): p for p in self.parameters()}
+        n = sum(p.numel() for p in params.values())
+        if exclude_embeddings:
+            n -= self.embed.weight.numel()
+        return n
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def check_input_ids(self, input_ids: Tensor) -> None:
+        """Raise ``ValueError`` unless ``input_ids`` is a ``[B, T]`` integer tensor of ids in ``[0, vocab)``."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T]; got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be an integer tensor; got dtype {input_ids.dtype}")
+        if input_ids.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(
+                    f"input_ids must lie in [0, {self.config.vocab_size}); got values in [{lo}, {hi}]"
+                )
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    # -- full-sequence forward -----------------------------------------------------------------------
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """``[B, T]`` token ids -> ``[B, T, vocab]`` logits; ``logits[:, i]`` predicts token ``i + 1``."""
+        self.check_input_ids(input_ids)
+        h = self.embed(input_ids)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        for block in self.blocks:
+            h, _ = block(h, positions, None)
+        return self.head(self.norm(h))
+
+    # -- recurrent form ------------------------------------------------------------------------------
+    def _init_layer_state(self, layer: int, batch_size: int, cache: Any, device: torch.device) -> Any:
+        raise NotImplementedError
+
+    def init_state(
+        self, batch_size: int = 1, *, cache: Any = None, device: torch.device | str | None = None
+    ) -> ModelState:
+        """A fresh state for ``batch_size`` sequences.
+
+        ``cache`` is a :class:`~longseq.cache.CachePolicy` for models with softmax attention layers
+        (default ``Full()``); models without such layers reject it.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        device = torch.device(device) if device is not None else self.device
+        layers = [self._init_layer_state(i, batch_size, cache, device) for i in range(len(self.blocks))]
+        return ModelState(layers=layers, batch_size=batch_size)
+
+    def step(self, input_ids: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        """Consume ``[B, T]`` new tokens (any ``T >= 1``: prefill and decode alike) after ``state``.
+
+        Returns ``[B, T, vocab]`` logits and the updated state (the same object, updated in place).
+        Over a sequence split into any pieces, the logits equal ``model(input_ids)``'s.
+        """
+        self.check_input_ids(input_ids)
+        B, T = input_ids.shape
+        if B != state.batch_size:
+            raise ValueError(f"input_ids has batch {B} but the state was made for batch {state.batch_size}")
+        if T == 0:
+            raise ValueError("step needs at least one new token; got input_ids of shape [B, 0]")
+        h = self.embed(input_ids)
+        positions = torch.arange(state.position, state.position + T, device=input_ids.device)
+        for i, block in enumerate(self.blocks):
+            h, state.layers[i] = block(h, positions, state.layers[i])
+        state.position += T
+        return self.head(self.norm(h)), state

@@ -1,0 +1,124 @@
+"""Chunkwise gated linear attention in pure PyTorch (the paper's FlashLinearAttention form).
+
+Two levels, as in Yang et al. (2024), Sec. 4:
+
+* **Chunks** of ``C`` tokens pass a ``[K, V]`` state from one to the next (a short Python loop over
+  ``T / C`` chunks); everything inside a chunk is matrix multiplies.
+* **Sub-chunks** of ``c`` tokens inside a chunk. Between different sub-chunks the decay factorises
+  around the boundary of the later sub-chunk, so both factors are ``exp(<= 0)``; inside a sub-chunk
+  (the diagonal blocks) the decay is computed in log space token pair by token pair.
+
+Every log decay here is a *sum of gates over the exact segment it spans*, never a difference of two
+cumulative sums. That keeps it free of cancellation (``-1000 + 1e-3 - (-1000)``) and of ``-inf - -inf``
+when a gate is ``-inf``, so the result is stable for any ``g`` in ``[-inf, 0]`` and any ``T``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .reference import compute_dtype
+
+
+def _exclusive_cumsum(x: Tensor, dim: int) -> Tensor:
+    """``out[i] = sum(x[:i])`` along ``dim``, by shifting (no subtraction)."""
+    inclusive = x.cumsum(dim)
+    zero = torch.zeros_like(inclusive.narrow(dim, 0, 1))
+    return torch.cat([zero, inclusive.narrow(dim, 0, x.shape[dim] - 1)], dim=dim)
+
+
+def _exclusive_reverse_cumsum(x: Tensor, dim: int) -> Tensor:
+    """``out[i] = sum(x[i+1:])`` along ``dim``."""
+    return _exclusive_cumsum(x.flip(dim), dim).flip(dim)
+
+
+def gla_chunk(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    scale: float,
+    initial_state: Tensor | None = None,
+    chunk_size: int = 64,
+    sub_chunk_size: int = 16,
+) -> tuple[Tensor, Tensor]:
+    """Chunkwise GLA, differentiable by autograd.
+
+    Args:
+        q, k, g: ``[B, T, H, K]``; v: ``[B, T, H, V]``; initial_state: ``[B, H, K, V]`` or None.
+        chunk_size: tokens per chunk ``C``; sub_chunk_size: tokens per sub-chunk ``c`` (``C % c == 0``).
+    Returns:
+        ``o`` as ``[B, T, H, V]`` in the compute dtype (fp32, or fp64 for fp64 inputs) and the final
+        state ``[B, H, K, V]``.
+    """
+    if chunk_size % sub_chunk_size:
+        raise ValueError(f"chunk_size={chunk_size} must be a multiple of sub_chunk_size={sub_chunk_size}")
+    dtype = compute_dtype(q, k, v, g, *([initial_state] if initial_state is not None else []))
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C, c = chunk_size, sub_chunk_size
+    S = C // c
+
+    # [B, H, T, *]; pad T up to a whole chunk. Padded tokens have k = v = 0 (they add nothing to the
+    # state) and g = 0 (they do not decay it), so the final state is exact.
+    q, k, v, g = (x.to(dtype).transpose(1, 2) for x in (q, k, v, g))
+    pad = (-T) % C
+    if pad:
+        q, k, v, g = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v, g))
+    N = (T + pad) // C
+    q = q * scale
+
+    q_ = q.reshape(B, H, N, S, c, K)
+    k_ = k.reshape(B, H, N, S, c, K)
+    g_ = g.reshape(B, H, N, S, c, K)
+    v_ = v.reshape(B, H, N, C, V)
+
+    # --- log decays inside each sub-chunk (all <= 0) ---
+    inc = g_.cumsum(-2)  # sum g[m], m <= i         (from the sub-chunk start to i, inclusive)
+    exc_after = _exclusive_reverse_cumsum(g_, -2)  # sum g[m], m > j (from after j to the sub-chunk end)
+    tot = g_.sum(-2)  # [B, H, N, S, K] whole sub-chunk
+
+    # --- diagonal blocks: D[j, i] = sum g[m] for j < m <= i, per key channel ---
+    idx = torch.arange(c, device=q.device)
+    after_j = idx[None, :] > idx[:, None]  # [j, m]: m > j
+    seg = torch.where(after_j[:, :, None], g_[..., None, :, :], g_.new_zeros(())).cumsum(-2)  # [.., j, i, K]
+    causal = idx[:, None] >= idx[None, :]  # [i, j]: j <= i
+    # Zero the exponent above the diagonal before exp so no masked entry can overflow.
+    seg = torch.where(causal.T[:, :, None], seg, seg.new_zeros(()))
+    decay_diag = seg.transpose(-3, -2).exp()  # [.., i, j, K]
+    a_diag = (q_[..., :, None, :] * k_[..., None, :, :] * decay_diag).sum(-1)  # [.., S, i, j]
+    a_diag = a_diag * causal.to(dtype)
+
+    # --- off-diagonal blocks, sub-chunk I attends to earlier sub-chunk J < I ---
+    # decay from key j in J to query i in I = exp(exc_after[j]) * exp(mid[I, J]) * exp(inc[i]),
+    # where mid[I, J] sums whole sub-chunks strictly between J and I.
+    sidx = torch.arange(S, device=q.device)
+    between = (sidx[None, None, :] > sidx[None, :, None]) & (sidx[None, None, :] < sidx[:, None, None])  # [I,J,L]
+    mid = torch.where(between[..., None], tot[..., None, None, :, :], tot.new_zeros(())).sum(-2)  # [..,I,J,K]
+    q_dec = q_ * inc.exp()  # [.., S, c, K]
+    k_dec = k_[..., None, :, :, :] * (exc_after[..., None, :, :, :] + mid[..., None, :]).exp()  # [.., I, J, c, K]
+    a_off = torch.einsum("...Iik,...IJjk->...IiJj", q_dec, k_dec)
+    earlier = (sidx[None, :] < sidx[:, None]).to(dtype)  # [I, J]
+    eye = torch.eye(S, device=q.device, dtype=dtype)
+    attn = a_off * earlier[:, None, :, None] + a_diag[..., :, :, None, :] * eye[:, None, :, None]
+    o = attn.reshape(B, H, N, C, C) @ v_  # intra-chunk part
+
+    # --- inter-chunk: state passed from chunk to chunk ---
+    before = _exclusive_cumsum(tot, -2)  # whole sub-chunks before I within the chunk
+    after = _exclusive_reverse_cumsum(tot, -2)  # whole sub-chunks after J within the chunk
+    q_in = (q_ * (before[..., None, :] + inc).exp()).reshape(B, H, N, C, K)
+    k_out = (k_ * (after[..., None, :] + exc_after).exp()).reshape(B, H, N, C, K)
+    chunk_decay = tot.sum(-2).exp()  # [B, H, N, K]
+    contrib = k_out.transpose(-1, -2) @ v_  # [B, H, N, K, V]
+
+    state = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype)
+    states_before = []
+    for n in range(N):
+        states_before.append(state)
+        state = chunk_decay[:, :, n, :, None] * state + contrib[:, :, n]
+    o = o + q_in @ torch.stack(states_before, dim=2)
+
+    o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)
+    return o, state
