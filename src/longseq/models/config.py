@@ -6,11 +6,11 @@ presets are deeper than their token-level namesakes to reach the same size):
 ============  =======  ========  ======  ===========  ==========
 preset        d_model  n_layers  heads   Transformer  GLA
 ============  =======  ========  ======  ===========  ==========
-tiny          64       2         2/2     ~0.1M        ~0.1M
-small         512      8         8/4     ~25M         ~25M
-base          768      18        12/4    ~127M        ~128M
-medium        1024     28        16/4    ~352M        ~353M
-1.3b          2048     26        16/4    ~1.31B       ~1.31B
+tiny          64       2         2/2     0.14M        0.14M
+small         512      8         8/4     25.6M        25.7M
+base          768      18        12/4    127.8M       128.2M
+medium        1024     28        16/4    354.7M       355.5M
+1.3b          2048     26        16/4    1.311B       1.313B
 ============  =======  ========  ======  ===========  ==========
 """
 
@@ -170,3 +170,113 @@ class GLAConfig(ModelConfig):
 
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown GLA backend {self.backend!r}; choose one of {BACKENDS}")
+
+
+@dataclass
+class MegabyteConfig(ModelConfig):
+    """MEGABYTE (Yu et al. 2023): a global model over patches of ``patch_size`` bytes and a local model
+    over the bytes of each patch.
+
+    Widths follow the paper's tables: ``d_global`` is the global model's width, i.e. the paper's
+    ``P * D_G``, so each byte gets a ``d_global / patch_size``-wide global embedding (the paper's
+    ``D_G``) and a patch is the concatenation of its ``P`` byte embeddings. ``d_local`` is the local
+    model's width ``D_L``. ``max_seq_len`` bounds the learned byte-position embedding (and so the
+    context, in bytes) and must be a multiple of ``patch_size``.
+
+    ``global_backbone`` / ``local_backbone`` pick the block type of each stack (``"transformer"``:
+    Transformer++ blocks with RoPE; ``"gla"``: GLA blocks, which use ``gla_backend``). ``d_model`` and
+    ``n_layers`` are derived (``d_global`` and the total depth) so code that reads them keeps working.
+
+    ============  ==  ============  ===========  ======  ================  =================
+    preset        P   global d/L/H  local d/L/H  params  (global backbone  transformer / gla)
+    ============  ==  ============  ===========  ======  ================  =================
+    tiny          4   64 / 2 / 2    32 / 1 / 2   ~0.15M
+    small         8   512 / 8 / 8   256 / 4 / 4  ~28M
+    paper95m      8   768 / 12 / 12 512 / 4 / 8  ~98M
+    ============  ==  ============  ===========  ======  ================  =================
+    """
+
+    kind: ClassVar[str] = "megabyte"
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": dict(
+            patch_size=4, d_global=64, n_global_layers=2, n_global_heads=2,
+            d_local=32, n_local_layers=1, n_local_heads=2, max_seq_len=1024,
+        ),
+        "small": dict(
+            patch_size=8, d_global=512, n_global_layers=8, n_global_heads=8,
+            d_local=256, n_local_layers=4, n_local_heads=4, max_seq_len=8192,
+        ),
+        # The benchmark size: dims 768/512, depths 12/4, P = 8 (global:local ratios as in the paper).
+        "paper95m": dict(
+            patch_size=8, d_global=768, n_global_layers=12, n_global_heads=12,
+            d_local=512, n_local_layers=4, n_local_heads=8, max_seq_len=8192,
+        ),
+    }
+
+    patch_size: int = 8
+    d_global: int = 512
+    n_global_layers: int = 8
+    n_global_heads: int = 8
+    d_local: int = 256
+    n_local_layers: int = 4
+    n_local_heads: int = 4
+    global_backbone: str = "transformer"
+    local_backbone: str = "transformer"
+    max_seq_len: int = 8192
+    rope_theta: float = 10000.0
+    gla_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("patch_size", "d_global", "n_global_layers", "n_global_heads", "d_local",
+                     "n_local_layers", "n_local_heads", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"config field {name!r} must be >= 1; got {getattr(self, name)}")
+        for name in ("global_backbone", "local_backbone"):
+            if getattr(self, name) not in ("transformer", "gla"):
+                raise ValueError(f"{name} must be 'transformer' or 'gla'; got {getattr(self, name)!r}")
+        if self.d_global % self.patch_size:
+            raise ValueError(
+                f"d_global={self.d_global} must be a multiple of patch_size={self.patch_size} "
+                f"(a patch is the concatenation of patch_size byte embeddings of width d_global/patch_size)"
+            )
+        if self.max_seq_len % self.patch_size:
+            raise ValueError(
+                f"max_seq_len={self.max_seq_len} must be a multiple of patch_size={self.patch_size}"
+            )
+        # Derived fields; a conflicting explicit value (other than the base default) is a mistake.
+        derived = {"d_model": self.d_global, "n_layers": self.n_global_layers + self.n_local_layers}
+        for name, value in derived.items():
+            given = getattr(self, name)
+            default = next(f.default for f in dataclasses.fields(ModelConfig) if f.name == name)
+            if given not in (default, value):
+                raise ValueError(
+                    f"MegabyteConfig.{name} is derived ({name}={value} from d_global / layer counts); "
+                    f"got {given}"
+                )
+            setattr(self, name, value)
+        # Building the sub-configs validates heads, RoPE head dims and the GLA backend now, not later.
+        self.global_config()
+        self.local_config()
+
+    @property
+    def byte_dim(self) -> int:
+        """Width of one byte's global embedding (the paper's ``D_G``): ``d_global / patch_size``."""
+        return self.d_global // self.patch_size
+
+    def _stack_config(self, backbone: str, d_model: int, n_layers: int, n_heads: int) -> ModelConfig:
+        common = dict(vocab_size=self.vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                      norm_eps=self.norm_eps, init_std=self.init_std)
+        if backbone == "transformer":
+            return TransformerConfig(**common, rope_theta=self.rope_theta)
+        return GLAConfig(**common, backend=self.gla_backend)
+
+    def global_config(self) -> ModelConfig:
+        """The :class:`TransformerConfig` / :class:`GLAConfig` the global blocks are built from."""
+        return self._stack_config(
+            self.global_backbone, self.d_global, self.n_global_layers, self.n_global_heads
+        )
+
+    def local_config(self) -> ModelConfig:
+        """The :class:`TransformerConfig` / :class:`GLAConfig` the local blocks are built from."""
+        return self._stack_config(self.local_backbone, self.d_local, self.n_local_layers, self.n_local_heads)

@@ -44,4 +44,6 @@ class GLALM(LanguageModel):
         if cache is not None:
             raise ValueError("GLA layers keep a fixed-size matrix state; a cache policy does not apply to them")
         attn = self.blocks[layer].attn
-        return torch.zeros(batch_size, attn.n_heads, attn.head_k, attn.head_v, device=device, dtype=torch.float32)
+        # fp32 state for fp32/bf16/fp16 weights; fp64 models (exactness tests) keep an fp64 state.
+        dtype = torch.promote_types(self.embed.weight.dtype, torch.float32)
+        return torch.zeros(batch_size, attn.n_heads, attn.head_k, attn.head_v, device=device, dtype=dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -59,7 +60,8 @@ class GatedLinearAttention(nn.Module):
         k = self.k_proj(x).view(B, T, H, self.head_k)
         v = self.v_proj(x).view(B, T, H, self.head_v)
         # The gate in fp32: logsigmoid of large negative logits loses its small tail in bf16.
-        g = F.logsigmoid(self.gate_up(self.gate_down(x)).float()) / self.gate_normalizer
+        gate_logits = self.gate_up(self.gate_down(x))
+        g = F.logsigmoid(gate_logits.to(torch.promote_types(gate_logits.dtype, torch.float32))) / self.gate_normalizer
         o, new_state = gated_linear_attention(
             q, k, v, g.view(B, T, H, self.head_k),
             initial_state=state, output_final_state=state is not None, backend=self.backend,

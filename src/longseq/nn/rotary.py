@@ -7,22 +7,31 @@ from torch import Tensor, nn
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotates query/key channel pairs ``(i, i + D/2)`` by ``position * theta^(-2i/D)``."""
+    """Rotates query/key channel pairs ``(i, i + D/2)`` by ``position * theta^(-2i/D)``.
+
+    The frequencies are not a buffer on purpose: ``model.to(torch.bfloat16)`` would round them, and
+    bf16 angles are useless beyond a few hundred positions. They are made per call in float64 and
+    the rotation runs in at least float32.
+    """
 
     def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dimension; got {head_dim}")
-        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.head_dim, self.theta = head_dim, theta
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """Rotate ``x`` ``[B, H, T, D]`` by ``positions`` ``[T]`` or ``[B, T]`` (integer token positions)."""
-        angles = positions.to(torch.float32)[..., None] * self.inv_freq  # [(B,) T, D/2]
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        exponent = torch.arange(0, self.head_dim, 2, device=x.device, dtype=torch.float64) / self.head_dim
+        inv_freq = (self.theta**-exponent).to(dtype)
+        angles = positions.to(dtype)[..., None] * inv_freq  # [(B,) T, D/2]
         if angles.dim() == 3:
             angles = angles[:, None]  # broadcast over heads
         cos, sin = angles.cos(), angles.sin()
-        x32 = x.float()
-        x1, x2 = x32.chunk(2, dim=-1)
+        x1, x2 = x.to(dtype).chunk(2, dim=-1)
         out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
         return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, theta={self.theta}"
