@@ -15,6 +15,9 @@ from .models import (
     GLALM,
     GLAConfig,
     LanguageModel,
+    MegabyteConfig,
+    MegabyteLM,
+    MegabyteState,
     ModelState,
     TransformerConfig,
     TransformerLM,
@@ -26,7 +29,8 @@ from .ops.gla import gated_linear_attention
 __version__ = "0.1.0"
 
 __all__ = [
-    "CachePolicy", "Full", "GLAConfig", "GLALM", "KVCache", "LanguageModel", "ModelState",
+    "CachePolicy", "Full", "GLAConfig", "GLALM", "KVCache", "LanguageModel", "MegabyteConfig", "MegabyteLM",
+    "MegabyteState", "ModelState",
     "TransformerConfig", "TransformerLM", "build_model", "gated_linear_attention", "generate",
     "model_from_config", "sample_next", "__version__",
 ]

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from .base import LanguageModel
-from .config import GLAConfig, ModelConfig, TransformerConfig
+from .config import GLAConfig, MegabyteConfig, ModelConfig, TransformerConfig
 from .gla import GLALM
+from .megabyte import MegabyteLM, MegabyteState
 from .state import ModelState
 from .transformer import TransformerLM
 
@@ -14,6 +15,7 @@ from .transformer import TransformerLM
 MODELS: dict[str, tuple[type[ModelConfig], type[LanguageModel]]] = {
     "transformer": (TransformerConfig, TransformerLM),
     "gla": (GLAConfig, GLALM),
+    "megabyte": (MegabyteConfig, MegabyteLM),
 }
 
 
@@ -40,6 +42,7 @@ def model_from_config(cfg: ModelConfig) -> LanguageModel:
 
 
 __all__ = [
-    "GLAConfig", "GLALM", "LanguageModel", "MODELS", "ModelConfig", "ModelState", "TransformerConfig",
+    "GLAConfig", "GLALM", "LanguageModel", "MODELS", "MegabyteConfig", "MegabyteLM", "MegabyteState",
+    "ModelConfig", "ModelState", "TransformerConfig",
     "TransformerLM", "build_model", "config_class", "model_from_config",
 ]

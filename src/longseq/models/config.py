@@ -187,13 +187,15 @@ class MegabyteConfig(ModelConfig):
     Transformer++ blocks with RoPE; ``"gla"``: GLA blocks, which use ``gla_backend``). ``d_model`` and
     ``n_layers`` are derived (``d_global`` and the total depth) so code that reads them keeps working.
 
-    ============  ==  ============  ===========  ======  ================  =================
-    preset        P   global d/L/H  local d/L/H  params  (global backbone  transformer / gla)
-    ============  ==  ============  ===========  ======  ================  =================
-    tiny          4   64 / 2 / 2    32 / 1 / 2   ~0.15M
-    small         8   512 / 8 / 8   256 / 4 / 4  ~28M
-    paper95m      8   768 / 12 / 12 512 / 4 / 8  ~98M
-    ============  ==  ============  ===========  ======  ================  =================
+    Parameter counts (global backbone transformer / gla; local transformer):
+
+    ============  ==  ==============  =============  ===================
+    preset        P   global d/L/H    local d/L/H    params
+    ============  ==  ==============  =============  ===================
+    tiny          4   64 / 2 / 2      32 / 1 / 2     0.158M / 0.161M
+    small         8   512 / 8 / 8     256 / 4 / 4    29.2M / 29.3M
+    paper95m      8   768 / 12 / 12   512 / 4 / 8    98.7M / 99.0M
+    ============  ==  ==============  =============  ===================
     """
 
     kind: ClassVar[str] = "megabyte"

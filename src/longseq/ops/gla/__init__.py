@@ -14,6 +14,7 @@ import logging
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from .chunk import gla_chunk
 from .reference import gla_recurrent
@@ -97,6 +98,12 @@ def gated_linear_attention(
         backend = "recurrent" if q.shape[1] <= _RECURRENT_MAX_T else "chunk"
         if q.is_cuda and backend == "chunk":
             _say_once("longseq: GLA backend 'auto' -> 'chunk' (PyTorch); no fused CUDA kernel is installed")
-    fn = gla_recurrent if backend == "recurrent" else gla_chunk
-    o, state = fn(q, k, v, g, scale, initial_state)
+    if backend == "recurrent":
+        o, state = gla_recurrent(q, k, v, g, scale, initial_state)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, initial_state)):
+        # As in the paper, keep only the inputs for backward and recompute the chunk internals there:
+        # the intra-chunk decay tensors are ~16x the size of q and would dominate activation memory.
+        o, state = checkpoint(gla_chunk, q, k, v, g, scale, initial_state, use_reentrant=False)
+    else:
+        o, state = gla_chunk(q, k, v, g, scale, initial_state)
     return o.to(v.dtype), (state if output_final_state else None)
