@@ -9,7 +9,7 @@ Every model is a (multi-)state RNN at inference::
     logits, state = model.step(input_ids, state)  # any number of new tokens
 """
 
-from .cache import CachePolicy, Full, KVCache
+from .cache import H2O, TOVA, CachePolicy, Full, KVCache, Sink, Window, parse_policy
 from .generate import generate, sample_next
 from .models import (
     GLALM,
@@ -29,7 +29,7 @@ from .ops.gla import gated_linear_attention
 __version__ = "0.1.0"
 
 __all__ = [
-    "CachePolicy", "Full", "GLAConfig", "GLALM", "KVCache", "LanguageModel", "MegabyteConfig", "MegabyteLM",
+    "CachePolicy", "Full", "H2O", "Sink", "TOVA", "Window", "parse_policy", "GLAConfig", "GLALM", "KVCache", "LanguageModel", "MegabyteConfig", "MegabyteLM",
     "MegabyteState", "ModelState",
     "TransformerConfig", "TransformerLM", "build_model", "gated_linear_attention", "generate",
     "model_from_config", "sample_next", "__version__",

@@ -1,4 +1,18 @@
-"""Per-layer KV cache: keys after RoPE, values, and the original position of every kept token."""
+"""Per-layer KV cache: keys after RoPE, values, and the original position of every kept token.
+
+Buffer layout
+-------------
+``k``, ``v``: ``[B, H_kv, C, D]`` preallocated slots; ``slot_pos``: ``[B, G, C]`` original position held by
+each slot (``-1``: empty), with ``G = H_kv`` for per-head policies and ``G = 1`` otherwise (one layout
+shared by the kv heads). Bounded policies allocate ``C = budget + 1`` slots once, at the first token: the
+kept ``budget`` tokens plus one free slot for the token being added. Slots are *unordered*: a new token
+is written into the slot its predecessor's eviction freed (``_free``, ``[B, G]``), so the steady-state
+decode step is a fixed-shape scatter + attention + argmin with no host sync and no reallocation.
+:meth:`KVCache.kept_positions` sorts by position when asked.
+
+``Full()`` grows its buffers geometrically (amortised O(1) appends; :meth:`KVCache.reserve` preallocates),
+and its slots stay in temporal order.
+"""
 
 from __future__ import annotations
 
@@ -8,51 +22,292 @@ from torch import Tensor
 from ..ops.attention import attention_over_cache, causal_attention
 from .policies import CachePolicy, Full
 
+_LONG_MAX = torch.iinfo(torch.long).max
+
 
 class KVCache:
     """The KV cache of one attention layer, governed by a :class:`CachePolicy`.
 
-    Layout: ``k``, ``v`` are ``[B, H_kv, n, D]``; ``positions`` is ``[B, n]`` (original token positions,
-    in temporal order). The attention layer hands every new chunk of keys/values to :meth:`attend`,
-    which stores them and returns the attention output: storage, attention and the policy's decisions
-    live together here, so the layer never needs to know which policy is active.
+    The attention layer hands every new chunk of keys/values to :meth:`attend`, which stores them, applies
+    the policy and returns the attention output: storage, attention and the policy's decisions live
+    together here, so the layer never needs to know which policy is active.
+
+    Eviction is exact per token, prompts included: ``attend`` over a chunk gives the same outputs and kept
+    positions as calling it once per token. How a chunk is processed:
+
+    1. while the cache has room (``kept < budget``), the tokens that fit go in at once (one attention call;
+       H2O also accumulates the column sums of that chunk's attention rows);
+    2. once full, positional policies (Window, Sink) process the rest of the chunk at once with a banded
+       mask -- their decisions do not depend on scores -- and score-based policies (TOVA, H2O) go token by
+       token, since each decision changes what the next token sees.
+
+    Positions of successive calls are assumed consecutive (``0, 1, 2, ...``), as the models produce them.
     """
 
     def __init__(self, policy: CachePolicy | None = None) -> None:
         self.policy = policy if policy is not None else Full()
-        if self.policy.budget is not None:
-            raise ValueError(f"{type(self.policy).__name__} is a bounded policy; this KVCache only supports Full()")
-        self.k: Tensor | None = None
-        self.v: Tensor | None = None
-        self.positions: Tensor | None = None
+        if not isinstance(self.policy, CachePolicy):
+            raise TypeError(f"policy must be a CachePolicy such as Full(); got {type(self.policy).__name__}")
+        self.budget: int | None = self.policy.budget
+        self.k: Tensor | None = None  # [B, H_kv, C, D]
+        self.v: Tensor | None = None  # [B, H_kv, C, D]
+        self.slot_pos: Tensor | None = None  # [B, G, C] int64, -1 = empty
+        self.score: Tensor | None = None  # [B, G, C] accumulated attention (H2O only)
+        self._free: Tensor | None = None  # [B, G] slot the next token is written into, once full
+        self._n = 0  # tokens kept (the same for every row and head)
+        self._reserve = 0
 
+    # -- bookkeeping -------------------------------------------------------------------------------
     def __len__(self) -> int:
+        return self._n
+
+    @property
+    def capacity(self) -> int:
+        """Allocated slots per row and head (``budget + 1`` for bounded policies)."""
         return 0 if self.k is None else self.k.shape[2]
 
+    def reserve(self, n_tokens: int) -> None:
+        """Allocate room for ``n_tokens`` at the first write (``Full`` only: no regrowth).
+
+        Bounded policies always allocate ``budget + 1`` slots, so this is a no-op for them.
+        """
+        if self.budget is None:
+            self._reserve = max(self._reserve, int(n_tokens))
+            if self.k is not None and n_tokens > self.capacity:
+                self._grow(int(n_tokens))
+
+    def _allocate(self, k: Tensor, capacity: int) -> None:
+        B, Hkv, _, D = k.shape
+        G = Hkv if self.policy.per_head else 1
+        self.k = k.new_zeros(B, Hkv, capacity, D)
+        self.v = k.new_zeros(B, Hkv, capacity, D)
+        self.slot_pos = torch.full((B, G, capacity), -1, dtype=torch.long, device=k.device)
+        if self.budget is not None:
+            # Until the cache first fills, the spare slot is the last one; afterwards, the last victim's.
+            self._free = torch.full((B, G), self.budget, dtype=torch.long, device=k.device)
+        if self.policy.accumulates_scores:
+            self.score = torch.zeros(
+                B, G, capacity, dtype=torch.promote_types(k.dtype, torch.float32), device=k.device
+            )
+
+    def _grow(self, capacity: int) -> None:
+        """Full only: move the kept tokens into larger buffers (slots stay in temporal order)."""
+        assert self.k is not None and self.v is not None and self.slot_pos is not None
+        old_k, old_v, old_pos, n = self.k, self.v, self.slot_pos, self._n
+        self._allocate(old_k, capacity)
+        self.k[:, :, :n] = old_k[:, :, :n]
+        self.v[:, :, :n] = old_v[:, :, :n]
+        self.slot_pos[:, :, :n] = old_pos[:, :, :n]
+
+    # -- attention -----------------------------------------------------------------------------------
     def attend(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
-        """Store the new keys/values and attend the new queries over everything kept.
+        """Store the new keys/values, attend the new queries over everything kept, apply the policy.
 
         Args:
-            q: ``[B, H, T, D]``; k, v: ``[B, H_kv, T, D]`` (after RoPE); positions: ``[T]`` original positions.
+            q: ``[B, H, T, D]``; k, v: ``[B, H_kv, T, D]`` (after RoPE); positions: ``[T]`` (or ``[B, T]``)
+                original positions of the new tokens.
         Returns:
             ``[B, H, T, D]``.
         """
-        B = q.shape[0]
-        pos = positions.to(torch.long).expand(B, -1)
+        B, _, T, _ = q.shape
+        pos = positions.to(device=q.device, dtype=torch.long)
+        pos = pos.expand(B, T) if pos.dim() == 1 else pos
+        if self.budget is None:
+            return self._attend_full(q, k, v, pos)
         if self.k is None:
-            self.k, self.v, self.positions = k, v, pos
+            self._allocate(k, self.budget + 1)
+        outs: list[Tensor] = []
+        done = min(T, self.budget - self._n)
+        if done > 0:
+            outs.append(self._fill(q[:, :, :done], k[:, :, :done], v[:, :, :done], pos[:, :done]))
+        if done < T:
+            band = self.policy.band
+            if band is not None and T - done > 1:
+                outs.append(
+                    self._banded(q[:, :, done:], k[:, :, done:], v[:, :, done:], pos[:, done:], *band)
+                )
+            else:
+                for j in range(done, T):
+                    outs.append(
+                        self._evict_step(
+                            q[:, :, j : j + 1], k[:, :, j : j + 1], v[:, :, j : j + 1], pos[:, j : j + 1]
+                        )
+                    )
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _attend_full(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+        T, n = q.shape[2], self._n
+        if self.k is None:
+            self._allocate(k, max(T, self._reserve))
+        elif n + T > self.capacity:
+            self._grow(max(n + T, self.capacity * 3 // 2))
+        assert self.k is not None and self.v is not None and self.slot_pos is not None
+        self.k[:, :, n : n + T] = k
+        self.v[:, :, n : n + T] = v
+        self.slot_pos[:, :, n : n + T] = pos[:, None]
+        self._n = n + T
+        if n == 0:
             return causal_attention(q, k, v)
-        self.k = torch.cat([self.k, k], dim=2)
-        self.v = torch.cat([self.v, v], dim=2)
-        self.positions = torch.cat([self.positions, pos], dim=1)
-        o, _ = attention_over_cache(q, self.k, self.v, pos, self.positions)
+        # A single new token sees every kept key: no mask (SDPA's fastest path).
+        k_pos = None if T == 1 else self.slot_pos[:, :, : n + T]
+        o, _ = attention_over_cache(q, self.k[:, :, : n + T], self.v[:, :, : n + T], pos, k_pos)
         return o
 
+    def _group_mean(self, w: Tensor) -> Tensor:
+        """``[B, H, ...]`` attention -> ``[B, G, ...]``: mean over all query heads (G = 1), or over the query
+        heads of each kv group (per-head policies)."""
+        assert self.slot_pos is not None
+        B, H = w.shape[:2]
+        G = self.slot_pos.shape[1]
+        return w.reshape(B, G, H // G, *w.shape[2:]).mean(2)
+
+    def _fill(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+        """Tokens that fit without eviction: slots ``[n, n + T)``, one attention call."""
+        assert (
+            self.k is not None
+            and self.v is not None
+            and self.slot_pos is not None
+            and self.budget is not None
+        )
+        T, n = q.shape[2], self._n
+        end = n + T
+        self.k[:, :, n:end] = k
+        self.v[:, :, n:end] = v
+        self.slot_pos[:, :, n:end] = pos[:, None]
+        if self.score is not None:
+            # H2O: every query of the chunk adds its (head-averaged) row to the scores of the keys it sees.
+            o, wsum = attention_over_cache(
+                q,
+                self.k[:, :, :end],
+                self.v[:, :, :end],
+                pos,
+                self.slot_pos[:, :, :end],
+                return_weights=True,
+                sum_over_queries=True,
+            )
+            assert wsum is not None
+            self.score[:, :, :end] += self._group_mean(wsum)
+        elif n == 0:
+            o = causal_attention(q, k, v)
+        else:
+            o, _ = attention_over_cache(
+                q, self.k[:, :, :end], self.v[:, :, :end], pos, self.slot_pos[:, :, :end]
+            )
+        self._n = end
+        return o
+
+    def _evict_step(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+        """One token into a full cache: write it into the free slot, attend over all ``budget + 1`` slots
+        (all valid, all in the past: no mask), evict one, and remember the freed slot.
+
+        Fixed shapes and no host sync, so this is the part a CUDA graph can capture.
+        q: ``[B, H, 1, D]``; k, v: ``[B, H_kv, 1, D]``; pos: ``[B, 1]``.
+        """
+        assert (
+            self.k is not None and self.v is not None and self.slot_pos is not None and self._free is not None
+        )
+        B, Hkv, _, D = k.shape
+        G = self.slot_pos.shape[1]
+        slot = self._free[:, :, None]  # [B, G, 1]
+        kv_index = slot[..., None].expand(B, Hkv, 1, D)
+        self.k.scatter_(2, kv_index, k)
+        self.v.scatter_(2, kv_index, v)
+        current = pos[:, None, :]  # [B, 1, 1]
+        self.slot_pos.scatter_(2, slot, current.expand(B, G, 1))
+        scores = None
+        if self.policy.needs_attention_weights:
+            o, w = attention_over_cache(q, self.k, self.v, pos, None, return_weights=True)
+            assert w is not None
+            scores = self._group_mean(w[:, :, 0])  # [B, G, C]
+            if self.score is not None:
+                self.score.scatter_(2, slot, 0.0)  # the slot's previous token is gone
+                self.score += scores
+                scores = self.score
+        else:
+            o, _ = attention_over_cache(q, self.k, self.v, pos, None)
+        victim = self.policy.select_victim(self.slot_pos, current, scores)  # [B, G, 1]
+        self.slot_pos.scatter_(2, victim, -1)
+        self._free.copy_(victim[:, :, 0])  # in place: a captured graph keeps reading the same buffer
+        return o
+
+    def _banded(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, window: int, sinks: int) -> Tensor:
+        """Window/Sink: a chunk of ``T > 1`` tokens into a full cache at once.
+
+        Token ``p`` sees ``[0, sinks)`` and ``[p - window, p]`` -- exactly what it would see token by token,
+        since the kept set of these policies depends on positions only. The kept tokens are gathered into
+        temporal order and the chunk appended: ``[sinks | run of consecutive positions]``; query ``j`` of the
+        chunk then needs the sinks and run entries ``[j, j + window]``, so each query block attends over
+        ``sinks + window + block`` keys, never the whole chunk. Afterwards the buffer holds the new kept set
+        compacted into slots ``[0, budget)``, with the spare slot last.
+        """
+        assert (
+            self.k is not None
+            and self.v is not None
+            and self.slot_pos is not None
+            and self.budget is not None
+        )
+        budget, T = self.budget, q.shape[2]
+        B, Hkv, _, D = k.shape
+        order = self.slot_pos.masked_fill(self.slot_pos < 0, _LONG_MAX).argsort(-1)[
+            :, :, :budget
+        ]  # [B, 1, budget]
+        idx = order[..., None].expand(B, Hkv, budget, D)
+        keys = torch.cat([self.k.gather(2, idx), k], dim=2)  # [B, H_kv, budget + T, D], temporal order
+        values = torch.cat([self.v.gather(2, idx), v], dim=2)
+        key_pos = torch.cat([self.slot_pos.gather(2, order), pos[:, None]], dim=2)  # [B, 1, budget + T]
+        outs = []
+        block = 1024
+        for a in range(0, T, block):
+            b = min(T, a + block)
+            lo, hi = sinks + a, budget + b  # run entries for queries [a, b): [a, b + window) after the sinks
+            if sinks:
+                kb = torch.cat([keys[:, :, :sinks], keys[:, :, lo:hi]], dim=2)
+                vb = torch.cat([values[:, :, :sinks], values[:, :, lo:hi]], dim=2)
+                pb = torch.cat([key_pos[..., :sinks], key_pos[..., lo:hi]], dim=-1)
+            else:
+                kb, vb, pb = keys[:, :, lo:hi], values[:, :, lo:hi], key_pos[..., lo:hi]
+            o, _ = attention_over_cache(
+                q[:, :, a:b], kb, vb, pos[:, a:b], pb, window=window, sinks=sinks, block_size=block
+            )
+            outs.append(o)
+        # New kept set: the sinks and the last `window` tokens, in temporal order.
+        self.k[:, :, :sinks] = keys[:, :, :sinks]
+        self.k[:, :, sinks:budget] = keys[:, :, -window:]
+        self.v[:, :, :sinks] = values[:, :, :sinks]
+        self.v[:, :, sinks:budget] = values[:, :, -window:]
+        self.slot_pos[..., :sinks] = key_pos[..., :sinks]
+        self.slot_pos[..., sinks:budget] = key_pos[..., -window:]
+        self.slot_pos[..., budget] = -1
+        assert self._free is not None
+        self._free.fill_(budget)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    # -- inspection ----------------------------------------------------------------------------------
     def kept_positions(self) -> Tensor:
-        """Original positions of the kept tokens, ``[B, n]``."""
-        if self.positions is None:
+        """Original positions of the kept tokens in temporal order: ``[B, n]``, or ``[B, H_kv, n]`` for
+        per-head policies (each kv head keeps its own set)."""
+        if self.slot_pos is None:
             return torch.empty(0, 0, dtype=torch.long)
-        return self.positions
+        n = self._n
+        if self.budget is None:
+            kept = self.slot_pos[..., :n]
+        else:
+            kept = self.slot_pos.masked_fill(self.slot_pos < 0, _LONG_MAX).sort(-1).values[..., :n]
+        return kept if self.policy.per_head else kept[:, 0]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.positions) if t is not None)
+        """Bytes of the state: the kept tokens' keys, values, positions (and H2O scores).
+
+        For bounded policies this stops growing at ``budget`` tokens; the buffers actually allocated
+        (``budget + 1`` slots, or Full's spare capacity) are :meth:`allocated_nbytes`.
+        """
+        if self.k is None or self.capacity == 0:
+            return 0
+        return self.allocated_nbytes(exclude_free=True) * self._n // self.capacity
+
+    def allocated_nbytes(self, exclude_free: bool = False) -> int:
+        """Bytes of every buffer this cache holds (fixed from the first token for bounded policies)."""
+        tensors = [self.k, self.v, self.slot_pos, self.score]
+        if not exclude_free:
+            tensors.append(self._free)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)

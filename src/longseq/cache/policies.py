@@ -1,46 +1,323 @@
-"""Cache policies: which tokens a bounded KV cache keeps.
+"""Cache policies: which tokens a bounded KV cache keeps (the KV cache as a bounded multi-state RNN).
 
-A policy is a small immutable description (``budget`` tokens per layer and its rule); the per-layer
-:class:`~longseq.cache.kv.KVCache` consults it. ``Full`` keeps everything.
+A policy is a small immutable description -- ``budget`` tokens per layer and an eviction rule -- that
+the per-layer :class:`~longseq.cache.kv.KVCache` consults. Nothing here knows about models: any model
+whose attention layers call :meth:`KVCache.attend` (a Transformer, or the attention layers of a hybrid)
+can be bounded by any policy.
+
+Semantics shared by every bounded policy (Oren et al. 2024, "Transformers are Multi-State RNNs"):
+between tokens a layer keeps at most ``budget`` tokens. A new token is first added (so it attends over
+the ``<= budget`` kept tokens plus itself), and if that makes ``budget + 1`` tokens, exactly one is
+evicted -- possibly the new token itself. This is applied after *every* token, prompts included.
+
+=========================  ==========================================================================
+spec                       policy
+=========================  ==========================================================================
+``full``                   :class:`Full`: keep everything
+``window:B``               :class:`Window`: the ``B`` most recent tokens
+``sink:B[:sinks=4]``       :class:`Sink`: the first ``sinks`` tokens + the most recent (StreamingLLM)
+``h2o:B[:recent=B//2]``    :class:`H2O`: heavy hitters by accumulated attention + a recent window
+``tova:B``                 :class:`TOVA`: evict the lowest head-averaged attention of the current query
+``tova:B:per_head``        :class:`TOVA` with ``per_head=True`` (TOVA-head); alias ``tova_head:B``
+=========================  ==========================================================================
+
+Ties in a score are broken towards evicting the oldest token (smallest position), so every decision is
+a deterministic function of the scores and positions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+
+def select_evictions(
+    scores: Tensor, n_evict: int = 1, positions: Tensor | None = None, candidates: Tensor | None = None
+) -> Tensor:
+    """Indices of the ``n_evict`` lowest-scoring entries along the last axis, lowest first.
+
+    Args:
+        scores: ``[..., S]`` eviction scores (float or integer); lower is evicted first.
+        n_evict: how many to evict (``<=`` the number of candidates).
+        positions: ``[..., S]`` original positions; ties in ``scores`` evict the smaller position first
+            (default: the index).
+        candidates: ``[..., S]`` bool, which entries may be evicted (default: all).
+    Returns:
+        ``[..., n_evict]`` int64 indices into the last axis.
+
+    TOVA's worked example: ``select_evictions(tensor([.3, .1, .25, .05, .3]), 2)`` -> ``[3, 1]``.
+    """
+    if positions is None:
+        positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)
+    big = float("inf") if scores.dtype.is_floating_point else torch.iinfo(scores.dtype).max
+    if candidates is not None:
+        scores = scores.masked_fill(~candidates, big)
+    if n_evict == 1:
+        # Two reductions instead of a sort: the minimum, then the oldest among the entries that reach it.
+        # No host sync and fixed shapes, so the single-token decode step stays graph-capturable.
+        lowest = scores == scores.amin(-1, keepdim=True)
+        if candidates is not None:
+            lowest = lowest & candidates
+        return positions.masked_fill(~lowest, torch.iinfo(positions.dtype).max).argmin(-1, keepdim=True)
+    # Lexicographic (score, position) order via two stable sorts.
+    by_pos = torch.sort(positions, dim=-1, stable=True).indices
+    by_score = torch.sort(scores.gather(-1, by_pos), dim=-1, stable=True).indices
+    return by_pos.gather(-1, by_score)[..., :n_evict]
 
 
 @dataclass(frozen=True)
 class CachePolicy:
-    """Base class. ``budget`` is the number of tokens kept per layer (None: unbounded)."""
+    """Base class of cache policies. Subclasses define ``budget`` (tokens kept per layer; None: unbounded).
 
-    @property
-    def budget(self) -> int | None:
-        return None
+    The hooks below are what :class:`~longseq.cache.kv.KVCache` asks of a policy; a bounded policy
+    implements :meth:`select_victim`.
+    """
+
+    name: ClassVar[str] = ""
+    budget: ClassVar[int | None]
 
     @property
     def needs_attention_weights(self) -> bool:
         """True when the policy scores tokens by the attention rows of the current query."""
         return False
 
+    @property
+    def accumulates_scores(self) -> bool:
+        """True when the policy keeps a running score per kept token (H2O's accumulated attention)."""
+        return False
+
+    @property
+    def per_head(self) -> bool:
+        """True when every kv head evicts independently (kept positions ``[B, H_kv, n]``)."""
+        return False
+
+    @property
+    def band(self) -> tuple[int, int] | None:
+        """``(window, sinks)`` when the kept set depends on positions only: token ``p`` then sees the
+        positions ``[p - window, p]`` and ``[0, sinks)``, so a whole chunk can be processed at once."""
+        return None
+
+    def select_victim(self, positions: Tensor, current: Tensor, scores: Tensor | None) -> Tensor:
+        """The slot to evict from a cache holding ``budget + 1`` tokens.
+
+        Args:
+            positions: ``[B, G, C]`` original position per slot (``G`` = 1, or ``H_kv`` per-head).
+            current: ``[B, 1, 1]`` position of the token just added.
+            scores: ``[B, G, C]`` head-averaged attention of the current query (TOVA), accumulated
+                attention (H2O), or None for policies that need no weights.
+        Returns:
+            ``[B, G, 1]`` slot indices.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not evict")
+
+    @property
+    def spec(self) -> str:
+        """The short spec :func:`parse_policy` turns back into this policy (e.g. ``"tova:512"``)."""
+        if self.budget is None:
+            return self.name
+        parts = [self.name, str(self.budget)]
+        for f in dataclasses.fields(self):
+            if f.name == "budget":
+                continue
+            value = getattr(self, f.name)
+            if value == self._default(f.name):
+                continue
+            parts.append(
+                f.name if value is True else f"{f.name}={int(value) if isinstance(value, bool) else value}"
+            )
+        return ":".join(parts)
+
+    def _default(self, field: str) -> Any:
+        return next(f.default for f in dataclasses.fields(self) if f.name == field)
+
+    def __str__(self) -> str:
+        return self.spec
+
 
 @dataclass(frozen=True)
 class Full(CachePolicy):
     """Keep every token: the ordinary, unbounded KV cache."""
 
+    name: ClassVar[str] = "full"
+    budget: ClassVar[None] = None
+
+
+@dataclass(frozen=True)
+class BoundedPolicy(CachePolicy):
+    """A policy that keeps at most ``budget`` tokens per layer (``budget >= 1``)."""
+
+    budget: int  # type: ignore[misc]  # a field here, a class constant on Full
+
+    def __post_init__(self) -> None:
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
+            raise ValueError(
+                f"{type(self).__name__}: budget must be an integer >= 1; got budget={self.budget!r}"
+            )
+
+
+@dataclass(frozen=True)
+class Window(BoundedPolicy):
+    """Keep the ``budget`` most recent tokens (sliding-window attention over a ring of tokens)."""
+
+    name: ClassVar[str] = "window"
+
+    @property
+    def band(self) -> tuple[int, int]:
+        return self.budget, 0
+
+    def select_victim(self, positions: Tensor, current: Tensor, scores: Tensor | None) -> Tensor:
+        return select_evictions(positions, 1, positions)
+
+
+@dataclass(frozen=True)
+class Sink(BoundedPolicy):
+    """StreamingLLM (Xiao et al. 2023): the first ``sinks`` tokens (attention sinks) + the latest."""
+
+    name: ClassVar[str] = "sink"
+    sinks: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.sinks < self.budget:
+            raise ValueError(f"Sink: need 0 <= sinks < budget; got sinks={self.sinks}, budget={self.budget}")
+
+    @property
+    def band(self) -> tuple[int, int]:
+        return self.budget - self.sinks, self.sinks
+
+    def select_victim(self, positions: Tensor, current: Tensor, scores: Tensor | None) -> Tensor:
+        return select_evictions(positions, 1, positions, candidates=positions >= self.sinks)
+
+
+@dataclass(frozen=True)
+class H2O(BoundedPolicy):
+    """Heavy-Hitter Oracle (Zhang et al. 2023): the ``recent`` most recent tokens are always kept; among
+    the others, the token with the lowest *accumulated* attention is evicted.
+
+    A token's accumulated score is the sum, over every query that has attended to it (itself and all later
+    tokens while it was kept), of the attention weight it received averaged over the layer's query heads.
+    It is one decision per layer, like TOVA (the H2O paper evicts per head; the layer-wise variant is the
+    one the TOVA paper compares against). ``recent`` defaults to ``budget // 2``; ``recent = budget`` is a
+    sliding window, ``recent = 0`` pure heavy hitters.
+    """
+
+    name: ClassVar[str] = "h2o"
+    recent: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.recent is None:
+            object.__setattr__(self, "recent", self.budget // 2)
+        if not 0 <= self.recent <= self.budget:
+            raise ValueError(
+                f"H2O: need 0 <= recent <= budget; got recent={self.recent}, budget={self.budget}"
+            )
+
+    def _default(self, field: str) -> Any:
+        return self.budget // 2 if field == "recent" else super()._default(field)
+
+    @property
+    def needs_attention_weights(self) -> bool:
+        return True
+
+    @property
+    def accumulates_scores(self) -> bool:
+        return True
+
+    def select_victim(self, positions: Tensor, current: Tensor, scores: Tensor | None) -> Tensor:
+        assert scores is not None
+        # The `recent` most recent positions (the current token included) are protected.
+        return select_evictions(
+            scores, 1, positions, candidates=(positions >= 0) & (positions <= current - self.recent)
+        )
+
+
+@dataclass(frozen=True)
+class TOVA(BoundedPolicy):
+    """Token Omission Via Attention (Oren et al. 2024): evict the token with the lowest attention weight
+    from the current query, averaged over the query heads of the layer -- one decision per layer.
+
+    ``per_head=True`` is TOVA-head: each kv head evicts on its own, scored by the query heads of its group,
+    so different heads keep different positions (``kept_positions`` is then ``[B, H_kv, n]``).
+    """
+
+    name: ClassVar[str] = "tova"
+    per_head: bool = False  # type: ignore[assignment]  # a field here, a property on the base
+
+    @property
+    def needs_attention_weights(self) -> bool:
+        return True
+
+    def select_victim(self, positions: Tensor, current: Tensor, scores: Tensor | None) -> Tensor:
+        assert scores is not None
+        return select_evictions(scores, 1, positions, candidates=positions >= 0)
+
 
 # name -> policy class; bounded policies register here so ``parse_policy`` and the CLI know them.
-POLICIES: dict[str, type[CachePolicy]] = {"full": Full}
+POLICIES: dict[str, type[CachePolicy]] = {
+    "full": Full,
+    "window": Window,
+    "sink": Sink,
+    "h2o": H2O,
+    "tova": TOVA,
+}
+# Convenience names: alias -> (registered name, fixed options).
+ALIASES: dict[str, tuple[str, dict[str, Any]]] = {"tova_head": ("tova", {"per_head": True})}
 
 
-def parse_policy(spec: str) -> CachePolicy:
-    """A policy from a short spec: ``"full"`` or ``"<name>:<budget>"`` (e.g. ``"tova:512"``)."""
-    name, _, budget = spec.strip().lower().partition(":")
+def _coerce_option(policy: str, key: str, value: str, annotation: Any) -> Any:
+    text = str(annotation)
+    if "bool" in text:
+        if value in {"true", "1", "yes"}:
+            return True
+        if value in {"false", "0", "no"}:
+            return False
+    elif "int" in text:
+        if value.lstrip("-").isdigit():
+            return int(value)
+    raise ValueError(f"policy {policy!r}: option {key}={value!r} is not a valid {text}")
+
+
+def parse_policy(spec: str, budget: int | None = None) -> CachePolicy:
+    """A policy from a short spec: ``"full"`` or ``"<name>:<budget>[:<option>[=<value>]]..."``.
+
+    Examples: ``"tova:512"``, ``"tova:512:per_head"``, ``"tova_head:512"``, ``"sink:512:sinks=8"``,
+    ``"h2o:512:recent=128"``, ``"window:64"``. ``budget`` fills in a spec written without one
+    (``parse_policy("sink:sinks=8", budget=64)``), which is how a sweep combines policies with budgets;
+    it is ignored for ``full``. Unknown names or options and bad values raise ``ValueError``.
+    """
+    parts = [p.strip() for p in spec.strip().lower().split(":")]
+    name, rest = parts[0], parts[1:]
+    options: dict[str, Any] = {}
+    if name in ALIASES:
+        name, fixed = ALIASES[name]
+        options.update(fixed)
     if name not in POLICIES:
-        raise ValueError(f"unknown cache policy {name!r} in {spec!r}; choose one of {sorted(POLICIES)}")
-    if name == "full":
-        if budget:
-            raise ValueError(f"policy 'full' takes no budget; got {spec!r}")
+        raise ValueError(
+            f"unknown cache policy {name!r} in {spec!r}; choose one of {sorted(POLICIES) + sorted(ALIASES)}"
+        )
+    cls = POLICIES[name]
+    if cls is Full:
+        if rest:
+            raise ValueError(f"policy 'full' takes no budget or options; got {spec!r}")
         return Full()
-    if not budget.isdigit():
+    if rest and rest[0].lstrip("-").isdigit():
+        spec_budget: int | None = int(rest[0])
+        rest = rest[1:]
+    else:
+        spec_budget = budget
+    if spec_budget is None:
         raise ValueError(f"policy spec {spec!r} needs an integer budget, e.g. '{name}:512'")
-    return POLICIES[name](int(budget))
+    fields = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "budget"}
+    for part in rest:
+        key, eq, value = part.partition("=")
+        if key not in fields:
+            raise ValueError(
+                f"policy {name!r} has no option {key!r} (in {spec!r}); options: {sorted(fields)}"
+            )
+        options[key] = _coerce_option(name, key, value if eq else "true", fields[key])
+    return cls(spec_budget, **options)

@@ -1,4 +1,8 @@
-"""Causal softmax attention of new queries over a set of cached keys, addressed by original positions."""
+"""Causal softmax attention of new queries over a set of cached keys, addressed by original positions.
+
+Grouped-query attention is handled by folding the query heads of each kv group into the query axis
+(``[B, H, T, D] -> [B, H_kv, G*T, D]``), so a long cache is never copied ``H / H_kv`` times.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from torch import Tensor
 
 
 def expand_kv_heads(x: Tensor, n_heads: int) -> Tensor:
-    """``[B, H_kv, S, D] -> [B, n_heads, S, D]`` for grouped-query attention (query head h uses kv head h // G)."""
+    """``[B, H_kv, S, D] -> [B, n_heads, S, D]`` for GQA (query head h uses kv head h // G)."""
     groups = n_heads // x.shape[1]
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
@@ -22,44 +26,90 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, expand_kv_heads(k, H), expand_kv_heads(v, H), is_causal=True)
 
 
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax precision: at least fp32 (fp64 stays fp64, so float64 tests compare at 1e-9)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def attention_over_cache(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     q_pos: Tensor,
-    k_pos: Tensor,
+    k_pos: Tensor | None,
     *,
     return_weights: bool = False,
+    sum_over_queries: bool = False,
+    window: int | None = None,
+    sinks: int = 0,
     block_size: int = 1024,
 ) -> tuple[Tensor, Tensor | None]:
     """Each query attends to the cached keys whose original position is ``<=`` its own.
 
     Args:
         q: ``[B, H, T, D]`` new queries (after RoPE).
-        k, v: ``[B, H_kv, S, D]`` cached keys (after RoPE) and values, in any order.
+        k, v: ``[B, H_kv, S, D]`` cached keys (after RoPE) and values, in any slot order.
         q_pos: ``[T]`` or ``[B, T]`` original positions of the queries.
-        k_pos: ``[S]`` or ``[B, S]`` original positions of the keys; a negative position marks an empty slot.
-        return_weights: also return the softmax rows ``[B, H, T, S]`` (fp32), e.g. for eviction scores.
+        k_pos: ``[S]``, ``[B, S]`` or ``[B, H_kv, S]`` (per-kv-head caches) original positions of the keys;
+            a negative position marks an empty slot. ``None``: every key is visible to every query (the
+            steady-state decode step of a full cache, where no mask is needed at all).
+        return_weights: also return the softmax rows ``[B, H, T, S]`` (fp32, fp64 for fp64 inputs), computed
+            in the same pass as the output (the output is ``weights @ v``), e.g. for eviction scores.
+        sum_over_queries: with ``return_weights``, return the rows summed over the queries, ``[B, H, S]``,
+            so a long chunk never holds more than one block of rows (accumulated attention, H2O).
+        window, sinks: additionally hide keys older than ``q_pos - window`` unless their position is
+            ``< sinks`` (sliding-window / attention-sink caches processing a chunk at once).
         block_size: queries per block, so memory is ``block_size x S``, never ``T x S`` for long prompts.
     Returns:
-        ``(o, weights)`` with ``o`` ``[B, H, T, D]`` and ``weights`` or None.
+        ``(o, weights)`` with ``o`` ``[B, H, T, D]`` and ``weights`` as requested or None.
     """
-    B, H, T, _ = q.shape
-    k, v = expand_kv_heads(k, H), expand_kv_heads(v, H)
-    q_pos = q_pos.expand(B, T) if q_pos.dim() == 1 else q_pos
-    k_pos = k_pos.expand(B, k.shape[2]) if k_pos.dim() == 1 else k_pos
-    outs, weights = [], []
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    if q_pos.dim() == 1:
+        q_pos = q_pos.expand(B, T)
+    if k_pos is not None:
+        if k_pos.dim() == 1:
+            k_pos = k_pos.expand(B, S)
+        if k_pos.dim() == 2:
+            k_pos = k_pos[:, None]  # [B, 1, S]: one layout shared by all kv heads
+    scale = D**-0.5
+    outs: list[Tensor] = []
+    weights: list[Tensor] = []
+    weight_sum: Tensor | None = None
     for start in range(0, T, block_size):
         qb = q[:, :, start : start + block_size]
-        qp = q_pos[:, start : start + block_size]
-        mask = (k_pos[:, None, :] <= qp[:, :, None]) & (k_pos[:, None, :] >= 0)  # [B, t, S]
-        mask = mask[:, None]  # broadcast over heads
+        t = qb.shape[2]
+        # Fold the G query heads of each kv group into the query axis: [B, H_kv, G*t, D].
+        qg = qb.reshape(B, Hkv, G * t, D)
+        mask = None
+        if k_pos is not None:
+            qp = q_pos[:, None, start : start + block_size, None]  # [B, 1, t, 1]
+            kp = k_pos[:, :, None, :]  # [B, Gk, 1, S]
+            mask = (kp <= qp) & (kp >= 0)
+            if window is not None:
+                mask = mask & ((kp >= qp - window) | (kp < sinks))
+            Gk = mask.shape[1]
+            if G > 1:
+                mask = mask[:, :, None].expand(B, Gk, G, t, S).reshape(B, Gk, G * t, S)
         if return_weights:
-            scores = (qb.float() @ k.float().transpose(-1, -2)) * qb.shape[-1] ** -0.5
-            w = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-            outs.append((w.to(v.dtype) @ v).to(q.dtype))
-            weights.append(w)
+            scores = (qg @ k.transpose(-1, -2)).to(_score_dtype(q.dtype)) * scale  # [B, H_kv, G*t, S]
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            w = scores.softmax(-1)
+            outs.append((w.to(v.dtype) @ v).reshape(B, H, t, D))
+            w = w.view(B, H, t, S)
+            if sum_over_queries:
+                ws = w.sum(2)
+                weight_sum = ws if weight_sum is None else weight_sum + ws
+            else:
+                weights.append(w)
         else:
-            outs.append(F.scaled_dot_product_attention(qb, k, v, attn_mask=mask))
-    o = torch.cat(outs, dim=2)
-    return o, (torch.cat(weights, dim=2) if return_weights else None)
+            o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+            outs.append(o.reshape(B, H, t, D))
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    if not return_weights:
+        return o, None
+    if sum_over_queries:
+        return o, weight_sum
+    return o, (weights[0] if len(weights) == 1 else torch.cat(weights, dim=2))
