@@ -1,0 +1,427 @@
+"""A transformers ``Cache`` that bounds the KV cache of HF models with any longseq policy.
+
+Usage::
+
+    from longseq.cache import TOVA
+    import longseq.hf
+    out = model.generate(**inputs, past_key_values=longseq.hf.cache(model, TOVA(512)), max_new_tokens=2048)
+
+How it plugs into transformers (no model source is touched)
+-----------------------------------------------------------
+HF attention layers compute ``q, k, v``, apply RoPE, call ``past_key_values.update(k, v, layer_idx)`` and hand
+the query and whatever ``update`` returned to the function registered for ``config._attn_implementation``.
+:func:`cache` registers two functions under the name ``"longseq"`` and switches the model to it:
+
+* an attention function (``AttentionInterface``) that passes ``q`` and the *new* ``k, v`` (after RoPE) to the
+  layer's longseq :class:`~longseq.cache.KVCache`, which stores them, attends over what it keeps and applies
+  the policy -- exactly what longseq's own ``Attention`` layer does. ``update`` only returns the new keys and
+  names the layer for the attention call that follows (a thread-local hand-over, since the attention
+  function is not given the cache);
+* a mask function (``AttentionMaskInterface``) that, for a :class:`LongseqCache`, returns just the validity of
+  the new tokens, ``[B, T]`` bool (``None``: all valid), taken from the 2-D ``attention_mask`` -- never a
+  ``T x T`` or ``T x cache`` mask. For any other cache (or none) it builds SDPA's usual mask and the attention
+  function falls back to SDPA, so the model keeps working without a longseq cache.
+
+Semantics (the same as longseq's models)
+----------------------------------------
+* Eviction is exact per token, prompts included (``KVCache.attend`` processes a prefill token by token once
+  the cache is full).
+* Keys are stored after RoPE with their original positions as metadata. A row's positions count its *valid*
+  tokens (``0, 1, 2, ...`` after its left padding), which is what ``generate`` passes as ``position_ids``.
+* Padding is never stored, attended to or scored: a batch whose new tokens include padding is processed row
+  by row (one ``KVCache`` per row, fed only that row's valid tokens). Once every row of a bounded cache is
+  full the rows are merged into one batched ``KVCache`` (their slot layouts then agree), so steady-state
+  decoding of a left-padded batch is batched again. ``Full()`` with padding stays row by row.
+* ``get_seq_length()`` counts every token fed so far, padding included -- what ``generate`` uses to place
+  new tokens in the 2-D attention mask -- while each layer keeps at most ``budget`` tokens.
+
+Layouts: HF passes ``q`` as ``[B, H, T, D]``, ``k, v`` as ``[B, H_kv, T, D]``; the attention function returns
+``[B, T, H, D]`` as every HF attention function does.
+
+Not supported (clear errors): assisted decoding / ``crop`` (evicted tokens cannot be restored), attention
+dropout in training mode, logit soft-capping and attention sinks parameters (Gemma 2, GPT-OSS), custom 4-D
+masks, linear-attention hybrids. Models with a *sliding window* (Mistral v0.1, Qwen2 with
+``use_sliding_window``) get the policy over all tokens instead of their window (a warning says so).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..cache.kv import KVCache
+from ..cache.policies import CachePolicy, Full, parse_policy
+from ._deps import require_transformers
+
+require_transformers()
+
+from transformers.cache_utils import Cache, CacheLayerMixin  # noqa: E402
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+from transformers.modeling_utils import AttentionInterface  # noqa: E402
+
+ATTN_IMPLEMENTATION = "longseq"
+
+# Per-thread hand-over between ``LongseqCache.update`` (which knows the layer index) and the attention
+# function (which gets the module but not the cache), and between ``get_mask_sizes`` and the mask function.
+_LOCAL = threading.local()
+
+# KVCache buffers whose first axis is the batch (see longseq.cache.kv's layout notes). Merging, splitting and
+# reordering rows moves exactly these; ``_n`` (tokens kept) is shared by all rows of one KVCache.
+_ROW_BUFFERS = ("k", "v", "slot_pos", "score", "_free")
+
+
+def _pending() -> dict[int, LongseqLayer]:
+    layers = getattr(_LOCAL, "layers", None)
+    if layers is None:
+        layers = _LOCAL.layers = {}
+    return layers
+
+
+def _rows_of(cache: KVCache, index: list[int]) -> KVCache:
+    """A new KVCache holding rows ``index`` of ``cache`` (copies; rows may repeat, e.g. beam search)."""
+    out = KVCache(cache.policy)
+    idx = None
+    for name in _ROW_BUFFERS:
+        t = getattr(cache, name)
+        if t is not None and idx is None:
+            idx = torch.tensor(index, dtype=torch.long, device=t.device)
+        setattr(out, name, None if t is None else t.index_select(0, idx))
+    out._n, out._reserve = cache._n, cache._reserve
+    return out
+
+
+def _stack(caches: list[KVCache]) -> KVCache:
+    """One batched KVCache from single-row caches with the same ``len`` and the same capacity."""
+    out = KVCache(caches[0].policy)
+    for name in _ROW_BUFFERS:
+        parts = [getattr(c, name) for c in caches]
+        setattr(out, name, None if parts[0] is None else torch.cat(parts))
+    out._n, out._reserve = caches[0]._n, caches[0]._reserve
+    return out
+
+
+class LongseqLayer(CacheLayerMixin):
+    """The cache of one HF attention layer: a longseq :class:`KVCache` (batched) or one per row (padding).
+
+    ``keys`` / ``values`` stay ``None``: the tokens live in the KVCache(s), in their unordered slots.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, policy: CachePolicy) -> None:
+        super().__init__()
+        self.policy = policy
+        self.batched: KVCache | None = None  # all rows in one KVCache (no padding seen, or merged)
+        self.rows: list[KVCache] | None = None  # one single-row KVCache per batch row
+        self.next_pos: Tensor | None = None  # [B] int64: position of each row's next valid token
+        self.seen = 0  # tokens fed, padding included (HF's notion of sequence length)
+
+    def __repr__(self) -> str:
+        mode = "rows" if self.rows is not None else "batched"
+        return f"LongseqLayer({self.policy.spec}, seen={self.seen}, {mode})"
+
+    # -- the CacheLayerMixin API -------------------------------------------------------------------
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        """Return the new keys/values unchanged: the attention function stores them (it also needs ``q``)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Announce to the mask function (called next by masking_utils) that this mask is for a longseq
+        # cache, so it returns the [B, T] validity of the new tokens instead of a [B, 1, T, S] mask.
+        _LOCAL.mask_request = (int(query_length), self.seen)
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1  # no length limit: positions grow without bound while at most `budget` tokens are kept
+
+    def reset(self) -> None:
+        self.batched, self.rows, self.next_pos, self.seen = None, None, None, 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "a longseq cache cannot be cropped (evicted tokens cannot be restored); assisted/speculative "
+            "decoding is not supported with it"
+        )
+
+    def _select(self, index: list[int]) -> None:
+        """Keep / reorder / repeat batch rows (beam search, ``num_return_sequences``)."""
+        if self.next_pos is None:
+            return
+        if self.batched is not None:
+            self.batched = _rows_of(self.batched, index)
+        if self.rows is not None:
+            self.rows = [_rows_of(self.rows[i], [0]) for i in index]
+        self.next_pos = self.next_pos[torch.tensor(index, device=self.next_pos.device)]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select(beam_idx.tolist())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.next_pos is not None:
+            self._select([b for b in range(self.next_pos.shape[0]) for _ in range(repeats)])
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._select(torch.as_tensor(indices).tolist())
+
+    # -- attention ---------------------------------------------------------------------------------
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None) -> Tensor:
+        """Store the new tokens, attend, apply the policy.
+
+        Args:
+            q: ``[B, H, T, D]``; k, v: ``[B, H_kv, T, D]`` (after RoPE); valid: ``[B, T]`` bool, False for
+                padding (None: all valid).
+        Returns:
+            ``[B, H, T, D]`` (zeros at padding positions).
+        """
+        B, _, T, _ = q.shape
+        if self.next_pos is None:
+            self.next_pos = torch.zeros(B, dtype=torch.long, device=q.device)
+        elif self.next_pos.shape[0] != B:
+            raise ValueError(
+                f"batch size changed from {self.next_pos.shape[0]} to {B} within one longseq cache; "
+                "make a new cache (longseq.hf.cache(model, policy)) for a new batch"
+            )
+        if valid is None and self.rows is None:
+            if self.batched is None:
+                self.batched = KVCache(self.policy)
+            positions = self.next_pos[:, None] + torch.arange(T, device=q.device)  # [B, T]
+            out = self.batched.attend(q, k, v, positions)
+            self.next_pos += T
+        else:
+            out = self._attend_rows(q, k, v, valid)
+        self.seen += T
+        return out
+
+    def _attend_rows(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None) -> Tensor:
+        """Row by row, each row's KVCache fed only that row's valid tokens (padding is never stored)."""
+        assert self.next_pos is not None
+        B, H, T, D = q.shape
+        if self.rows is None:
+            self.rows = (
+                [_rows_of(self.batched, [b]) for b in range(B)]
+                if self.batched is not None
+                else [KVCache(self.policy) for _ in range(B)]
+            )
+            self.batched = None
+        counts = [T] * B if valid is None else valid.sum(-1).tolist()  # one host sync per layer call
+        out = q.new_zeros(B, H, T, D)
+        for b, n in enumerate(counts):
+            if n == 0:
+                continue
+            # Left padding makes the valid tokens a suffix: slice (a view) rather than gather when we can.
+            idx: slice | Tensor = slice(T - n, T)
+            if n != T and not _is_suffix(valid, b, n):
+                idx = valid[b].nonzero()[:, 0]  # type: ignore[index]
+            positions = self.next_pos[b] + torch.arange(n, device=q.device)
+            out[b : b + 1, :, idx] = self.rows[b].attend(
+                q[b : b + 1, :, idx], k[b : b + 1, :, idx], v[b : b + 1, :, idx], positions
+            )
+        self.next_pos += torch.tensor(counts, device=self.next_pos.device)
+        budget = self.policy.budget
+        if budget is not None and all(len(r) == budget for r in self.rows):
+            # Every row is full: equal `_n` and capacity, so the slot layouts agree and one batched KVCache
+            # (per-row positions, per-row free slots) continues exactly where the rows left off.
+            self.batched, self.rows = _stack(self.rows), None
+        return out
+
+    # -- inspection --------------------------------------------------------------------------------
+    def kept_positions(self, row: int | None = None) -> Tensor:
+        """Original positions kept (temporal order): ``[B, n]`` / ``[B, H_kv, n]`` (per-head policies), or
+        ``[1, ...]`` for one ``row``. Rows kept separately (padding) with different counts need ``row``."""
+        if self.rows is not None:
+            if row is not None:
+                return self.rows[row].kept_positions()
+            kept = [r.kept_positions() for r in self.rows]
+            if len({t.shape for t in kept}) != 1:
+                raise ValueError("rows of this padded batch keep different numbers of tokens; pass row=")
+            return torch.cat(kept)
+        if self.batched is None:
+            return torch.empty(0, 0, dtype=torch.long)
+        kept = self.batched.kept_positions()
+        return kept if row is None else kept[row : row + 1]
+
+    def nbytes(self) -> int:
+        """Bytes of the kept tokens' keys, values, positions (and H2O scores), all rows."""
+        caches = self.rows if self.rows is not None else ([self.batched] if self.batched is not None else [])
+        return sum(c.nbytes() for c in caches)
+
+
+def _is_suffix(valid: Tensor | None, b: int, n: int) -> bool:
+    """Whether row ``b``'s ``n`` valid tokens are exactly its last ``n`` (left padding)."""
+    assert valid is not None
+    return bool(valid[b, valid.shape[1] - n :].all())
+
+
+class LongseqCache(Cache):
+    """A transformers ``Cache`` with one :class:`LongseqLayer` per decoder layer, all under ``policy``.
+
+    Make it with :func:`cache` (which also switches the model's attention to ``"longseq"``). One cache
+    serves one ``generate`` call / one batch, like HF's ``DynamicCache``.
+    """
+
+    def __init__(self, policy: CachePolicy, num_layers: int, config: Any = None) -> None:
+        if not isinstance(policy, CachePolicy):
+            raise TypeError(
+                f"policy must be a longseq CachePolicy such as TOVA(512); got {type(policy).__name__}"
+            )
+        super().__init__(layers=[LongseqLayer(policy) for _ in range(num_layers)])
+        self.policy = policy
+        self._config = config
+
+    def __repr__(self) -> str:
+        return f"LongseqCache({self.policy.spec}, layers={len(self.layers)}, seen={self.get_seq_length()})"
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        if self._config is not None and self._config._attn_implementation != ATTN_IMPLEMENTATION:
+            raise RuntimeError(
+                f"a LongseqCache needs the model's attention implementation {ATTN_IMPLEMENTATION!r}, "
+                f"but it is {self._config._attn_implementation!r}; make the cache with "
+                "longseq.hf.cache(model, policy)"
+            )
+        layer = self.layers[layer_idx]
+        keys, values = layer.update(key_states, value_states)
+        _pending()[layer_idx] = layer  # type: ignore[assignment]
+        return keys, values
+
+    def kept_positions(self, layer: int, row: int | None = None) -> Tensor:
+        """Original positions kept by ``layer``: ``[B, n]``, ``[B, H_kv, n]`` per head, or one ``row``."""
+        return self.layers[layer].kept_positions(row)  # type: ignore[union-attr]
+
+    def nbytes(self) -> int:
+        """Bytes held by all layers (tensor storage of the kept tokens)."""
+        return sum(layer.nbytes() for layer in self.layers)  # type: ignore[union-attr]
+
+
+# -- the registered attention and mask functions -----------------------------------------------------
+def longseq_attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """HF attention function: ``query [B, H, T, D]``, ``key/value [B, H_kv, T, D]`` -> ``[B, T, H, D]``, None.
+
+    With a :class:`LongseqCache` the layer's KVCache does the attention (``attention_mask`` is then the
+    ``[B, T]`` validity of the new tokens, or None); otherwise this is SDPA attention.
+    """
+    layer = _pending().pop(getattr(module, "layer_idx", -1), None)
+    if layer is None:
+        if isinstance(attention_mask, Tensor) and attention_mask.dim() == 2:
+            raise RuntimeError("longseq attention got a longseq padding mask but no longseq cache layer")
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if dropout:
+        raise NotImplementedError(
+            "longseq caches are for inference: attention dropout must be 0 (call model.eval())"
+        )
+    for name in ("softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"longseq caches do not support the attention parameter {name!r}")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise NotImplementedError(
+            "longseq caches take a 2-D attention_mask (padding) only, not a custom 4-D mask"
+        )
+    D = query.shape[-1]
+    if scaling is not None and scaling != D**-0.5:
+        # KVCache scales scores by D^-1/2; fold the model's own scale into q instead.
+        query = query * (scaling * D**0.5)
+    out = layer.attend(query, key, value, attention_mask)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def longseq_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    attention_mask: Tensor | None = None,
+    **kwargs: Any,
+) -> Tensor | None:
+    """HF mask function: for a longseq cache, the ``[B, T]`` bool validity of the new tokens (None if all
+    valid), cut from the 2-D ``attention_mask`` ``[B, past + T]``; for any other cache, SDPA's mask."""
+    request, _LOCAL.mask_request = getattr(_LOCAL, "mask_request", None), None
+    if request != (int(q_length), int(q_offset)):
+        return sdpa_mask(
+            batch_size=batch_size,
+            q_length=q_length,
+            kv_length=kv_length,
+            q_offset=q_offset,
+            kv_offset=kv_offset,
+            attention_mask=attention_mask,
+            **kwargs,
+        )
+    if attention_mask is None:
+        return None
+    if attention_mask.shape[-1] < q_offset + q_length:
+        raise ValueError(
+            f"attention_mask covers {attention_mask.shape[-1]} tokens but the cache has seen {q_offset} and "
+            f"{q_length} are new: pass the mask of past and new tokens, [B, {q_offset + q_length}]"
+        )
+    valid = attention_mask[:, q_offset : q_offset + q_length].bool()
+    return None if bool(valid.all()) else valid
+
+
+def register() -> None:
+    """Register the ``"longseq"`` attention and mask functions with transformers (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, longseq_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, longseq_mask)
+
+
+def _text_config(model: Any) -> Any:
+    config = model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def cache(model: Any, policy: CachePolicy | str | None = None) -> LongseqCache:
+    """A :class:`LongseqCache` for ``model`` under ``policy`` (a CachePolicy or a spec like ``"tova:512"``;
+    default ``Full()``), to pass as ``past_key_values`` to ``generate`` or ``forward``.
+
+    Also switches ``model`` to the ``"longseq"`` attention implementation (it behaves like SDPA whenever no
+    longseq cache is used, so the model stays usable as before).
+    """
+    policy = parse_policy(policy) if isinstance(policy, str) else (policy if policy is not None else Full())
+    config = _text_config(model)
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    unsupported = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unsupported:
+        raise NotImplementedError(
+            f"longseq caches support softmax-attention decoders; this model has layer types {unsupported}"
+        )
+    window = getattr(config, "sliding_window", None)
+    if window is not None and (not layer_types or "sliding_attention" in layer_types):
+        warnings.warn(
+            f"{type(model).__name__} uses sliding-window attention (window {window}); a longseq cache "
+            f"applies {policy.spec} over all tokens instead of the window (identical while the context is "
+            "shorter than the window)",
+            stacklevel=2,
+        )
+    register()
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return LongseqCache(policy, config.num_hidden_layers, model.config)

@@ -1,0 +1,203 @@
+"""longseq models to and from HF-style folders: ``config.json`` + ``model.safetensors`` (+ two tiny modules so
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` works).
+
+Folder layout written by :func:`save_hf`::
+
+    config.json               {"model_type": "longseq", "architectures": ["LongseqForCausalLM"],
+                               "longseq_kind": "transformer", "longseq_config": {...}, "vocab_size": ...,
+                               "tie_word_embeddings": ..., "dtype": "float32", "auto_map": {...}}
+    model.safetensors         the weights, named as in LongseqForCausalLM ("lm." + longseq's own names;
+                               a tied head is stored once, as HF does)
+    configuration_longseq.py  re-export of longseq.hf.modeling.LongseqHFConfig   (trust_remote_code)
+    modeling_longseq.py       re-export of longseq.hf.modeling.LongseqForCausalLM (trust_remote_code)
+
+Neither function needs transformers: the format is plain JSON + safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..models import MODELS, LanguageModel, config_class, model_from_config
+
+MODEL_TYPE = "longseq"
+ARCHITECTURE = "LongseqForCausalLM"
+PREFIX = "lm."  # LongseqForCausalLM holds the longseq model as `.lm`
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+_REMOTE_CODE = {
+    "configuration_longseq.py": '"""Loads the longseq config class (trust_remote_code)."""\n\n'
+    'from longseq.hf.modeling import LongseqHFConfig\n\n__all__ = ["LongseqHFConfig"]\n',
+    "modeling_longseq.py": '"""Loads the longseq model class (trust_remote_code)."""\n\n'
+    "from longseq.hf.modeling import LongseqForCausalLM, LongseqHFConfig\n\n"
+    '__all__ = ["LongseqForCausalLM", "LongseqHFConfig"]\n',
+}
+FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, *_REMOTE_CODE})
+
+
+def _unwrap(model: Any) -> LanguageModel:
+    """The longseq model inside ``model`` (a LanguageModel, or a LongseqForCausalLM wrapping one)."""
+    inner = getattr(model, "lm", model)
+    if not isinstance(inner, LanguageModel):
+        raise TypeError(
+            f"save_hf needs a longseq LanguageModel (or LongseqForCausalLM); got {type(model).__name__}"
+        )
+    return inner
+
+
+def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """``{alias: source}`` for parameters that are one tensor under two names (e.g. a tied head:
+    ``head.weight`` -> ``embed.weight`` for Transformer/GLA, ``local_embed.weight`` for MEGABYTE)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def hf_config_dict(model: LanguageModel) -> dict[str, Any]:
+    """The ``config.json`` content for ``model``."""
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    return {
+        "model_type": MODEL_TYPE,
+        "architectures": [ARCHITECTURE],
+        "auto_map": {
+            "AutoConfig": "configuration_longseq.LongseqHFConfig",
+            "AutoModelForCausalLM": "modeling_longseq.LongseqForCausalLM",
+        },
+        "longseq_kind": cfg.kind,
+        "longseq_config": cfg.to_dict(),
+        "longseq_version": __version__,
+        "vocab_size": cfg.vocab_size,
+        "tie_word_embeddings": bool(cfg.tie_embeddings),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def save_hf(model: Any, folder: str | os.PathLike[str]) -> Path:
+    """Write ``model`` (a longseq LanguageModel or LongseqForCausalLM) as an HF-style folder, atomically.
+
+    Everything is written into a temporary sibling folder which is then renamed into place, so a crash
+    never leaves a half-written folder. An existing ``folder`` is replaced only if it is empty or holds
+    nothing but the files this function writes (a previous save); otherwise ``FileExistsError``.
+    Returns the folder's path.
+    """
+    lm = _unwrap(model)
+    folder = Path(folder)
+    if folder.exists():
+        if not folder.is_dir():
+            raise FileExistsError(f"{folder} exists and is not a folder")
+        extra = sorted(p.name for p in folder.iterdir() if p.name not in FILES)
+        if extra:
+            raise FileExistsError(
+                f"{folder} holds files save_hf did not write ({extra[:5]}); refusing to replace it"
+            )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        aliases = tied_aliases(lm)  # stored once, as HF does; the constructor re-ties them on load
+        state = {
+            PREFIX + k: v.detach().contiguous().cpu() for k, v in lm.state_dict().items() if k not in aliases
+        }
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config_dict(lm), indent=2, sort_keys=True) + "\n")
+        for name, text in _REMOTE_CODE.items():
+            (tmp / name).write_text(text)
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """``config.json`` of a longseq HF folder, checked: ``FileNotFoundError`` / ``ValueError`` otherwise."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such model folder: {folder}")
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}; is it a model folder written by save_hf?")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if config.get("model_type") != MODEL_TYPE or "longseq_config" not in config:
+        raise ValueError(
+            f"{folder} is not a longseq model folder (model_type={config.get('model_type')!r}); "
+            "load other HF models with transformers' AutoModelForCausalLM, or evaluate them with "
+            "longseq.hf.evaluate_hf"
+        )
+    kind = config.get("longseq_kind")
+    if kind not in MODELS:
+        raise ValueError(f"{path}: unknown longseq_kind {kind!r}; this longseq knows {sorted(MODELS)}")
+    return config
+
+
+def load_hf(
+    folder: str | os.PathLike[str], *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> LanguageModel:
+    """The longseq :class:`LanguageModel` saved in ``folder`` by :func:`save_hf` (in eval mode).
+
+    ``dtype`` defaults to the saved tensors' own dtypes. Raises ``FileNotFoundError`` for a missing folder or
+    file and
+    ``ValueError`` for a folder of another model type, a config this longseq cannot build, or weights that
+    do not match the config (missing / unexpected / misshapen tensors are listed).
+    """
+    config = read_config(folder)
+    folder = Path(folder)
+    try:
+        cfg = config_class(config["longseq_kind"]).from_dict(config["longseq_config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{folder / CONFIG_FILE}: incompatible longseq config: {e}") from e
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE}")
+    saved = load_file(str(weights), device="cpu")
+    state = {k.removeprefix(PREFIX): v for k, v in saved.items()}
+    # Built normally (not on the meta device): non-persistent buffers such as RoPE tables are computed in
+    # the constructors and are not in the file.
+    model = model_from_config(cfg)
+    expected = model.state_dict()
+    aliases = tied_aliases(model)
+    for alias, source in aliases.items():
+        if alias not in state and source in state:
+            state[alias] = state[source]
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshapen = sorted(
+        f"{k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state)
+        if state[k] is not None and state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or misshapen:
+        raise ValueError(
+            f"{weights} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"misshapen {misshapen[:5]}"
+        )
+    # assign=True keeps each tensor's saved dtype (a model may mix dtypes on purpose).
+    model.load_state_dict(state, strict=True, assign=True)
+    for alias, source in aliases.items():  # assign made two Parameters; one, as at construction
+        owner, _, leaf = alias.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, model.get_parameter(source))
+    model = model.to(device=device)
+    return (model if dtype is None else model.to(dtype)).eval()
