@@ -34,7 +34,7 @@ def _run(cmd: list[str | Path]) -> None:
 
 def ensure_env(extras: str) -> None:
     """Create the venv and install longseq[extras] unless an identical install is already there."""
-    key = hashlib.sha256(((ROOT / "pyproject.toml").read_bytes() + TORCH.encode() + extras.encode())).hexdigest()
+    key = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + TORCH.encode() + extras.encode()).hexdigest()
     stamp = VENV / f".longseq-{extras or 'base'}"
     if stamp.exists() and stamp.read_text() == key:
         return

@@ -58,11 +58,11 @@ def main() -> None:
         v = torch.randn(args.B, T, args.H, args.V, device=device, dtype=dtype, requires_grad=True)
         g_logit = torch.randn(shape, device=device, dtype=torch.float32, requires_grad=True)
         for backend in args.backends:
-            def fwd():
+            def fwd(q=q, k=k, v=v, g_logit=g_logit, backend=backend):
                 with torch.no_grad():
                     gated_linear_attention(q, k, v, F.logsigmoid(g_logit) / 16, backend=backend)
 
-            def fwd_bwd():
+            def fwd_bwd(q=q, k=k, v=v, g_logit=g_logit, backend=backend):
                 o, _ = gated_linear_attention(q, k, v, F.logsigmoid(g_logit) / 16, backend=backend)
                 o.float().sum().backward()
 

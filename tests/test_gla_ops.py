@@ -98,7 +98,7 @@ def test_chunk_gradients_match_recurrent(T):
         o, s = gated_linear_attention(q, k, v, g, initial_state=s0, output_final_state=True, backend=backend)
         loss = (o * w_o).sum() + (s * w_s).sum()
         grads[backend] = torch.autograd.grad(loss, inputs)
-    for name, got, ref in zip("q k v g initial_state".split(), grads["chunk"], grads["recurrent"]):
+    for name, got, ref in zip("q k v g initial_state".split(), grads["chunk"], grads["recurrent"], strict=True):
         assert_close(got, ref, rtol=1e-6, name=f"d{name}")
 
 

@@ -17,17 +17,6 @@ from longseq.cache import parse_policy
 from longseq.models import MODELS
 from longseq.testing import assert_close
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: extra intra-op threads only spin, and on a busy 2-core runner they made
-    the module ~30x slower. Restored afterwards for the rest of the suite."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 BACKBONES = [("transformer", "transformer"), ("gla", "transformer"), ("transformer", "gla"), ("gla", "gla")]
 
 

@@ -121,7 +121,7 @@ def test_step_in_uneven_chunks_reproduces_forward(kind, cuts):
     ref = model(ids)
     bounds = [0, *sorted(cuts), 150]
     state = model.init_state(1)
-    logits = [model.step(ids[:, a:b], state)[0] for a, b in zip(bounds, bounds[1:])]
+    logits = [model.step(ids[:, a:b], state)[0] for a, b in zip(bounds, bounds[1:], strict=False)]
     assert_close(torch.cat(logits, dim=1), ref, rtol=1e-9)
 
 
@@ -185,7 +185,10 @@ def test_build_model_presets_and_overrides():
 
 @pytest.mark.parametrize(
     "kind,preset,expected",
-    [("transformer", "base", 127.8e6), ("gla", "base", 128.2e6), ("transformer", "medium", 354.7e6), ("gla", "medium", 355.5e6)],
+    [
+        ("transformer", "base", 127.8e6), ("gla", "base", 128.2e6),
+        ("transformer", "medium", 354.7e6), ("gla", "medium", 355.5e6),
+    ],
 )
 def test_preset_sizes_match_their_names(kind, preset, expected):
     with torch.device("meta"):

@@ -29,8 +29,7 @@ from .ops.gla import gated_linear_attention
 __version__ = "0.1.0"
 
 __all__ = [
-    "CachePolicy", "Full", "H2O", "Sink", "TOVA", "Window", "parse_policy", "GLAConfig", "GLALM", "KVCache", "LanguageModel", "MegabyteConfig", "MegabyteLM",
-    "MegabyteState", "ModelState",
-    "TransformerConfig", "TransformerLM", "build_model", "gated_linear_attention", "generate",
-    "model_from_config", "sample_next", "__version__",
+    "CachePolicy", "Full", "GLAConfig", "GLALM", "H2O", "KVCache", "LanguageModel", "MegabyteConfig", "MegabyteLM",
+    "MegabyteState", "ModelState", "Sink", "TOVA", "TransformerConfig", "TransformerLM", "Window", "__version__",
+    "build_model", "gated_linear_attention", "generate", "model_from_config", "parse_policy", "sample_next",
 ]

@@ -4,13 +4,20 @@ Backends (pick with ``backend=``):
 
 * ``"recurrent"`` — the token-by-token loop of :mod:`.reference`; the ground truth.
 * ``"chunk"`` — the chunkwise (FlashLinearAttention) form of :mod:`.chunk`, pure PyTorch, autograd.
-* ``"auto"`` (default) — the best available: ``recurrent`` for a handful of tokens (decoding),
-  ``chunk`` otherwise.
+* ``"triton"`` — the Triton kernels of :mod:`.triton` (CUDA tensors, or any under ``TRITON_INTERPRET=1``):
+  chunkwise forward/backward, and the fused recurrent kernel for ``T <= 16`` new tokens without grad.
+* ``"auto"`` (default) — the best available. On CUDA: ``triton`` when Triton imports, else ``chunk``
+  (saying once why). On CPU: ``recurrent`` for a handful of tokens (decoding), ``chunk`` otherwise.
+
+Packed variable-length batches: ``cu_seqlens`` ``[N + 1]`` (B must be 1) marks ``N`` sequences in the T
+dim, each with its own initial/final state ``[N, H, K, V]``. The Triton backend runs them in one launch;
+the others run sequence by sequence.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import Tensor
@@ -21,7 +28,7 @@ from .reference import gla_recurrent
 
 __all__ = ["gated_linear_attention", "gla_chunk", "gla_recurrent", "BACKENDS"]
 
-BACKENDS = ("auto", "recurrent", "chunk")
+BACKENDS = ("auto", "recurrent", "chunk", "triton")
 # Below this many new tokens a plain loop beats padding a 64-token chunk (decode, short prefills).
 _RECURRENT_MAX_T = 16
 _log = logging.getLogger("longseq.ops.gla")
@@ -34,7 +41,43 @@ def _say_once(msg: str) -> None:
         _log.info(msg)
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Tensor | None) -> None:
+def _triton_import_error() -> str | None:
+    """None when the Triton backend imports, else why not (cached)."""
+    global _TRITON_ERROR
+    if _TRITON_ERROR is _UNCHECKED:
+        try:
+            from . import triton as _  # noqa: F401
+            _TRITON_ERROR = None
+        except ImportError as e:  # triton not installed, or too old for the kernels
+            _TRITON_ERROR = f"{type(e).__name__}: {e}"
+    return _TRITON_ERROR
+
+
+_UNCHECKED = object()
+_TRITON_ERROR: object = _UNCHECKED
+
+
+def _check_cu_seqlens(cu_seqlens: Tensor, batch: int, seqlen: int) -> int:
+    """Validate packed-sequence offsets; return the number of sequences N."""
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() \
+            or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+        raise ValueError("cu_seqlens must be a 1-D integer tensor [N + 1] of sequence offsets")
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens needs at least 2 entries (one sequence); got {cu_seqlens.numel()}")
+    if batch != 1:
+        raise ValueError(f"with cu_seqlens the sequences are packed along T, so B must be 1; got B={batch}")
+    if not torch.compiler.is_compiling():
+        cu = cu_seqlens.tolist()
+        if cu[0] != 0 or cu[-1] != seqlen:
+            raise ValueError(f"cu_seqlens must start at 0 and end at T={seqlen}; got {cu[0]} ... {cu[-1]}")
+        if any(b < a for a, b in zip(cu[:-1], cu[1:], strict=True)):
+            raise ValueError(f"cu_seqlens must be non-decreasing; got {cu}")
+    return cu_seqlens.numel() - 1
+
+
+def _check_inputs(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Tensor | None, num_states: int | None = None
+) -> None:
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g)):
         if x.dim() != 4:
             raise ValueError(f"{name} must be 4-D [B, T, H, {'V' if name == 'v' else 'K'}]; got shape {tuple(x.shape)}")
@@ -49,8 +92,16 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Ten
         raise ValueError(f"v must be [B, T, H, V] with q's B, T, H = {tuple(q.shape[:3])}; got {tuple(v.shape)}")
     B, _, H, K = q.shape
     V = v.shape[-1]
-    if initial_state is not None and tuple(initial_state.shape) != (B, H, K, V):
-        raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, V)}; got {tuple(initial_state.shape)}")
+    if initial_state is not None:
+        if num_states is None and tuple(initial_state.shape) != (B, H, K, V):
+            raise ValueError(
+                f"initial_state must be [B, H, K, V] = {(B, H, K, V)}; got {tuple(initial_state.shape)}"
+            )
+        if num_states is not None and tuple(initial_state.shape) != (num_states, H, K, V):
+            raise ValueError(
+                f"with cu_seqlens, initial_state must be [N, H, K, V] = {(num_states, H, K, V)}; "
+                f"got {tuple(initial_state.shape)}"
+            )
     # Value checks read the tensor back (a host sync); skip them while a graph is being traced.
     if not torch.compiler.is_compiling() and g.numel():
         if torch.isnan(g).any():
@@ -70,6 +121,7 @@ def gated_linear_attention(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     backend: str | None = None,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Gated linear attention over a sequence, optionally continuing from a state.
 
@@ -78,32 +130,100 @@ def gated_linear_attention(
         v: ``[B, T, H, V]`` values (``V`` may differ from ``K``).
         g: ``[B, T, H, K]`` log forget gates, ``<= 0`` (``-inf`` allowed: a full reset of that channel).
         scale: query scale, default ``K ** -0.5``.
-        initial_state: ``[B, H, K, V]`` state before the first token, or None for zeros.
+        initial_state: ``[B, H, K, V]`` state before the first token (``[N, H, K, V]`` with
+            ``cu_seqlens``), or None for zeros.
         output_final_state: also return the state after the last token.
-        backend: ``"recurrent"``, ``"chunk"`` or ``"auto"``/None.
+        backend: ``"recurrent"``, ``"chunk"``, ``"triton"`` or ``"auto"``/None.
+        cu_seqlens: ``[N + 1]`` integer offsets of ``N`` sequences packed along T (``B == 1``):
+            sequence ``i`` is ``[cu_seqlens[i], cu_seqlens[i+1])``; states never cross a boundary.
     Returns:
         ``(o, final_state)``: ``o`` is ``[B, T, H, V]`` in ``v``'s dtype; ``final_state`` is
-        ``[B, H, K, V]`` in float32 (float64 when the inputs are float64), or None unless asked for.
+        ``[B, H, K, V]`` (``[N, H, K, V]`` with ``cu_seqlens``) in float32 (float64 when the inputs
+        are float64), or None unless asked for.
     Raises:
-        ValueError: on mismatched shapes, an unknown backend, NaN in ``g`` or ``g > 0``.
+        ValueError: on mismatched shapes, an unknown backend, NaN in ``g`` or ``g > 0``, bad
+            ``cu_seqlens``, or inputs the chosen backend cannot run (``"triton"``: CUDA tensors of
+            fp32/bf16/fp16 with head dims <= 256, and an importable ``triton``).
     """
     backend = backend or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"unknown GLA backend {backend!r}; choose one of {BACKENDS}")
-    _check_inputs(q, k, v, g, initial_state)
+    num_seqs = None
+    if cu_seqlens is not None and q.dim() == 4:
+        num_seqs = _check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
+    _check_inputs(q, k, v, g, initial_state, num_seqs)
     K = q.shape[-1]
+    T = q.shape[1]
     scale = K**-0.5 if scale is None else float(scale)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, g, initial_state)
+    )
 
     if backend == "auto":
-        backend = "recurrent" if q.shape[1] <= _RECURRENT_MAX_T else "chunk"
-        if q.is_cuda and backend == "chunk":
-            _say_once("longseq: GLA backend 'auto' -> 'chunk' (PyTorch); no fused CUDA kernel is installed")
-    if backend == "recurrent":
-        o, state = gla_recurrent(q, k, v, g, scale, initial_state)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, initial_state)):
+        backend = "recurrent" if T <= _RECURRENT_MAX_T else "chunk"
+        if q.is_cuda:
+            why_not = _triton_unusable(q, k, v, g, initial_state)
+            if why_not is None:
+                backend = "triton"
+            elif backend == "chunk":
+                _say_once(f"longseq: GLA backend 'auto' -> 'chunk' (PyTorch): {why_not}")
+    if backend == "triton":
+        why_not = _triton_unusable(q, k, v, g, initial_state)
+        if why_not is not None:
+            raise ValueError(f"GLA backend 'triton' cannot run these inputs: {why_not}")
+        from .triton import chunk_gla, recurrent_gla
+
+        if T <= _RECURRENT_MAX_T and not needs_grad:
+            # Decoding: the fused recurrent kernel, no chunk padding. Its state is always computed.
+            o, state = recurrent_gla(q, k, v, g, scale, initial_state, cu_seqlens)
+        else:
+            o, state = chunk_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+        return o, (state if output_final_state else None)
+
+    if cu_seqlens is None:
+        o, state = _dense(backend, q, k, v, g, scale, initial_state, needs_grad)
+    else:
+        # Reference backends: run each packed sequence on its own and stitch the results.
+        bounds = cu_seqlens.tolist()
+        outs, states = [], []
+        for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            s0 = initial_state[i : i + 1] if initial_state is not None else None
+            part = (x[:, start:end] for x in (q, k, v, g))
+            o_i, s_i = _dense(backend, *part, scale, s0, needs_grad)
+            outs.append(o_i)
+            states.append(s_i)
+        o, state = torch.cat(outs, dim=1), torch.cat(states, dim=0)
+    return o.to(v.dtype), (state if output_final_state else None)
+
+
+def _triton_unusable(q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Tensor | None) -> str | None:
+    """None if the Triton backend can run these inputs, else the reason."""
+    err = _triton_import_error()
+    if err is not None:
+        return f"the Triton kernels do not import ({err}); pip install 'longseq[triton]'"
+    from .triton import SUPPORTED_DTYPES
+    from .triton.common import MAX_HEAD_DIM
+
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return "tensors are not on a CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
+    tensors = [q, k, v, g] + ([initial_state] if initial_state is not None else [])
+    bad = sorted({str(t.dtype) for t in tensors if t.dtype not in SUPPORTED_DTYPES})
+    if bad:
+        return f"dtypes {bad} are not supported (float32, bfloat16, float16)"
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dims K={q.shape[-1]}, V={v.shape[-1]} exceed {MAX_HEAD_DIM}"
+    return None
+
+
+def _dense(
+    backend: str, q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, initial_state: Tensor | None,
+    needs_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """One batch of equal-length sequences on a PyTorch backend (``recurrent`` or ``chunk``)."""
+    if backend == "recurrent" or q.shape[1] == 0:
+        return gla_recurrent(q, k, v, g, scale, initial_state)
+    if needs_grad:
         # As in the paper, keep only the inputs for backward and recompute the chunk internals there:
         # the intra-chunk decay tensors are ~16x the size of q and would dominate activation memory.
-        o, state = checkpoint(gla_chunk, q, k, v, g, scale, initial_state, use_reentrant=False)
-    else:
-        o, state = gla_chunk(q, k, v, g, scale, initial_state)
-    return o.to(v.dtype), (state if output_final_state else None)
+        return checkpoint(gla_chunk, q, k, v, g, scale, initial_state, use_reentrant=False)
+    return gla_chunk(q, k, v, g, scale, initial_state)

@@ -1,0 +1,335 @@
+"""Benchmark the Triton GLA kernels (longseq) against fla's chunk_gla and SDPA causal attention.
+
+    python benchmarks/bench_gla_triton.py                      # H100: both shapes, T = 1K..32K
+    python benchmarks/bench_gla_triton.py --T 2048 8192 --no-sdpa --out results.jsonl
+
+Fixed tokens per batch (B * T = --tokens, default 32,768), bf16 q/k/v, fp32 gates (as the GLA layer
+passes them), two shapes: H=16, K=V=128 and H=4, K=256, V=512. Columns: longseq fwd and fwd+bwd
+(ms, triton.testing.do_bench, median), fla ``chunk_gla`` on the same inputs when ``fla`` imports,
+SDPA causal (flash and cuDNN backends, H=16, D=128, same B and T), the longseq/fla ratio, and the
+first call's wall time (Triton compile; the script points TRITON_CACHE_DIR at a fresh temporary
+directory unless --keep-cache). Before timing, each shape is checked against the PyTorch ``chunk``
+backend in fp32 (relative RMS error of o, final state and every gradient), so a wrong kernel is
+visible in the same log. Decode: one token (T=1) through the fused recurrent kernel at B in {1, 64}
+(vs fla ``fused_recurrent_gla``): the kernel alone and the public op (whose input checks sync
+on max(g)); TFLOP/s and GB/s are the kernel's.
+
+FLOP and byte counts (per head; C = 64 the chunk size):
+* chunk forward: ``T * (4*K*V + C*(K + V))`` (states k^T v and the inter-chunk q H, 2KV each; the
+  causal intra-chunk q k^T and A v, C/2 keys on average). fwd+bwd counts 3x the forward.
+* decode step: ``5*K*V`` FLOPs (decay S, add k^T v, q S); bytes ``8*K*V`` (fp32 state read + write)
+  ``+ 2*(2K + 2V) + 4*K`` (bf16 q, k, v, o and the fp32 gate).
+
+Prints a Markdown table per section and one JSON line per measurement (device and versions included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=32_768, help="B * T, fixed across T")
+    p.add_argument("--T", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768], help="lengths")
+    p.add_argument("--shapes", nargs="+", default=["16x128x128", "4x256x512"], help="H x K x V per shape")
+    p.add_argument("--decode-batch", type=int, nargs="+", default=[1, 64], help="batch sizes for decode")
+    p.add_argument("--no-sdpa", action="store_true", help="skip the SDPA rows")
+    p.add_argument("--no-fla", action="store_true", help="skip fla even if it imports")
+    p.add_argument("--no-check", action="store_true", help="skip the correctness check")
+    p.add_argument(
+        "--keep-cache", action="store_true", help="use the existing Triton cache (no compile timing)"
+    )
+    p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    return p.parse_args()
+
+
+ARGS = parse_args()
+if not ARGS.keep_cache:
+    # Before triton is imported, so the first-call column measures a real compile.
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="longseq-triton-cache-")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from longseq.ops.gla import gated_linear_attention  # noqa: E402
+from longseq.ops.gla.triton import recurrent_gla  # noqa: E402
+from longseq.testing import relative_rms_error  # noqa: E402
+
+try:
+    if ARGS.no_fla:
+        raise ImportError("--no-fla")
+    import fla  # noqa: F401
+    from fla.ops.gla import chunk_gla, fused_recurrent_gla
+
+    FLA_VERSION = getattr(fla, "__version__", "?")
+except Exception as e:  # fla is optional; any import failure just drops its columns
+    chunk_gla = fused_recurrent_gla = None
+    FLA_VERSION = f"n/a ({type(e).__name__})"
+
+CHUNK = 64
+DEVICE = torch.device("cuda")
+ROWS: list[dict] = []
+
+
+def env() -> dict:
+    return dict(
+        device=torch.cuda.get_device_name(DEVICE),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        fla=FLA_VERSION,
+        python=platform.python_version(),
+    )
+
+
+def emit(row: dict) -> None:
+    row = {**row, **env()}
+    ROWS.append(row)
+    line = json.dumps(row)
+    print(line, flush=True)
+    if ARGS.out:
+        with open(ARGS.out, "a") as f:
+            f.write(line + "\n")
+
+
+def fmt(x: float | None, spec: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def inputs(B: int, T: int, H: int, K: int, V: int, requires_grad: bool = True, seed: int = 0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    q = torch.randn(B, T, H, K, device=DEVICE, generator=gen, dtype=torch.bfloat16)
+    k = torch.randn(B, T, H, K, device=DEVICE, generator=gen, dtype=torch.bfloat16)
+    v = torch.randn(B, T, H, V, device=DEVICE, generator=gen, dtype=torch.bfloat16)
+    g = F.logsigmoid(torch.randn(B, T, H, K, device=DEVICE, generator=gen)) / 16
+    return [x.requires_grad_(requires_grad) for x in (q, k, v, g)]
+
+
+def ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100)
+
+
+def check(B: int, T: int, H: int, K: int, V: int) -> None:
+    """Relative RMS error of the triton backend vs the fp32 chunk backend, forward and backward."""
+    q, k, v, g = inputs(B, T, H, K, V, seed=1)
+    s0 = torch.randn(B, H, K, V, device=DEVICE, requires_grad=True)
+    do = torch.randn(B, T, H, V, device=DEVICE, dtype=torch.bfloat16)
+    ds = torch.randn(B, H, K, V, device=DEVICE)
+    res = {}
+    for backend, cast in (("triton", lambda x: x), ("chunk", lambda x: x.float())):
+        leaves = [cast(x.detach()).requires_grad_(True) for x in (q, k, v, g, s0)]
+        o, s = gated_linear_attention(
+            *leaves[:4], initial_state=leaves[4], output_final_state=True, backend=backend
+        )
+        grads = torch.autograd.grad([o, s], leaves, [do.to(o.dtype), ds])
+        res[backend] = [o, s, *grads]
+    errs = {
+        name: relative_rms_error(a, b)
+        for name, a, b in zip(
+            ["o", "state", "dq", "dk", "dv", "dg", "ds0"], res["triton"], res["chunk"], strict=True
+        )
+    }
+    ok = (
+        errs["o"] <= 4e-3 and errs["state"] <= 4e-3 and all(e <= 5e-3 for n, e in errs.items() if n[0] == "d")
+    )
+    print(
+        f"check B={B} T={T} H={H} K={K} V={V}: "
+        + " ".join(f"{n}={e:.2e}" for n, e in errs.items())
+        + ("  OK" if ok else "  FAILED (tolerance 4e-3 outputs / 5e-3 gradients)"),
+        flush=True,
+    )
+    emit(dict(kind="check", B=B, T=T, H=H, K=K, V=V, ok=ok, **{f"err_{n}": e for n, e in errs.items()}))
+
+
+def first_call_s(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def bench_chunk(H: int, K: int, V: int) -> None:
+    compile_s = None
+    for T in ARGS.T:
+        compile_s = bench_chunk_one(max(1, ARGS.tokens // T), T, H, K, V, compile_s)
+        torch.cuda.empty_cache()
+
+
+def bench_chunk_one(B: int, T: int, H: int, K: int, V: int, compile_s: tuple[float, float] | None):
+    """One row of the chunk table; measures the first-call (compile) times when ``compile_s`` is None."""
+    q, k, v, g = inputs(B, T, H, K, V)
+    do = torch.randn_like(v)
+
+    def fwd():
+        with torch.no_grad():
+            gated_linear_attention(q, k, v, g, backend="triton")
+
+    def fwd_bwd():
+        o, _ = gated_linear_attention(q, k, v, g, backend="triton")
+        o.backward(do)
+
+    if compile_s is None:
+        compile_s = (first_call_s(fwd), first_call_s(fwd_bwd))
+    row = dict(kind="chunk", B=B, T=T, H=H, K=K, V=V, fwd_ms=ms(fwd), fwd_bwd_ms=ms(fwd_bwd))
+    row["compile_fwd_s"], row["compile_fwd_bwd_s"] = compile_s
+    flops = B * H * T * (4 * K * V + CHUNK * (K + V))
+    row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+    row["fwd_bwd_tflops"] = 3 * flops / row["fwd_bwd_ms"] / 1e9
+    row["fla_fwd_ms"] = row["fla_fwd_bwd_ms"] = None
+    if chunk_gla is not None:
+
+        def fla_fwd():
+            with torch.no_grad():
+                chunk_gla(q, k, v, g, scale=K**-0.5)
+
+        def fla_fwd_bwd():
+            o, _ = chunk_gla(q, k, v, g, scale=K**-0.5)
+            o.backward(do)
+
+        try:
+            row["fla_fwd_ms"], row["fla_fwd_bwd_ms"] = ms(fla_fwd), ms(fla_fwd_bwd)
+        except Exception as e:  # an fla version that rejects these inputs: report, keep going
+            print(f"fla chunk_gla failed at T={T}: {type(e).__name__}: {e}", file=sys.stderr)
+    row["ratio_fwd"] = row["fwd_ms"] / row["fla_fwd_ms"] if row["fla_fwd_ms"] else None
+    row["ratio_fwd_bwd"] = row["fwd_bwd_ms"] / row["fla_fwd_bwd_ms"] if row["fla_fwd_bwd_ms"] else None
+    for sdpa in ("flash", "cudnn"):
+        row[f"sdpa_{sdpa}_fwd_ms"], row[f"sdpa_{sdpa}_fwd_bwd_ms"] = bench_sdpa(B, T, sdpa)
+    emit(row)
+    return compile_s
+
+
+def bench_sdpa(B: int, T: int, which: str) -> tuple[float | None, float | None]:
+    """SDPA causal attention at H=16, D=128 with one backend forced; (None, None) if unavailable."""
+    if ARGS.no_sdpa:
+        return None, None
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[which]
+    q, k, v = (
+        torch.randn(B, 16, T, 128, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+    )
+    do = torch.randn_like(q)
+
+    def fwd():
+        with torch.no_grad(), sdpa_kernel(backend):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def fwd_bwd():
+        with sdpa_kernel(backend):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
+
+    try:
+        return ms(fwd), ms(fwd_bwd)
+    except RuntimeError as e:  # backend not built in / not supported on this GPU
+        print(f"SDPA {which} unavailable at T={T}: {str(e).splitlines()[0]}", file=sys.stderr)
+        return None, None
+
+
+def bench_decode(H: int, K: int, V: int) -> None:
+    for B in ARGS.decode_batch:
+        bench_decode_one(B, H, K, V)
+
+
+def bench_decode_one(B: int, H: int, K: int, V: int) -> None:
+    q, k, v, g = inputs(B, 1, H, K, V, requires_grad=False)
+    state = torch.randn(B, H, K, V, device=DEVICE)
+
+    def step():  # the kernel alone (what a CUDA graph of the model's step would replay)
+        recurrent_gla(q, k, v, g, K**-0.5, state)
+
+    def api_step():  # the public op: adds input validation, including a host sync on max(g)
+        gated_linear_attention(q, k, v, g, initial_state=state, output_final_state=True, backend="triton")
+
+    def fla_step():
+        fused_recurrent_gla(q, k, v, gk=g, scale=K**-0.5, initial_state=state, output_final_state=True)
+
+    with torch.no_grad():
+        compile_s = first_call_s(step)
+        t, api_t = ms(step), ms(api_step)
+        fla_t = None
+        if fused_recurrent_gla is not None:
+            try:
+                fla_t = ms(fla_step)
+            except Exception as e:  # an fla version with another signature: report, keep going
+                print(f"fla fused_recurrent_gla failed: {type(e).__name__}: {e}", file=sys.stderr)
+    flops = 5 * B * H * K * V
+    nbytes = B * H * (8 * K * V + 2 * (2 * K + 2 * V) + 4 * K)
+    emit(
+        dict(
+            kind="decode",
+            B=B,
+            T=1,
+            H=H,
+            K=K,
+            V=V,
+            step_ms=t,
+            api_step_ms=api_t,
+            fla_step_ms=fla_t,
+            compile_s=compile_s,
+            tflops=flops / t / 1e9,
+            gbps=nbytes / t / 1e6,
+        )
+    )
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("bench_gla_triton.py needs a CUDA GPU")
+    print(json.dumps(env()))
+    shapes = [tuple(int(x) for x in s.split("x")) for s in ARGS.shapes]
+    for H, K, V in shapes:
+        if not ARGS.no_check:
+            check(2, 2048, H, K, V)
+            check(1, 1000, H, K, V)
+        bench_chunk(H, K, V)
+        bench_decode(H, K, V)
+
+    print(
+        "\n| H | K | V | B | T | longseq fwd | longseq fwd+bwd | fla fwd | fla fwd+bwd | ratio fwd | "
+        "ratio fwd+bwd | SDPA flash fwd / fwd+bwd | SDPA cuDNN fwd / fwd+bwd | TFLOP/s fwd / fwd+bwd | "
+        "first call fwd / fwd+bwd (s) |"
+    )
+    print("|" + "---|" * 15)
+    for r in ROWS:
+        if r["kind"] == "chunk":
+            print(
+                f"| {r['H']} | {r['K']} | {r['V']} | {r['B']} | {r['T']} | {fmt(r['fwd_ms'])} | "
+                f"{fmt(r['fwd_bwd_ms'])} | {fmt(r['fla_fwd_ms'])} | {fmt(r['fla_fwd_bwd_ms'])} | "
+                f"{fmt(r['ratio_fwd'], '.2f')} | {fmt(r['ratio_fwd_bwd'], '.2f')} | "
+                f"{fmt(r['sdpa_flash_fwd_ms'])} / {fmt(r['sdpa_flash_fwd_bwd_ms'])} | "
+                f"{fmt(r['sdpa_cudnn_fwd_ms'])} / {fmt(r['sdpa_cudnn_fwd_bwd_ms'])} | "
+                f"{r['fwd_tflops']:.1f} / {r['fwd_bwd_tflops']:.1f} | "
+                f"{r['compile_fwd_s']:.1f} / {r['compile_fwd_bwd_s']:.1f} |"
+            )
+    print("\n(times in ms, median of triton.testing.do_bench)\n")
+    print(
+        "| H | K | V | B | decode kernel (ms) | public op (ms) | fla step (ms) | TFLOP/s | GB/s "
+        "| first call (s) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in ROWS:
+        if r["kind"] == "decode":
+            print(
+                f"| {r['H']} | {r['K']} | {r['V']} | {r['B']} | {r['step_ms']:.4f} | "
+                f"{r['api_step_ms']:.4f} | {fmt(r['fla_step_ms'], '.4f')} | {r['tflops']:.2f} | "
+                f"{r['gbps']:.0f} | {r['compile_s']:.2f} |"
+            )
+    e = env()
+    print(
+        f"\ndevice: {e['device']}; torch {e['torch']}, triton {e['triton']}, CUDA {e['cuda']}, "
+        f"fla {e['fla']}, Python {e['python']}; command: {' '.join(sys.argv)}"
+    )
+
+
+if __name__ == "__main__":
+    main()

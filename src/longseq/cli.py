@@ -1,0 +1,478 @@
+"""The ``longseq`` command line: ``train``, ``eval``, ``generate``, ``bench``, ``plot``, ``quickstart``.
+
+User errors (bad paths, flags, configs, checkpoints) print ``longseq: error: <message>`` and exit with
+status 2, without a traceback (set ``LONGSEQ_DEBUG=1`` to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import dataclasses
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {kind.__name__}: {text!r}"
+            ) from err
+
+    return parse
+
+
+def _parse_sets(items: list[str] | None) -> dict[str, str] | None:
+    if items is None:
+        return None
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--set expects FIELD=VALUE (e.g. --set n_layers=2); got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+# --------------------------------------------------------------------------------------------- train
+def _add_train(sub) -> None:
+    from .models import MODELS
+
+    p = sub.add_parser(
+        "train",
+        help="train a model (torchrun-compatible)",
+        description=(
+            "Train a byte-level language model. Flags left out take their defaults, or on --resume the "
+            "values "
+            "saved in RUN_DIR/config.json."
+        ),
+    )
+    p.add_argument(
+        "--out", required=True, metavar="RUN_DIR", help="run directory (config, metrics, checkpoints)"
+    )
+    p.add_argument("--model", choices=sorted(MODELS), help="model kind (default: gla)")
+    p.add_argument("--preset", help="model size preset, e.g. tiny, small, base (default: tiny)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="override a model config field, e.g. --set n_layers=2 (repeatable)",
+    )
+    p.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        help="files, directories, globs or tar archives of documents (default: built-in Shakespeare)",
+    )
+    p.add_argument(
+        "--val-docs",
+        type=_csv(str),
+        metavar="NAMES",
+        help="comma-separated validation documents (name, base name or stem); default for the "
+        "built-in corpus: hamlet.txt,tempest.txt,sonnets.txt",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        metavar="F",
+        help="fraction of documents held out for validation when --val-docs is not given (default 0.1)",
+    )
+    p.add_argument(
+        "--within-docs",
+        action="store_true",
+        default=None,
+        help="keep training windows inside single documents",
+    )
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="where corpora are cached (default: $LONGSEQ_CACHE or ~/.cache/longseq)",
+    )
+    p.add_argument("--seq-len", type=int, help="bytes per training sequence (default 256)")
+    p.add_argument("--batch-size", type=int, help="global batch in sequences per optimizer step (default 16)")
+    p.add_argument("--steps", type=int, help="total optimizer steps (default 1000)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    p.add_argument(
+        "--min-lr-ratio", type=float, help="final learning rate as a fraction of --lr (default 0.1)"
+    )
+    p.add_argument("--warmup", type=int, help="linear warmup steps (default 100)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
+    p.add_argument(
+        "--grad-clip", type=float, help="clip the global gradient norm to this (0: off; default 1.0)"
+    )
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--eval-every", type=int, help="validate every N steps (0: only at the end; default 200)")
+    p.add_argument(
+        "--eval-tokens",
+        type=int,
+        help="validation bytes per evaluation, spread over the documents (0: all; default 262144)",
+    )
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps (default: at every validation)")
+    p.add_argument("--keep", type=int, help="number of checkpoints kept (default 2)")
+    p.add_argument("--log-every", type=int, help="append training metrics every N steps (default 10)")
+    p.add_argument(
+        "--parallel", choices=["none", "ddp", "fsdp"], help="data parallelism under torchrun (default none)"
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--seed", type=int, help="seed for initialisation and data order (default 0)")
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", default=None, help="no progress bar"
+    )
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.set_defaults(func=cmd_train)
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """Defaults <- (on --resume) the saved config <- the flags actually given."""
+    from .train import TrainConfig
+    from .train.loop import read_run_config
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if "overrides" in given:
+        given["overrides"] = _parse_sets(given["overrides"])
+    base: dict[str, Any] = {}
+    if args.resume:
+        saved = read_run_config(args.out)
+        if saved is not None:
+            base = dict(saved["train"])
+    return TrainConfig.from_dict({**base, **given})
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    cfg = train_config_from_args(args)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if result.interrupted is not None:
+        return 128 + int(result.interrupted)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- eval
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="bits per byte of a trained model, overall and per document")
+    p.add_argument(
+        "checkpoint",
+        metavar="RUN_DIR_OR_CKPT",
+        help="run directory (newest checkpoint) or checkpoint directory",
+    )
+    p.add_argument(
+        "--data", nargs="+", metavar="PATH", help="documents to evaluate (default: the run's training data)"
+    )
+    p.add_argument(
+        "--split",
+        choices=["val", "train", "all"],
+        default="val",
+        help="which documents: the run's validation split, its training split, or all (default val)",
+    )
+    p.add_argument("--val-docs", type=_csv(str), metavar="NAMES", help="override the validation documents")
+    p.add_argument(
+        "--seq-len", type=int, help="context length in bytes (default: the run's training seq-len)"
+    )
+    p.add_argument(
+        "--stride",
+        type=int,
+        help="strided evaluation: advance windows by S bytes, score only the last S "
+        "(default: seq-len, i.e. non-overlapping windows)",
+    )
+    p.add_argument(
+        "--max-bytes", type=int, help="evaluate at most this many bytes, spread over the documents"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument(
+        "--json",
+        metavar="FILE",
+        help="write the results here (default: RUN_DIR/eval/<checkpoint>-<split>-T<seq>-S<stride>.json)",
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    # One evaluation mode today (bits per byte with full context); a cache-policy sweep
+    # (--policies/--budgets) slots in here as a second mode sharing the document selection below.
+    return _eval_bpb(args)
+
+
+def _eval_documents(args: argparse.Namespace, train_cfg: dict[str, Any]):
+    """The (name, bytes) documents ``longseq eval`` scores, chosen as the run chose its split."""
+    from .data import BUILTIN_VAL_DOCS, builtin_corpus_path, load_corpus, split_documents
+    from .evaluate import corpus_documents
+
+    data = args.data if args.data is not None else train_cfg.get("data")
+    builtin = data is None
+    corpus = load_corpus([builtin_corpus_path()] if builtin else data, train_cfg.get("cache_dir"))
+    if args.split == "all":
+        ids = list(range(corpus.num_docs))
+    else:
+        val_docs = (
+            args.val_docs
+            if args.val_docs is not None
+            else (train_cfg.get("val_docs") if args.data is None else None)
+        )
+        val_fraction = train_cfg.get("val_fraction")
+        if val_docs is None and builtin and val_fraction is None:
+            val_docs = list(BUILTIN_VAL_DOCS)
+        split = split_documents(corpus.names, val_docs, 0.1 if val_fraction is None else val_fraction)
+        ids = split.val if args.split == "val" else split.train
+    return corpus_documents(corpus, ids, args.max_bytes)
+
+
+def _eval_bpb(args: argparse.Namespace) -> int:
+    from .evaluate import check_seq_len, evaluate_bpb
+    from .train.checkpoint import load_model, read_config, resolve_checkpoint
+    from .train.distributed import pick_device
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    config = read_config(ckpt)
+    train_cfg = config.get("train", {})
+    seq_len = args.seq_len or int(train_cfg.get("seq_len", 256))
+    stride = args.stride or seq_len
+    if not 1 <= stride <= seq_len:
+        raise ValueError(f"--stride must be in [1, seq-len={seq_len}]; got {stride}")
+    device = pick_device(args.device)
+    model = load_model(ckpt, device)
+    check_seq_len(model, seq_len)
+    docs = _eval_documents(args, train_cfg)
+    result = evaluate_bpb(
+        model, docs, seq_len, stride, batch_size=args.batch_size, device=device, progress=args.progress
+    )
+    print(
+        f"checkpoint {ckpt} (step {config.get('step')}), split {args.split}, "
+        f"seq_len {seq_len}, stride {stride}"
+    )
+    print(result.table())
+    out = (
+        Path(args.json)
+        if args.json
+        else ckpt.parent.parent / "eval" / f"{ckpt.name}-{args.split}-T{seq_len}-S{stride}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {"checkpoint": str(ckpt), "step": config.get("step"), "split": args.split, **result.to_dict()},
+            indent=2,
+        )
+    )
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ generate
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="sample text from a trained model, streamed to stdout")
+    p.add_argument(
+        "checkpoint",
+        metavar="RUN_DIR_OR_CKPT",
+        help="run directory (newest checkpoint) or checkpoint directory",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (UTF-8)")
+    src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from this file (bytes)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="bytes to generate (default 256)")
+    p.add_argument(
+        "--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)"
+    )
+    p.add_argument("--top-k", type=int, help="sample among the k most likely bytes")
+    p.add_argument(
+        "--top-p", type=float, help="nucleus sampling: smallest set of bytes with probability >= p"
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument(
+        "--no-echo", dest="echo", action="store_false", help="do not print the prompt before the continuation"
+    )
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import check_sampling, generate
+    from .train.checkpoint import load_model
+    from .train.distributed import pick_device
+
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0; got {args.max_new_tokens}")
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    if args.prompt_file is not None:
+        prompt = Path(args.prompt_file).read_bytes()
+    else:
+        prompt = args.prompt.encode("utf-8")
+    if not prompt:
+        raise ValueError("the prompt is empty; give at least one byte")
+    model = load_model(args.checkpoint, pick_device(args.device))
+    out = sys.stdout
+    # Bytes arrive one at a time; an incremental decoder holds back a partial UTF-8 sequence until
+    # it is complete (or replaces it with U+FFFD when it turns out invalid).
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    if args.echo:
+        out.write(decoder.decode(prompt))
+        out.flush()
+
+    def on_token(token) -> None:
+        out.write(decoder.decode(bytes([int(token[0])])))
+        out.flush()
+
+    t0 = time.perf_counter()
+    generate(
+        model,
+        prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        seed=args.seed,
+        on_token=on_token,
+    )
+    dt = time.perf_counter() - t0
+    out.write(decoder.decode(b"", final=True) + "\n")
+    out.flush()
+    print(
+        f"{args.max_new_tokens} tokens in {dt:.2f} s ({args.max_new_tokens / max(dt, 1e-9):.1f} tokens/s, "
+        f"prefill of {len(prompt)} bytes included)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- bench
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="model-level training and generation throughput")
+    p.add_argument(
+        "--models", type=_csv(str), default=["gla", "transformer"], help="comma-separated model kinds"
+    )
+    p.add_argument(
+        "--presets", type=_csv(str), default=["tiny"], help="comma-separated presets (default tiny)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="override a model config field for every model (repeatable)",
+    )
+    p.add_argument(
+        "--seq-lens", type=_csv(int), default=[512], help="comma-separated training sequence lengths"
+    )
+    p.add_argument(
+        "--batch-tokens", type=int, default=8192, help="training tokens per step; batch = this // seq_len"
+    )
+    p.add_argument("--steps", type=int, default=10, help="timed training steps (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warmup steps (default 3)")
+    p.add_argument("--gen-batch", type=int, default=1, help="generation batch size (default 1)")
+    p.add_argument(
+        "--gen-prompt", type=int, default=512, help="generation prompt length in bytes (default 512)"
+    )
+    p.add_argument("--gen-tokens", type=int, default=128, help="generated tokens timed (default 128)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .train.bench import markdown_table, run_bench
+
+    for name in ("batch_tokens", "steps", "gen_batch", "gen_prompt", "gen_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    if args.warmup < 0 or not args.seq_lens or min(args.seq_lens) < 1:
+        raise ValueError("--warmup must be >= 0 and --seq-lens positive integers")
+    report = run_bench(
+        args.models,
+        args.presets,
+        args.seq_lens,
+        args.batch_tokens,
+        args.steps,
+        args.warmup,
+        args.gen_batch,
+        args.gen_prompt,
+        args.gen_tokens,
+        args.device,
+        _parse_sets(args.overrides),
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )
+    report["command"] = "longseq " + shlex.join(args.argv)
+    print(markdown_table(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- plot
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="loss and bits-per-byte curves of runs on one figure")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (with metrics.jsonl)")
+    p.add_argument("-o", "--out", required=True, metavar="FILE.png", help="image file to write")
+    p.set_defaults(func=cmd_plot)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .train.plot import plot_runs
+
+    print(f"wrote {plot_runs(args.runs, args.out)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- quickstart
+def _add_quickstart(sub) -> None:
+    p = sub.add_parser(
+        "quickstart", help="train, evaluate and sample a tiny GLA model on CPU (a few minutes)"
+    )
+    p.add_argument(
+        "--out",
+        default="runs/quickstart",
+        help="run directory, replaced if it exists (default runs/quickstart)",
+    )
+    p.add_argument("--steps", type=int, help="training steps (default: the tuned 1200)")
+    p.set_defaults(func=cmd_quickstart)
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from .train.quickstart import quickstart
+
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1; got {args.steps}")
+    summary = quickstart(args.out, args.steps)
+    return 128 + int(summary["interrupted"]) if "interrupted" in summary else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="longseq", description="Long-sequence byte-level language modelling."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train, _add_eval, _add_generate, _add_bench, _add_plot, _add_quickstart):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (2 for user errors, 128 + signal for an interrupted run)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as err:
+        if os.environ.get("LONGSEQ_DEBUG"):
+            raise
+        print(f"longseq: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("longseq: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,106 @@
+"""Fused recurrent GLA for decoding: a few new tokens against the fp32 state, forward only.
+
+One program per (V tile, sequence x head) holds its ``[K, BV]`` slice of the state in registers and
+loops over the sequence's new tokens: ``S = diag(exp(g_t)) S + k_t^T v_t``, ``o_t = scale q_t S``.
+``exp(-inf) = 0`` is exact here (no cumulative sums), so gates need no clamp.
+
+Layouts (packed, see :mod:`.common`): ``q, k, g`` ``[TT, H, K]``, ``v`` ``[TT, H, V]``; states
+``[N, H, K, V]`` fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import triton_next_power_of_2
+
+
+@triton.jit
+def recurrent_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    o_ptr,
+    h0_ptr,
+    ht_ptr,
+    cu_ptr,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_H0: tl.constexpr,
+):
+    i_v, i_sh = tl.program_id(0), tl.program_id(1)
+    i_s, i_h = i_sh // H, i_sh % H
+    bos = tl.load(cu_ptr + i_s).to(tl.int64)
+    eos = tl.load(cu_ptr + i_s + 1).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    kv_off = (i_s * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        state = tl.load(h0_ptr + kv_off, mask=m_kv, other=0.0).to(tl.float32)
+    for t in range(bos, eos):
+        qq = tl.load(q_ptr + (t * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        kk = tl.load(k_ptr + (t * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        gg = tl.load(g_ptr + (t * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        vv = tl.load(v_ptr + (t * H + i_h) * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        state = state * tl.exp(gg)[:, None] + kk[:, None] * vv[None, :]
+        oo = tl.sum(state * qq[:, None], axis=0) * scale
+        tl.store(o_ptr + (t * H + i_h) * V + o_v, oo.to(o_ptr.dtype.element_ty), mask=m_v)
+    # The state is read once above and written once here, by the program owning this tile, so
+    # ht may alias h0 (an in-place update).
+    tl.store(ht_ptr + kv_off, state, mask=m_kv)
+
+
+def fused_recurrent(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    scale: float,
+    cu_seqlens: Tensor,
+    h0: Tensor | None,
+    out_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Launch :func:`recurrent_kernel` on packed inputs (``[TT, H, *]``) with int32 ``cu_seqlens``.
+
+    Returns ``o`` ``[TT, H, V]`` in v's dtype and the final state ``[N, H, K, V]`` fp32, written to
+    ``out_state`` when given (which may be ``h0`` itself for an in-place update).
+    """
+    _, H, K = q.shape
+    V = v.shape[-1]
+    N = cu_seqlens.numel() - 1
+    BK = max(16, triton_next_power_of_2(K))
+    # Keep the [BK, BV] fp32 state slice at <= 8K elements (64 registers a thread at 4 warps).
+    BV = max(16, min(64, triton_next_power_of_2(V), 8192 // BK))
+    o = torch.empty_like(v)
+    ht = out_state if out_state is not None else q.new_empty(N, H, K, V, dtype=torch.float32)
+    recurrent_kernel[(triton.cdiv(V, BV), N * H)](
+        q,
+        k,
+        v,
+        g,
+        o,
+        h0 if h0 is not None else ht,
+        ht,
+        cu_seqlens,
+        scale,
+        H=H,
+        K=K,
+        V=V,
+        BK=BK,
+        BV=BV,
+        HAS_H0=h0 is not None,
+        num_warps=4 if BK * BV <= 4096 else 8,
+    )
+    return o, ht

@@ -1,0 +1,50 @@
+"""Loss and bits-per-byte curves of several runs on one figure (``longseq plot``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The records of ``RUN_DIR/metrics.jsonl`` (ValueError when the run has none)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{str(run_dir)!r} is not a run directory with metrics (no {path.name})")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Training loss (nats/byte) and validation bits per byte against step, one line per run,
+    saved to ``out``."""
+    runs = [
+        (Path(r).name or str(r), read_metrics(r)) for r in run_dirs
+    ]  # read all first: fail before drawing
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ValueError("longseq plot needs matplotlib: pip install 'longseq[plot]'") from err
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, records in runs:
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        val = [(r["step"], r["val_bpb"]) for r in records if "val_bpb" in r]
+        if train:
+            ax_loss.plot(*zip(*train, strict=True), label=label)
+        if val:
+            ax_bpb.plot(*zip(*val, strict=True), marker="o", markersize=3, label=label)
+    ax_loss.set(xlabel="step", ylabel="training loss (nats / byte)", title="training loss")
+    ax_bpb.set(xlabel="step", ylabel="bits per byte", title="validation bits per byte")
+    for ax in (ax_loss, ax_bpb):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,280 @@
+"""The ``longseq`` command line end to end (subprocess) and its user-error handling (exit 2, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from longseq.cli import main
+from longseq.evaluate import evaluate_bpb
+from longseq.generate import generate
+from longseq.models import GLALM, MODELS, GLAConfig
+from longseq.train import TrainConfig, load_model, train
+from longseq.train.checkpoint import list_checkpoints
+from test_train import make_corpus  # tests/ is on sys.path (pytest rootdir-relative imports)
+
+TRAIN = [
+    "--set",
+    "n_layers=1",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "4",
+    "--eval-tokens",
+    "256",
+    "--no-progress",
+    "--device",
+    "cpu",
+    "--val-docs",
+    "doc3",
+]
+
+
+def longseq(*args: str, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "longseq", *args], capture_output=True, text=True, env=env, timeout=300, **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("cli") / "corpus")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, corpus) -> Path:
+    out = tmp_path_factory.mktemp("cli-run") / "run"
+    train(
+        TrainConfig(
+            out=str(out),
+            data=[str(corpus)],
+            val_docs=["doc3"],
+            overrides={"n_layers": 1},
+            seq_len=32,
+            batch_size=4,
+            steps=4,
+            eval_every=0,
+            eval_tokens=256,
+            progress=False,
+            device="cpu",
+        )
+    )
+    return out
+
+
+@pytest.mark.slow
+def test_train_eval_generate_plot(tmp_path, corpus):
+    out = tmp_path / "run"
+    proc = longseq(
+        "train", "--out", str(out), "--data", str(corpus), "--steps", "6", "--eval-every", "3", *TRAIN
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "config.json").is_file() and [p.name for p in list_checkpoints(out)] == [
+        "step_00000003",
+        "step_00000006",
+    ]
+    vals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in vals if "val_bpb" in r] == [3, 6]
+
+    report = tmp_path / "eval.json"
+    proc = longseq("eval", str(out), "--stride", "8", "--json", str(report), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(report.read_text())
+    doc3 = np.frombuffer((corpus / "doc3.txt").read_bytes(), dtype=np.uint8)
+    assert [d["name"] for d in result["documents"]] == ["doc3.txt"]
+    assert result["seq_len"] == 32 and result["stride"] == 8 and result["bytes"] == len(doc3) - 1
+    expected = evaluate_bpb(load_model(out), [("doc3.txt", doc3)], 32, 8)
+    assert result["bpb"] == pytest.approx(expected.bpb, rel=1e-6)
+    assert "doc3.txt" in proc.stdout and "overall" in proc.stdout
+
+    prompt = "héllo wörld "
+    proc = longseq("generate", str(out), "--prompt", prompt, "--max-new-tokens", "24", "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr
+    ids = generate(load_model(out), prompt, 24, temperature=0)
+    assert proc.stdout == bytes(ids[0].tolist()).decode("utf-8", errors="replace") + "\n"
+    assert "tokens/s" in proc.stderr
+
+    png = tmp_path / "curves.png"
+    proc = longseq("plot", str(out), str(out), "-o", str(png))
+    assert proc.returncode == 0, proc.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_sigint_saves_and_resume_continues(tmp_path, corpus):
+    out = tmp_path / "run"
+    args = [
+        sys.executable,
+        "-m",
+        "longseq",
+        "train",
+        "--out",
+        str(out),
+        "--data",
+        str(corpus),
+        "--steps",
+        "100000",
+        "--eval-every",
+        "0",
+        "--log-every",
+        "1",
+        *TRAIN,
+    ]
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert "Traceback" not in stderr and "interrupted at step" in stderr
+    (ckpt,) = list_checkpoints(out)
+    last = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert ckpt.name == f"step_{last:08d}"
+    proc = longseq("train", "--out", str(out), "--resume", "--steps", str(last + 2), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert list_checkpoints(out)[-1].name == f"step_{last + 2:08d}"
+
+
+def test_generate_streams_partial_utf8(run, capsys, monkeypatch):
+    text = "naïve €uro 𝄞 ok"
+
+    def fake_generate(model, prompt, n, *a, on_token=None, **kw):
+        for b in text.encode("utf-8"):  # one byte at a time: multibyte characters arrive in pieces
+            on_token(torch.tensor([b]))
+
+    monkeypatch.setattr(sys.modules["longseq.generate"], "generate", fake_generate)
+    assert main(["generate", str(run), "--prompt", "x", "--no-echo"]) == 0
+    assert capsys.readouterr().out == text + "\n"
+
+
+def test_bench_reports_and_catches_oom(tmp_path, capsys, monkeypatch):
+    report = tmp_path / "bench.json"
+    argv = [
+        "bench",
+        "--models",
+        "gla,transformer",
+        "--presets",
+        "tiny",
+        "--seq-lens",
+        "16,32",
+        "--batch-tokens",
+        "64",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--gen-prompt",
+        "8",
+        "--gen-tokens",
+        "4",
+        "--device",
+        "cpu",
+        "--json",
+        str(report),
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    data = json.loads(report.read_text())
+    assert data["torch"] == torch.__version__ and "cpu" in data["device"]
+    rows = {(r["model"], r["seq_len"]): r for r in data["results"]}
+    assert set(rows) == {("gla", 16), ("gla", 32), ("transformer", 16), ("transformer", 32)}
+    assert rows[("gla", 32)]["train_batch"] == 2 and rows[("gla", 16)]["train_batch"] == 4
+    assert all(r["train_tok_s"] > 0 and r["gen_tok_s"] > 0 for r in rows.values())
+    assert out.count("\n| gla |") == 2 and "| model | preset |" in out
+
+    import longseq.train.bench as bench
+
+    def oom(*a, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")
+
+    monkeypatch.setattr(bench, "bench_train", oom)
+    assert main(argv[:5] + ["--seq-lens", "16"] + argv[7:]) == 0
+    row = json.loads(report.read_text())["results"][0]
+    assert row["train_tok_s"] == "OOM" and row["gen_tok_s"] > 0
+
+
+@pytest.mark.slow
+def test_quickstart_short(tmp_path, capsys):
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--steps", "3"]) == 0
+    captured = capsys.readouterr()
+    assert "overall" in captured.out and "sample" in captured.out and "ROMEO:" in captured.out
+    assert "validation bits per byte" in captured.err
+
+
+# ---------------------------------------------------------------------------------- user errors
+@dataclass
+class _PatchedConfig(GLAConfig):
+    kind = "patched-gla"
+    patch_size: int = 8
+
+
+def _error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("longseq: error: ") and "Traceback" not in err
+    return err
+
+
+def test_train_user_errors(tmp_path, corpus, run, capsys, monkeypatch):
+    out = str(tmp_path / "new")
+    base = ["train", "--out", out, "--data", str(corpus), *TRAIN, "--steps", "2"]
+    assert "missing.txt' does not exist" in _error(
+        capsys, [*base[:4], str(tmp_path / "missing.txt"), *base[5:]]
+    )
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_bytes(b"")
+    (tmp_path / "empty" / "doc3.txt").write_bytes(b"")
+    assert "is empty" in _error(capsys, [*base[:4], str(tmp_path / "empty"), *base[5:]])
+    assert "seq_len=20000" in _error(capsys, [*base, "--seq-len", "20000"])
+    assert "n_layerz" in _error(capsys, [*base, "--set", "n_layerz=3"])
+    assert "'n_heads' expects int; got 'many'" in _error(capsys, [*base, "--set", "n_heads=many"])
+    assert "FIELD=VALUE" in _error(capsys, [*base, "--set", "n_heads"])
+    monkeypatch.setitem(MODELS, "patched-gla", (_PatchedConfig, GLALM))
+    assert "patch_size=8" in _error(capsys, [*base, "--model", "patched-gla", "--seq-len", "36"])
+    assert not Path(out).exists()  # none of the above wrote anything
+
+    existing = ["train", "--out", str(run), "--data", str(corpus), *TRAIN]
+    assert "already exists" in _error(capsys, existing)
+    assert "incompatible model config" in _error(capsys, [*existing, "--resume", "--set", "d_model=128"])
+    assert "nothing to resume" in _error(capsys, [*base, "--resume"])
+
+
+def test_checkpoint_user_errors(tmp_path, run, capsys):
+    assert "does not exist" in _error(capsys, ["eval", str(tmp_path / "nope")])
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "model.safetensors").write_bytes(b"junk")
+    assert "not a longseq checkpoint" in _error(capsys, ["generate", str(tmp_path / "junk"), "--prompt", "a"])
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    weights = list_checkpoints(broken)[-1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert "truncated" in _error(capsys, ["eval", str(broken)])
+    assert "truncated" in _error(capsys, ["generate", str(broken), "--prompt", "a"])
+    assert "--stride must be in [1, seq-len=32]" in _error(capsys, ["eval", str(run), "--stride", "64"])
+
+
+def test_user_error_in_a_real_process(tmp_path):
+    proc = longseq("train", "--out", str(tmp_path / "r"), "--data", str(tmp_path / "absent"))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("longseq: error: data path") and "Traceback" not in proc.stderr

@@ -1,0 +1,311 @@
+"""The Triton GLA kernels against the recurrent ground truth: outputs, final states, every gradient.
+
+Without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set below before
+Triton is first imported) on small, awkward shapes; with CUDA the same tests run compiled, and the
+``gpu``-marked tests add realistic shapes in bf16. Kernel outputs are poisoned (NaN-filled
+allocations) so an element a kernel forgets to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Must precede the first import of triton and of the kernel modules (jit reads it at decoration).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from longseq.ops.gla import gated_linear_attention, gla_chunk, gla_recurrent  # noqa: E402
+from longseq.ops.gla.triton import (  # noqa: E402
+    chunk_fwd,  # noqa: E402
+    common,
+    recurrent_gla,
+)
+from longseq.testing import assert_close, relative_rms_error  # noqa: E402
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def _interpreter_problem() -> str | None:
+    """Why the kernels cannot run here, or None (interpreter not active, or too old for this numpy)."""
+    if HAS_CUDA:
+        return None
+    if not isinstance(chunk_fwd.output_kernel, triton.runtime.interpreter.InterpretedFunction):
+        return "the GLA kernels were imported before TRITON_INTERPRET=1 was set"
+    import triton.language as tl
+
+    @triton.jit
+    def probe(x_ptr, n_ptr):
+        acc = 0
+        for i in range(0, tl.load(n_ptr)):  # a loop with a runtime bound, as every kernel has
+            acc += i
+        tl.store(x_ptr, acc)
+
+    x, n = torch.zeros(1, dtype=torch.int32), torch.tensor([3], dtype=torch.int32)
+    try:
+        probe[(1,)](x, n)
+    except Exception as e:  # e.g. triton<3.7's interpreter with numpy>=2.4
+        return f"Triton {triton.__version__}'s interpreter fails here: {e!r}"
+    return None
+
+
+_problem = _interpreter_problem()
+pytestmark = pytest.mark.skipif(_problem is not None, reason=str(_problem))
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Make every Python-level ``torch.empty_like`` / ``Tensor.new_empty`` return NaN-filled memory."""
+    empty_like, new_empty = torch.empty_like, torch.Tensor.new_empty
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: fill(empty_like(*a, **kw)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: fill(new_empty(self, *a, **kw)))
+
+
+def make_inputs(B, T, H, K, V, *, n_states=None, dtype=torch.float32, gate_lo=None, seed=0, device=DEVICE):
+    """q, k, v, g, s0 on ``device``; g = logsigmoid(...) or uniform in ``[gate_lo, 0]``.
+
+    s0 is ``[n_states or B, H, K, V]``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=gen)
+    k = torch.randn(B, T, H, K, generator=gen)
+    v = torch.randn(B, T, H, V, generator=gen)
+    if gate_lo is None:
+        g = F.logsigmoid(torch.randn(B, T, H, K, generator=gen) * 2 + 1)
+    else:
+        g = torch.rand(B, T, H, K, generator=gen) * gate_lo
+    s0 = torch.randn(n_states or B, H, K, V, generator=gen)
+    q, k, v = (x.to(device, dtype) for x in (q, k, v))
+    return q, k, v, g.to(device), s0.to(device)
+
+
+def run_with_grads(backend, q, k, v, g, s0, w_o, w_s, cu_seqlens=None):
+    """o, final state and the gradients of ``sum(o * w_o) + sum(S_T * w_s)`` w.r.t. (q, k, v, g, s0)."""
+    leaves = [x.detach().clone().requires_grad_(True) if x is not None else None for x in (q, k, v, g, s0)]
+    o, s = gated_linear_attention(
+        *leaves[:4], initial_state=leaves[4], output_final_state=True, backend=backend, cu_seqlens=cu_seqlens
+    )
+    loss = (o.float() * w_o).sum() + (s * w_s).sum()
+    grads = torch.autograd.grad(loss, [x for x in leaves if x is not None])
+    return o, s, grads
+
+
+def reference_with_grads(q, k, v, g, s0, w_o, w_s, cu_seqlens=None):
+    """The recurrent backend in float64 from the same (possibly low-precision) inputs."""
+    to64 = [x.double() if x is not None else None for x in (q, k, v, g, s0)]
+    return run_with_grads("recurrent", *to64, w_o.double(), w_s.double(), cu_seqlens=cu_seqlens)
+
+
+def check_against_reference(q, k, v, g, s0, *, cu_seqlens=None, rtol=2e-5, grad_rtol=None, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    n_states = (
+        s0.shape[0] if s0 is not None else (q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1)
+    )
+    w_o = torch.randn(v.shape, generator=gen).to(DEVICE)
+    w_s = torch.randn(n_states, *q.shape[2:3], q.shape[-1], v.shape[-1], generator=gen).to(DEVICE)
+    o, s, grads = run_with_grads("triton", q, k, v, g, s0, w_o, w_s, cu_seqlens)
+    o_ref, s_ref, grads_ref = reference_with_grads(q, k, v, g, s0, w_o, w_s, cu_seqlens)
+    assert o.dtype == v.dtype and s.dtype == torch.float32
+    assert_close(o, o_ref, rtol=rtol, name="o")
+    assert_close(s, s_ref, rtol=rtol, name="final_state")
+    names = ["dq", "dk", "dv", "dg", "d_initial_state"][: len(grads)]  # no s0: no d_initial_state
+    for name, got, ref in zip(names, grads, grads_ref, strict=True):
+        assert got.dtype == (
+            g.dtype if name == "dg" else torch.float32 if name == "d_initial_state" else q.dtype
+        )
+        assert_close(got, ref, rtol=grad_rtol or rtol, atol=1e-6, name=name)
+
+
+# ------------------------------------------------------------------- small shapes (interpreter or GPU)
+@pytest.mark.parametrize(
+    "B,T,H,K,V,with_state",
+    [(2, 37, 2, 16, 32, True), (1, 130, 1, 16, 32, False), (1, 64, 2, 32, 16, True)],
+)
+def test_chunk_kernels_match_recurrent_fp32(poison, B, T, H, K, V, with_state):
+    q, k, v, g, s0 = make_inputs(B, T, H, K, V, seed=T)
+    check_against_reference(q, k, v, g, s0 if with_state else None)
+
+
+def test_head_dims_tiled_over_several_blocks(poison, monkeypatch):
+    """Blocks capped at 16: K=24 and V=40 each span 2-3 tiles, the last one partly masked."""
+    monkeypatch.setattr(common, "MAX_BLOCK", 16)
+    q, k, v, g, s0 = make_inputs(1, 70, 1, 24, 40, seed=3)
+    check_against_reference(q, k, v, g, s0)
+
+
+def test_varlen_three_sequences_with_states(poison):
+    """Packed lengths 37, 0 (empty: its final state is its initial state) and 91, one launch."""
+    cu = torch.tensor([0, 37, 37, 128], device=DEVICE)
+    q, k, v, g, s0 = make_inputs(1, 128, 2, 16, 32, n_states=3, seed=5)
+    check_against_reference(q, k, v, g, s0, cu_seqlens=cu)
+
+
+def test_varlen_without_initial_state_equals_separate_calls(poison):
+    cu = torch.tensor([0, 20, 85, 100], device=DEVICE)
+    q, k, v, g, _ = make_inputs(1, 100, 1, 16, 16, seed=6)
+    o, s = gated_linear_attention(q, k, v, g, output_final_state=True, backend="triton", cu_seqlens=cu)
+    for i, (a, b) in enumerate(zip(cu.tolist()[:-1], cu.tolist()[1:], strict=True)):
+        o_i, s_i = gla_recurrent(
+            q[:, a:b].double(), k[:, a:b].double(), v[:, a:b].double(), g[:, a:b].double(), 0.25
+        )
+        assert_close(o[:, a:b], o_i, rtol=2e-5, name=f"o[{i}]")
+        assert_close(s[i : i + 1], s_i, rtol=2e-5, name=f"state[{i}]")
+
+
+def test_strong_and_infinite_gates_stay_finite_and_exact(poison):
+    """Gates down to -20 plus full resets (-inf), including one on the first token of a chunk."""
+    q, k, v, g, s0 = make_inputs(1, 100, 2, 16, 16, gate_lo=-20.0, seed=7)
+    g = g.clone()
+    g[0, 10, 0, :] = float("-inf")
+    g[0, 64, 1, 3] = float("-inf")
+    g[0, 70:75, 1, :5] = float("-inf")
+    check_against_reference(q, k, v, g, s0, rtol=5e-5)
+
+
+def test_bfloat16_inputs(poison):
+    q, k, v, g, s0 = make_inputs(1, 80, 2, 32, 16, dtype=torch.bfloat16, seed=8)
+    # The interpreter truncates fp32 -> bf16 stores (the GPU rounds to nearest), doubling the
+    # rounding error of o and dv: allow 2x fla's tolerances there.
+    loose = 1 if HAS_CUDA else 2
+    check_against_reference(q, k, v, g, s0, rtol=4e-3 * loose, grad_rtol=5e-3 * loose)
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_decode_kernel_matches_recurrent(poison, T):
+    q, k, v, g, s0 = make_inputs(3, T, 2, 16, 48, seed=9)
+    with torch.no_grad():
+        o, s = gated_linear_attention(q, k, v, g, initial_state=s0, output_final_state=True, backend="triton")
+    o_ref, s_ref = gla_recurrent(q.double(), k.double(), v.double(), g.double(), 0.25, s0.double())
+    assert_close(o, o_ref, rtol=1e-5, name="o")
+    assert_close(s, s_ref, rtol=1e-5, name="final_state")
+
+
+def test_decode_kernel_in_place_and_varlen():
+    q, k, v, g, s0 = make_inputs(1, 7, 2, 16, 16, n_states=2, seed=10)
+    cu = torch.tensor([0, 3, 7], device=DEVICE)
+    state = s0.clone()
+    with torch.no_grad():
+        o, out = recurrent_gla(q, k, v, g, 0.25, state, cu_seqlens=cu, out_state=state)
+    assert out.data_ptr() == state.data_ptr()
+    o_ref, s_ref = gated_linear_attention(
+        q.double(),
+        k.double(),
+        v.double(),
+        g.double(),
+        scale=0.25,
+        initial_state=s0.double(),
+        output_final_state=True,
+        backend="recurrent",
+        cu_seqlens=cu,
+    )
+    assert_close(o, o_ref, rtol=1e-5, name="o")
+    assert_close(state, s_ref, rtol=1e-5, name="state (in place)")
+
+
+def test_short_input_with_grad_uses_chunk_kernels(poison):
+    """T <= 16 with grad falls back from the forward-only decode kernel to the chunk kernels."""
+    q, k, v, g, s0 = make_inputs(1, 9, 1, 16, 16, seed=11)
+    check_against_reference(q, k, v, g, s0)
+
+
+def test_triton_backend_rejects_unsupported_inputs():
+    q, k, v, g, s0 = make_inputs(1, 4, 1, 16, 16)
+    with pytest.raises(ValueError, match="float64"):
+        gated_linear_attention(q.double(), k.double(), v.double(), g.double(), backend="triton")
+    big = torch.zeros(1, 4, 1, 300, device=DEVICE)
+    with pytest.raises(ValueError, match="head dims K=300"):
+        gated_linear_attention(big, big, v, big, backend="triton")
+
+
+# ----------------------------------------------------------------------------------------- GPU only
+def _bf16_case(B, T, H, K, V, *, cu_seqlens=None, gate_lo=None, seed):
+    """bf16 kernels vs the fp32 chunk reference on the same bf16 inputs (fla's tolerances)."""
+    n = cu_seqlens.numel() - 1 if cu_seqlens is not None else B
+    q, k, v, g, s0 = make_inputs(B, T, H, K, V, n_states=n, dtype=torch.bfloat16, gate_lo=gate_lo, seed=seed)
+    w_o = torch.randn(B, T, H, V, device=DEVICE)
+    w_s = torch.randn(n, H, K, V, device=DEVICE)
+    o, s, grads = run_with_grads("triton", q, k, v, g, s0, w_o, w_s, cu_seqlens)
+    o_ref, s_ref, grads_ref = run_with_grads(
+        "chunk", *(x.float() for x in (q, k, v, g, s0)), w_o, w_s, cu_seqlens
+    )
+    assert o.dtype == torch.bfloat16
+    assert_close(o, o_ref, rtol=4e-3, name="o")
+    assert_close(s, s_ref, rtol=4e-3, name="final_state")
+    for name, got, ref in zip(["dq", "dk", "dv", "dg", "d_initial_state"], grads, grads_ref, strict=True):
+        assert_close(got, ref, rtol=5e-3, name=name)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "B,T,H,K,V",
+    [
+        (2, 2048, 8, 128, 128),
+        (1, 4096, 4, 256, 512),
+        (4, 1000, 4, 64, 64),
+        (2, 777, 2, 100, 36),
+        (8, 63, 4, 16, 256),
+    ],
+)
+def test_gpu_bf16_matches_fp32_reference(B, T, H, K, V):
+    _bf16_case(B, T, H, K, V, seed=B * T + K)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_bf16_varlen():
+    cu = torch.tensor([0, 1, 700, 700, 2100, 4096], device=DEVICE)
+    _bf16_case(1, 4096, 8, 128, 128, cu_seqlens=cu, seed=1)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate_lo", [-20.0, -1e-3])
+def test_gpu_64k_tokens_strong_and_weak_gates(gate_lo):
+    T, H, K, V = 65_536, 2, 64, 64
+    q, k, v, g, s0 = make_inputs(1, T, H, K, V, dtype=torch.bfloat16, gate_lo=gate_lo, seed=2)
+    k = k * 0.1
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v, g, s0)]
+    o, s = gated_linear_attention(
+        *leaves[:4], initial_state=leaves[4], output_final_state=True, backend="triton"
+    )
+    (o.float().square().mean() + s.square().mean()).backward()
+    for name, x in [("o", o), ("state", s)] + [(f"grad {i}", t.grad) for i, t in enumerate(leaves)]:
+        assert torch.isfinite(x).all(), name
+    with torch.no_grad():
+        o_ref, s_ref = gla_chunk(*(x.float() for x in (q, k, v, g)), K**-0.5, s0)
+    assert relative_rms_error(o, o_ref) <= 4e-3
+    assert relative_rms_error(s, s_ref) <= 4e-3
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,K,V", [(1, 1, 128, 128), (64, 1, 128, 128), (64, 4, 256, 512), (5, 16, 64, 32)])
+def test_gpu_decode_kernel_bf16(B, T, K, V):
+    q, k, v, g, s0 = make_inputs(B, T, 4, K, V, dtype=torch.bfloat16, seed=B + T)
+    with torch.no_grad():
+        o, s = gated_linear_attention(q, k, v, g, initial_state=s0, output_final_state=True, backend="auto")
+    o_ref, s_ref = gla_recurrent(q, k, v, g, K**-0.5, s0)
+    assert o.dtype == torch.bfloat16
+    assert_close(o, o_ref, rtol=4e-3, name="o")
+    assert_close(s, s_ref, rtol=1e-5, name="state")
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_auto_picks_triton():
+    q, k, v, g, s0 = make_inputs(2, 300, 4, 64, 64, dtype=torch.bfloat16, seed=3)
+    o_auto, _ = gated_linear_attention(q, k, v, g, initial_state=s0)
+    o_triton, _ = gated_linear_attention(q, k, v, g, initial_state=s0, backend="triton")
+    torch.testing.assert_close(o_auto, o_triton, rtol=0, atol=0)
