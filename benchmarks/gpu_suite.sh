@@ -23,9 +23,10 @@ run() {  # run NAME SECONDS CMD...
 for s in "${steps[@]}"; do
   case $s in
     env) run env 60 bash -c 'nvidia-smi; python3 -c "import torch, triton, transformers, sys; print(sys.version); print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"' ;;
-    tests) run tests 300 python3 -m pytest -q -m gpu tests ;;
+    tests) run tests 300 python3 -m pytest -q -m gpu tests -rs --durations=10 ;;
+    profile) run profile 200 python3 benchmarks/profile_decode.py --device cuda ;;
     gla) run gla 120 python3 benchmarks/bench_gla_op.py --device cuda --dtype bfloat16 --B 4 --T 2048 8192 --H 4 --K 128 --V 256 --backends chunk ;;
-    triton) run triton 300 python3 benchmarks/bench_gla_triton.py ;;
+    triton) run triton 300 python3 benchmarks/bench_gla_triton.py --out "$OUT/gla_triton.jsonl" ;;
     bench) run bench 420 python3 -m longseq bench --device cuda --models gla,transformer --presets base,medium --seq-lens 2048,8192 --batch-tokens 16384 --steps 5 --warmup 2 --json "$OUT/bench.json" ;;
     megabyte) run megabyte 300 python3 benchmarks/bench_megabyte.py --device cuda ;;
     cache) run cache 300 python3 benchmarks/bench_cache_decode.py --json "$OUT/cache_decode.json" ;;

@@ -62,8 +62,9 @@ class LanguageModel(nn.Module):
         if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
             raise ValueError(f"input_ids must be an integer tensor; got dtype {input_ids.dtype}")
         if input_ids.numel() and not torch.compiler.is_compiling():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= self.config.vocab_size:
+            # One host sync in the common (valid) case; the range is only read back to report an error.
+            if bool(((input_ids < 0) | (input_ids >= self.config.vocab_size)).any()):
+                lo, hi = int(input_ids.min()), int(input_ids.max())
                 raise ValueError(
                     f"input_ids must lie in [0, {self.config.vocab_size}); got values in [{lo}, {hi}]"
                 )

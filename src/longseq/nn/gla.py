@@ -65,6 +65,7 @@ class GatedLinearAttention(nn.Module):
         o, new_state = gated_linear_attention(
             q, k, v, g.view(B, T, H, self.head_k),
             initial_state=state, output_final_state=state is not None, backend=self.backend,
+            check_values=False,  # logsigmoid(.) / tau <= 0 by construction; skipping saves a sync per layer
         )
         o = self.head_norm(o).reshape(B, T, H * self.head_v)
         return self.out(o * F.silu(self.out_gate(x))), new_state

@@ -24,7 +24,7 @@ from torch import Tensor
 
 CHUNK = 64  # tokens per chunk (C in the paper); fixed: the kernels' sub-chunk layout assumes 4 x 16
 SUB_CHUNK = 16  # tokens per sub-chunk (c); 16 is also the smallest tl.dot tile
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 512  # K and V are tiled in blocks of MAX_BLOCK, so this bounds only registers per tile loop
 # -inf gates (a full reset) are clamped to this floor inside the kernels: every decay spanning such a
 # gate is then exp(<= -100), which is 0 or a denormal in fp32, exactly as exp(-inf) = 0 would be, but
 # cumulative sums stay finite, so differences of them never form -inf - -inf = NaN. The gradient of
