@@ -278,3 +278,36 @@ def test_user_error_in_a_real_process(tmp_path):
     proc = longseq("train", "--out", str(tmp_path / "r"), "--data", str(tmp_path / "absent"))
     assert proc.returncode == 2
     assert proc.stderr.startswith("longseq: error: data path") and "Traceback" not in proc.stderr
+
+
+def test_eval_policy_sweep_writes_table_json_and_plot(tmp_path, corpus):
+    out = tmp_path / "tr"
+    train(
+        TrainConfig(
+            out=str(out), model="transformer", data=[str(corpus)], val_docs=["doc3"], overrides={"n_layers": 1},
+            seq_len=32, batch_size=4, steps=3, eval_every=0, eval_tokens=256, progress=False, device="cpu",
+        )
+    )
+    sweep_dir = tmp_path / "sweep"
+    args = ["eval", str(out), "--policies", "tova,window,sink:sinks=2", "--budgets", "8,16", "--seq-len", "60"]
+    assert main([*args, "--out-dir", str(sweep_dir), "--no-progress"]) == 0
+    table = (sweep_dir / "sweep.md").read_text()
+    assert all(name in table for name in ("tova", "window", "sink")) and "16" in table and "full" in table
+    assert (sweep_dir / "sweep.png").stat().st_size > 0
+    result = json.loads((sweep_dir / "sweep.json").read_text())
+    # Independent reference for the full-cache column: a plain forward over the same first 60 bytes.
+    model = load_model(out, "cpu").eval()
+    doc = torch.tensor(list((corpus / "doc3.txt").read_bytes()[:60]))[None]
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(doc[:, :-1])[0], doc[0, 1:]).item()
+    assert result["full"]["loss"] == pytest.approx(loss, rel=1e-5)
+    assert len(result["scores"]) == 3 and all(set(row) == {"8", "16"} for row in result["scores"].values())
+
+
+def test_eval_sweep_rejects_bad_specs_before_loading(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "missing"), "--policies", "tova,lru", "--budgets", "8"]) == 2
+    assert "unknown cache policy 'lru'" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing"), "--policies", "tova"]) == 2
+    assert "--budgets" in capsys.readouterr().err
+    assert main(["eval", "--hf", str(tmp_path / "nope"), "--policies", "tova", "--budgets", "8"]) == 2
+    assert "--data" in capsys.readouterr().err

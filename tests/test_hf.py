@@ -26,6 +26,7 @@ import longseq  # noqa: E402
 import longseq.hf as lh  # noqa: E402
 from longseq.cache import H2O, TOVA, CachePolicy, Full, Sink, Window  # noqa: E402
 from longseq.testing import assert_close  # noqa: E402
+from test_cache_policies import reference_victim  # noqa: E402  (tests/ is on sys.path; one reference rule)
 
 V = 96  # vocabulary of the tiny HF models; ids 0..2 are special (pad 0), prompts use 3..V-1
 
@@ -126,22 +127,6 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
 
 
 AttentionInterface.register("longseq_test_reference", _reference_attention)
-
-
-def reference_victim(
-    policy: CachePolicy, kept: set[int], score: dict[int, float], acc: dict[int, float]
-) -> int:
-    """The token a policy evicts from ``kept`` (budget + 1 tokens), straight from its definition."""
-    if isinstance(policy, Window):
-        return min(kept)
-    if isinstance(policy, Sink):
-        return min(p for p in kept if p >= policy.sinks)
-    if isinstance(policy, TOVA):
-        return min(kept, key=lambda p: (score[p], p))
-    if isinstance(policy, H2O):
-        protected = set(sorted(kept)[len(kept) - policy.recent :]) if policy.recent else set()
-        return min(kept - protected, key=lambda p: (acc[p], p))
-    raise AssertionError(f"no reference rule for {policy}")
 
 
 @torch.no_grad()

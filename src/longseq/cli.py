@@ -164,11 +164,40 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- eval
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="bits per byte of a trained model, overall and per document")
+    p = sub.add_parser(
+        "eval",
+        help="bits per byte of a trained model, or a cache policy x budget sweep",
+        description=(
+            "Bits per byte of a trained model, overall and per document (plain or strided). With --policies "
+            "and --budgets: the bounded-cache sweep (TOVA paper, Table 3), each document decoded with the "
+            "policy active from its first byte; with --hf PATH the same sweep for a local HF model folder."
+        ),
+    )
     p.add_argument(
         "checkpoint",
         metavar="RUN_DIR_OR_CKPT",
-        help="run directory (newest checkpoint) or checkpoint directory",
+        nargs="?",
+        help="run directory (newest checkpoint) or checkpoint directory (omit with --hf)",
+    )
+    p.add_argument(
+        "--policies",
+        type=_csv(str),
+        metavar="SPECS",
+        help="sweep these cache policies, e.g. tova,tova_head,h2o,window,sink (options: sink:sinks=8); "
+        "the full cache is always the last column",
+    )
+    p.add_argument("--budgets", type=_csv(int), metavar="N,...", help="sweep budgets (tokens kept per layer)")
+    p.add_argument(
+        "--metric", choices=["ppl", "bpb", "loss"], default="bpb", help="sweep table/plot metric (default bpb)"
+    )
+    p.add_argument(
+        "--out-dir", metavar="DIR", help="sweep output folder for sweep.md/.json/.png (default: RUN_DIR/eval/...)"
+    )
+    p.add_argument(
+        "--hf",
+        metavar="PATH",
+        help="sweep a local HuggingFace causal LM folder instead of a longseq run (needs longseq[hf] and "
+        "--data text files; metrics are per token of its tokenizer)",
     )
     p.add_argument(
         "--data", nargs="+", metavar="PATH", help="documents to evaluate (default: the run's training data)"
@@ -181,7 +210,10 @@ def _add_eval(sub) -> None:
     )
     p.add_argument("--val-docs", type=_csv(str), metavar="NAMES", help="override the validation documents")
     p.add_argument(
-        "--seq-len", type=int, help="context length in bytes (default: the run's training seq-len)"
+        "--seq-len",
+        type=int,
+        help="context length in bytes (default: the run's training seq-len); in a sweep, score each "
+        "document's first SEQ_LEN bytes (default: whole documents)",
     )
     p.add_argument(
         "--stride",
@@ -204,9 +236,76 @@ def _add_eval(sub) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    # One evaluation mode today (bits per byte with full context); a cache-policy sweep
-    # (--policies/--budgets) slots in here as a second mode sharing the document selection below.
-    return _eval_bpb(args)
+    sweep = _check_sweep_args(args)
+    if args.hf:
+        if args.checkpoint is not None:
+            raise ValueError("give either RUN_DIR_OR_CKPT or --hf PATH, not both")
+        if not sweep:
+            raise ValueError("--hf evaluates a policy sweep: give --policies and --budgets")
+        return _eval_hf(args)
+    if args.checkpoint is None:
+        raise ValueError("eval needs RUN_DIR_OR_CKPT (or --hf PATH)")
+    return _eval_sweep(args) if sweep else _eval_bpb(args)
+
+
+def _check_sweep_args(args: argparse.Namespace) -> bool:
+    """True for sweep mode; every spec and budget is checked before any model is loaded."""
+    from .cache import parse_policy
+
+    if args.policies is None and args.budgets is None:
+        return False
+    if not args.policies or not args.budgets:
+        raise ValueError("a policy sweep needs both --policies and --budgets (e.g. --policies tova,window "
+                         "--budgets 64,128,256)")
+    if min(args.budgets) < 1:
+        raise ValueError(f"--budgets must be >= 1; got {args.budgets}")
+    for spec in args.policies:
+        if spec.strip().lower() != "full":
+            parse_policy(spec, budget=min(args.budgets))
+    return True
+
+
+def _print_sweep(result, metric: str) -> None:
+    print(result.to_markdown(metric))
+    for name, path in result.files.items():
+        print(f"wrote {name}: {path}", file=sys.stderr)
+
+
+def _eval_sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+    from .train.checkpoint import load_model, read_config, resolve_checkpoint
+    from .train.distributed import pick_device
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    train_cfg = read_config(ckpt).get("train", {})
+    docs = [(name, bytes(ids)) for name, ids in _eval_documents(args, train_cfg)]
+    model = load_model(ckpt, pick_device(args.device)).eval()
+    out_dir = Path(args.out_dir) if args.out_dir else ckpt.parent.parent / "eval" / f"sweep-{ckpt.name}-{args.split}"
+    result = run_sweep(
+        model, docs, args.policies, args.budgets, max_tokens=args.seq_len, out_dir=out_dir, metric=args.metric,
+        progress=(lambda line: print(line, file=sys.stderr)) if args.progress else None,
+    )
+    _print_sweep(result, args.metric)
+    return 0
+
+
+def _eval_hf(args: argparse.Namespace) -> int:
+    if not args.data:
+        raise ValueError("--hf needs --data: text files to evaluate on")
+    paths = [Path(p) for p in args.data]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"--data: no such file: {path}")
+    from .hf import evaluate_hf
+
+    docs = [(path.name, path.read_text(encoding="utf-8", errors="replace")) for path in paths]
+    result = evaluate_hf(
+        args.hf, docs, args.policies, args.budgets, device=args.device, max_tokens=args.seq_len,
+        out_dir=Path(args.out_dir or "eval-hf"), metric=args.metric,
+        progress=(lambda line: print(line, file=sys.stderr)) if args.progress else None,
+    )
+    _print_sweep(result, args.metric)
+    return 0
 
 
 def _eval_documents(args: argparse.Namespace, train_cfg: dict[str, Any]):

@@ -69,6 +69,15 @@ class LanguageModel(nn.Module):
                     f"input_ids must lie in [0, {self.config.vocab_size}); got values in [{lo}, {hi}]"
                 )
 
+    def check_step_inputs(self, input_ids: Tensor, state: ModelState) -> None:
+        """``check_input_ids`` plus: the batch matches the state's and at least one token is new."""
+        self.check_input_ids(input_ids)
+        B, T = input_ids.shape
+        if B != state.batch_size:
+            raise ValueError(f"input_ids has batch {B} but the state was made for batch {state.batch_size}")
+        if T == 0:
+            raise ValueError("step needs at least one new token; got input_ids of shape [B, 0]")
+
     @property
     def device(self) -> torch.device:
         return self.embed.weight.device
@@ -107,12 +116,8 @@ class LanguageModel(nn.Module):
         Returns ``[B, T, vocab]`` logits and the updated state (the same object, updated in place).
         Over a sequence split into any pieces, the logits equal ``model(input_ids)``'s.
         """
-        self.check_input_ids(input_ids)
-        B, T = input_ids.shape
-        if B != state.batch_size:
-            raise ValueError(f"input_ids has batch {B} but the state was made for batch {state.batch_size}")
-        if T == 0:
-            raise ValueError("step needs at least one new token; got input_ids of shape [B, 0]")
+        self.check_step_inputs(input_ids, state)
+        T = input_ids.shape[1]
         h = self.embed(input_ids)
         positions = torch.arange(state.position, state.position + T, device=input_ids.device)
         for i, block in enumerate(self.blocks):

@@ -314,12 +314,8 @@ class MegabyteLM(LanguageModel):
         """
         if not isinstance(state, MegabyteState):
             raise TypeError(f"state must come from MegabyteLM.init_state; got {type(state).__name__}")
-        self.check_input_ids(input_ids)
+        self.check_step_inputs(input_ids, state)
         B, T = input_ids.shape
-        if B != state.batch_size:
-            raise ValueError(f"input_ids has batch {B} but the state was made for batch {state.batch_size}")
-        if T == 0:
-            raise ValueError("step needs at least one new token; got input_ids of shape [B, 0]")
         n = state.position
         self._check_length(n + T)
         P, DL = self.config.patch_size, self.config.d_local

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .chunk_fwd import chunk_span
 from .common import CHUNK, G_FLOOR, SUB_CHUNK, SeqInfo, block_size, num_warps_for
 
 
@@ -93,10 +94,7 @@ def attention_grad_kernel(
 ):
     """``dA[i, j] = do_i . v_j`` for ``j <= i`` in the chunk, else 0; one program per (chunk, head)."""
     i_n, i_h = tl.program_id(0), tl.program_id(1)
-    i_s = tl.load(chunk_idx_ptr + 2 * i_n).to(tl.int64)
-    i_c = tl.load(chunk_idx_ptr + 2 * i_n + 1).to(tl.int64)
-    bos = tl.load(cu_ptr + i_s).to(tl.int64)
-    eos = tl.load(cu_ptr + i_s + 1).to(tl.int64)
+    i_s, i_c, bos, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n)
     o_t = tl.arange(0, BT)
     t = bos + i_c * BT + o_t
     m_t = t < eos
@@ -132,10 +130,7 @@ def value_grad_kernel(
 ):
     """``dv = A^T do + (k * exp(b_last - b)) dh[n]``; one program per (V tile, chunk, head)."""
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_s = tl.load(chunk_idx_ptr + 2 * i_n).to(tl.int64)
-    i_c = tl.load(chunk_idx_ptr + 2 * i_n + 1).to(tl.int64)
-    bos = tl.load(cu_ptr + i_s).to(tl.int64)
-    eos = tl.load(cu_ptr + i_s + 1).to(tl.int64)
+    i_s, i_c, bos, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n)
     o_t = tl.arange(0, BT)
     t = bos + i_c * BT + o_t
     m_t = t < eos
@@ -190,10 +185,7 @@ def intra_qk_grad_kernel(
     NC: tl.constexpr = BT // BC
     i_k, i_ni, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_i = i_ni // NC, i_ni % NC
-    i_s = tl.load(chunk_idx_ptr + 2 * i_n).to(tl.int64)
-    i_c = tl.load(chunk_idx_ptr + 2 * i_n + 1).to(tl.int64)
-    bos = tl.load(cu_ptr + i_s).to(tl.int64)
-    eos = tl.load(cu_ptr + i_s + 1).to(tl.int64)
+    i_s, i_c, bos, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n)
     t0 = bos + i_c * BT
     n_sub = tl.minimum(tl.cdiv(eos - t0, BC), NC)  # sub-chunks holding at least one token
     o_c = tl.arange(0, BC)
@@ -296,10 +288,7 @@ def qkg_grad_kernel(
     ``dg = revcumsum_chunk(q dq - k dk) + sum_v H_{c+1} * dh[n]``.
     """
     i_k, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_s = tl.load(chunk_idx_ptr + 2 * i_n).to(tl.int64)
-    i_c = tl.load(chunk_idx_ptr + 2 * i_n + 1).to(tl.int64)
-    bos = tl.load(cu_ptr + i_s).to(tl.int64)
-    eos = tl.load(cu_ptr + i_s + 1).to(tl.int64)
+    i_s, i_c, bos, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n)
     o_t = tl.arange(0, BT)
     t = bos + i_c * BT + o_t
     m_t = t < eos

@@ -19,6 +19,16 @@ from .common import CHUNK, G_FLOOR, SUB_CHUNK, SeqInfo, block_size, num_warps_fo
 
 
 @triton.jit
+def chunk_span(chunk_idx_ptr, cu_ptr, i_n):
+    """Global chunk ``i_n`` -> (its sequence, its index there, the sequence's first token, its end), int64."""
+    i_s = tl.load(chunk_idx_ptr + 2 * i_n).to(tl.int64)
+    i_c = tl.load(chunk_idx_ptr + 2 * i_n + 1).to(tl.int64)
+    bos = tl.load(cu_ptr + i_s).to(tl.int64)
+    eos = tl.load(cu_ptr + i_s + 1).to(tl.int64)
+    return i_s, i_c, bos, eos
+
+
+@triton.jit
 def chunk_states_kernel(
     k_ptr,
     v_ptr,
@@ -99,10 +109,7 @@ def intra_attention_kernel(
     NC: tl.constexpr = BT // BC
     i_n, i_ij, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_i, i_j = i_ij // NC, i_ij % NC
-    i_s = tl.load(chunk_idx_ptr + 2 * i_n).to(tl.int64)
-    i_c = tl.load(chunk_idx_ptr + 2 * i_n + 1).to(tl.int64)
-    bos = tl.load(cu_ptr + i_s).to(tl.int64)
-    eos = tl.load(cu_ptr + i_s + 1).to(tl.int64)
+    i_s, i_c, bos, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n)
     t0 = bos + i_c * BT
     o_c = tl.arange(0, BC)
     tq = t0 + i_i * BC + o_c
@@ -191,10 +198,7 @@ def output_kernel(
 ):
     """``o = scale * (q * exp(b)) @ H_chunk + A @ v`` for one (V tile, chunk, head)."""
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_s = tl.load(chunk_idx_ptr + 2 * i_n).to(tl.int64)
-    i_c = tl.load(chunk_idx_ptr + 2 * i_n + 1).to(tl.int64)
-    bos = tl.load(cu_ptr + i_s).to(tl.int64)
-    eos = tl.load(cu_ptr + i_s + 1).to(tl.int64)
+    i_s, i_c, bos, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n)
     o_t = tl.arange(0, BT)
     t = bos + i_c * BT + o_t
     m_t = t < eos
