@@ -405,16 +405,17 @@ def _run(
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     elapsed = time.perf_counter() - window_t0
                     tok_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
-                    log(
-                        {
-                            "step": step,
-                            "loss": loss_val,
-                            "lr": lr,
-                            "grad_norm": grad_norm,
-                            "tokens": step * tokens_per_step,
-                            "tok_s": tok_s,
-                        }
-                    )
+                    record = {
+                        "step": step,
+                        "loss": loss_val,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "tokens": step * tokens_per_step,
+                        "tok_s": tok_s,
+                    }
+                    if device.type == "cuda":  # rank 0's peak since the start, for scaling/memory reports
+                        record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    log(record)
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss_val:.3f}", bpb=f"{last_bpb:.3f}", tok_s=f"{tok_s:,.0f}")
                     window_t0, window_steps = time.perf_counter(), 0
