@@ -381,8 +381,14 @@ def _add_generate(sub) -> None:
         help="run directory (newest checkpoint) or checkpoint directory",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text (UTF-8)")
-    src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from this file (bytes)")
+    src.add_argument(
+        "--prompt", action="append",
+        help="prompt text (UTF-8); repeat for a batch of prompts (any lengths), decoded together",
+    )
+    src.add_argument(
+        "--prompt-file", metavar="FILE", action="append",
+        help="read a prompt from this file (bytes); repeatable like --prompt",
+    )
     p.add_argument("--max-new-tokens", type=int, default=256, help="bytes to generate (default 256)")
     p.add_argument(
         "--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)"
@@ -392,6 +398,15 @@ def _add_generate(sub) -> None:
         "--top-p", type=float, help="nucleus sampling: smallest set of bytes with probability >= p"
     )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument(
+        "--stop", action="append", metavar="TEXT",
+        help="end a row after it generates TEXT (backslash escapes such as \\n allowed; repeatable)",
+    )
+    p.add_argument(
+        "--compile", action="store_true",
+        help="capture the decode step as a CUDA graph and replay it (CUDA only; eager with a note on CPU)",
+    )
+    p.add_argument("--cache", metavar="POLICY", help="KV-cache policy, e.g. tova:512 (default: full)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument(
         "--no-echo", dest="echo", action="store_false", help="do not print the prompt before the continuation"
@@ -408,41 +423,60 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be >= 0; got {args.max_new_tokens}")
     check_sampling(args.temperature, args.top_k, args.top_p)
     if args.prompt_file is not None:
-        prompt = Path(args.prompt_file).read_bytes()
+        prompts = [Path(f).read_bytes() for f in args.prompt_file]
     else:
-        prompt = args.prompt.encode("utf-8")
-    if not prompt:
+        prompts = [p.encode("utf-8") for p in args.prompt]
+    if not all(prompts):
         raise ValueError("the prompt is empty; give at least one byte")
+    stops = [codecs.decode(s, "unicode_escape").encode("utf-8") for s in args.stop or []]
+    cache = None
+    if args.cache:
+        from .cache import parse_policy
+
+        cache = parse_policy(args.cache)
     model = load_model(args.checkpoint, pick_device(args.device))
     out = sys.stdout
+    batch = len(prompts) > 1
     # Bytes arrive one at a time; an incremental decoder holds back a partial UTF-8 sequence until
     # it is complete (or replaces it with U+FFFD when it turns out invalid).
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    if args.echo:
-        out.write(decoder.decode(prompt))
+    if args.echo and not batch:
+        out.write(decoder.decode(prompts[0]))
         out.flush()
+    counted = [0]
 
     def on_token(token) -> None:
-        out.write(decoder.decode(bytes([int(token[0])])))
-        out.flush()
+        counted[0] += 1
+        if not batch:  # a batch is printed row by row at the end
+            out.write(decoder.decode(bytes([int(token[0])])))
+            out.flush()
 
     t0 = time.perf_counter()
-    generate(
+    rows = generate(
         model,
-        prompt,
+        prompts if batch else prompts[0],
         args.max_new_tokens,
         args.temperature,
         args.top_k,
         args.top_p,
+        cache=cache,
         seed=args.seed,
         on_token=on_token,
+        stop=stops or None,
+        compile=args.compile,
     )
     dt = time.perf_counter() - t0
-    out.write(decoder.decode(b"", final=True) + "\n")
+    if batch:
+        for i, (prompt, row) in enumerate(zip(prompts, rows, strict=True)):
+            text = bytes(row.tolist() if args.echo else row[len(prompt) :].tolist())
+            out.write(f"--- [{i}]\n{text.decode('utf-8', errors='replace')}\n")
+    else:
+        out.write(decoder.decode(b"", final=True) + "\n")
     out.flush()
+    n_new = sum(len(r) - len(p) for p, r in zip(prompts, rows, strict=True)) if batch else counted[0]
     print(
-        f"{args.max_new_tokens} tokens in {dt:.2f} s ({args.max_new_tokens / max(dt, 1e-9):.1f} tokens/s, "
-        f"prefill of {len(prompt)} bytes included)",
+        f"{n_new} tokens in {counted[0]} steps, {dt:.2f} s ({n_new / max(dt, 1e-9):.1f} tokens/s, "
+        f"prefill of {sum(map(len, prompts))} bytes included)",
         file=sys.stderr,
     )
     return 0
@@ -450,9 +484,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------- bench
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="model-level training and generation throughput")
+    p = sub.add_parser(
+        "bench",
+        help="model-level training and generation throughput; 'bench decode' for decoding",
+        description=(
+            "longseq bench [train]: training tokens/s and generation tokens/s per model. "
+            "longseq bench decode: prefill time, ms per decode step, tokens/s and peak memory per model x "
+            "cache policy x context x batch size (JSONL on stderr / --jsonl, a Markdown table on stdout), "
+            "optionally against HF transformers (--against hf)."
+        ),
+    )
+    p.add_argument("mode", nargs="?", choices=("train", "decode"), default="train",
+                   help="train (default): training + generation throughput; decode: the decode benchmark")
     p.add_argument(
-        "--models", type=_csv(str), default=["gla", "transformer"], help="comma-separated model kinds"
+        "--models", type=_csv(str), default=["gla", "transformer"],
+        help="comma-separated model kinds; decode mode also takes kind:preset (e.g. megabyte:paper95m)",
     )
     p.add_argument(
         "--presets", type=_csv(str), default=["tiny"], help="comma-separated presets (default tiny)"
@@ -479,11 +525,55 @@ def _add_bench(sub) -> None:
     p.add_argument("--gen-tokens", type=int, default=128, help="generated tokens timed (default 128)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
+    d = p.add_argument_group("decode mode")
+    d.add_argument("--contexts", type=_csv(int), default=[4096], help="prompt lengths (default 4096)")
+    d.add_argument("--batch-sizes", type=_csv(int), default=[1], help="decode batch sizes (default 1)")
+    d.add_argument(
+        "--policies", type=_csv(str), default=["full"],
+        help="KV-cache policies for models with attention; budgets may be relative: tova:ctx/8 (default full)",
+    )
+    d.add_argument("--compile", action="store_true",
+                   help="static state + decode step captured as a CUDA graph (default: eager, dynamic state)")
+    d.add_argument("--against", choices=("hf",),
+                   help="also time HF LlamaForCausalLM (Transformer rows) and fla's GLA (GLA rows) generate()")
+    d.add_argument("--memory-limit-gib", type=float,
+                   help="cap this process's CUDA memory (e.g. 40) so larger batches report OOM")
+    d.add_argument("--jsonl", metavar="FILE", help="also write one JSON line per result here")
     p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench_decode(args: argparse.Namespace) -> int:
+    from .train.bench import decode_markdown, run_decode_bench
+
+    if args.gen_tokens < 1 or args.warmup < 0:
+        raise ValueError("--gen-tokens must be >= 1 and --warmup >= 0")
+    if not args.contexts or min(args.contexts) < 1 or not args.batch_sizes or min(args.batch_sizes) < 1:
+        raise ValueError("--contexts and --batch-sizes must be positive integers")
+    report = run_decode_bench(
+        args.models, args.presets, args.contexts, args.batch_sizes, args.policies,
+        steps=args.gen_tokens, warmup=max(args.warmup, 2), compile=args.compile, against=args.against,
+        device=args.device, overrides=_parse_sets(args.overrides), memory_limit_gib=args.memory_limit_gib,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )
+    report["command"] = "longseq " + shlex.join(args.argv)
+    print(decode_markdown(report))
+    if args.jsonl:
+        Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)
+        meta = {k: v for k, v in report.items() if k != "results"}
+        with open(args.jsonl, "w") as f:
+            for row in report["results"]:
+                f.write(json.dumps({**meta, **row}) + "\n")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .train.bench import markdown_table, run_bench
+
+    if args.mode == "decode":
+        return cmd_bench_decode(args)
 
     for name in ("batch_tokens", "steps", "gen_batch", "gen_prompt", "gen_tokens"):
         if getattr(args, name) < 1:

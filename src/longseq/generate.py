@@ -1,14 +1,39 @@
-"""Sampling from any longseq model through its recurrent state: the past is never recomputed."""
+"""Sampling from any longseq model through its recurrent state: the past is never recomputed.
+
+:func:`generate` prefills each prompt (chunked, uncaptured), then decodes all rows together one token per
+step. Three paths share one loop:
+
+* dynamic (default for one prompt or equal-length prompts): the state grows as before;
+* static (prompts of different lengths, or ``compile=True``): ``init_state(B, max_len=N)`` buffers, each
+  prompt prefilled on its own into a dynamic state and loaded into its row, per-row positions;
+* captured (``compile=True`` on CUDA): the static decode step -- model step + sampling + feeding the
+  token back -- is captured once as a ``torch.cuda.CUDAGraph`` per batch size (and per
+  :meth:`~longseq.models.base.LanguageModel.decode_key`: MEGABYTE has a second graph for the steps in
+  which its global model runs) and replayed; graphs and static buffers are kept on the model and reused by
+  later calls of the same shape.
+
+Sampling is graph-safe everywhere: the exponential race (Gumbel-max) ``argmax(logits / T - log E)``
+with ``E ~ Exp(1)`` drawn into a fixed buffer *before* each step, so the step itself has no RNG call,
+no ``torch.multinomial`` and no host sync, and eager and captured runs draw the same tokens.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .cache.kv import KVCache
 from .cache.policies import CachePolicy
 from .models.base import LanguageModel
+from .models.state import ModelState
+
+_log = logging.getLogger("longseq.generate")
+_warned_cpu_compile = False
 
 
 def as_token_ids(prompt: Tensor | str | bytes, device: torch.device | None = None) -> Tensor:
@@ -35,21 +60,10 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise ValueError(f"top_p must be in (0, 1] or None; got {top_p}")
 
 
-def sample_next(
-    logits: Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Draw one token per row from ``[B, V]`` logits. ``temperature=0`` is greedy (argmax).
+def _filter_logits(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
+    """``[B, V]`` logits -> fp32 logits / temperature with the tokens outside top-k / top-p at ``-inf``.
 
-    ``top_k`` keeps the k most likely tokens; ``top_p`` keeps the smallest set whose probability
-    reaches p (nucleus); both apply after temperature scaling.
-    """
-    check_sampling(temperature, top_k, top_p)
-    if temperature == 0:
-        return logits.argmax(-1)
+    Fixed shapes throughout (``topk`` of a fixed k, a full sort for top-p), so it can be captured."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
@@ -61,14 +75,239 @@ def sample_next(
         drop_sorted = probs.cumsum(-1) - probs >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
+    return logits
+
+
+def sample_next(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw one token per row from ``[B, V]`` logits. ``temperature=0`` is greedy (argmax).
+
+    ``top_k`` keeps the k most likely tokens; ``top_p`` keeps the smallest set whose probability
+    reaches p (nucleus); both apply after temperature scaling. (``torch.multinomial``; :func:`generate`
+    uses the graph-safe :func:`sample_race`.)
+    """
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = _filter_logits(logits, temperature, top_k, top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def exponential_noise(
+    shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None = None, device: Any = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """``Exp(1)`` draws (fp32) for :func:`sample_race`, into ``out`` when given (in place, no allocation)."""
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=device)
+    return out.exponential_(generator=generator)
+
+
+def sample_race(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """Graph-safe sampling of one token per row from ``[B, V]`` logits; returns ``[B]`` int64.
+
+    The exponential race: with ``E_i ~ Exp(1)`` independent, ``argmax_i p_i / E_i`` is distributed as
+    ``p`` (equivalently Gumbel-max: ``argmax(log p_i - log E_i)``). ``noise`` is the ``[B, V]`` ``E``
+    buffer, drawn outside the captured step (:func:`exponential_noise`); the step itself is a fixed set
+    of kernels with no RNG state, no ``torch.multinomial`` and no host sync. ``temperature=0`` is argmax
+    and needs no noise. top-k / top-p restrict the support as in :func:`sample_next`.
+    """
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(-1)
+    if noise is None:
+        raise ValueError("sample_race needs Exp(1) noise [B, V] for temperature > 0")
+    logits = _filter_logits(logits, temperature, top_k, top_p)
+    # E = 0 (probability ~2^-24 per draw in fp32) would make -log E infinite; any tiny floor keeps it finite.
+    return (logits - noise.clamp_min(1e-30).log()).argmax(-1)
+
+
+def _normalise_stop(stop: Any) -> list[list[int]]:
+    """``stop``: a byte id, bytes, str, or a sequence of those -> list of id sequences."""
+    if stop is None:
+        return []
+    if isinstance(stop, (int, str, bytes, bytearray)):
+        stop = [stop]
+    out = []
+    for s in stop:
+        if isinstance(s, bool) or not isinstance(s, (int, str, bytes, bytearray)):
+            raise TypeError(f"stop entries must be int token ids, str or bytes; got {type(s).__name__}")
+        ids = [s] if isinstance(s, int) else list(s.encode("utf-8") if isinstance(s, str) else s)
+        if not ids:
+            raise ValueError("an empty stop string never matches")
+        out.append(ids)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- decoding
+class Decoder:
+    """Single-token decode steps on one state: ``tokens`` ``[B, 1]`` -> model step -> sample -> ``tokens``.
+
+    ``capture=True`` (CUDA, static state) records the whole step as a CUDA graph per
+    :meth:`LanguageModel.decode_key` -- the first step of a key runs eagerly on a side stream (warm-up:
+    Triton compilation, cuBLAS workspaces), the next is captured, every later one replays. ``captures``
+    counts graphs recorded. The input/output buffers (``tokens``, ``noise``) and the state's buffers
+    are what the graph reads and writes, so they never change identity.
+    """
+
+    def __init__(
+        self,
+        model: LanguageModel,
+        state: ModelState,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        capture: bool,
+    ) -> None:
+        self.model, self.state = model, state
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.capture = capture
+        if capture and not (state.static and model.device.type == "cuda"):
+            raise ValueError("CUDA-graph capture needs a static state on a CUDA device")
+        B, V = state.batch_size, model.config.vocab_size
+        device = model.device
+        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.noise = torch.ones(B, V, dtype=torch.float32, device=device) if temperature > 0 else None
+        self.graphs: dict[Any, torch.cuda.CUDAGraph] = {}
+        self._warm: set[Any] = set()
+        self._pool = None
+        self.captures = 0
+
+    def sample(self, logits: Tensor) -> Tensor:
+        """``[B, V]`` -> ``[B]`` with the current noise buffer."""
+        return sample_race(logits, self.temperature, self.top_k, self.top_p, self.noise)
+
+    def draw_noise(self, generator: torch.Generator | None) -> None:
+        if self.noise is not None:
+            exponential_noise(self.noise.shape, generator, out=self.noise)
+
+    def _body(self) -> None:
+        logits, _ = self.model.step(self.tokens, self.state)
+        self.tokens.copy_(self.sample(logits[:, -1])[:, None])
+
+    def step(self) -> None:
+        """Advance every row by the token in ``tokens``; ``tokens`` then holds the next one."""
+        if not self.capture:
+            self._body()
+            return
+        key = self.model.decode_key(self.state)
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            self.state.advance_(1)  # a replay runs no Python: keep the host mirror in step
+            return
+        if key not in self._warm:
+            side = torch.cuda.Stream(device=self.tokens.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._body()
+            torch.cuda.current_stream().wait_stream(side)
+            self._warm.add(key)
+            return
+        # Capturing records the kernels without running them; the replay right after runs this step.
+        host = list(self.state.host_positions or [])
+        n_host = [c._n for c in self.state.layers if isinstance(c, KVCache)]
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._body()
+        # The Python side of the step ran once during capture: undo its host bookkeeping.
+        self.state.host_positions = host
+        self.state.position = max(host)
+        for c, n in zip((c for c in self.state.layers if isinstance(c, KVCache)), n_host, strict=True):
+            c._n = n
+        self.graphs[key] = graph
+        self.captures += 1
+        graph.replay()
+        self.state.advance_(1)
+
+
+def _decode_cache(model: LanguageModel) -> dict[Any, tuple[ModelState, Decoder]]:
+    cache = model.__dict__.get("_longseq_decoders")
+    if cache is None:
+        cache = {}
+        model.__dict__["_longseq_decoders"] = cache  # plain attribute: not a parameter, buffer or submodule
+    return cache
+
+
+def capture_count(model: LanguageModel) -> int:
+    """CUDA graphs captured so far by ``generate(model, ..., compile=True)`` (all batch sizes)."""
+    return sum(dec.captures for _, dec in _decode_cache(model).values())
+
+
+def clear_decode_cache(model: LanguageModel) -> None:
+    """Drop the captured graphs and static states ``generate(..., compile=True)`` keeps on ``model``."""
+    _decode_cache(model).clear()
+
+
+def _warn_cpu_compile(device: torch.device) -> None:
+    global _warned_cpu_compile
+    if not _warned_cpu_compile:
+        _warned_cpu_compile = True
+        warnings.warn(
+            f"generate(compile=True): CUDA graphs need a CUDA device; the model is on {device}, so the "
+            f"static decode step runs eagerly",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _prefill(
+    model: LanguageModel, ids: Tensor, cache: CachePolicy | None, chunk: int | None
+) -> tuple[Tensor, ModelState]:
+    """Dynamic state after ``ids`` ``[b, T]`` (in chunks of ``chunk`` tokens) and the last logits ``[b, V]``."""
+    state = model.init_state(ids.shape[0], cache=cache)
+    for layer in state.layers:
+        if isinstance(layer, KVCache):
+            layer.reserve(ids.shape[1])  # Full: one allocation, no regrowth while the prompt streams in
+    T = ids.shape[1]
+    step = T if chunk is None else chunk
+    logits = None
+    for a in range(0, T, step):
+        logits, state = model.step(ids[:, a : a + step], state)
+    assert logits is not None
+    return logits[:, -1], state
+
+
+def prefill_rows(
+    model: LanguageModel,
+    state: ModelState,
+    rows: Sequence[Tensor],
+    cache: CachePolicy | None = None,
+    chunk: int | None = None,
+) -> Tensor:
+    """Prefill each ``[1, T_i]`` prompt alone into a dynamic state and load it into row ``i`` of the static
+    ``state``; returns the ``[B, V]`` logits after each prompt's last token.
+
+    One row at a time, so the temporary dynamic state is one row's (a batched prefill would hold a
+    second copy of the whole batch's cache next to the static one) and padding never enters a state.
+    """
+    out = []
+    for i, ids in enumerate(rows):
+        logits, dyn = _prefill(model, ids, cache, chunk)
+        state.load_(dyn, i)
+        out.append(logits[0])
+        del dyn
+    return torch.stack(out, 0)
 
 
 @torch.no_grad()
 def generate(
     model: LanguageModel,
-    prompt: Tensor | str | bytes,
+    prompt: Tensor | str | bytes | Sequence[Tensor | str | bytes],
     max_new_tokens: int,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -77,38 +316,148 @@ def generate(
     cache: CachePolicy | None = None,
     seed: int | None = None,
     on_token: Callable[[Tensor], None] | None = None,
-) -> Tensor:
-    """Continue ``prompt`` by ``max_new_tokens`` tokens.
+    stop: int | str | bytes | Sequence[int | str | bytes] | None = None,
+    compile: bool = False,
+    static: bool | None = None,
+    prefill_chunk: int | None = None,
+    pad_id: int = 0,
+) -> Tensor | list[Tensor]:
+    """Continue ``prompt`` by up to ``max_new_tokens`` tokens.
 
     Args:
         model: any longseq language model.
-        prompt: ``[T]`` / ``[B, T]`` token ids, or text / bytes (UTF-8 bytes as ids).
+        prompt: ``[T]`` / ``[B, T]`` token ids, or text / bytes (UTF-8 bytes as ids); or a list of such
+            prompts (each one row, ``[T_i]`` ids / text / bytes), which may differ in length: each is
+            prefilled on its own into its row of a static batched state, so padding never enters a
+            state or a cache policy, and all rows then decode together at their own positions.
         max_new_tokens: number of tokens to add (``>= 0``).
-        temperature, top_k, top_p: sampling controls (see :func:`sample_next`).
+        temperature, top_k, top_p: sampling controls (see :func:`sample_race`; ``temperature=0``: greedy).
         cache: KV-cache policy for models with attention layers (default: keep everything).
         seed: seeds a private generator, so sampling does not touch the global RNG.
-        on_token: called with each new ``[B]`` token batch as it is produced (streaming).
+        on_token: called with each new ``[B]`` token batch (on the CPU) as it is produced (streaming);
+            rows that have stopped carry ``pad_id``.
+        stop: a token id, a str / bytes (matched as UTF-8 bytes), or a list of those; a row ends after
+            the first generated token that completes one (the stop sequence is kept in the output), and
+            generation ends when every row has.
+        compile: capture the decode step (model step + sampling) as a CUDA graph, once per batch size,
+            and replay it; prefill stays eager and chunked. On a CPU model this runs the static eager
+            path and warns once.
+        static: force (True) or forbid (False) the static state; default: static when ``compile`` or
+            the prompts differ in length.
+        prefill_chunk: prefill in chunks of this many tokens (default: the whole prompt in one step).
+        pad_id: fills the places of a tensor result after a row's stop.
     Returns:
-        ``[B, T + max_new_tokens]`` ids: the prompt followed by the continuation.
+        For a tensor / str / bytes prompt: ``[B, T + max_new_tokens]`` ids, the prompt followed by the
+        continuation (``pad_id`` after a row stopped). For a list of prompts: a list of ``[T_i + n_i]``
+        tensors, each row's prompt and its continuation up to and including its stop.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
     check_sampling(temperature, top_k, top_p)
-    ids = as_token_ids(prompt, model.device)
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1; got {prefill_chunk}")
+    stops = _normalise_stop(stop)
+    device = model.device
+    as_list = isinstance(prompt, (list, tuple))
+    if as_list:
+        if not prompt:
+            raise ValueError("prompt list is empty")
+        rows = [as_token_ids(p, device) for p in prompt]
+        if any(r.shape[0] != 1 for r in rows):
+            raise ValueError("each prompt of a list must be one sequence ([T] ids, str or bytes)")
+    else:
+        ids = as_token_ids(prompt, device)
+        rows = [ids[i : i + 1] for i in range(ids.shape[0])]
+    B = len(rows)
+    lengths = [r.shape[1] for r in rows]
+    if max_new_tokens == 0:
+        return [r[0] for r in rows] if as_list else torch.cat(rows, 0)
+    ragged = len(set(lengths)) > 1
+    if static is False and ragged:
+        raise ValueError("prompts of different lengths need the static state (static=None or True)")
+    use_static = bool(compile or ragged) if static is None else static
+    capture = compile and device.type == "cuda"
+    if compile and not capture:
+        _warn_cpu_compile(device)
     generator = None
     if seed is not None:
-        generator = torch.Generator(device=ids.device)
+        generator = torch.Generator(device=device)
         generator.manual_seed(seed)
-    state = model.init_state(ids.shape[0], cache=cache)
-    out = [ids]
-    if max_new_tokens == 0:
-        return ids
-    logits, state = model.step(ids, state)
-    for i in range(max_new_tokens):
-        token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-        out.append(token[:, None])
+
+    # -- prefill (eager, chunked) and the decode state -----------------------------------------------
+    max_len = max(lengths) + max_new_tokens
+    first_logits: list[Tensor] = []
+    if not use_static:
+        logits, state = _prefill(model, torch.cat(rows, 0), cache, prefill_chunk)
+        first_logits.append(logits)
+        decoder = Decoder(model, state, temperature, top_k, top_p, capture=False)
+    else:
+        key = (B, str(cache) if cache is not None else None, max_len, temperature, top_k, top_p, capture)
+        kept = _decode_cache(model).get(key) if capture else None
+        if kept is None:
+            state = model.init_state(B, cache=cache, max_len=max_len)
+            decoder = Decoder(model, state, temperature, top_k, top_p, capture=capture)
+            if capture:
+                _decode_cache(model)[key] = (state, decoder)
+        else:
+            state, decoder = kept
+        first_logits.append(prefill_rows(model, state, rows, cache, prefill_chunk))
+
+    # -- decode ------------------------------------------------------------------------------------
+    decoder.draw_noise(generator)
+    decoder.tokens.copy_(decoder.sample(first_logits[0])[:, None])
+    host_rows: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    # CUDA: tokens go to pinned host memory asynchronously and are read one step late (below).
+    pinned = torch.empty(max_new_tokens, B, dtype=torch.long, pin_memory=True) if device.type == "cuda" else None
+    pending: list[tuple[int, Tensor, Any]] = []  # (step, host copy, event): read one step late
+
+    def consume(i: int, host: Tensor, event: Any) -> None:
+        if event is not None:
+            event.synchronize()
+        if stops and all(done):  # the step computed while the last row's stop was being read
+            return
+        values = host.tolist()
+        emitted = []
+        for b in range(B):
+            if done[b]:
+                emitted.append(pad_id)
+                continue
+            host_rows[b].append(values[b])
+            emitted.append(values[b])
+            if any(len(host_rows[b]) >= len(s) and host_rows[b][-len(s) :] == s for s in stops):
+                done[b] = True
         if on_token is not None:
-            on_token(token)
-        if i + 1 < max_new_tokens:
-            logits, state = model.step(token[:, None], state)
-    return torch.cat(out, dim=1)
+            on_token(torch.tensor(emitted, dtype=torch.long))
+
+    for i in range(max_new_tokens):
+        if i > 0:
+            decoder.draw_noise(generator)
+            decoder.step()
+        if pinned is not None:
+            host = pinned[i]
+            host.copy_(decoder.tokens[:, 0], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = decoder.tokens[:, 0].clone(), None
+        pending.append((i, host, event))
+        # The token of the previous step is read only now, so the device is already busy with this one.
+        while len(pending) > 1 or (pending and i == max_new_tokens - 1):
+            consume(*pending.pop(0))
+        if stops and all(done):
+            break
+    while pending:
+        consume(*pending.pop(0))
+
+    outs = []
+    for b in range(B):
+        cont = torch.tensor(host_rows[b], dtype=torch.long, device=device)
+        outs.append(torch.cat([rows[b][0], cont]))
+    if as_list:
+        return outs
+    width = lengths[0] + max_new_tokens
+    result = torch.full((B, width), pad_id, dtype=torch.long, device=device)
+    for b in range(B):
+        result[b, : outs[b].shape[0]] = outs[b]
+    return result

@@ -12,6 +12,17 @@ decode step is a fixed-shape scatter + attention + argmin with no host sync and 
 
 ``Full()`` grows its buffers geometrically (amortised O(1) appends; :meth:`KVCache.reserve` preallocates),
 and its slots stay in temporal order.
+
+Static mode (:meth:`KVCache.allocate`, used by ``model.init_state(..., max_len=N)``)
+----------------------------------------------------------------------------------------
+Every buffer is allocated once, up front, for a given batch size: ``budget + 1`` slots for bounded
+policies (empty slots hold position ``-1``), ``max_len`` slots for ``Full`` (slot ``i`` holds position
+``i``). Every new token then goes through one fixed-shape path (:meth:`KVCache._static_step`): write into
+the first empty slot (bounded) or slot ``position`` (Full), attend over *all* slots with a mask that hides
+empty ones, and evict only in the rows whose cache is now over budget (a ``torch.where``, not a Python
+branch). Positions are per-row device tensors, so rows may sit at different positions, and nothing
+depends on the step count: the step can be captured in a CUDA graph and replayed. Rows are filled from
+an ordinary (dynamic) cache with :meth:`KVCache.load_`, which is how prompts are prefilled.
 """
 
 from __future__ import annotations
@@ -54,8 +65,12 @@ class KVCache:
         self.slot_pos: Tensor | None = None  # [B, G, C] int64, -1 = empty
         self.score: Tensor | None = None  # [B, G, C] accumulated attention (H2O only)
         self._free: Tensor | None = None  # [B, G] slot the next token is written into, once full
-        self._n = 0  # tokens kept (the same for every row and head)
+        self._n = 0  # tokens kept (the same for every row and head; host-side bookkeeping only when static)
         self._reserve = 0
+        self.static = False  # set by allocate(): fixed buffers, masked fixed-shape steps
+        # Static mode only: [B] bool, rows whose next token is real. Rows outside the mask leave the cache
+        # unchanged (MEGABYTE's global model advances only the rows that complete a patch in this step).
+        self.row_mask: Tensor | None = None
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -78,17 +93,90 @@ class KVCache:
 
     def _allocate(self, k: Tensor, capacity: int) -> None:
         B, Hkv, _, D = k.shape
+        self._allocate_buffers(B, Hkv, D, capacity, k.dtype, k.device)
+
+    def _allocate_buffers(
+        self, B: int, Hkv: int, D: int, capacity: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         G = Hkv if self.policy.per_head else 1
-        self.k = k.new_zeros(B, Hkv, capacity, D)
-        self.v = k.new_zeros(B, Hkv, capacity, D)
-        self.slot_pos = torch.full((B, G, capacity), -1, dtype=torch.long, device=k.device)
+        self.k = torch.zeros(B, Hkv, capacity, D, dtype=dtype, device=device)
+        self.v = torch.zeros(B, Hkv, capacity, D, dtype=dtype, device=device)
+        self.slot_pos = torch.full((B, G, capacity), -1, dtype=torch.long, device=device)
         if self.budget is not None:
             # Until the cache first fills, the spare slot is the last one; afterwards, the last victim's.
-            self._free = torch.full((B, G), self.budget, dtype=torch.long, device=k.device)
+            self._free = torch.full((B, G), self.budget, dtype=torch.long, device=device)
         if self.policy.accumulates_scores:
             self.score = torch.zeros(
-                B, G, capacity, dtype=torch.promote_types(k.dtype, torch.float32), device=k.device
+                B, G, capacity, dtype=torch.promote_types(dtype, torch.float32), device=device
             )
+
+    def allocate(
+        self,
+        batch_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        max_len: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """Switch to static mode: allocate every buffer now, once, and never reallocate.
+
+        Bounded policies get ``budget + 1`` slots; ``Full`` gets ``max_len`` slots (required), slot ``i``
+        holding position ``i`` -- every decode step then attends over all ``max_len`` slots (masked), the
+        price of a shape that never changes. Returns self.
+
+        Buffers: ``k``, ``v`` ``[B, H_kv, C, D]`` in ``dtype``; ``slot_pos`` ``[B, G, C]`` int64 (``-1``:
+        empty); H2O's ``score`` ``[B, G, C]``.
+        """
+        if self.k is not None:
+            raise ValueError("allocate() must be called on an empty cache")
+        if self.budget is None:
+            if max_len is None or max_len < 1:
+                raise ValueError(f"a static Full() cache needs max_len >= 1; got {max_len}")
+            capacity = int(max_len)
+        else:
+            capacity = self.budget + 1
+        self._allocate_buffers(batch_size, n_kv_heads, head_dim, capacity, dtype, torch.device(device or "cpu"))
+        self.static = True
+        return self
+
+    def load_(self, src: KVCache, rows: slice | None = None) -> None:
+        """Static mode: copy ``src``'s kept tokens into batch rows ``rows`` (default: all) of this cache.
+
+        ``src`` is a cache under the same policy holding ``rows``' batch (typically a dynamic cache that a
+        prompt was prefilled into). A bounded ``src`` has the same ``budget + 1`` slots, copied as they
+        are; a ``Full`` one is copied into slots ``[0, n)`` (temporal order) and the rest marked empty.
+        """
+        if not self.static:
+            raise ValueError("load_() fills a static cache (made by allocate())")
+        if src.policy != self.policy:
+            raise ValueError(f"cannot load a {src.policy} cache into a {self.policy} cache")
+        assert self.k is not None and self.v is not None and self.slot_pos is not None
+        rows = slice(None) if rows is None else rows
+        if src.k is None:  # nothing kept yet
+            self.slot_pos[rows] = -1
+            if self.score is not None:
+                self.score[rows] = 0
+            return
+        assert src.v is not None and src.slot_pos is not None
+        if self.budget is None and not src.static:
+            n = src._n
+            if n > self.capacity:
+                raise ValueError(f"the source cache keeps {n} tokens; this static cache has {self.capacity} slots")
+            self.k[rows, :, :n] = src.k[:, :, :n]
+            self.v[rows, :, :n] = src.v[:, :, :n]
+            self.slot_pos[rows, :, :n] = src.slot_pos[:, :, :n]
+            self.slot_pos[rows, :, n:] = -1
+            return
+        if src.capacity != self.capacity:
+            raise ValueError(f"cannot load a cache of {src.capacity} slots into one of {self.capacity}")
+        self.k[rows] = src.k
+        self.v[rows] = src.v
+        self.slot_pos[rows] = src.slot_pos
+        if self.score is not None:
+            assert src.score is not None
+            self.score[rows] = src.score
 
     def _grow(self, capacity: int) -> None:
         """Full only: move the kept tokens into larger buffers (slots stay in temporal order)."""
@@ -112,6 +200,18 @@ class KVCache:
         B, _, T, _ = q.shape
         pos = positions.to(device=q.device, dtype=torch.long)
         pos = pos.expand(B, T) if pos.dim() == 1 else pos
+        if self.static:
+            if T == 1:
+                return self._static_step(q, k, v, pos)
+            # Token by token through the same fixed-shape step: exact for every policy, and only taken by
+            # callers that feed chunks to a static state (generate prefills a dynamic state instead).
+            return torch.cat(
+                [
+                    self._static_step(q[:, :, j : j + 1], k[:, :, j : j + 1], v[:, :, j : j + 1], pos[:, j : j + 1])
+                    for j in range(T)
+                ],
+                dim=2,
+            )
         if self.budget is None:
             return self._attend_full(q, k, v, pos)
         if self.k is None:
@@ -230,6 +330,58 @@ class KVCache:
         self._free.copy_(victim[:, :, 0])  # in place: a captured graph keeps reading the same buffer
         return o
 
+    def _static_step(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+        """Static mode, one token per row (rows may sit at different positions): fixed shapes, no host
+        sync, no allocation that depends on the step -- the step a CUDA graph captures.
+
+        q: ``[B, H, 1, D]``; k, v: ``[B, H_kv, 1, D]``; pos: ``[B, 1]``. Returns ``[B, H, 1, D]``.
+        """
+        assert self.k is not None and self.v is not None and self.slot_pos is not None
+        B, Hkv, _, D = k.shape
+        G = self.slot_pos.shape[1]
+        out_dtype = q.dtype
+        # Under autocast the activations may differ from the buffers' dtype; compute in the buffers'.
+        q, k, v = q.to(self.k.dtype), k.to(self.k.dtype), v.to(self.k.dtype)
+        current = pos[:, None, :]  # [B, 1, 1]
+        if self.budget is None:
+            slot = current.expand(B, G, 1)  # Full: slot i holds position i
+        else:
+            # The first empty slot (there is always one: at most `budget` of the budget + 1 are kept).
+            # After an eviction it is the victim's, so the layout matches the dynamic cache's.
+            slot = (self.slot_pos < 0).to(torch.int32).argmax(-1, keepdim=True)  # [B, G, 1]
+        active = self.row_mask
+        kv_index = slot[..., None].expand(B, Hkv, 1, D)
+        self.k.scatter_(2, kv_index, k)
+        self.v.scatter_(2, kv_index, v)
+        new_pos = current.expand(B, G, 1)
+        if active is not None:  # inactive rows: the slot stays empty, so the write is invisible
+            new_pos = torch.where(active[:, None, None], new_pos, -1)
+        self.slot_pos.scatter_(2, slot, new_pos)
+        scores = None
+        if self.policy.needs_attention_weights:
+            o, w = attention_over_cache(q, self.k, self.v, pos, self.slot_pos, return_weights=True)
+            assert w is not None
+            scores = self._group_mean(w[:, :, 0])  # [B, G, C]; 0 on empty slots
+            if self.score is not None:
+                self.score.scatter_(2, slot, 0.0)  # the slot's previous token (if any) is gone
+                if active is not None:
+                    scores = torch.where(active[:, None, None], scores, 0.0)
+                self.score += scores
+                scores = self.score
+        else:
+            o, _ = attention_over_cache(q, self.k, self.v, pos, self.slot_pos)
+        if self.budget is not None:
+            # Evict only in rows (and head groups) holding budget + 1 tokens now; elsewhere the "victim"
+            # keeps its position, so the scatter below is a no-op there.
+            full = (self.slot_pos >= 0).all(-1, keepdim=True)  # [B, G, 1]
+            victim = self.policy.select_victim(self.slot_pos, current, scores)  # [B, G, 1]
+            kept = self.slot_pos.gather(2, victim)
+            self.slot_pos.scatter_(2, victim, torch.where(full, -1, kept))
+            self._n = min(self._n + 1, self.budget)  # host bookkeeping for len(); exact per row only if uniform
+        else:
+            self._n += 1
+        return o.to(out_dtype)
+
     def _banded(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, window: int, sinks: int) -> Tensor:
         """Window/Sink: a chunk of ``T > 1`` tokens into a full cache at once.
 
@@ -288,6 +440,12 @@ class KVCache:
         per-head policies (each kv head keeps its own set)."""
         if self.slot_pos is None:
             return torch.empty(0, 0, dtype=torch.long)
+        if self.static:
+            # Rows may keep different numbers of tokens: sorted, padded with -1 at the end (reads back n).
+            ordered = self.slot_pos.masked_fill(self.slot_pos < 0, _LONG_MAX).sort(-1).values
+            n = int((self.slot_pos >= 0).sum(-1).max())
+            kept = ordered[..., :n].masked_fill(ordered[..., :n] == _LONG_MAX, -1)
+            return kept if self.policy.per_head else kept[:, 0]
         n = self._n
         if self.budget is None:
             kept = self.slot_pos[..., :n]
@@ -303,6 +461,8 @@ class KVCache:
         """
         if self.k is None or self.capacity == 0:
             return 0
+        if self.static:  # the buffers are the state: they are held whether or not the slots are in use
+            return self.allocated_nbytes()
         return self.allocated_nbytes(exclude_free=True) * self._n // self.capacity
 
     def allocated_nbytes(self, exclude_free: bool = False) -> int:

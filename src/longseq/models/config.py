@@ -8,6 +8,7 @@ preset        d_model  n_layers  heads   Transformer  GLA
 ============  =======  ========  ======  ===========  ==========
 tiny          64       2         2/2     0.14M        0.14M
 small         512      8         8/4     25.6M        25.7M
+85m           768      12        12/4    85.3M        85.6M
 base          768      18        12/4    127.8M       128.2M
 medium        1024     28        16/4    354.7M       355.5M
 1.3b          2048     26        16/4    1.311B       1.313B
@@ -113,6 +114,8 @@ class TransformerConfig(ModelConfig):
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(d_model=64, n_layers=2, n_heads=2),
         "small": dict(d_model=512, n_layers=8, n_heads=8),
+        # The decode benchmark's size (~85M): d=768, 12 layers, like GPT-2 small / HF Llama of that shape.
+        "85m": dict(d_model=768, n_layers=12, n_heads=12),
         "base": dict(d_model=768, n_layers=18, n_heads=12),
         "medium": dict(d_model=1024, n_layers=28, n_heads=16),
         "1.3b": dict(d_model=2048, n_layers=26, n_heads=16),
@@ -145,6 +148,7 @@ class GLAConfig(ModelConfig):
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(d_model=64, n_layers=2, n_heads=2),
         "small": dict(d_model=512, n_layers=8, n_heads=4),
+        "85m": dict(d_model=768, n_layers=12, n_heads=4),  # the decode benchmark's size
         "base": dict(d_model=768, n_layers=18, n_heads=4),
         "medium": dict(d_model=1024, n_layers=28, n_heads=4),
         "1.3b": dict(d_model=2048, n_layers=26, n_heads=4),

@@ -68,12 +68,34 @@ class MegabyteState(ModelState):
     * ``patch_ids``: ``[B, position % P]`` bytes of the input patch not yet complete (the global model
       takes a patch only once all ``P`` bytes are known);
     * ``local_from_global``: ``[B, P, D_L]`` the projected global output of the current target patch.
+
+    A static state (``init_state(..., max_len=N)``) holds fixed buffers instead: ``patch_ids`` is
+    ``[B, P]`` (byte ``n`` of a row is written at column ``n % P``), the global KV caches have
+    ``N // P + 2`` patch slots (``Full``) or ``budget + 1``, the local caches ``P`` slots, and
+    ``local_from_global`` is updated in place.
     """
 
     n_global_layers: int = 0
     patch_ids: Tensor | None = None
     local_from_global: Tensor | None = None
     started: bool = False
+
+    def load_(self, src: ModelState, rows: int | slice | None = None) -> MegabyteState:
+        """As :meth:`ModelState.load_`, plus the pending patch bytes and the current patch's global output
+        (``src`` must have consumed at least one byte, or come from a static state)."""
+        if not isinstance(src, MegabyteState):
+            raise TypeError(f"cannot load a {type(src).__name__} into a MegabyteState")
+        if not src.started:
+            raise ValueError("load_() needs a started MEGABYTE state (one that has consumed at least one byte)")
+        super().load_(src, rows)
+        from .state import _as_rows
+
+        rows = _as_rows(rows, self.batch_size)
+        assert self.patch_ids is not None and self.local_from_global is not None
+        assert src.patch_ids is not None and src.local_from_global is not None
+        self.patch_ids[rows, : src.patch_ids.shape[1]] = src.patch_ids
+        self.local_from_global[rows] = src.local_from_global
+        return self
 
     @property
     def global_layers(self) -> list[Any]:
@@ -260,13 +282,21 @@ class MegabyteLM(LanguageModel):
         *,
         cache: CachePolicy | None = None,
         device: torch.device | str | None = None,
+        max_len: int | None = None,
     ) -> MegabyteState:
         """A fresh state for ``batch_size`` byte sequences.
 
         ``cache`` is the KV-cache policy of the global Transformer's layers (default ``Full()``); the
         local model's cache never holds more than ``P`` bytes and is always full. A GLA global model
         keeps fixed-size matrices and rejects a policy.
+
+        ``max_len`` (``<= max_seq_len``) makes the state static, as for every model (see
+        :meth:`LanguageModel.init_state`): global caches get ``max_len // P + 2`` patch slots (``Full``)
+        or ``budget + 1``, local caches ``P`` slots. The pads' target ``t = 0`` is run here, so a static
+        state is ready for single-byte steps.
         """
+        if max_len is not None:
+            return self._init_static_state(batch_size, cache, device, max_len)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         if cache is not None and not isinstance(cache, CachePolicy):
@@ -285,6 +315,95 @@ class MegabyteLM(LanguageModel):
             n_global_layers=len(global_states),
             patch_ids=torch.zeros(batch_size, 0, dtype=torch.long, device=device),
         )
+
+    def _init_static_state(
+        self, batch_size: int, cache: CachePolicy | None, device: torch.device | str | None, max_len: int
+    ) -> MegabyteState:
+        self._check_length(max_len)
+        dynamic = self.init_state(batch_size, cache=cache, device=device)
+        device = torch.device(device) if device is not None else self.device
+        self._start(dynamic, device)  # target t = 0, then copied into the static buffers below
+        P = self.config.patch_size
+        static = self.init_state(batch_size, cache=cache, device=device)
+        self._make_static(static, list(self.global_blocks), max_len, max_len // P + 2, device)
+        # Local caches: one patch of P targets (Full: slot p holds in-patch position p).
+        static.layers[static.n_global_layers :] = self._fresh_local_states(batch_size, device)
+        local_blocks = [None] * static.n_global_layers + list(self.local_blocks)
+        self._make_static(static, local_blocks, max_len, P, device)
+        static.patch_ids = torch.zeros(batch_size, P, dtype=torch.long, device=device)
+        static.local_from_global = torch.zeros(
+            batch_size, P, self.config.d_local, dtype=self.head.weight.dtype, device=device
+        )
+        static.started = True
+        return static.load_(dynamic)
+
+    def _state_dtype_for_cache(self) -> torch.dtype:
+        return self.head.weight.dtype
+
+    def decode_key(self, state: ModelState) -> bool:
+        """True when, in the next single-byte step, some row completes an input patch (so the global
+        model runs, for those rows); the two kinds of step are two different graphs."""
+        assert state.host_positions is not None
+        P = self.config.patch_size
+        return any((n + 1) % P == 0 for n in state.host_positions)
+
+    def _static_byte_step(self, input_ids: Tensor, state: MegabyteState) -> Tensor:
+        """One byte per row on a static state; rows may be at different positions ``n`` (``[B]``).
+
+        The byte is written into the pending patch (column ``n % P``). Rows whose byte completes a patch
+        (target ``t = n + 1`` with ``t % P == 0``) advance the global model by one patch position and
+        restart the local model; the others leave the global state untouched (masked writes), so the
+        step is one fixed computation whatever the rows' phases. Whether the global model runs at all
+        is decided on the host from ``host_positions`` (:meth:`decode_key`).
+        """
+        assert state.positions is not None and state.patch_ids is not None
+        assert state.local_from_global is not None
+        B = input_ids.shape[0]
+        P, DG, DL = self.config.patch_size, self.config.byte_dim, self.config.d_local
+        device = input_ids.device
+        n = state.positions  # [B]
+        x = input_ids[:, 0]
+        state.patch_ids.scatter_(1, (n % P)[:, None], x[:, None])
+        t = n + 1
+        p = t % P  # in-patch position of the target
+        completes = p == 0  # [B]
+        if self.decode_key(state):
+            k_cur = n // P
+            byte_pos = (k_cur * P)[:, None] + torch.arange(P, device=device)  # [B, P]
+            g_in = (self.global_embed(state.patch_ids) + self.pos_embed(byte_pos)).reshape(B, 1, P * DG)
+            h = g_in
+            for i, block in enumerate(self.global_blocks):
+                layer = state.layers[i]
+                if isinstance(layer, KVCache):
+                    layer.row_mask = completes
+                try:
+                    h, new = block(h, (k_cur + 1)[:, None], layer)
+                finally:
+                    if isinstance(layer, KVCache):
+                        layer.row_mask = None
+                if isinstance(layer, Tensor):
+                    layer.copy_(torch.where(completes[:, None, None, None], new, layer))
+            g_local = self.global_to_local(self.global_norm(h).view(B, P, DG))  # [B, P, D_L]
+            state.local_from_global.copy_(torch.where(completes[:, None, None], g_local, state.local_from_global))
+        # Local model: a new patch restarts it (rows with p == 0).
+        for layer in state.local_layers:
+            if isinstance(layer, KVCache):
+                assert layer.slot_pos is not None
+                layer.slot_pos.masked_fill_(completes[:, None, None], -1)
+            else:
+                layer.masked_fill_(completes[:, None, None, None], 0.0)
+        emb = self.local_embed(x)  # [B, D_L]
+        emb = torch.where(completes[:, None], self.local_pad.to(emb.dtype), emb)
+        cond = state.local_from_global.gather(1, p[:, None, None].expand(B, 1, DL))  # [B, 1, D_L]
+        h = emb[:, None] + cond
+        for j, block in enumerate(self.local_blocks):
+            layer = state.layers[state.n_global_layers + j]
+            h, new = block(h, p[:, None], layer)
+            if isinstance(layer, Tensor) and new is not layer:
+                layer.copy_(new)
+        state.positions += 1
+        state.advance_(1)
+        return self.head(self.norm(h))
 
     def _set_local(self, state: MegabyteState, local_states: list[Any]) -> None:
         state.layers = state.layers[: state.n_global_layers] + list(local_states)
@@ -318,6 +437,11 @@ class MegabyteLM(LanguageModel):
         B, T = input_ids.shape
         n = state.position
         self._check_length(n + T)
+        if state.static:
+            if T > 1:
+                logits = [self._static_byte_step(input_ids[:, j : j + 1], state)[:, 0] for j in range(T)]
+                return torch.stack(logits, 1), state
+            return self._static_byte_step(input_ids, state), state
         P, DL = self.config.patch_size, self.config.d_local
         device = input_ids.device
         if not state.started:

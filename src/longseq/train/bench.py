@@ -8,6 +8,9 @@ On CUDA: bf16 autocast, warmup iterations, ``torch.cuda.synchronize`` around the
 from __future__ import annotations
 
 import contextlib
+import gc
+import importlib.util
+import json
 import platform
 import time
 from typing import Any
@@ -235,4 +238,260 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"{_fmt(r.get('train_batch'), 'd')} | {_fmt(r.get('train_tok_s'), ',.0f')} | "
             f"{_fmt(r.get('train_peak_gib'), '.2f')} | {_fmt(r.get('gen_tok_s'), ',.1f')} |"
         )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ decode benchmark
+def resolve_policy(spec: str, context: int):
+    """A cache policy spec whose budget may be written relative to the context: ``tova:ctx/8``."""
+    from ..cache import parse_policy
+
+    parts = spec.split(":")
+    if len(parts) > 1 and parts[1].startswith("ctx/"):
+        parts[1] = str(max(1, context // int(parts[1][4:])))
+    return parse_policy(":".join(parts))
+
+
+def _time(device: torch.device, fn) -> tuple[float, Any]:
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t0, out
+
+
+@torch.no_grad()
+def bench_decode_longseq(
+    model, policy, context: int, batch: int, steps: int, warmup: int, compile: bool, device: torch.device
+) -> dict[str, Any]:
+    """Prefill ``batch`` random prompts of ``context`` bytes, then time ``steps`` greedy decode steps.
+
+    ``compile``: static state + the decode step captured as a CUDA graph (the first ``warmup`` steps,
+    untimed, include the eager warm-up step and the capture); otherwise the default dynamic state, eager.
+    Prefill time includes loading the rows into the static state.
+    """
+    from ..generate import Decoder, _prefill, prefill_rows
+
+    model.eval()
+    prompt = torch.randint(0, 256, (batch, context), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    total = context + warmup + steps + 1
+    if compile:
+        def prefill():
+            state = model.init_state(batch, cache=policy, max_len=total)
+            return state, prefill_rows(model, state, [prompt[i : i + 1] for i in range(batch)], policy)
+    else:
+        def prefill():
+            logits, state = _prefill(model, prompt, policy, None)
+            return state, logits
+    prefill_s, (state, logits) = _time(device, prefill)
+    dec = Decoder(model, state, 0.0, None, None, capture=compile and device.type == "cuda")
+    dec.tokens.copy_(logits.argmax(-1)[:, None])
+    for _ in range(warmup):
+        dec.step()
+    decode_s, _ = _time(device, lambda: [dec.step() for _ in range(steps)])
+    return {
+        "prefill_s": prefill_s,
+        "ms_per_step": decode_s / steps * 1e3,
+        "tok_s": batch * steps / decode_s,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "captures": dec.captures,
+    }
+
+
+def _hf_generate_timing(hf_model, context: int, batch: int, steps: int, device: torch.device,
+                        extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """HF ``generate()`` timing: prefill = a 1-token generate; ms/step from an N-token one."""
+    prompt = torch.randint(0, 256, (batch, context), device=device)
+    mask = torch.ones_like(prompt)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, **(extra or {}))
+
+    def run(n: int):
+        return hf_model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **kw)
+
+    run(2)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t1 = min(_time(device, lambda: run(1))[0] for _ in range(3))  # the prefill; the best of 3 (noise)
+    tn, out = _time(device, lambda: run(steps + 1))
+    assert out.shape[1] == context + steps + 1
+    return {
+        "prefill_s": t1,
+        "ms_per_step": (tn - t1) / steps * 1e3,
+        "tok_s": batch * steps / max(tn - t1, 1e-9),
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+
+
+def build_hf_llama(cfg, dtype: torch.dtype, device: torch.device, max_positions: int):
+    """HF ``LlamaForCausalLM`` with a longseq ``TransformerConfig``'s shape (random weights, SDPA)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_hidden,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=max_positions, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=False, attn_implementation="sdpa", pad_token_id=0, bos_token_id=None,
+        eos_token_id=None,
+    )
+    return LlamaForCausalLM(hf_cfg).to(device=device, dtype=dtype).eval()
+
+
+def build_fla_gla(cfg, dtype: torch.dtype, device: torch.device):
+    """fla's ``GLAForCausalLM`` with a longseq ``GLAConfig``'s shape (random weights)."""
+    from fla.models import GLAConfig as FlaGLAConfig
+    from fla.models import GLAForCausalLM
+
+    fla_cfg = FlaGLAConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+        num_heads=cfg.n_heads, expand_k=cfg.expand_k, expand_v=cfg.expand_v, intermediate_size=cfg.mlp_hidden,
+        pad_token_id=0, bos_token_id=None, eos_token_id=None, tie_word_embeddings=False,
+    )
+    return GLAForCausalLM(fla_cfg).to(device=device, dtype=dtype).eval()
+
+
+def run_decode_bench(
+    models: list[str],
+    presets: list[str],
+    contexts: list[int],
+    batch_sizes: list[int],
+    policies: list[str],
+    steps: int = 128,
+    warmup: int = 4,
+    compile: bool = False,
+    against: str | None = None,
+    device: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    memory_limit_gib: float | None = None,
+    log=print,
+) -> dict[str, Any]:
+    """Decode benchmark (``longseq bench decode``): every model x policy x context x batch size.
+
+    ``models`` entries are ``kind`` or ``kind:preset`` (overriding ``presets``). ``policies`` apply to
+    models with attention (Transformer, MEGABYTE with a Transformer global model); budgets may be written
+    ``ctx/8``. ``against="hf"`` adds HF ``LlamaForCausalLM`` of each Transformer's shape (and fla's GLA
+    model for GLA rows when ``fla`` imports) through their ``generate()``. bf16 weights on CUDA. A
+    configuration that runs out of memory is reported as ``"OOM"``.
+    """
+    dev = pick_device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if memory_limit_gib is not None and dev.type == "cuda":
+        total = torch.cuda.get_device_properties(dev).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit_gib / total), dev)
+    notes: list[str] = []
+    rows: list[dict[str, Any]] = []
+    cases = []
+    for spec in models:
+        kind, _, preset_override = spec.partition(":")
+        for preset in [preset_override] if preset_override else presets:
+            cfg_cls = config_class(kind)
+            cfg = cfg_cls.from_preset(preset, **(overrides or {}))  # typos fail before any timing
+            attn = kind == "transformer" or (kind == "megabyte" and cfg.global_backbone == "transformer")
+            for pol in policies if attn else ["-"]:
+                cases.append((kind, preset, pol))
+
+    def record(row: dict[str, Any]) -> None:
+        rows.append(row)
+        log(json.dumps(row))
+
+    def guarded(row: dict[str, Any], fn) -> None:
+        try:
+            row.update(fn())
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+            if not _is_oom(err):
+                raise
+            row["ms_per_step"] = OOM
+        except ImportError as err:
+            row["error"] = f"{type(err).__name__}: {err}"
+        finally:
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        record(row)
+
+    for kind, preset, pol in cases:
+        for context in contexts:
+            ov = dict(overrides or {})
+            if kind == "megabyte":  # the byte-position table must cover the context and the new bytes
+                P = config_class(kind).from_preset(preset, **ov).patch_size
+                need = -(-(context + steps + warmup + 2) // P) * P
+                ov["max_seq_len"] = max(need, ov.get("max_seq_len", 0) or 0)
+            torch.manual_seed(0)
+            model = build_model(kind, preset, **ov).to(device=dev, dtype=dtype)
+            policy = None if pol in ("-", "full") else resolve_policy(pol, context)
+            for batch in batch_sizes:
+                row = {"impl": "longseq", "model": kind, "preset": preset, "params_m": model.num_params() / 1e6,
+                       "policy": "-" if pol == "-" else (policy.spec if policy else "full"), "context": context,
+                       "batch": batch, "compile": compile}
+                guarded(row, lambda b=batch, m=model, p=policy, c=context: bench_decode_longseq(
+                    m, p, c, b, steps, warmup, compile, dev))
+            cfg = model.config
+            model = None
+            gc.collect()
+            if against == "hf" and kind == "gla" and importlib.util.find_spec("fla") is None:
+                note = "fla is not importable: no fla GLA rows (pip install flash-linear-attention)"
+                if note not in notes:
+                    notes.append(note)
+            elif against == "hf" and kind in ("transformer", "gla") and pol in ("full", "-"):
+                for batch in batch_sizes:
+                    impl = "hf-llama" if kind == "transformer" else "fla-gla"
+                    row = {"impl": impl, "model": kind, "preset": preset,
+                           "policy": "full" if kind == "transformer" else "-",
+                           "context": context, "batch": batch, "compile": False}
+
+                    def run_ref(b=batch, kind=kind, cfg=cfg, context=context):
+                        if kind == "transformer":
+                            ref = build_hf_llama(cfg, dtype, dev, context + steps + 8)
+                        else:
+                            ref = build_fla_gla(cfg, dtype, dev)
+                        out = {"params_m": ref.num_parameters() / 1e6}
+                        out.update(_hf_generate_timing(ref, context, b, steps, dev))
+                        return out
+
+                    guarded(row, run_ref)
+    return {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "triton": _version("triton"),
+        "fla": _version("fla") or _version("flash-linear-attention"),
+        "dtype": str(dtype).replace("torch.", ""),
+        "steps": steps,
+        "compile": compile and dev.type == "cuda",
+        "notes": notes,
+        "results": rows,
+    }
+
+
+def _version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # noqa: BLE001  (not installed)
+        return None
+
+
+def decode_markdown(report: dict[str, Any]) -> str:
+    """The decode results as a Markdown table headed by the device and library versions."""
+    lines = [
+        f"Device: {report['device']}; torch {report['torch']}; triton {report['triton']}; "
+        f"transformers {report['transformers']}; fla {report['fla']}; {report['dtype']} weights; "
+        f"{report['steps']} timed greedy decode steps; longseq decode step "
+        f"{'captured (CUDA graph, static state)' if report['compile'] else 'eager (dynamic state)'}.",
+        "",
+        "| impl | model | preset | params (M) | policy | context | batch | prefill (s) | ms/step | tok/s "
+        "| peak mem (GiB) |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        ms = r.get("ms_per_step", r.get("error", "n/a"))
+        lines.append(
+            f"| {r['impl']} | {r['model']} | {r['preset']} | {_fmt(r.get('params_m'), '.1f')} | {r['policy']} | "
+            f"{r['context']} | {r['batch']} | {_fmt(r.get('prefill_s'), '.3f')} | {_fmt(ms, '.2f')} | "
+            f"{_fmt(r.get('tok_s'), ',.0f')} | {_fmt(r.get('peak_gib'), '.2f')} |"
+        )
+    lines += [f"\nNote: {n}" for n in report["notes"]]
     return "\n".join(lines)
