@@ -311,3 +311,11 @@ def test_eval_sweep_rejects_bad_specs_before_loading(tmp_path, capsys):
     assert "--budgets" in capsys.readouterr().err
     assert main(["eval", "--hf", str(tmp_path / "nope"), "--policies", "tova", "--budgets", "8"]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_stop_arguments_keep_utf8_and_decode_escapes():
+    from longseq.cli import stop_bytes
+
+    assert stop_bytes("é\\n") == "é\n".encode()
+    assert stop_bytes("→") == "→".encode()
+    assert stop_bytes("END\\x00") == b"END\x00"

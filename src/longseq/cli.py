@@ -428,7 +428,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts = [p.encode("utf-8") for p in args.prompt]
     if not all(prompts):
         raise ValueError("the prompt is empty; give at least one byte")
-    stops = [codecs.decode(s, "unicode_escape").encode("utf-8") for s in args.stop or []]
+    stops = [stop_bytes(s) for s in args.stop or []]
     cache = None
     if args.cache:
         from .cache import parse_policy
@@ -480,6 +480,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def stop_bytes(text: str) -> bytes:
+    """A ``--stop`` argument as bytes: UTF-8, with backslash escapes (``\\n``, ``\\x00``) decoded.
+
+    The escapes are decoded on the UTF-8 bytes, so non-ASCII text (``é``, ``→``) keeps its encoding.
+    """
+    return codecs.escape_decode(text.encode("utf-8"))[0]
 
 
 # --------------------------------------------------------------------------------------------- bench

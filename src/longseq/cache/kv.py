@@ -44,7 +44,9 @@ class KVCache:
     together here, so the layer never needs to know which policy is active.
 
     Eviction is exact per token, prompts included: ``attend`` over a chunk gives the same outputs and kept
-    positions as calling it once per token. How a chunk is processed:
+    positions as calling it once per token (bit for bit in float64; in lower precision the chunked attention
+    rounds differently, so a near-tie between two scores can be decided the other way). How a chunk is
+    processed:
 
     1. while the cache has room (``kept < budget``), the tokens that fit go in at once (one attention call;
        H2O also accumulates the column sums of that chunk's attention rows);
