@@ -319,3 +319,8 @@ def test_stop_arguments_keep_utf8_and_decode_escapes():
     assert stop_bytes("é\\n") == "é\n".encode()
     assert stop_bytes("→") == "→".encode()
     assert stop_bytes("END\\x00") == b"END\x00"
+
+
+def test_eval_sweep_on_a_gla_run_fails_before_loading(run, capsys):
+    assert main(["eval", str(run), "--policies", "tova", "--budgets", "8", "--no-progress"]) == 2
+    assert "gla model without softmax-attention caches" in capsys.readouterr().err

@@ -277,7 +277,15 @@ def _eval_sweep(args: argparse.Namespace) -> int:
     from .train.distributed import pick_device
 
     ckpt = resolve_checkpoint(args.checkpoint)
-    train_cfg = read_config(ckpt).get("train", {})
+    config = read_config(ckpt)
+    model_cfg = config.get("model", {})
+    kind, fields = model_cfg.get("kind"), model_cfg.get("config", {})
+    if kind == "gla" or (kind == "megabyte" and fields.get("global_backbone") == "gla"):
+        raise ValueError(
+            f"{ckpt} is a {kind} model without softmax-attention caches to bound: a policy sweep needs a "
+            "transformer (or a megabyte model with global_backbone=transformer)"
+        )
+    train_cfg = config.get("train", {})
     docs = [(name, bytes(ids)) for name, ids in _eval_documents(args, train_cfg)]
     model = load_model(ckpt, pick_device(args.device)).eval()
     out_dir = Path(args.out_dir) if args.out_dir else ckpt.parent.parent / "eval" / f"sweep-{ckpt.name}-{args.split}"
