@@ -417,7 +417,8 @@ def _run(
                         record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                     log(record)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{loss_val:.3f}", bpb=f"{last_bpb:.3f}", tok_s=f"{tok_s:,.0f}")
+                        bpb_text = "-" if math.isnan(last_bpb) else f"{last_bpb:.3f}"  # no validation yet
+                        bar.set_postfix(loss=f"{loss_val:.3f}", bpb=bpb_text, tok_s=f"{tok_s:,.0f}")
                     window_t0, window_steps = time.perf_counter(), 0
                 if bar is not None:
                     bar.update(1)
