@@ -831,6 +831,14 @@ def stage_report(ctx: Ctx) -> dict[str, Any]:
     return {}
 
 
+def _embed_figure(fig, plt, w, img: Path, rel: str, name: str, alt: str) -> None:
+    """Save ``fig`` as ``img/name`` and add its Markdown image line to the report."""
+    fig.tight_layout()
+    fig.savefig(img / name, dpi=120)
+    plt.close(fig)
+    w(f"![{alt}]({rel}/{name})")
+
+
 def _report_tova(ctx: Ctx, r: dict | None, w, img: Path, prefix: str, rel: str) -> None:
     w("## 1. TOVA: bounded KV caches (Oren et al. 2024, Table 3 / Fig. 3)")
     w("")
@@ -881,10 +889,7 @@ def _report_tova(ctx: Ctx, r: dict | None, w, img: Path, prefix: str, rel: str) 
     ax.set_title("Cache policies on Hamlet, Tempest, Sonnets")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(img / f"{prefix}tova.png", dpi=120)
-    plt.close(fig)
-    w(f"![bpb vs cache budget]({rel}/{prefix}tova.png)")
+    _embed_figure(fig, plt, w, img, rel, f"{prefix}tova.png", "bpb vs cache budget")
     w("")
     # The verdict, from the numbers.
     tova_best = [b for b in budgets if r["scores"][f"tova@{b}"]["bpb"] == best[b]]
@@ -995,10 +1000,7 @@ def _report_megabyte(ctx: Ctx, r: dict | None, trains: dict, w, img: Path, prefi
     ax.set_title(f"Context {T}: validation bpb vs training compute")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(img / f"{prefix}megabyte.png", dpi=120)
-    plt.close(fig)
-    w(f"![val bpb vs GPU minutes]({rel}/{prefix}megabyte.png)")
+    _embed_figure(fig, plt, w, img, rel, f"{prefix}megabyte.png", "val bpb vs GPU minutes")
     w("")
     models = r["models"]
     mbm = models.get("megabyte-8k")
@@ -1063,10 +1065,7 @@ def _report_gla(ctx: Ctx, r: dict | None, w, img: Path, prefix: str, rel: str) -
     for a in (a1, a2):
         a.grid(True, which="both", alpha=0.3)
         a.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(img / f"{prefix}gla.png", dpi=120)
-    plt.close(fig)
-    w(f"![extrapolation and state size]({rel}/{prefix}gla.png)")
+    _embed_figure(fig, plt, w, img, rel, f"{prefix}gla.png", "extrapolation and state size")
     w("")
     if tr and gl:
         b_t, b_g = tr["bpb"][str(T)], gl["bpb"][str(T)]
