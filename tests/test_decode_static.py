@@ -12,6 +12,7 @@ from longseq.generate import (
     clear_decode_cache,
     exponential_noise,
     generate,
+    prefill_rows,
     sample_race,
 )
 
@@ -65,6 +66,31 @@ def test_static_state_gives_the_dynamic_logits(kind, overrides, spec):
             assert torch.equal(static.kept_positions(layer), dynamic.kept_positions(layer))
     with pytest.raises(ValueError, match="max_len"):
         model.step(tokens[:, :1], static)  # the static state is full
+
+
+@pytest.mark.parametrize("kind, overrides, spec", [CASES[0], CASES[4], CASES[6], CASES[7]],
+                         ids=[IDS[0], IDS[4], IDS[6], IDS[7]])
+def test_grouped_prefill_equals_one_row_at_a_time(kind, overrides, spec):
+    """Equal-length prompts prefilled together (TOVA's exact token-by-token prefill batched over rows)
+    load the same static state and logits as one row at a time; a shorter prompt in between splits the
+    groups, so padding never enters."""
+    model = _model(kind, overrides)
+    gen = torch.Generator().manual_seed(3)
+    rows = [torch.randint(0, 256, (1, n), generator=gen) for n in (40, 40, 40, 17, 40, 40)]
+    states, logits = [], []
+    with torch.no_grad():
+        for group in (None, 1, 2):
+            state = model.init_state(len(rows), cache=_policy(spec), max_len=64)
+            logits.append(prefill_rows(model, state, rows, _policy(spec), max_group=group))
+            states.append(state)
+            assert state.host_positions == [40, 40, 40, 17, 40, 40]
+        follow = torch.randint(0, 256, (len(rows), 1), generator=gen)
+        after = [model.step(follow, st)[0] for st in states]
+    for i in (1, 2):
+        torch.testing.assert_close(logits[i], logits[0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(after[i], after[0], rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="max_group"):
+        prefill_rows(model, model.init_state(1, cache=_policy(spec), max_len=64), rows[:1], max_group=0)
 
 
 @pytest.mark.parametrize("kind, overrides, spec", [CASES[0], CASES[4], CASES[6], CASES[7], CASES[8]],

@@ -27,35 +27,12 @@ from longseq.ops.gla.triton import (  # noqa: E402
     common,
     recurrent_gla,
 )
-from longseq.testing import assert_close, relative_rms_error  # noqa: E402
+from longseq.testing import assert_close, relative_rms_error, triton_interpreter_problem  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
-def _interpreter_problem() -> str | None:
-    """Why the kernels cannot run here, or None (interpreter not active, or too old for this numpy)."""
-    if HAS_CUDA:
-        return None
-    if not isinstance(chunk_fwd.output_kernel, triton.runtime.interpreter.InterpretedFunction):
-        return "the GLA kernels were imported before TRITON_INTERPRET=1 was set"
-    import triton.language as tl
-
-    @triton.jit
-    def probe(x_ptr, n_ptr):
-        acc = 0
-        for i in range(0, tl.load(n_ptr)):  # a loop with a runtime bound, as every kernel has
-            acc += i
-        tl.store(x_ptr, acc)
-
-    x, n = torch.zeros(1, dtype=torch.int32), torch.tensor([3], dtype=torch.int32)
-    try:
-        probe[(1,)](x, n)
-    except Exception as e:  # e.g. triton<3.7's interpreter with numpy>=2.4
-        return f"Triton {triton.__version__}'s interpreter fails here: {e!r}"
-    return None
-
-
-_problem = _interpreter_problem()
+_problem = triton_interpreter_problem(chunk_fwd.output_kernel)
 pytestmark = pytest.mark.skipif(_problem is not None, reason=str(_problem))
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 
@@ -70,6 +47,14 @@ def poison(monkeypatch):
 
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: fill(empty_like(*a, **kw)))
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: fill(new_empty(self, *a, **kw)))
+
+
+@pytest.fixture(params=["single", "split"])
+def intra_path(request, monkeypatch):
+    """Force the intra-chunk kernels onto one path: ``single`` = one product per block about the chunk
+    start (gates here are mild enough for it), ``split`` = the sub-chunk split in log space."""
+    monkeypatch.setattr(common, "MAX_DECAY", 1e4 if request.param == "single" else -1.0)
+    return request.param
 
 
 def make_inputs(B, T, H, K, V, *, n_states=None, dtype=torch.float32, gate_lo=None, seed=0, device=DEVICE):
@@ -132,8 +117,9 @@ def check_against_reference(q, k, v, g, s0, *, cu_seqlens=None, rtol=2e-5, grad_
     "B,T,H,K,V,with_state",
     [(2, 37, 2, 16, 32, True), (1, 130, 1, 16, 32, False), (1, 64, 2, 32, 16, True)],
 )
-def test_chunk_kernels_match_recurrent_fp32(poison, B, T, H, K, V, with_state):
+def test_chunk_kernels_match_recurrent_fp32(poison, intra_path, B, T, H, K, V, with_state):
     q, k, v, g, s0 = make_inputs(B, T, H, K, V, seed=T)
+    g = g / 4  # chunk totals of about -10: valid for both intra-chunk paths
     check_against_reference(q, k, v, g, s0 if with_state else None)
 
 
@@ -144,7 +130,7 @@ def test_head_dims_tiled_over_several_blocks(poison, monkeypatch):
     check_against_reference(q, k, v, g, s0)
 
 
-def test_varlen_three_sequences_with_states(poison):
+def test_varlen_three_sequences_with_states(poison, intra_path):
     """Packed lengths 37, 0 (empty: its final state is its initial state) and 91, one launch."""
     cu = torch.tensor([0, 37, 37, 128], device=DEVICE)
     q, k, v, g, s0 = make_inputs(1, 128, 2, 16, 32, n_states=3, seed=5)
@@ -170,6 +156,20 @@ def test_strong_and_infinite_gates_stay_finite_and_exact(poison):
     g[0, 10, 0, :] = float("-inf")
     g[0, 64, 1, 3] = float("-inf")
     g[0, 70:75, 1, :5] = float("-inf")
+    check_against_reference(q, k, v, g, s0, rtol=5e-5)
+
+
+def test_mixed_decay_takes_both_paths_in_one_launch(poison):
+    """Default threshold: head 0 decays by ~4 per chunk (single product), head 1 by ~600 (split), and in
+    head 0 one chunk sits just above the threshold with large keys, where exp(-b) reaches e^39."""
+    q, k, v, g, s0 = make_inputs(1, 192, 2, 16, 16, seed=12)
+    g = g.clone()
+    g[..., 0, :] = -0.06
+    g[0, 64:128, 0, :] = -39.5 / 64
+    k = k.clone()
+    k[0, 64:128, 0, :] *= 30
+    g[..., 1, :] = -10.0 * torch.rand_like(g[..., 1, :])
+    assert common.MAX_DECAY == 40.0
     check_against_reference(q, k, v, g, s0, rtol=5e-5)
 
 
@@ -219,8 +219,14 @@ def test_short_input_with_grad_uses_chunk_kernels(poison):
     check_against_reference(q, k, v, g, s0)
 
 
-def test_triton_backend_rejects_unsupported_inputs():
+def test_triton_backend_rejects_unsupported_inputs(monkeypatch):
     q, k, v, g, s0 = make_inputs(1, 4, 1, 16, 16)
+    from longseq.ops.gla.triton import autograd
+
+    monkeypatch.setattr(autograd, "MAX_CHUNKS", 1)  # the grid-axis cap, lowered so a tiny call crosses it
+    q2, k2, v2, g2, _ = make_inputs(1, 65, 1, 16, 16)
+    with pytest.raises(ValueError, match="at most 1 chunks of 64 tokens per call; got 2"):
+        autograd.chunk_gla(q2, k2, v2, g2, 0.25)
     with pytest.raises(ValueError, match="float64"):
         gated_linear_attention(q.double(), k.double(), v.double(), g.double(), backend="triton")
     big = torch.zeros(1, 4, 1, 600, device=DEVICE)

@@ -308,6 +308,49 @@ def test_loss_is_finite_and_backward_reaches_every_parameter():
     assert not missing, f"no gradient for {missing}"
 
 
+@pytest.mark.parametrize("global_backbone,local_backbone", BACKBONES)
+@pytest.mark.parametrize("T", [11, 12])
+def test_fast_stateless_path_matches_module_path_with_gradients(global_backbone, local_backbone, T):
+    """forward's fast path (fused RMSNorm, RoPE folded into the local qkv weight) against the blocks
+    called as modules: same logits and the same gradient for every parameter (float64)."""
+    from torch.nn.attention import SDPBackend
+
+    model = make_model(global_backbone, local_backbone).train()
+    x = random_bytes(2, T)
+    results = []
+    for fast, backends in [(False, None), (True, None), (True, [SDPBackend.MATH])]:
+        model.fast_stateless, model.local_sdpa_backends = fast, backends
+        model.zero_grad(set_to_none=True)
+        logits = model(x)
+        (logits * torch.linspace(-1, 1, 256, dtype=logits.dtype)).sum().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (ref_logits, ref_grads), *fast_results = results
+    for logits, grads in fast_results:
+        assert_close(logits, ref_logits, name="logits")
+        for name, grad in grads.items():
+            assert_close(grad, ref_grads[name], name=f"grad {name}")
+
+
+@pytest.mark.parametrize("where", ["block", "submodule", "final_norm"])
+def test_fast_path_skips_blocks_with_hooks(where):
+    """A hook on a block, on any module inside it (FSDP2 shards submodules; adapters wrap qkv) or on the
+    final norm must run: the fast path, which calls none of them, steps aside there."""
+    model = make_model()
+    calls = []
+    target = {
+        "block": model.local_blocks[0],
+        "submodule": model.local_blocks[0].attn.qkv,
+        "final_norm": model.norm,
+    }[where]
+    target.register_forward_pre_hook(lambda module, args: calls.append(1))
+    x = random_bytes(1, 9)
+    with torch.no_grad():
+        expected = reference_logits(model, x)
+        calls.clear()
+        assert_close(model(x), expected)
+    assert calls == [1]
+
+
 # -- training ------------------------------------------------------------------------------------------
 def test_tiny_megabyte_overfits_a_short_text():
     start = time.perf_counter()

@@ -288,19 +288,35 @@ def prefill_rows(
     rows: Sequence[Tensor],
     cache: CachePolicy | None = None,
     chunk: int | None = None,
+    max_group: int | None = None,
 ) -> Tensor:
-    """Prefill each ``[1, T_i]`` prompt alone into a dynamic state and load it into row ``i`` of the static
+    """Prefill the ``[1, T_i]`` prompts into dynamic states and load them into rows ``i`` of the static
     ``state``; returns the ``[B, V]`` logits after each prompt's last token.
 
-    One row at a time, so the temporary dynamic state is one row's (a batched prefill would hold a
-    second copy of the whole batch's cache next to the static one) and padding never enters a state.
+    Consecutive prompts of equal length are prefilled together, up to ``max_group`` rows at a time, so
+    padding never enters a state. Default: whole runs of equal length when the temporary dynamic state
+    has a bounded size per row (recurrent states, bounded KV policies such as TOVA, whose exact
+    token-by-token prefill is launch bound and gains the most from batching); one row at a time for
+    unbounded (``Full``) KV caches, where a batched prefill would hold a second copy of the whole
+    batch's cache next to the static one.
     """
-    out = []
-    for i, ids in enumerate(rows):
-        logits, dyn = _prefill(model, ids, cache, chunk)
-        state.load_(dyn, i)
-        out.append(logits[0])
+    if max_group is None:
+        probe = model.init_state(1, cache=cache)
+        unbounded = any(isinstance(layer, KVCache) and layer.budget is None for layer in probe.layers)
+        max_group = 1 if unbounded else len(rows)
+    if max_group < 1:
+        raise ValueError(f"max_group must be >= 1, got {max_group}")
+    out: list[Tensor] = []
+    start = 0
+    while start < len(rows):
+        end = start + 1
+        while end < len(rows) and end - start < max_group and rows[end].shape[-1] == rows[start].shape[-1]:
+            end += 1
+        logits, dyn = _prefill(model, torch.cat(list(rows[start:end]), 0), cache, chunk)
+        state.load_(dyn, slice(start, end))
+        out.extend(logits)
         del dyn
+        start = end
     return torch.stack(out, 0)
 
 

@@ -35,3 +35,34 @@ def assert_close(
     err = relative_rms_error(actual, expected, atol)
     if not err <= rtol:
         raise AssertionError(f"{name}: relative RMS error {err:.3e} > rtol {rtol:.1e}")
+
+
+def triton_interpreter_problem(kernel) -> str | None:
+    """Why Triton kernels cannot be tested here, or None.
+
+    None on CUDA (kernels compile) or when ``TRITON_INTERPRET=1`` is active and works. Otherwise a reason
+    to skip: ``kernel`` (any ``@triton.jit`` function of the module under test) was decorated before the
+    variable was set, or this Triton's interpreter cannot run a loop with a runtime bound (as every
+    longseq kernel has; e.g. triton < 3.7 with numpy >= 2.4).
+    """
+    if torch.cuda.is_available():
+        return None
+    import triton
+    import triton.language as tl
+
+    if not isinstance(kernel, triton.runtime.interpreter.InterpretedFunction):
+        return "the kernels were imported before TRITON_INTERPRET=1 was set"
+
+    @triton.jit
+    def probe(x_ptr, n_ptr):
+        acc = 0
+        for i in range(0, tl.load(n_ptr)):
+            acc += i
+        tl.store(x_ptr, acc)
+
+    x, n = torch.zeros(1, dtype=torch.int32), torch.tensor([3], dtype=torch.int32)
+    try:
+        probe[(1,)](x, n)
+    except Exception as e:  # any interpreter failure means: skip, with the reason
+        return f"Triton {triton.__version__}'s interpreter fails here: {e!r}"
+    return None

@@ -19,10 +19,11 @@ Every buffer is allocated once, up front, for a given batch size: ``budget + 1``
 policies (empty slots hold position ``-1``), ``max_len`` slots for ``Full`` (slot ``i`` holds position
 ``i``). Every new token then goes through one fixed-shape path (:meth:`KVCache._static_step`): write into
 the first empty slot (bounded) or slot ``position`` (Full), attend over *all* slots with a mask that hides
-empty ones, and evict only in the rows whose cache is now over budget (a ``torch.where``, not a Python
-branch). Positions are per-row device tensors, so rows may sit at different positions, and nothing
-depends on the step count: the step can be captured in a CUDA graph and replayed. Rows are filled from
-an ordinary (dynamic) cache with :meth:`KVCache.load_`, which is how prompts are prefilled.
+empty ones (Full on CUDA: a split-KV kernel that reads only the filled prefix ``[0, position]``), and
+evict only in the rows whose cache is now over budget (a ``torch.where``, not a Python branch). Positions
+are per-row device tensors, so rows may sit at different positions, and nothing depends on the step
+count: the step can be captured in a CUDA graph and replayed. Rows are filled from an ordinary (dynamic)
+cache with :meth:`KVCache.load_`, which is how prompts are prefilled.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ class KVCache:
 
         Bounded policies get ``budget + 1`` slots; ``Full`` gets ``max_len`` slots (required), slot ``i``
         holding position ``i`` -- every decode step then attends over all ``max_len`` slots (masked), the
-        price of a shape that never changes. Returns self.
+        price of a shape that never changes (on CUDA the split-KV kernel reads only slots ``[0, position]``
+        of them, a bound it takes as a device tensor). Returns self.
 
         Buffers: ``k``, ``v`` ``[B, H_kv, C, D]`` in ``dtype``; ``slot_pos`` ``[B, G, C]`` int64 (``-1``:
         empty); H2O's ``score`` ``[B, G, C]``.
@@ -371,7 +373,15 @@ class KVCache:
                 self.score += scores
                 scores = self.score
         else:
-            o, _ = attention_over_cache(q, self.k, self.v, pos, self.slot_pos)
+            n_slots = None
+            if self.budget is None:
+                # Full: slot i holds position i (load_ copies a prompt into slots [0, n) in order, and a step
+                # writes slot `position`), so the keys a query at `pos` can see sit in slots [0, pos]. A device
+                # tensor derived from `pos`, not a host int: a captured graph replays it as the cache fills,
+                # and the split-KV kernel then reads the filled prefix, not all max_len slots. One small add: the
+                # kernel clamps to [0, capacity] and takes any integer dtype, so no clamp/cast kernels here.
+                n_slots = pos[:, 0] + 1
+            o, _ = attention_over_cache(q, self.k, self.v, pos, self.slot_pos, n_slots=n_slots)
         if self.budget is not None:
             # Evict only in rows (and head groups) holding budget + 1 tokens now; elsewhere the "victim"
             # keeps its position, so the scatter below is a no-op there.

@@ -44,10 +44,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..cache.kv import KVCache
 from ..cache.policies import CachePolicy
 from ..nn.norm import RMSNorm
+from ..ops.attention import causal_attention
 from .base import LanguageModel
 from .config import MegabyteConfig
 from .gla import GLABlock
@@ -126,6 +128,79 @@ def _make_block(backbone: str, cfg: Any) -> nn.Module:
     return TransformerBlock(cfg) if backbone == "transformer" else GLABlock(cfg)
 
 
+# -- stateless fast path of the Transformer blocks (training / full-sequence forward) ----------------------
+# ``TransformerBlock.forward`` with ``cache=None`` computed with fewer memory passes, same math:
+# * RMSNorm through ``F.rms_norm`` (one fused kernel on CUDA instead of pow/mean/rsqrt/mul/mul), in the
+#   same precision as :class:`RMSNorm` (at least fp32, cast back);
+# * local blocks: RoPE folded into the qkv weight. Every local position is an in-patch position
+#   ``p < P``, so ``rope_p(W_q x) = (R_p W_q) x`` with ``R_p`` the rotation of position ``p``: one
+#   ``[L, 3d, d]`` weight (``L <= P`` copies, rotated in at least fp32) and a batched matmul over the
+#   positions replace the fp32 rotation of every query and key (~40 bytes of memory traffic per q/k
+#   element in the forward alone; about a fifth of the non-matmul traffic of a paper95m training step).
+# The global blocks keep the module's RoPE (a patch position can be anything up to max_seq_len / P).
+def _rms_norm(norm: RMSNorm, x: Tensor) -> Tensor:
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return F.rms_norm(x.to(dtype), (x.shape[-1],), norm.weight.to(dtype), norm.eps).to(x.dtype)
+
+
+def _rope_angles(head_dim: int, theta: float, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``cos, sin`` ``[L, D/2]`` of :class:`~longseq.nn.rotary.RotaryEmbedding` (same float64 frequencies)."""
+    exponent = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim
+    angles = positions.to(dtype)[:, None] * (theta**-exponent).to(dtype)
+    return angles.cos(), angles.sin()
+
+
+def _rope_folded_qkv_weight(block: TransformerBlock, positions: Tensor) -> Tensor:
+    """``[L, (H + 2 H_kv) D, d]``: the qkv weight with the RoPE rotation of ``positions[j]`` folded into
+    the query and key rows of copy ``j`` ("rotate half": rows ``i`` and ``i + D/2`` of each head)."""
+    attn = block.attn
+    w = attn.qkv.weight  # [(H + 2 H_kv) D, d]
+    H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    dtype = torch.promote_types(w.dtype, torch.float32)
+    cos, sin = _rope_angles(D, attn.rope.theta, positions, dtype)
+    cos, sin = cos[:, None, :, None], sin[:, None, :, None]  # [L, 1, D/2, 1]
+    w_qk = w[: (H + Hkv) * D].to(dtype).view(H + Hkv, 2, D // 2, -1)
+    w1, w2 = w_qk[:, 0], w_qk[:, 1]  # [H + H_kv, D/2, d]
+    rotated = torch.stack([w1 * cos - w2 * sin, w2 * cos + w1 * sin], dim=2)  # [L, H + H_kv, 2, D/2, d]
+    L = positions.shape[0]
+    w_v = w[(H + Hkv) * D :].to(dtype).expand(L, -1, -1)
+    return torch.cat([rotated.reshape(L, (H + Hkv) * D, -1), w_v], dim=1).to(w.dtype)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` or any submodule has forward (pre-)hooks (FSDP2's unshard, profilers, adapters):
+    the fast path calls none of the submodules, so it must not run then."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+def _transformer_block_fast(block: TransformerBlock, h: Tensor, positions: Tensor, fold_rope: bool,
+                            sdpa_backends: list[SDPBackend] | None) -> Tensor:
+    """``block(h, positions, None)[0]`` for ``h`` ``[N, L, d]``, ``positions`` ``[L]``."""
+    attn = block.attn
+    N, L, _ = h.shape
+    H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    x = _rms_norm(block.attn_norm, h)
+    if fold_rope:
+        # [L, N, d] @ [L, d, 3d]: the transposed view of x is a valid cuBLAS operand (no copy).
+        qkv = torch.bmm(x.transpose(0, 1), _rope_folded_qkv_weight(block, positions).transpose(1, 2))
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)  # [L, N, *]
+        q = q.view(L, N, H, D).permute(1, 2, 0, 3)  # [N, H, L, D]
+        k = k.view(L, N, Hkv, D).permute(1, 2, 0, 3)
+        v = v.view(L, N, Hkv, D).permute(1, 2, 0, 3)
+    else:
+        q, k, v = attn.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = attn.rope(q.view(N, L, H, D).transpose(1, 2), positions)
+        k = attn.rope(k.view(N, L, Hkv, D).transpose(1, 2), positions)
+        v = v.view(N, L, Hkv, D).transpose(1, 2)
+    if sdpa_backends is None:
+        o = causal_attention(q, k, v)
+    else:
+        with sdpa_kernel(sdpa_backends):
+            o = causal_attention(q, k, v)
+    h = h + attn.out(o.transpose(1, 2).reshape(N, L, H * D))
+    return h + block.mlp(_rms_norm(block.mlp_norm, h))
+
+
 class MegabyteLM(LanguageModel):
     """MEGABYTE byte-level language model with a pluggable global (and local) backbone.
 
@@ -135,6 +210,15 @@ class MegabyteLM(LanguageModel):
     """
 
     config: MegabyteConfig
+
+    #: Stateless Transformer blocks (``forward``, whole patches in ``step``) run through the fast path
+    #: above (fused RMSNorm, RoPE folded into the local qkv weight); ``False`` calls the blocks as modules.
+    #: Both compute the same function (tests compare them). Blocks with forward hooks always go through
+    #: the module call.
+    fast_stateless: bool = True
+    #: SDPA backends for the local model's attention (``L <= P`` keys per patch), e.g.
+    #: ``[SDPBackend.EFFICIENT_ATTENTION]``; ``None``: PyTorch's choice. A plain attribute, not config.
+    local_sdpa_backends: list[SDPBackend] | None = None
 
     def __init__(self, config: MegabyteConfig) -> None:
         # LanguageModel.__init__ builds one embedding/stack/head of width d_model; MEGABYTE has two
@@ -219,9 +303,12 @@ class MegabyteLM(LanguageModel):
         D_G) and the new layer states."""
         new_states = []
         for i, block in enumerate(self.global_blocks):
-            h, s = block(h, positions, None if states is None else states[i])
+            if states is None and self._fast(block):
+                h, s = _transformer_block_fast(block, h, positions, False, None), None
+            else:
+                h, s = block(h, positions, None if states is None else states[i])
             new_states.append(s)
-        h = self.global_norm(h)
+        h = self._final_norm(self.global_norm, h)
         B, K, _ = h.shape
         return self.global_to_local(h.view(B, K, self.config.patch_size, self.config.byte_dim)), new_states
 
@@ -230,9 +317,24 @@ class MegabyteLM(LanguageModel):
         ``positions`` ``[L]``; returns ``[N, L, vocab]`` logits and the new layer states."""
         new_states = []
         for i, block in enumerate(self.local_blocks):
-            h, s = block(h, positions, None if states is None else states[i])
+            if states is None and self._fast(block):
+                h, s = _transformer_block_fast(block, h, positions, True, self.local_sdpa_backends), None
+            else:
+                h, s = block(h, positions, None if states is None else states[i])
             new_states.append(s)
-        return self.head(self.norm(h)), new_states
+        return self.head(self._final_norm(self.norm, h)), new_states
+
+    def _fast(self, block: nn.Module) -> bool:
+        # A replaced qkv (e.g. a LoRA wrapper) would be bypassed by the folded weight: module path then.
+        return (
+            self.fast_stateless
+            and isinstance(block, TransformerBlock)
+            and type(block.attn.qkv) is nn.Linear
+            and not _has_hooks(block)
+        )
+
+    def _final_norm(self, norm: nn.Module, h: Tensor) -> Tensor:
+        return _rms_norm(norm, h) if self.fast_stateless and not _has_hooks(norm) else norm(h)
 
     # -- full-sequence forward -----------------------------------------------------------------------
     def forward(self, input_ids: Tensor) -> Tensor:

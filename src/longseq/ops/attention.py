@@ -15,6 +15,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # per shape (~2.5 ms of CPU each, measured on an H100 with torch 2.11), which made every decode step pay
 # it; flash / memory-efficient kernels have no per-shape setup.
 _CACHE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# A decode step has only B * H (query, head) rows: SDPA gives each row one program streaming every key
+# (12 programs at batch 1 for the 85M model), so it is latency bound. The split-KV Triton kernel of
+# .decode_attention spreads the keys over the SMs; it is used for up to this many new queries.
+DECODE_KERNEL_MAX_T = 16
+_DECODE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_decode_kernel_error: str | None = None  # set once if the Triton kernel fails to import
 
 
 def expand_kv_heads(x: Tensor, n_heads: int) -> Tensor:
@@ -37,6 +43,30 @@ def _score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _decode_kernel_applies(q: Tensor, k: Tensor, v: Tensor, return_weights: bool, window: int | None) -> bool:
+    """Whether :func:`attention_over_cache` takes the split-KV Triton kernel: CUDA, no weights requested, no
+    window/sink band, ``T <= DECODE_KERNEL_MAX_T`` (and ``G * T <= 128``), one fp16/bf16/fp32 dtype, a
+    power-of-two head dim in [16, 256], no autograd (the kernel has no backward), Triton importable."""
+    global _decode_kernel_error
+    B, H, T, D = q.shape
+    if not (q.is_cuda and not return_weights and window is None and 1 <= T <= DECODE_KERNEL_MAX_T):
+        return False
+    if q.dtype not in _DECODE_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    if D < 16 or D > 256 or D & (D - 1) or H % k.shape[1] or (H // k.shape[1]) * T > 128:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    if _decode_kernel_error is not None:
+        return False
+    try:
+        from . import decode_attention  # noqa: F401  (imports Triton: only on the first CUDA decode call)
+    except ImportError as e:
+        _decode_kernel_error = f"{type(e).__name__}: {e}"
+        return False
+    return True
+
+
 def attention_over_cache(
     q: Tensor,
     k: Tensor,
@@ -49,6 +79,7 @@ def attention_over_cache(
     window: int | None = None,
     sinks: int = 0,
     block_size: int = 1024,
+    n_slots: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Each query attends to the cached keys whose original position is ``<=`` its own.
 
@@ -66,6 +97,10 @@ def attention_over_cache(
         window, sinks: additionally hide keys older than ``q_pos - window`` unless their position is
             ``< sinks`` (sliding-window / attention-sink caches processing a chunk at once).
         block_size: queries per block, so memory is ``block_size x S``, never ``T x S`` for long prompts.
+        n_slots: ``[B]`` (or one-element) integer device tensor: only slots ``[0, n_slots)`` may hold keys
+            visible to these queries (a static cache's filled prefix). The split-KV kernel reads no slot
+            beyond it; the SDPA path masks those slots out. A tensor, so a CUDA graph can replay the call
+            as the cache fills.
     Returns:
         ``(o, weights)`` with ``o`` ``[B, H, T, D]`` and ``weights`` as requested or None.
     """
@@ -74,6 +109,20 @@ def attention_over_cache(
     G = H // Hkv
     if q_pos.dim() == 1:
         q_pos = q_pos.expand(B, T)
+    if _decode_kernel_applies(q, k, v, return_weights, window):
+        from .decode_attention import decode_attention
+
+        n_slots = n_slots.to(q.device) if n_slots is not None else None
+        return decode_attention(q, k, v, q_pos, k_pos, n_slots), None
+    if n_slots is not None:
+        # Same visibility as the kernel: slots past the filled prefix get position -1 (empty).
+        beyond = torch.arange(S, device=k.device) >= n_slots.reshape(-1, 1).to(k.device)  # [B or 1, S]
+        if k_pos is None:
+            k_pos = torch.where(beyond, -1, q_pos.new_zeros(()))  # all visible within the prefix
+        else:
+            kp = k_pos if k_pos.dim() > 1 else k_pos.expand(B, S)
+            k_pos = kp.masked_fill(beyond if kp.dim() == 2 else beyond[:, None], -1)
+        k_pos = k_pos.expand(B, S) if k_pos.dim() == 2 and k_pos.shape[0] == 1 else k_pos
     if k_pos is not None:
         if k_pos.dim() == 1:
             k_pos = k_pos.expand(B, S)

@@ -28,8 +28,8 @@ so their absolute error is ~``eps * |b|`` (``|b| <= 64 * 100``): always finite, 
 
 Backward
 --------
-``h`` and ``A`` are recomputed. With ``dH_{c+1}`` the gradient w.r.t. the state after chunk ``c``
-(``dS_T``, the final state's gradient, for the last chunk; 0 if none):
+``A`` is saved by the forward; the gate cumsums and ``h`` are recomputed. With ``dH_{c+1}`` the gradient
+w.r.t. the state after chunk ``c`` (``dS_T``, the final state's gradient, for the last chunk; 0 if none):
 
 * ``dH_c = diag(exp(b_C)) dH_{c+1} + scale sum_i (q_i * exp(b_i))^T do_i`` (``state_grads_kernel``),
   and ``d initial_state = dH_0``: the backward state carried past the first chunk;
@@ -42,16 +42,28 @@ Backward
   ``S_T = diag(e^{B_T}) (S_0 + sum_j (k_j e^{-B_j})^T v_j)``, so ``B_t`` enters only through
   ``q_t e^{B_t}``, ``k_t e^{-B_t}`` and (for ``t = T``) the prefactor of ``S_T``:
   ``dL/dB_t = q_t dq_t - k_t dk_t + [t = T] sum_v S_T * dS_T`` (``dq, dk`` the full gradients).
-  ``g_m`` shifts every ``B_t`` with ``t >= m``, so ``dg_m = sum_{t >= m} dL/dB_t``. Splitting the sum
-  at the end ``e`` of ``m``'s chunk, the tail ``sum_{t > e} dL/dB_t`` is ``dL/dg_{e+1}``, which (``g_{e+1}``
-  only scales ``S_e``) equals ``sum_v S_e * dS_e|future = sum_v H_{c+1} * dH_{c+1}``. Hence, per channel,
-  ``dg_m = revcumsum_{t in chunk, t >= m} (q_t dq_t - k_t dk_t) + sum_v (H_{c+1} * dH_{c+1})``,
-  local to the chunk (no sequence-long cumsum, so no long-range cancellation); for the last chunk
-  ``H_{c+1} = S_T`` and ``dH_{c+1} = dS_T``, which is the final-state term above (``qkg_grad_kernel``).
+  ``g_m`` shifts every ``B_t`` with ``t >= m``, so ``dg_m = sum_{t >= m} dL/dB_t``. Each term of that sum
+  is a pair (key ``j``, query ``i >= j``) counted ``+`` through ``q_i dq_i`` and ``-`` through
+  ``k_j dk_j``, so only pairs with ``j < m <= i`` survive. Computed as written, the others cancel in
+  floating point and their rounding errors do not (bf16 products pushed ``dg`` past 5e-3 that way), so
+  the kernel sums only surviving pairs. With ``m`` in chunk ``c`` (end ``e``; ``H_c`` the state before it,
+  ``dH_{c+1}`` the gradient after it), splitting ``dq, dk`` into intra- and inter-chunk parts:
+
+  - queries ``i`` in ``[m, e]`` against keys before the chunk: ``sum_{t >= m} q_t dq_t^inter``;
+  - keys ``j`` in ``[c's start, m)`` against queries after the chunk: ``sum_{t < m} k_t dk_t^inter``;
+  - keys before the chunk against queries after it: ``sum_v (e^{b_C} H_c) * dH_{c+1}``;
+  - pairs inside the chunk: ``sum_{t >= m} (q_t dq_t^intra - k_t dk_t^intra)``, where the bf16 path
+    forms both products from the same rounded factors ``q e^{b}``, ``dA``, ``k e^{-b}``, so the pairs
+    inside ``[m, e]`` cancel up to fp32 accumulation rounding, not bf16 rounding.
+
+  All local to the chunk: no sequence-long cumsum (``qkg_grad_kernel``).
   Below the clamp floor ``dg = 0``.
 
-Precision: every ``tl.dot`` takes fp32 operands: TF32 for 16-bit inputs, IEEE fp32 for fp32 inputs.
-States, ``A``, ``dA`` and the ``dq, dk`` partials are fp32; ``o, dv`` are stored in v's dtype.
+Precision: ``tl.dot`` operands are bf16 for bf16 inputs, fp32 (TF32) for fp16 inputs and fp32 (IEEE)
+for fp32 inputs, always with fp32 accumulation (:func:`.common.kernel_dtypes`). Gate cumsums, states,
+``A`` and ``dA`` are fp32; outputs and gradients are stored in their inputs' dtypes. Where a chunk's
+total decay is bounded (``MAX_DECAY``) the intra-chunk blocks are single products about the chunk
+start; otherwise they take the sub-chunk split described above.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 
 from .chunk_bwd import chunk_backward
-from .chunk_fwd import chunk_output, chunk_states, intra_attention
-from .common import MAX_HEAD_DIM, SeqInfo, dot_precision, seq_info
+from .chunk_fwd import chunk_cumsum, chunk_output, chunk_states, intra_attention
+from .common import CHUNK, MAX_CHUNKS, MAX_HEAD_DIM, KernelDtypes, SeqInfo, kernel_dtypes, seq_info
 from .recurrent import fused_recurrent
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -16,54 +16,52 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class ChunkGLAFunction(torch.autograd.Function):
     """Packed inputs ``q, k, g`` ``[TT, H, K]``, ``v`` ``[TT, H, V]``, ``h0`` ``[N, H, K, V]`` or None.
 
-    Saves only the inputs; the backward recomputes the chunk states and the intra-chunk attention.
+    Saves the inputs and the intra-chunk attention ``A`` (``[TT, H, 64]`` fp32: the bytes of one
+    bf16 input with K = 128), so the backward does not redo the forward's most exp-heavy kernel;
+    it recomputes the gate cumsums and the chunk states (``h`` would cost far more to keep).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, g, h0, scale: float, info: SeqInfo, output_final_state: bool):
-        prec = dot_precision(q.dtype, k.dtype, v.dtype)
-        h = chunk_states(k, v, g, h0, info, prec)
-        a = intra_attention(q, k, g, scale, info, prec)
-        o = chunk_output(q, v, g, h, a, scale, info, prec)
-        ht = None
-        if output_final_state:
-            # Each sequence's final state sits right after its chunk-start states in h.
-            ht = h[(info.chunk_offsets[1:] + torch.arange(info.num_seqs, device=h.device)).long()]
-        ctx.save_for_backward(q, k, v, g, h0)
-        ctx.scale, ctx.info, ctx.prec = scale, info, prec
+        kd = kernel_dtypes_for(q, k, v)
+        b = chunk_cumsum(g, info)
+        h, ht = chunk_states(k, v, b, h0, info, kd, output_final_state)
+        a = intra_attention(q, k, b, scale, info, kd)
+        o = chunk_output(q, v, b, h, a, scale, info, kd)
+        ctx.save_for_backward(q, k, v, g, h0, a)
+        ctx.scale, ctx.info, ctx.kd = scale, info, kd
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, h0 = ctx.saved_tensors
-        info, prec, scale = ctx.info, ctx.prec, ctx.scale
-        h = chunk_states(k, v, g, h0, info, prec)
-        a = intra_attention(q, k, g, scale, info, prec)
+        q, k, v, g, h0, a = ctx.saved_tensors
+        info, kd, scale = ctx.info, ctx.kd, ctx.scale
+        b = chunk_cumsum(g, info)
+        h, _ = chunk_states(k, v, b, h0, info, kd, want_final=False)
         dht = dht.contiguous() if dht is not None else None
         dq, dk, dv, dg, dh0 = chunk_backward(
             q,
             k,
             v,
             g,
+            b,
             h,
             a,
             do.contiguous(),
             dht,
             scale,
             info,
-            prec,
+            kd,
             need_dh0=h0 is not None and ctx.needs_input_grad[4],
         )
-        return (
-            dq.to(q.dtype),
-            dk.to(k.dtype),
-            dv,
-            dg,
-            dh0.to(h0.dtype) if dh0 is not None else None,
-            None,
-            None,
-            None,
-        )
+        return dq, dk, dv, dg, dh0.to(h0.dtype) if dh0 is not None else None, None, None, None
+
+
+def kernel_dtypes_for(q: Tensor, k: Tensor, v: Tensor) -> KernelDtypes:
+    """The kernels' compute dtypes for these inputs: the bf16 path only when q, k and v are all bf16,
+    IEEE fp32 only when all are fp32, TF32 on fp32 operands otherwise (see :func:`kernel_dtypes`)."""
+    dtypes = {q.dtype, k.dtype, v.dtype}
+    return kernel_dtypes(dtypes.pop() if len(dtypes) == 1 else torch.float16)
 
 
 def check_supported(q: Tensor, v: Tensor) -> None:
@@ -95,6 +93,11 @@ def chunk_gla(
     B, T, H, K = q.shape
     V = v.shape[-1]
     info = seq_info(B, T, cu_seqlens, q.device)
+    if info.num_chunks > MAX_CHUNKS:
+        raise ValueError(
+            f"the triton GLA backend handles at most {MAX_CHUNKS} chunks of {CHUNK} tokens per call; got "
+            f"{info.num_chunks} (B={B}, T={T}): split the batch into several calls"
+        )
     flat = [x.reshape(B * T, H, x.shape[-1]).contiguous() for x in (q, k, v, g)]
     h0 = initial_state.contiguous() if initial_state is not None else None
     o, ht = ChunkGLAFunction.apply(*flat, h0, scale, info, output_final_state)

@@ -1,11 +1,13 @@
-"""Forward kernels of chunkwise GLA: chunk-boundary states, intra-chunk attention, outputs.
+"""Forward kernels of chunkwise GLA: in-chunk gate cumsums, chunk-boundary states, intra-chunk
+attention, outputs.
 
 Layouts (packed, see :mod:`.common`): ``q, k, g`` ``[TT, H, K]``, ``v`` ``[TT, H, V]`` with
-``TT = B * T`` (or the packed length), contiguous; ``h`` ``[NT + N, H, K, V]`` fp32;
-``A`` ``[TT, H, 64]`` fp32 (row ``t``, column ``j`` = key ``j`` of ``t``'s chunk, already scaled).
+``TT = B * T`` (or the packed length), contiguous; ``b`` ``[TT, H, K]`` fp32 (inclusive cumsum of the
+clamped gates from the start of each chunk); ``h`` ``[NT + N, H, K, V]`` fp32; ``A`` ``[TT, H, 64]``
+fp32 (row ``t``, column ``j`` = key ``j`` of ``t``'s chunk, scaled, zero above the diagonal).
 
-All tl.dot operands are fp32 (``PREC`` = "tf32" for 16-bit inputs, "ieee" for fp32 inputs); every
-exponent passed to exp is ``<= 0`` (see the package docstring for the decomposition).
+Every exponent passed to exp is ``<= 0``, masked to ``-inf``, or bounded by ``MAX_DECAY`` (see
+:mod:`.common`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import CHUNK, G_FLOOR, SUB_CHUNK, SeqInfo, block_size, num_warps_for
+from . import common
+from .common import CHUNK, G_FLOOR, SUB_CHUNK, KernelDtypes, SeqInfo, block_size
 
 
 @triton.jit
@@ -29,12 +32,85 @@ def chunk_span(chunk_idx_ptr, cu_ptr, i_n):
 
 
 @triton.jit
+def load_cumsum(b_ptr, t, m_t, last, o_k, m_k, i_h, H: tl.constexpr, K: tl.constexpr):
+    """The chunk's gate cumsums ``[BT, BK]`` and their last valid row ``[BK]``.
+
+    Rows past the sequence's end are set to that last row, as if their gates were 0: every
+    ``b_x - b_y`` with ``x`` at or after ``y`` then stays ``<= 0`` there too, so no exp overflows
+    into ``inf * 0 = NaN`` on a padded row.
+    """
+    b_last = tl.load(b_ptr + (last * H + i_h) * K + o_k, mask=m_k, other=0.0)
+    b = tl.load(b_ptr + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+    return tl.where(m_t[:, None], b, b_last[None, :]), b_last
+
+
+@triton.jit
+def chunk_tiles(x_ptr, y_ptr, b_ptr, c, bos, eos, o_t, o_k, m_k, o_v, i_h, H: tl.constexpr, K: tl.constexpr,
+                V: tl.constexpr, BT: tl.constexpr):
+    """What a state recurrence needs of chunk ``c`` of a sequence: the gate cumsums ``b`` ``[BT, BK]`` and
+    their last row ``[BK]``, an fp32 key-side tile ``[BT, BK]`` of ``x`` (k, or q going backwards) and a
+    value-side tile ``[BT, BV]`` of ``y`` (v, or do), zero past the sequence's end."""
+    t = bos + c * BT + o_t
+    m_t = t < eos
+    last = tl.minimum(bos + c * BT + BT, eos) - 1
+    b, b_last = load_cumsum(b_ptr, t, m_t, last, o_k, m_k, i_h, H, K)
+    x = tl.load(x_ptr + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+    y = tl.load(y_ptr + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & (o_v[None, :] < V), other=0.0)
+    return b, b_last, x.to(tl.float32), y
+
+
+@triton.jit
+def diagonal_pairs(k_ptr, b_ptr, b, b_last, t0, eos, sub, pos, jj, o_k, m_k, i_h, H: tl.constexpr, K: tl.constexpr,
+                   BC: tl.constexpr):
+    """Step ``jj`` of the pairwise diagonal blocks: each row ``i`` of the chunk meets key ``j(i)``, the
+    ``jj``-th of its own sub-chunk. Returns ``j`` ``[BT]``, the keys ``k_j`` ``[BT, BK]`` fp32 and
+    ``e = exp(b_i - b_j)`` for ``j <= i``, else 0."""
+    j = sub * BC + jj
+    tj = t0 + j
+    m_j = (tj < eos)[:, None] & m_k[None, :]
+    kj = tl.load(k_ptr + (tj[:, None] * H + i_h) * K + o_k[None, :], mask=m_j, other=0.0).to(tl.float32)
+    bj = tl.load(b_ptr + (tj[:, None] * H + i_h) * K + o_k[None, :], mask=m_j, other=0.0)
+    bj = tl.where((tj < eos)[:, None], bj, b_last[None, :])
+    return j, kj, tl.exp(tl.where((pos >= jj)[:, None], b - bj, float("-inf")))
+
+
+@triton.jit
+def row_of(x, o_t, row):
+    """Row ``row`` of a register tile ``x`` ``[BT, BK]`` as ``[BK]`` (Triton tiles cannot be indexed)."""
+    return tl.sum(tl.where(o_t[:, None] == row, x, 0.0), axis=0)
+
+
+@triton.jit
+def cumsum_kernel(
+    g_ptr,
+    b_ptr,
+    chunk_idx_ptr,
+    cu_ptr,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    FLOOR: tl.constexpr,
+):
+    """``b = cumsum(max(g, FLOOR))`` inside each chunk, fp32; grid (K tiles, NT, H)."""
+    i_k, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_s, i_c, bos, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n)
+    t = bos + i_c * BT + tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m = (t[:, None] < eos) & (o_k[None, :] < K)
+    off = (t[:, None] * H + i_h) * K + o_k[None, :]
+    gg = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(b_ptr + off, tl.cumsum(tl.maximum(gg, FLOOR), axis=0), mask=m)
+
+
+@triton.jit
 def chunk_states_kernel(
     k_ptr,
     v_ptr,
-    g_ptr,
+    b_ptr,
     h0_ptr,
     h_ptr,
+    ht_ptr,
     cu_ptr,
     chunk_off_ptr,
     H: tl.constexpr,
@@ -44,16 +120,18 @@ def chunk_states_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     HAS_H0: tl.constexpr,
+    STORE_HT: tl.constexpr,
+    DT: tl.constexpr,
     PREC: tl.constexpr,
-    FLOOR: tl.constexpr,
 ):
     """State before every chunk and after the last, one program per (K tile, V tile, sequence x head).
 
-    ``H_{c+1} = diag(exp(b_last)) H_c + (k * exp(b_last - b))^T v``, ``b`` = inclusive cumsum of g in
-    the chunk, ``b_last`` its total; sequential over the sequence's chunks.
+    ``H_{c+1} = diag(exp(b_last)) H_c + (k * exp(b_last - b))^T v``; sequential over the sequence's
+    chunks, the running state in fp32 registers. ``h`` gets every state (storage dtype), ``ht`` the
+    final one in fp32.
     """
     i_k, i_v, i_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_s, i_h = i_sh // H, i_sh % H
+    i_s, i_h = (i_sh // H).to(tl.int64), i_sh % H  # int64: state offsets reach N * H * K * V
     bos = tl.load(cu_ptr + i_s).to(tl.int64)
     eos = tl.load(cu_ptr + i_s + 1).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, BT)
@@ -62,33 +140,28 @@ def chunk_states_kernel(
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, BT)
-    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    m_k = o_k < K
+    m_kv = m_k[:, None] & (o_v[None, :] < V)
     kv_off = o_k[:, None] * V + o_v[None, :]
 
     state = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         state = tl.load(h0_ptr + (i_s * H + i_h) * K * V + kv_off, mask=m_kv, other=0.0).to(tl.float32)
     for c in range(0, n_chunks):
-        tl.store(h_ptr + ((slot0 + c) * H + i_h) * K * V + kv_off, state, mask=m_kv)
-        t = bos + c * BT + o_t
-        m_tk = (t[:, None] < eos) & (o_k[None, :] < K)
-        m_tv = (t[:, None] < eos) & (o_v[None, :] < V)
-        kk = tl.load(k_ptr + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        gg = tl.load(g_ptr + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        vv = tl.load(v_ptr + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        gg = tl.maximum(gg, FLOOR)
-        b = tl.cumsum(gg, axis=0)
-        b_last = tl.sum(gg, axis=0)
-        kd = kk * tl.exp(b_last[None, :] - b)
-        state = state * tl.exp(b_last)[:, None] + tl.dot(tl.trans(kd), vv, input_precision=PREC)
-    tl.store(h_ptr + ((slot0 + n_chunks) * H + i_h) * K * V + kv_off, state, mask=m_kv)
+        tl.store(h_ptr + ((slot0 + c) * H + i_h) * K * V + kv_off, state.to(h_ptr.dtype.element_ty), mask=m_kv)
+        b, b_last, kk, vv = chunk_tiles(k_ptr, v_ptr, b_ptr, c, bos, eos, o_t, o_k, m_k, o_v, i_h, H, K, V, BT)
+        kd = (kk * tl.exp(b_last[None, :] - b)).to(DT)
+        state = state * tl.exp(b_last)[:, None] + tl.dot(tl.trans(kd), vv.to(DT), input_precision=PREC)
+    tl.store(h_ptr + ((slot0 + n_chunks) * H + i_h) * K * V + kv_off, state.to(h_ptr.dtype.element_ty), mask=m_kv)
+    if STORE_HT:
+        tl.store(ht_ptr + (i_s * H + i_h) * K * V + kv_off, state, mask=m_kv)
 
 
 @triton.jit
 def intra_attention_kernel(
     q_ptr,
     k_ptr,
-    g_ptr,
+    b_ptr,
     a_ptr,
     chunk_idx_ptr,
     cu_ptr,
@@ -98,89 +171,66 @@ def intra_attention_kernel(
     BT: tl.constexpr,
     BC: tl.constexpr,
     BK: tl.constexpr,
+    DT: tl.constexpr,
     PREC: tl.constexpr,
-    FLOOR: tl.constexpr,
+    MAX_DECAY: tl.constexpr,
 ):
-    """One 16 x 16 block (query sub-chunk I, key sub-chunk J) of a chunk's scaled attention matrix.
+    """A chunk's whole scaled attention matrix ``A`` ``[BT, BT]``; grid (NT, H), loop over K tiles.
 
-    Grid (NT, NC * NC, H). ``J > I``: zeros. ``J < I``: one tl.dot, decay factored about the end of
-    sub-chunk ``I - 1``. ``J == I``: pairwise in log space, one key column at a time.
+    Where every gate cumsum of the tile stays above ``-MAX_DECAY`` (so ``exp(-b)`` cannot overflow
+    and ``exp(b)`` cannot underflow), ``A`` is one product ``(q e^{b}) (k e^{-b})^T``: each term is a
+    product of two correctly rounded factors, as exact as the split below. Otherwise (strong gates,
+    resets) the secondary split in log space:
+
+    Off-diagonal sub-chunk blocks (query sub-chunk ``I``, keys before ``I``): the decay is split at
+    ``r_I``, the cumsum at the last row before ``I``: ``(q_i e^{b_i - r_I}) . (k_j e^{r_I - b_j})``,
+    one ``tl.dot`` per ``I`` with the rows of other sub-chunks masked out. Diagonal 16 x 16 blocks:
+    pairwise in log space, all four blocks at once, one key offset ``jj`` per iteration.
     """
     NC: tl.constexpr = BT // BC
-    i_n, i_ij, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_i, i_j = i_ij // NC, i_ij % NC
+    i_n, i_h = tl.program_id(0), tl.program_id(1)
     i_s, i_c, bos, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n)
     t0 = bos + i_c * BT
-    o_c = tl.arange(0, BC)
-    tq = t0 + i_i * BC + o_c
-    tk = t0 + i_j * BC + o_c
-    m_q = tq < eos
-    m_kt = tk < eos
-    p_a = a_ptr + (tq[:, None] * H + i_h) * BT + i_j * BC + o_c[None, :]
+    o_t = tl.arange(0, BT)
+    t = t0 + o_t
+    m_t = t < eos
+    last = tl.minimum(t0 + BT, eos) - 1
+    sub = o_t // BC  # sub-chunk of each row
+    pos = o_t % BC  # row within its sub-chunk
 
-    acc = tl.zeros([BC, BC], dtype=tl.float32)
-    if i_j < i_i:
-        for i_k in range(0, tl.cdiv(K, BK)):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m_k = o_k < K
-            m_qk = m_q[:, None] & m_k[None, :]
-            m_kk = m_kt[:, None] & m_k[None, :]
-            qq = tl.load(q_ptr + (tq[:, None] * H + i_h) * K + o_k[None, :], mask=m_qk, other=0.0).to(
-                tl.float32
-            )
-            gq = tl.load(g_ptr + (tq[:, None] * H + i_h) * K + o_k[None, :], mask=m_qk, other=0.0).to(
-                tl.float32
-            )
-            kk = tl.load(k_ptr + (tk[:, None] * H + i_h) * K + o_k[None, :], mask=m_kk, other=0.0).to(
-                tl.float32
-            )
-            gk = tl.load(g_ptr + (tk[:, None] * H + i_h) * K + o_k[None, :], mask=m_kk, other=0.0).to(
-                tl.float32
-            )
-            gq = tl.maximum(gq, FLOOR)
-            gk = tl.maximum(gk, FLOOR)
-            # Gates of the whole sub-chunks strictly between J and I.
-            mid = tl.zeros([BK], dtype=tl.float32)
-            for i_l in range(i_j + 1, i_i):
-                t_l = t0 + i_l * BC + o_c
-                m_l = (t_l[:, None] < eos) & m_k[None, :]
-                gl = tl.load(g_ptr + (t_l[:, None] * H + i_h) * K + o_k[None, :], mask=m_l, other=0.0)
-                mid += tl.sum(tl.maximum(gl.to(tl.float32), FLOOR), axis=0)
-            after_j = tl.sum(gk, axis=0)[None, :] - tl.cumsum(gk, axis=0)  # gates after key j in J
-            qd = qq * tl.exp(tl.cumsum(gq, axis=0))  # decay from the end of sub-chunk I-1 to query i
-            kd = kk * tl.exp(after_j + mid[None, :])  # decay from key j to the end of sub-chunk I-1
-            acc += tl.dot(qd, tl.trans(kd), input_precision=PREC)
-    elif i_j == i_i:
-        for i_k in range(0, tl.cdiv(K, BK)):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m_k = o_k < K
-            m_qk = m_q[:, None] & m_k[None, :]
-            qq = tl.load(q_ptr + (tq[:, None] * H + i_h) * K + o_k[None, :], mask=m_qk, other=0.0).to(
-                tl.float32
-            )
-            gq = tl.load(g_ptr + (tq[:, None] * H + i_h) * K + o_k[None, :], mask=m_qk, other=0.0).to(
-                tl.float32
-            )
-            bq = tl.cumsum(tl.maximum(gq, FLOOR), axis=0)
-            for j in range(0, BC):
-                tj = t0 + i_i * BC + j + tl.zeros([BK], dtype=tl.int64)  # token j, as a vector for the mask
-                kj = tl.load(k_ptr + (tj * H + i_h) * K + o_k, mask=(tj < eos) & m_k, other=0.0).to(
-                    tl.float32
-                )
-                bj = tl.sum(tl.where(o_c[:, None] == j, bq, 0.0), axis=0)
-                causal = o_c[:, None] >= j
-                # Segment sum over (j, i]; zeroed above the diagonal before exp so nothing overflows.
-                seg = tl.where(causal, bq - bj[None, :], 0.0)
-                col = tl.sum(tl.where(causal, qq * kj[None, :] * tl.exp(seg), 0.0), axis=1)
-                acc += tl.where(o_c[None, :] == j, col[:, None], 0.0)
-    tl.store(p_a, acc * scale, mask=m_q[:, None])
+    acc = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
+        qk_off = (t[:, None] * H + i_h) * K + o_k[None, :]
+        qq = tl.load(q_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
+        kk = tl.load(k_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
+        b, b_last = load_cumsum(b_ptr, t, m_t, last, o_k, m_k, i_h, H, K)
+        if tl.min(b_last, axis=0) >= -MAX_DECAY:
+            # Bounded decay over the whole chunk: one product with the decay split at the chunk start.
+            qd = qq * tl.exp(b)
+            kd = kk * tl.exp(-b)
+            qk = tl.dot(qd.to(DT), tl.trans(kd.to(DT)), input_precision=PREC)
+            acc += tl.where(o_t[:, None] >= o_t[None, :], qk, 0.0)
+        else:
+            for i_i in tl.static_range(1, NC):
+                r = row_of(b, o_t, i_i * BC - 1)
+                qd = qq * tl.exp(tl.where(sub[:, None] == i_i, b - r[None, :], float("-inf")))
+                kd = kk * tl.exp(tl.where(sub[:, None] < i_i, r[None, :] - b, float("-inf")))
+                acc += tl.dot(qd.to(DT), tl.trans(kd.to(DT)), input_precision=PREC)
+            for jj in range(0, BC):
+                j, kj, e = diagonal_pairs(k_ptr, b_ptr, b, b_last, t0, eos, sub, pos, jj, o_k, m_k, i_h, H, K, BC)
+                col = tl.sum(qq * kj * e, axis=1)
+                acc += tl.where(o_t[None, :] == j[:, None], col[:, None], 0.0)
+    tl.store(a_ptr + (t[:, None] * H + i_h) * BT + o_t[None, :], acc * scale, mask=m_t[:, None])
 
 
 @triton.jit
 def output_kernel(
     q_ptr,
     v_ptr,
-    g_ptr,
+    b_ptr,
     h_ptr,
     a_ptr,
     o_ptr,
@@ -193,8 +243,8 @@ def output_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    DT: tl.constexpr,
     PREC: tl.constexpr,
-    FLOOR: tl.constexpr,
 ):
     """``o = scale * (q * exp(b)) @ H_chunk + A @ v`` for one (V tile, chunk, head)."""
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -202,6 +252,7 @@ def output_kernel(
     o_t = tl.arange(0, BT)
     t = bos + i_c * BT + o_t
     m_t = t < eos
+    last = tl.minimum(bos + i_c * BT + BT, eos) - 1
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     slot = i_n + i_s
@@ -210,21 +261,17 @@ def output_kernel(
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        m_tk = m_t[:, None] & m_k[None, :]
-        qq = tl.load(q_ptr + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        gg = tl.load(g_ptr + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        b = tl.cumsum(tl.maximum(gg, FLOOR), axis=0)
+        qq = tl.load(q_ptr + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b, _ = load_cumsum(b_ptr, t, m_t, last, o_k, m_k, i_h, H, K)
         hs = tl.load(
             h_ptr + (slot * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
             mask=m_k[:, None] & m_v[None, :],
             other=0.0,
         )
-        acc += tl.dot(qq * tl.exp(b), hs, input_precision=PREC)
+        acc += tl.dot((qq.to(tl.float32) * tl.exp(b)).to(DT), hs.to(DT), input_precision=PREC)
     aa = tl.load(a_ptr + (t[:, None] * H + i_h) * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
-    vv = tl.load(
-        v_ptr + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0
-    )
-    acc = acc * scale + tl.dot(aa, vv.to(tl.float32), input_precision=PREC)
+    vv = tl.load(v_ptr + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+    acc = acc * scale + tl.dot(aa.to(DT), vv.to(DT), input_precision=PREC)
     tl.store(
         o_ptr + (t[:, None] * H + i_h) * V + o_v[None, :],
         acc.to(o_ptr.dtype.element_ty),
@@ -232,19 +279,44 @@ def output_kernel(
     )
 
 
-def chunk_states(k: Tensor, v: Tensor, g: Tensor, h0: Tensor | None, info: SeqInfo, prec: str) -> Tensor:
-    """Launch :func:`chunk_states_kernel`; returns ``h`` ``[NT + N, H, K, V]`` fp32 (see :mod:`.common`)."""
+def chunk_cumsum(g: Tensor, info: SeqInfo) -> Tensor:
+    """Launch :func:`cumsum_kernel`; returns ``b`` ``[TT, H, K]`` fp32."""
+    TT, H, K = g.shape
+    BK = block_size(K)
+    b = torch.empty(TT, H, K, device=g.device, dtype=torch.float32)
+    cumsum_kernel[(triton.cdiv(K, BK), info.num_chunks, H)](
+        g, b, info.chunk_indices, info.cu_seqlens, H=H, K=K, BT=CHUNK, BK=BK, FLOOR=G_FLOOR, num_warps=4
+    )
+    return b
+
+
+def state_block_sizes(K: int, V: int, programs_per_tile: int) -> tuple[int, int]:
+    """(BK, BV) of the sequential state kernels: a narrower V tile when few (sequence, head) pairs
+    would leave most SMs idle, since each program walks its sequence's chunks one after another."""
+    BK, BV = block_size(K), block_size(V)
+    if BV > 32 and programs_per_tile * triton.cdiv(K, BK) * triton.cdiv(V, BV) < 256:
+        BV = 32
+    return BK, BV
+
+
+def chunk_states(
+    k: Tensor, v: Tensor, b: Tensor, h0: Tensor | None, info: SeqInfo, kd: KernelDtypes, want_final: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Launch :func:`chunk_states_kernel`; returns ``h`` ``[NT + N, H, K, V]`` (see :mod:`.common`)
+    and, if ``want_final``, the final states ``[N, H, K, V]`` fp32."""
     _, H, K = k.shape
     V = v.shape[-1]
-    BK, BV = block_size(K), block_size(V)
+    BK, BV = state_block_sizes(K, V, info.num_seqs * H)
     h = k.new_empty(info.num_chunks + info.num_seqs, H, K, V, dtype=torch.float32)
+    ht = k.new_empty(info.num_seqs, H, K, V, dtype=torch.float32) if want_final else None
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), info.num_seqs * H)
     chunk_states_kernel[grid](
         k,
         v,
-        g,
+        b,
         h0 if h0 is not None else h,
         h,
+        ht if ht is not None else h,
         info.cu_seqlens,
         info.chunk_offsets,
         H=H,
@@ -254,24 +326,24 @@ def chunk_states(k: Tensor, v: Tensor, g: Tensor, h0: Tensor | None, info: SeqIn
         BK=BK,
         BV=BV,
         HAS_H0=h0 is not None,
-        PREC=prec,
-        FLOOR=G_FLOOR,
-        num_warps=num_warps_for(BK, BV),
+        STORE_HT=want_final,
+        DT=kd.dot,
+        PREC=kd.prec,
+        num_warps=4,
         num_stages=2,
     )
-    return h
+    return h, ht
 
 
-def intra_attention(q: Tensor, k: Tensor, g: Tensor, scale: float, info: SeqInfo, prec: str) -> Tensor:
+def intra_attention(q: Tensor, k: Tensor, b: Tensor, scale: float, info: SeqInfo, kd: KernelDtypes) -> Tensor:
     """Launch :func:`intra_attention_kernel`; returns ``A`` ``[TT, H, 64]`` fp32."""
     TT, H, K = q.shape
     BK = block_size(K)
     a = q.new_empty(TT, H, CHUNK, dtype=torch.float32)
-    nc = CHUNK // SUB_CHUNK
-    intra_attention_kernel[(info.num_chunks, nc * nc, H)](
+    intra_attention_kernel[(info.num_chunks, H)](
         q,
         k,
-        g,
+        b,
         a,
         info.chunk_indices,
         info.cu_seqlens,
@@ -281,16 +353,17 @@ def intra_attention(q: Tensor, k: Tensor, g: Tensor, scale: float, info: SeqInfo
         BT=CHUNK,
         BC=SUB_CHUNK,
         BK=BK,
-        PREC=prec,
-        FLOOR=G_FLOOR,
-        num_warps=2 if BK <= 32 else 4,
-        num_stages=2,
+        DT=kd.dot,
+        PREC=kd.prec,
+        MAX_DECAY=common.MAX_DECAY,
+        num_warps=4 if BK <= 32 else 8,
+        num_stages=1,
     )
     return a
 
 
 def chunk_output(
-    q: Tensor, v: Tensor, g: Tensor, h: Tensor, a: Tensor, scale: float, info: SeqInfo, prec: str
+    q: Tensor, v: Tensor, b: Tensor, h: Tensor, a: Tensor, scale: float, info: SeqInfo, kd: KernelDtypes
 ) -> Tensor:
     """Launch :func:`output_kernel`; returns ``o`` ``[TT, H, V]`` in ``v``'s dtype."""
     TT, H, K = q.shape
@@ -300,7 +373,7 @@ def chunk_output(
     output_kernel[(triton.cdiv(V, BV), info.num_chunks, H)](
         q,
         v,
-        g,
+        b,
         h,
         a,
         o,
@@ -313,9 +386,9 @@ def chunk_output(
         BT=CHUNK,
         BK=BK,
         BV=BV,
-        PREC=prec,
-        FLOOR=G_FLOOR,
-        num_warps=num_warps_for(CHUNK, BV),
+        DT=kd.dot,
+        PREC=kd.prec,
+        num_warps=4,
         num_stages=2,
     )
     return o

@@ -17,6 +17,7 @@ Chunk bookkeeping (all int32, on the inputs' device):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -24,12 +25,21 @@ from torch import Tensor
 
 CHUNK = 64  # tokens per chunk (C in the paper); fixed: the kernels' sub-chunk layout assumes 4 x 16
 SUB_CHUNK = 16  # tokens per sub-chunk (c); 16 is also the smallest tl.dot tile
+# Chunk kernels put the chunk index on grid axis 1, which CUDA caps at 65535: at most 65535 * 64 ~ 4.2M
+# tokens per call (B * T, or the packed length); larger calls are rejected up front with that reason.
+MAX_CHUNKS = 65535
 MAX_HEAD_DIM = 512  # K and V are tiled in blocks of MAX_BLOCK, so this bounds only registers per tile loop
 # -inf gates (a full reset) are clamped to this floor inside the kernels: every decay spanning such a
 # gate is then exp(<= -100), which is 0 or a denormal in fp32, exactly as exp(-inf) = 0 would be, but
 # cumulative sums stay finite, so differences of them never form -inf - -inf = NaN. The gradient of
 # the clamp is 0 below the floor, matching d/dg exp(g) x = exp(g) x ~ 0 there.
 G_FLOOR = -100.0
+# The intra-chunk kernels factor exp(b_i - b_j) = exp(b_i) * exp(-b_j) about the chunk start when every
+# in-chunk gate cumsum b of the tile is >= -MAX_DECAY: then exp(-b) <= e^40 ~ 2e17 cannot overflow and
+# exp(b) >= e^-40 cannot underflow (fp32 and bf16 share an 8-bit exponent), so each term is a product of
+# two correctly rounded factors and the whole block is one matrix product. Stronger decay takes the
+# sub-chunk path. Tests set it to -1 (never) and +inf-like values to exercise both paths.
+MAX_DECAY = 40.0
 # Upper bound on BLOCK_K / BLOCK_V. Head dims above it are tiled and looped over. Tests lower it to
 # exercise the tile loops at small head dims.
 MAX_BLOCK = 64
@@ -80,16 +90,39 @@ def triton_next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def num_warps_for(*blocks: int) -> int:
-    """8 warps once the main fp32 tile reaches 64 x 64, else 4.
+@dataclass(frozen=True)
+class KernelDtypes:
+    """How the kernels compute for one input dtype.
 
-    The chunk kernels hold several such tiles at once; at 4 warps (32 registers a thread per tile)
-    ptxas spills them (checked with cuobjdump on sm_90 builds), at 8 it mostly does not.
+    * ``dot``: operand dtype of every ``tl.dot`` (exp-scaled tiles are cast to it just before the
+      product; accumulation is always fp32);
+    * ``prec``: ``tl.dot`` input precision for fp32 operands;
+
+    Chunk states ``h`` and their gradients ``dh`` are stored in fp32 whatever the inputs: besides
+    feeding products (cast to ``dot`` there), they give ``dg`` its state term ``sum_v H dH``, which
+    bf16 storage of both factors pushed to fla's 5e-3 error bound (measured on an H200).
     """
-    return 8 if max(blocks) * min(blocks) >= 64 * 64 else 4
+
+    dot: object  # a triton.language dtype
+    prec: str
 
 
-def dot_precision(*dtypes: torch.dtype) -> str:
-    """tl.dot precision: operands are fp32 throughout; TF32 tensor cores when any input is 16-bit,
-    exact IEEE fp32 products when all are fp32 (TF32's 10-bit mantissa would cost fp32 users digits)."""
-    return "ieee" if all(d == torch.float32 for d in dtypes) else "tf32"
+def kernel_dtypes(dtype: torch.dtype) -> KernelDtypes:
+    """The compute dtypes for one input dtype.
+
+    bf16 inputs: bf16 tensor-core products with fp32 accumulation (the GPU tests hold them to fla's
+    4e-3 / 5e-3 relative RMS). fp16 inputs: fp32 operands on TF32, since the states (and the
+    ``exp(-b)``-scaled keys) of long, slowly decaying sequences can exceed fp16's range. fp32 inputs:
+    exact IEEE fp32 products (TF32's 10-bit mantissa would cost fp32 users digits).
+
+    Under ``TRITON_INTERPRET=1`` bf16 runs like fp16: the interpreter's ``tl.dot`` mishandles bf16
+    operands, so CPU tests exercise the fp32-operand path and the GPU tests the bf16 one.
+    """
+    import triton.language as tl
+
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if dtype == torch.bfloat16 and not interpreted:
+        return KernelDtypes(tl.bfloat16, "tf32")
+    if dtype == torch.float32:
+        return KernelDtypes(tl.float32, "ieee")
+    return KernelDtypes(tl.float32, "tf32")
