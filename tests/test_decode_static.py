@@ -70,10 +70,15 @@ def test_static_state_gives_the_dynamic_logits(kind, overrides, spec):
 
 @pytest.mark.parametrize("kind, overrides, spec", [CASES[0], CASES[4], CASES[6], CASES[7]],
                          ids=[IDS[0], IDS[4], IDS[6], IDS[7]])
-def test_grouped_prefill_equals_one_row_at_a_time(kind, overrides, spec):
+@pytest.mark.parametrize("group_tokens", [32768, 40])
+def test_grouped_prefill_equals_one_row_at_a_time(kind, overrides, spec, group_tokens, monkeypatch):
     """Equal-length prompts prefilled together (TOVA's exact token-by-token prefill batched over rows)
     load the same static state and logits as one row at a time; a shorter prompt in between splits the
-    groups, so padding never enters."""
+    groups, so padding never enters. With a 40-token cap per model call, groups go in chunks of 16."""
+    import sys
+
+    # The module, not the `longseq.generate` function the package exports under the same name.
+    monkeypatch.setattr(sys.modules["longseq.generate"], "GROUP_PREFILL_TOKENS", group_tokens)
     model = _model(kind, overrides)
     gen = torch.Generator().manual_seed(3)
     rows = [torch.randint(0, 256, (1, n), generator=gen) for n in (40, 40, 40, 17, 40, 40)]

@@ -282,6 +282,10 @@ def _prefill(
     return logits[:, -1], state
 
 
+# Tokens per model call when several prompts are prefilled together (see prefill_rows).
+GROUP_PREFILL_TOKENS = 32768
+
+
 def prefill_rows(
     model: LanguageModel,
     state: ModelState,
@@ -312,7 +316,11 @@ def prefill_rows(
         end = start + 1
         while end < len(rows) and end - start < max_group and rows[end].shape[-1] == rows[start].shape[-1]:
             end += 1
-        logits, dyn = _prefill(model, torch.cat(list(rows[start:end]), 0), cache, chunk)
+        n_rows = end - start
+        # A group goes through the model in chunks of at most GROUP_PREFILL_TOKENS tokens in all, so
+        # batching rows never multiplies the prefill's activation memory (chunked prefill is exact).
+        group_chunk = chunk if chunk is not None or n_rows == 1 else max(16, GROUP_PREFILL_TOKENS // n_rows)
+        logits, dyn = _prefill(model, torch.cat(list(rows[start:end]), 0), cache, group_chunk)
         state.load_(dyn, slice(start, end))
         out.extend(logits)
         del dyn
