@@ -219,9 +219,21 @@ policy_strategy = st.sampled_from(["window", "sink", "h2o", "tova", "tova_head"]
     kind=st.sampled_from(["mha", "gqa", "gqa4"]),
     B=st.integers(1, 3),
     cuts=st.lists(st.integers(1, 29), max_size=4),
+    sub_chunk=st.sampled_from([256, 3]),
 )
-def test_any_split_matches_token_by_token(name, budget, kind, B, cuts):
+def test_any_split_matches_token_by_token(name, budget, kind, B, cuts, sub_chunk):
+    """Also with score-based eviction replayed over sub-chunks of 3 tokens (as a tight memory bound gives)."""
     T = 30
+    size = KVCache._evict_chunk_size
+    if sub_chunk != 256:
+        KVCache._evict_chunk_size = lambda self, batch, n_heads: sub_chunk  # type: ignore[method-assign]
+    try:
+        _check_split(name, budget, kind, B, cuts, T)
+    finally:
+        KVCache._evict_chunk_size = size  # type: ignore[method-assign]
+
+
+def _check_split(name, budget, kind, B, cuts, T):
     if name == "sink":
         spec = f"sink:{budget}:sinks={min(2, budget - 1)}"
     elif name == "h2o":

@@ -35,6 +35,8 @@ from ..ops.attention import attention_over_cache, causal_attention
 from .policies import CachePolicy, Full
 
 _LONG_MAX = torch.iinfo(torch.long).max
+# Bound on the fp32 scores one _evict_chunk call holds (B x H x sub-chunk x (capacity + sub-chunk)).
+EVICT_CHUNK_SCORES = 1 << 26
 
 
 class KVCache:
@@ -52,8 +54,11 @@ class KVCache:
     1. while the cache has room (``kept < budget``), the tokens that fit go in at once (one attention call;
        H2O also accumulates the column sums of that chunk's attention rows);
     2. once full, positional policies (Window, Sink) process the rest of the chunk at once with a banded
-       mask -- their decisions do not depend on scores -- and score-based policies (TOVA, H2O) go token by
-       token, since each decision changes what the next token sees.
+       mask -- their decisions do not depend on scores -- and score-based policies (TOVA, H2O) decide token
+       by token, since each decision changes what the next token sees, but over sub-chunks: every query's
+       scores against the cache and the sub-chunk come from one product, the per-token loop only replays
+       the decisions on those scores (a softmax, a mean and a selection per token), and the outputs are one
+       masked attention over the sub-chunk (:meth:`KVCache._evict_chunk`).
 
     Positions of successive calls are assumed consecutive (``0, 1, 2, ...``), as the models produce them.
     """
@@ -230,13 +235,13 @@ class KVCache:
                 outs.append(
                     self._banded(q[:, :, done:], k[:, :, done:], v[:, :, done:], pos[:, done:], *band)
                 )
+            elif T - done == 1:
+                outs.append(self._evict_step(q[:, :, done:], k[:, :, done:], v[:, :, done:], pos[:, done:]))
             else:
-                for j in range(done, T):
-                    outs.append(
-                        self._evict_step(
-                            q[:, :, j : j + 1], k[:, :, j : j + 1], v[:, :, j : j + 1], pos[:, j : j + 1]
-                        )
-                    )
+                step = self._evict_chunk_size(q.shape[0], q.shape[1])
+                for a in range(done, T, step):
+                    b = min(T, a + step)
+                    outs.append(self._evict_chunk(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], pos[:, a:b]))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _attend_full(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
@@ -332,6 +337,75 @@ class KVCache:
         victim = self.policy.select_victim(self.slot_pos, current, scores)  # [B, G, 1]
         self.slot_pos.scatter_(2, victim, -1)
         self._free.copy_(victim[:, :, 0])  # in place: a captured graph keeps reading the same buffer
+        return o
+
+    def _evict_chunk_size(self, batch: int, n_heads: int) -> int:
+        """Tokens per :meth:`_evict_chunk` call: at most 256, and few enough that the fp32 scores of the
+        sub-chunk against the cache plus itself stay within EVICT_CHUNK_SCORES elements."""
+        per_token = batch * n_heads * (self.capacity + 256)
+        return max(1, min(256, EVICT_CHUNK_SCORES // per_token))
+
+    def _evict_chunk(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+        """Score-based eviction (TOVA, H2O) for ``c`` tokens arriving at a full cache, exactly as ``c``
+        calls of :meth:`_evict_step`.
+
+        The cache's ``C`` slots and the ``c`` new tokens form ``S = C + c`` candidate entries. One product
+        gives every new query's scores against all of them; a loop over the tokens then replays the
+        policy: token ``t`` joins the alive set, its attention over the alive entries (softmax, then the
+        mean over the query heads of each group) scores them, and the policy's victim leaves. The alive
+        set each query saw is recorded, so the outputs are one masked attention, and the ``budget``
+        survivors are compacted into slots ``[0, budget)`` (slot order carries no meaning).
+
+        q: ``[B, H, c, D]``; k, v: ``[B, H_kv, c, D]``; pos: ``[B, c]``. Returns ``[B, H, c, D]``.
+        """
+        assert self.k is not None and self.v is not None and self.slot_pos is not None and self._free is not None
+        assert self.budget is not None
+        B, H, c, D = q.shape
+        Hkv, G, C = k.shape[1], self.slot_pos.shape[1], self.capacity
+        S = C + c
+        keys = torch.cat([self.k, k], dim=2)  # [B, H_kv, S, D]
+        values = torch.cat([self.v, v], dim=2)
+        key_pos = torch.cat([self.slot_pos, pos[:, None].expand(B, G, c)], dim=2)  # [B, G, S]
+        # The same arithmetic as attention_over_cache's weights path, for all c queries at once.
+        qg = q.reshape(B, Hkv, H // Hkv * c, D)
+        scores = ((qg @ keys.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * D**-0.5)
+        scores = scores.view(B, H, c, S)
+        alive = key_pos >= 0  # the cache's kept tokens (the free slot holds position -1)
+        alive[..., C:] = False
+        seen = torch.empty(B, G, c, S, dtype=torch.bool, device=q.device)
+        acc = None
+        if self.score is not None:  # H2O: accumulated attention; a new token starts from 0
+            acc = torch.cat([self.score, self.score.new_zeros(B, G, c)], dim=2)
+        heads = H // G
+        for t in range(c):
+            alive[..., C + t] = True
+            seen[:, :, t] = alive
+            visible = alive.repeat_interleave(heads, dim=1) if G > 1 else alive.expand(B, H, S)
+            w = scores[:, :, t].masked_fill(~visible, float("-inf")).softmax(-1)
+            w = w.view(B, G, heads, S).mean(2)
+            if acc is not None:
+                acc += w
+                w = acc
+            current = pos[:, t].view(B, 1, 1)
+            victim = self.policy.select_victim(key_pos.masked_fill(~alive, -1), current, w)  # [B, G, 1]
+            alive.scatter_(2, victim, False)
+        visible = seen.repeat_interleave(heads, dim=1) if G > 1 else seen.expand(B, H, c, S)
+        w = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        o = (w.to(values.dtype).view(B, Hkv, H // Hkv * c, S) @ values).view(B, H, c, D)
+        # Compact the budget survivors (per row and group) into slots [0, budget); slot budget is free.
+        budget = self.budget
+        keep = (~alive).to(torch.int8).argsort(dim=-1, stable=True)[..., :budget]  # [B, G, budget]
+        kv_idx = keep.expand(B, Hkv, budget) if G == 1 else keep
+        kv_idx = kv_idx[..., None].expand(B, Hkv, budget, D)
+        self.k[:, :, :budget] = keys.gather(2, kv_idx)
+        self.v[:, :, :budget] = values.gather(2, kv_idx)
+        self.slot_pos[..., :budget] = key_pos.gather(2, keep)
+        self.slot_pos[..., budget] = -1
+        if acc is not None:
+            assert self.score is not None
+            self.score[..., :budget] = acc.gather(2, keep)
+            self.score[..., budget] = 0.0
+        self._free.fill_(budget)
         return o
 
     def _static_step(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
