@@ -28,15 +28,19 @@ cache with :meth:`KVCache.load_`, which is how prompts are prefilled.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
 from ..ops.attention import attention_over_cache, causal_attention
-from .policies import CachePolicy, Full
+from ..ops.eviction_replay import MAX_ENTRIES, replay_evictions, replay_evictions_reference
+from .policies import H2O, TOVA, CachePolicy, Full
 
 _LONG_MAX = torch.iinfo(torch.long).max
 # Bound on the fp32 scores one _evict_chunk call holds (B x H x sub-chunk x (capacity + sub-chunk)).
 EVICT_CHUNK_SCORES = 1 << 26
+_replay_kernel_error: str | None = None  # set once if the Triton replay kernel fails on this machine
 
 
 class KVCache:
@@ -57,8 +61,9 @@ class KVCache:
        mask -- their decisions do not depend on scores -- and score-based policies (TOVA, H2O) decide token
        by token, since each decision changes what the next token sees, but over sub-chunks: every query's
        scores against the cache and the sub-chunk come from one product, the per-token loop only replays
-       the decisions on those scores (a softmax, a mean and a selection per token), and the outputs are one
-       masked attention over the sub-chunk (:meth:`KVCache._evict_chunk`).
+       the decisions on those scores (a softmax, a mean and a selection per token; one Triton launch per
+       sub-chunk on CUDA, :mod:`longseq.ops.eviction_replay`), and the outputs are one masked attention over
+       the sub-chunk (:meth:`KVCache._evict_chunk`).
 
     Positions of successive calls are assumed consecutive (``0, 1, 2, ...``), as the models produce them.
     """
@@ -372,23 +377,11 @@ class KVCache:
         scores = scores.view(B, H, c, S)
         alive = key_pos >= 0  # the cache's kept tokens (the free slot holds position -1)
         alive[..., C:] = False
-        seen = torch.empty(B, G, c, S, dtype=torch.bool, device=q.device)
         acc = None
         if self.score is not None:  # H2O: accumulated attention; a new token starts from 0
             acc = torch.cat([self.score, self.score.new_zeros(B, G, c)], dim=2)
+        seen, alive, acc = self._replay(scores, key_pos, pos, alive, acc)
         heads = H // G
-        for t in range(c):
-            alive[..., C + t] = True
-            seen[:, :, t] = alive
-            visible = alive.repeat_interleave(heads, dim=1) if G > 1 else alive.expand(B, H, S)
-            w = scores[:, :, t].masked_fill(~visible, float("-inf")).softmax(-1)
-            w = w.view(B, G, heads, S).mean(2)
-            if acc is not None:
-                acc += w
-                w = acc
-            current = pos[:, t].view(B, 1, 1)
-            victim = self.policy.select_victim(key_pos.masked_fill(~alive, -1), current, w)  # [B, G, 1]
-            alive.scatter_(2, victim, False)
         visible = seen.repeat_interleave(heads, dim=1) if G > 1 else seen.expand(B, H, c, S)
         w = scores.masked_fill(~visible, float("-inf")).softmax(-1)
         o = (w.to(values.dtype).view(B, Hkv, H // Hkv * c, S) @ values).view(B, H, c, D)
@@ -407,6 +400,25 @@ class KVCache:
             self.score[..., budget] = 0.0
         self._free.fill_(budget)
         return o
+
+    def _replay(
+        self, scores: Tensor, key_pos: Tensor, pos: Tensor, alive: Tensor, acc: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The per-token decisions of :meth:`_evict_chunk` (see :mod:`longseq.ops.eviction_replay`): one
+        Triton launch on CUDA for TOVA and H2O, the PyTorch loop otherwise (or if the kernel cannot be
+        compiled here, said once)."""
+        global _replay_kernel_error
+        policy = self.policy
+        kernel_policy = isinstance(policy, (TOVA, H2O))
+        if scores.is_cuda and kernel_policy and _replay_kernel_error is None and scores.shape[-1] <= MAX_ENTRIES:
+            recent = policy.recent if isinstance(policy, H2O) else None
+            try:
+                return replay_evictions(scores, key_pos, pos, alive, acc, recent)
+            except Exception as e:  # a Triton build problem on this machine: fall back, say why once
+                _replay_kernel_error = f"{type(e).__name__}: {e}"
+                warnings.warn(f"eviction replay kernel unavailable, using the PyTorch loop: {_replay_kernel_error}",
+                              stacklevel=2)
+        return replay_evictions_reference(scores, key_pos, pos, alive, acc, policy.select_victim)
 
     def _static_step(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
         """Static mode, one token per row (rows may sit at different positions): fixed shapes, no host

@@ -1,0 +1,160 @@
+"""Replaying score-based KV eviction (TOVA, H2O) over a chunk of new tokens, given their attention scores.
+
+Why: TOVA and H2O decide token by token (each eviction changes what the next token sees), so an exact
+prefill of a long prompt is a loop over its tokens. With the scores of every new query against the cache
+and the chunk computed up front (one product), what remains sequential is cheap -- per token a softmax
+over the entries alive at that moment, a mean over the query heads, and a selection -- but as PyTorch ops
+it is still ~10 kernel launches per token and layer. :func:`replay_evictions` runs the whole loop in one
+Triton program per (row, head group); :func:`replay_evictions_reference` is the PyTorch loop it is tested
+against (and the path on CPU).
+
+Layouts (``S`` = cache slots + ``c`` new tokens; entries ``[S - c, S)`` are the new tokens in order):
+
+* ``scores`` ``[B, H, c, S]`` (fp32 or fp64): query ``t``'s scaled scores against every entry;
+* ``key_pos`` ``[B, G, S]`` int64 original positions (``G`` = 1, or ``H_kv`` for per-head policies; the
+  ``H / G`` query heads of group ``g`` are ``g * H / G ...``); ``pos`` ``[B, c]`` the new tokens' positions;
+* ``alive`` ``[B, G, S]`` bool: the cache's kept entries (new tokens start dead);
+* ``acc`` ``[B, G, S]`` accumulated attention (H2O) or None (TOVA).
+
+Token ``t`` joins the alive set; its attention (softmax over the alive entries, per head) averaged over
+the group's heads scores them -- TOVA -- or is added to ``acc`` -- H2O, whose candidates are also only
+positions ``<= pos_t - recent``; the lowest score leaves, ties to the oldest position (as
+:func:`longseq.cache.policies.select_evictions`). Returns ``seen`` ``[B, G, c, S]`` bool (the alive set
+query ``t`` attended over, itself included), the final ``alive`` and ``acc``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["replay_evictions", "replay_evictions_reference", "MAX_ENTRIES"]
+
+MAX_ENTRIES = 8192  # S per program: alive flags, positions and scores of all entries live in registers
+_INT64_MAX = torch.iinfo(torch.int64).max
+
+
+def replay_evictions_reference(
+    scores: Tensor,
+    key_pos: Tensor,
+    pos: Tensor,
+    alive: Tensor,
+    acc: Tensor | None,
+    select_victim: Callable[[Tensor, Tensor, Tensor], Tensor],
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The replay in PyTorch, for any policy's ``select_victim(positions, current, scores)`` (empty
+    entries at position -1). ``alive`` and ``acc`` are updated in place and returned."""
+    B, H, c, S = scores.shape
+    G = key_pos.shape[1]
+    heads = H // G
+    seen = torch.empty(B, G, c, S, dtype=torch.bool, device=scores.device)
+    for t in range(c):
+        alive[..., S - c + t] = True
+        seen[:, :, t] = alive
+        visible = alive.repeat_interleave(heads, dim=1) if G > 1 else alive.expand(B, H, S)
+        w = scores[:, :, t].masked_fill(~visible, float("-inf")).softmax(-1)
+        w = w.view(B, G, heads, S).mean(2)
+        if acc is not None:
+            acc += w
+            w = acc
+        victim = select_victim(key_pos.masked_fill(~alive, -1), pos[:, t].view(B, 1, 1), w)  # [B, G, 1]
+        alive.scatter_(2, victim, False)
+    return seen, alive, acc
+
+
+@triton.jit
+def _replay_kernel(
+    scores_ptr,
+    key_pos_ptr,
+    pos_ptr,
+    alive_ptr,
+    acc_ptr,
+    seen_ptr,
+    C,
+    S,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK: tl.constexpr,
+    H2O: tl.constexpr,
+    RECENT: tl.constexpr,
+):
+    """One program per (row ``b``, group ``g``): the whole replay, every entry's state in registers."""
+    i_g, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    HEADS: tl.constexpr = H // G
+    n_new = S - C
+    offs = tl.arange(0, BLOCK)
+    in_range = offs < S
+    row = (i_b * G + i_g) * S
+    kp = tl.load(key_pos_ptr + row + offs, mask=in_range, other=-1)
+    alive = tl.load(alive_ptr + row + offs, mask=in_range, other=0) != 0
+    if H2O:
+        acc = tl.load(acc_ptr + row + offs, mask=in_range, other=0.0)
+    for t in range(0, n_new):
+        alive = alive | (offs == C + t)
+        tl.store(seen_ptr + ((i_b * G + i_g) * n_new + t) * S + offs, alive.to(tl.int8), mask=in_range)
+        mean = tl.zeros([BLOCK], dtype=scores_ptr.dtype.element_ty)
+        for h in range(0, HEADS):
+            head = i_g * HEADS + h
+            x = tl.load(scores_ptr + ((i_b * H + head) * n_new + t) * S + offs, mask=in_range, other=0.0)
+            x = tl.where(alive, x, float("-inf"))
+            e = tl.exp(x - tl.max(x, axis=0))
+            mean += e / tl.sum(e, axis=0)
+        score = mean / HEADS
+        candidate = alive & (kp >= 0)
+        if H2O:
+            acc += score
+            score = acc
+            current = tl.load(pos_ptr + i_b * n_new + t)
+            candidate = candidate & (kp <= current - RECENT)
+        score = tl.where(candidate, score, float("inf"))
+        lowest = candidate & (score == tl.min(score, axis=0))
+        oldest = tl.min(tl.where(lowest, kp, 9223372036854775807), axis=0)
+        alive = alive & ~(lowest & (kp == oldest))
+    tl.store(alive_ptr + row + offs, alive.to(tl.int8), mask=in_range)
+    if H2O:
+        tl.store(acc_ptr + row + offs, acc, mask=in_range)
+
+
+def replay_evictions(
+    scores: Tensor, key_pos: Tensor, pos: Tensor, alive: Tensor, acc: Tensor | None, recent: int | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The replay in one Triton launch: TOVA (``acc`` None) or H2O (``acc`` and ``recent`` given).
+
+    Same contract as :func:`replay_evictions_reference` with the TOVA / H2O selection rule; ``alive``
+    and ``acc`` are updated in place. Needs ``S <= MAX_ENTRIES``.
+    """
+    B, H, c, S = scores.shape
+    G = key_pos.shape[1]
+    if S > MAX_ENTRIES:
+        raise ValueError(f"replay_evictions handles at most {MAX_ENTRIES} entries per row; got {S}")
+    if (acc is None) != (recent is None):
+        raise ValueError("H2O needs both acc and recent; TOVA neither")
+    scores = scores.contiguous()
+    flags = alive.to(torch.int8).contiguous()
+    seen = torch.empty(B, G, c, S, dtype=torch.int8, device=scores.device)
+    acc_buf = acc.to(scores.dtype).contiguous() if acc is not None else scores  # dummy pointer for TOVA
+    block = triton.next_power_of_2(S)
+    _replay_kernel[(G, B)](
+        scores,
+        key_pos.contiguous(),
+        pos.contiguous(),
+        flags,
+        acc_buf,
+        seen,
+        S - c,
+        S,
+        H=H,
+        G=G,
+        BLOCK=block,
+        H2O=acc is not None,
+        RECENT=recent if recent is not None else 0,
+        num_warps=4 if block <= 2048 else 8,
+    )
+    alive.copy_(flags != 0)
+    if acc is not None:
+        acc.copy_(acc_buf)
+    return seen != 0, alive, acc
