@@ -311,7 +311,7 @@ def test_loss_is_finite_and_backward_reaches_every_parameter():
 @pytest.mark.parametrize("global_backbone,local_backbone", BACKBONES)
 @pytest.mark.parametrize("T", [11, 12])
 def test_fast_stateless_path_matches_module_path_with_gradients(global_backbone, local_backbone, T):
-    """forward's fast path (fused RMSNorm, RoPE folded into the local qkv weight) against the blocks
+    """forward's fast path (RoPE folded into the local qkv weight) against the blocks
     called as modules: same logits and the same gradient for every parameter (float64)."""
     from torch.nn.attention import SDPBackend
 

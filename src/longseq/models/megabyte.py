@@ -130,19 +130,12 @@ def _make_block(backbone: str, cfg: Any) -> nn.Module:
 
 # -- stateless fast path of the Transformer blocks (training / full-sequence forward) ----------------------
 # ``TransformerBlock.forward`` with ``cache=None`` computed with fewer memory passes, same math:
-# * RMSNorm through ``F.rms_norm`` (one fused kernel on CUDA instead of pow/mean/rsqrt/mul/mul), in the
-#   same precision as :class:`RMSNorm` (at least fp32, cast back);
 # * local blocks: RoPE folded into the qkv weight. Every local position is an in-patch position
 #   ``p < P``, so ``rope_p(W_q x) = (R_p W_q) x`` with ``R_p`` the rotation of position ``p``: one
 #   ``[L, 3d, d]`` weight (``L <= P`` copies, rotated in at least fp32) and a batched matmul over the
 #   positions replace the fp32 rotation of every query and key (~40 bytes of memory traffic per q/k
 #   element in the forward alone; about a fifth of the non-matmul traffic of a paper95m training step).
 # The global blocks keep the module's RoPE (a patch position can be anything up to max_seq_len / P).
-def _rms_norm(norm: RMSNorm, x: Tensor) -> Tensor:
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    return F.rms_norm(x.to(dtype), (x.shape[-1],), norm.weight.to(dtype), norm.eps).to(x.dtype)
-
-
 def _rope_angles(head_dim: int, theta: float, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``cos, sin`` ``[L, D/2]`` of :class:`~longseq.nn.rotary.RotaryEmbedding` (same float64 frequencies)."""
     exponent = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim
@@ -179,7 +172,7 @@ def _transformer_block_fast(block: TransformerBlock, h: Tensor, positions: Tenso
     attn = block.attn
     N, L, _ = h.shape
     H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    x = _rms_norm(block.attn_norm, h)
+    x = block.attn_norm(h)
     if fold_rope:
         # [L, N, d] @ [L, d, 3d]: the transposed view of x is a valid cuBLAS operand (no copy).
         qkv = torch.bmm(x.transpose(0, 1), _rope_folded_qkv_weight(block, positions).transpose(1, 2))
@@ -198,7 +191,7 @@ def _transformer_block_fast(block: TransformerBlock, h: Tensor, positions: Tenso
         with sdpa_kernel(sdpa_backends):
             o = causal_attention(q, k, v)
     h = h + attn.out(o.transpose(1, 2).reshape(N, L, H * D))
-    return h + block.mlp(_rms_norm(block.mlp_norm, h))
+    return h + block.mlp(block.mlp_norm(h))
 
 
 class MegabyteLM(LanguageModel):
@@ -212,7 +205,7 @@ class MegabyteLM(LanguageModel):
     config: MegabyteConfig
 
     #: Stateless Transformer blocks (``forward``, whole patches in ``step``) run through the fast path
-    #: above (fused RMSNorm, RoPE folded into the local qkv weight); ``False`` calls the blocks as modules.
+    #: above (RoPE folded into the local qkv weight); ``False`` calls the blocks as modules.
     #: Both compute the same function (tests compare them). Blocks with forward hooks always go through
     #: the module call.
     fast_stateless: bool = True
@@ -308,7 +301,7 @@ class MegabyteLM(LanguageModel):
             else:
                 h, s = block(h, positions, None if states is None else states[i])
             new_states.append(s)
-        h = self._final_norm(self.global_norm, h)
+        h = self.global_norm(h)
         B, K, _ = h.shape
         return self.global_to_local(h.view(B, K, self.config.patch_size, self.config.byte_dim)), new_states
 
@@ -322,7 +315,7 @@ class MegabyteLM(LanguageModel):
             else:
                 h, s = block(h, positions, None if states is None else states[i])
             new_states.append(s)
-        return self.head(self._final_norm(self.norm, h)), new_states
+        return self.head(self.norm(h)), new_states
 
     def _fast(self, block: nn.Module) -> bool:
         # A replaced qkv (e.g. a LoRA wrapper) would be bypassed by the folded weight: module path then.
@@ -332,9 +325,6 @@ class MegabyteLM(LanguageModel):
             and type(block.attn.qkv) is nn.Linear
             and not _has_hooks(block)
         )
-
-    def _final_norm(self, norm: nn.Module, h: Tensor) -> Tensor:
-        return _rms_norm(norm, h) if self.fast_stateless and not _has_hooks(norm) else norm(h)
 
     # -- full-sequence forward -----------------------------------------------------------------------
     def forward(self, input_ids: Tensor) -> Tensor:
