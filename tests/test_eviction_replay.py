@@ -21,10 +21,11 @@ triton = pytest.importorskip("triton")
 from longseq import build_model  # noqa: E402
 from longseq.cache import H2O, TOVA, KVCache  # noqa: E402
 from longseq.ops import eviction_replay as er  # noqa: E402
+from longseq.ops.eviction_replay import kernel as er_kernel  # noqa: E402
 from longseq.testing import triton_interpreter_problem  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-_problem = triton_interpreter_problem(er._replay_kernel)
+_problem = triton_interpreter_problem(er_kernel._replay_kernel)
 pytestmark = pytest.mark.skipif(_problem is not None, reason=str(_problem))
 
 

@@ -122,13 +122,14 @@ class LongseqLayer(CacheLayerMixin):
         self.rows: list[KVCache] | None = None  # one single-row KVCache per batch row
         self.next_pos: Tensor | None = None  # [B] int64: position of each row's next valid token
         self.seen = 0  # tokens fed, padding included (HF's notion of sequence length)
+        self.is_initialized = False  # set by transformers 5's mixin too; 4.56's does not have it
 
     def __repr__(self) -> str:
         mode = "rows" if self.rows is not None else "batched"
         return f"LongseqLayer({self.policy.spec}, seen={self.seen}, {mode})"
 
     # -- the CacheLayerMixin API -------------------------------------------------------------------
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor | None = None) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
@@ -140,7 +141,10 @@ class LongseqLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         return key_states, value_states
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int | Tensor) -> tuple[int, int]:
+        # transformers < 5 passes the new tokens' cache_position tensor instead of their count.
+        if isinstance(query_length, Tensor):
+            query_length = query_length.shape[0]
         # Announce to the mask function (called next by masking_utils) that this mask is for a longseq
         # cache, so it returns the [B, T] validity of the new tokens instead of a [B, 1, T, S] mask.
         _LOCAL.mask_request = (int(query_length), self.seen)
@@ -151,6 +155,9 @@ class LongseqLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1  # no length limit: positions grow without bound while at most `budget` tokens are kept
+
+    def get_max_cache_shape(self) -> int:
+        return -1  # as get_max_length (the name transformers 4.56 asks for)
 
     def reset(self) -> None:
         self.batched, self.rows, self.next_pos, self.seen = None, None, None, 0
@@ -356,17 +363,30 @@ def longseq_attention(
 
 def longseq_mask(
     batch_size: int,
-    q_length: int,
-    kv_length: int,
+    q_length: int | None = None,
+    kv_length: int | None = None,
     q_offset: int = 0,
     kv_offset: int = 0,
     attention_mask: Tensor | None = None,
     **kwargs: Any,
 ) -> Tensor | None:
     """HF mask function: for a longseq cache, the ``[B, T]`` bool validity of the new tokens (None if all
-    valid), cut from the 2-D ``attention_mask`` ``[B, past + T]``; for any other cache, SDPA's mask."""
+    valid), cut from the 2-D ``attention_mask`` ``[B, past + T]``; for any other cache, SDPA's mask.
+
+    transformers 5 passes ``q_length`` / ``q_offset``; 4.56+ passes ``cache_position`` (the new tokens'
+    positions) instead, and gets its arguments back unchanged on the SDPA path."""
+    cache_position = kwargs.get("cache_position")
+    legacy = q_length is None and cache_position is not None
+    if legacy:
+        q_length = int(cache_position.shape[0])
+        q_offset = int(cache_position[0]) if q_length else 0
     request, _LOCAL.mask_request = getattr(_LOCAL, "mask_request", None), None
     if request != (int(q_length), int(q_offset)):
+        if legacy:
+            return sdpa_mask(
+                batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset, attention_mask=attention_mask,
+                **kwargs,
+            )
         return sdpa_mask(
             batch_size=batch_size,
             q_length=q_length,

@@ -101,9 +101,8 @@ def load_hf_causal_lm(
         raise FileNotFoundError(f"no such model folder: {folder} (evaluate_hf loads local folders only)")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json; is it a saved HF model folder?")
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    # "auto": the dtype the folder was saved in (transformers 5's default; 4.x would load float32).
+    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype if dtype is not None else "auto"}
     model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     if device is not None:
         model = model.to(device)

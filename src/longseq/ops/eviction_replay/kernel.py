@@ -1,69 +1,13 @@
-"""Replaying score-based KV eviction (TOVA, H2O) over a chunk of new tokens, given their attention scores.
-
-Why: TOVA and H2O decide token by token (each eviction changes what the next token sees), so an exact
-prefill of a long prompt is a loop over its tokens. With the scores of every new query against the cache
-and the chunk computed up front (one product), what remains sequential is cheap -- per token a softmax
-over the entries alive at that moment, a mean over the query heads, and a selection -- but as PyTorch ops
-it is still ~10 kernel launches per token and layer. :func:`replay_evictions` runs the whole loop in one
-Triton program per (row, head group); :func:`replay_evictions_reference` is the PyTorch loop it is tested
-against (and the path on CPU).
-
-Layouts (``S`` = cache slots + ``c`` new tokens; entries ``[S - c, S)`` are the new tokens in order):
-
-* ``scores`` ``[B, H, c, S]`` (fp32 or fp64): query ``t``'s scaled scores against every entry;
-* ``key_pos`` ``[B, G, S]`` int64 original positions (``G`` = 1, or ``H_kv`` for per-head policies; the
-  ``H / G`` query heads of group ``g`` are ``g * H / G ...``); ``pos`` ``[B, c]`` the new tokens' positions;
-* ``alive`` ``[B, G, S]`` bool: the cache's kept entries (new tokens start dead);
-* ``acc`` ``[B, G, S]`` accumulated attention (H2O) or None (TOVA).
-
-Token ``t`` joins the alive set; its attention (softmax over the alive entries, per head) averaged over
-the group's heads scores them -- TOVA -- or is added to ``acc`` -- H2O, whose candidates are also only
-positions ``<= pos_t - recent``; the lowest score leaves, ties to the oldest position (as
-:func:`longseq.cache.policies.select_evictions`). Returns ``seen`` ``[B, G, c, S]`` bool (the alive set
-query ``t`` attended over, itself included), the final ``alive`` and ``acc``.
-"""
+"""The eviction replay as one Triton program per (row, head group) (layouts in the package docstring)."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["replay_evictions", "replay_evictions_reference", "MAX_ENTRIES"]
-
-MAX_ENTRIES = 8192  # S per program: alive flags, positions and scores of all entries live in registers
-_INT64_MAX = torch.iinfo(torch.int64).max
-
-
-def replay_evictions_reference(
-    scores: Tensor,
-    key_pos: Tensor,
-    pos: Tensor,
-    alive: Tensor,
-    acc: Tensor | None,
-    select_victim: Callable[[Tensor, Tensor, Tensor], Tensor],
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The replay in PyTorch, for any policy's ``select_victim(positions, current, scores)`` (empty
-    entries at position -1). ``alive`` and ``acc`` are updated in place and returned."""
-    B, H, c, S = scores.shape
-    G = key_pos.shape[1]
-    heads = H // G
-    seen = torch.empty(B, G, c, S, dtype=torch.bool, device=scores.device)
-    for t in range(c):
-        alive[..., S - c + t] = True
-        seen[:, :, t] = alive
-        visible = alive.repeat_interleave(heads, dim=1) if G > 1 else alive.expand(B, H, S)
-        w = scores[:, :, t].masked_fill(~visible, float("-inf")).softmax(-1)
-        w = w.view(B, G, heads, S).mean(2)
-        if acc is not None:
-            acc += w
-            w = acc
-        victim = select_victim(key_pos.masked_fill(~alive, -1), pos[:, t].view(B, 1, 1), w)  # [B, G, 1]
-        alive.scatter_(2, victim, False)
-    return seen, alive, acc
+from . import MAX_ENTRIES
 
 
 @triton.jit
