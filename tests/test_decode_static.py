@@ -80,6 +80,9 @@ def test_grouped_prefill_equals_one_row_at_a_time(kind, overrides, spec, group_t
     # The module, not the `longseq.generate` function the package exports under the same name.
     monkeypatch.setattr(sys.modules["longseq.generate"], "GROUP_PREFILL_TOKENS", group_tokens)
     model = _model(kind, overrides)
+    calls = []  # (rows, tokens) of every model call: the grouping and the per-call token cap
+    step = model.step
+    monkeypatch.setattr(model, "step", lambda ids, state: (calls.append(tuple(ids.shape)), step(ids, state))[1])
     gen = torch.Generator().manual_seed(3)
     rows = [torch.randint(0, 256, (1, n), generator=gen) for n in (40, 40, 40, 17, 40, 40)]
     states, logits = [], []
@@ -89,6 +92,10 @@ def test_grouped_prefill_equals_one_row_at_a_time(kind, overrides, spec, group_t
             logits.append(prefill_rows(model, state, rows, _policy(spec), max_group=group))
             states.append(state)
             assert state.host_positions == [40, 40, 40, 17, 40, 40]
+            if group is None:  # automatic: bounded states group the runs of equal length
+                assert max(b for b, _ in calls) == (3 if spec or kind == "gla" else 1)
+                assert all(b * t <= max(group_tokens, t) for b, t in calls), calls
+            calls.clear()
         follow = torch.randint(0, 256, (len(rows), 1), generator=gen)
         after = [model.step(follow, st)[0] for st in states]
     for i in (1, 2):

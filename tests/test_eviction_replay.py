@@ -81,6 +81,19 @@ def test_kernel_breaks_ties_towards_the_oldest_position():
     assert torch.equal(kept, everything[c:])  # the c oldest left, in order
 
 
+def test_h2o_ties_are_broken_as_the_loop_breaks_them():
+    """All scores and accumulations equal, so every step is a tie among many candidates (within the
+    ``recent`` rule): the kernel must pick the same victims as select_evictions in the loop."""
+    B, H, G, C, c, recent = 2, 2, 1, 6, 5, 2
+    scores, key_pos, pos, alive = _case(B, H, G, C, c, torch.float64, seed=1, holes=False)
+    scores.zero_()
+    acc = torch.zeros(B, G, C + c, dtype=torch.float64, device=DEVICE)
+    victim = H2O(5, recent=recent).select_victim
+    ref = er.replay_evictions_reference(scores, key_pos, pos, alive.clone(), acc.clone(), victim)
+    got = er.replay_evictions(scores, key_pos, pos, alive.clone(), acc.clone(), recent)
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0])
+
+
 def test_bad_arguments_are_rejected():
     scores, key_pos, pos, alive = _case(1, 2, 1, 5, 3, torch.float64, seed=0)
     with pytest.raises(ValueError, match="H2O needs both"):
@@ -125,3 +138,23 @@ def test_gpu_kernel_matches_the_loop_at_prefill_shapes(policy, G):
     )
     got = er.replay_evictions(scores, key_pos, pos, alive.clone(), None if acc is None else acc.clone(), recent)
     assert torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_cache_prefill_uses_the_kernel(monkeypatch):
+    """On CUDA a chunked TOVA prefill goes through the Triton replay (counted), with the loop's result."""
+    from longseq.cache import kv
+
+    calls = []
+    kernel = kv.replay_evictions
+    monkeypatch.setattr(kv, "replay_evictions", lambda *a: (calls.append(1), kernel(*a))[1])
+    torch.manual_seed(0)
+    model = build_model("transformer", "tiny").to(DEVICE, torch.float64).eval()
+    ids = torch.randint(0, 256, (2, 300), device=DEVICE)
+    with torch.no_grad():
+        got, _ = model.step(ids, model.init_state(2, cache=TOVA(16)))
+        monkeypatch.setattr(kv, "replay_evictions", lambda *a: pytest.fail("kernel used on the CPU copy"))
+        ref, _ = model.cpu().step(ids.cpu(), model.init_state(2, cache=TOVA(16)))
+    assert calls, "the replay kernel was not used on CUDA"
+    torch.testing.assert_close(got.cpu(), ref, rtol=0, atol=1e-9)

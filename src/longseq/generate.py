@@ -306,7 +306,10 @@ def prefill_rows(
     """
     if max_group is None:
         probe = model.init_state(1, cache=cache)
-        unbounded = any(isinstance(layer, KVCache) and layer.budget is None for layer in probe.layers)
+        # MEGABYTE's local caches hold at most one patch (they restart at every patch): only the layers
+        # that persist along the sequence decide.
+        persistent = getattr(probe, "global_layers", probe.layers)
+        unbounded = any(isinstance(layer, KVCache) and layer.budget is None for layer in persistent)
         max_group = 1 if unbounded else len(rows)
     if max_group < 1:
         raise ValueError(f"max_group must be >= 1, got {max_group}")
@@ -319,7 +322,7 @@ def prefill_rows(
         n_rows = end - start
         # A group goes through the model in chunks of at most GROUP_PREFILL_TOKENS tokens in all, so
         # batching rows never multiplies the prefill's activation memory (chunked prefill is exact).
-        group_chunk = chunk if chunk is not None or n_rows == 1 else max(16, GROUP_PREFILL_TOKENS // n_rows)
+        group_chunk = chunk if chunk is not None or n_rows == 1 else max(1, GROUP_PREFILL_TOKENS // n_rows)
         logits, dyn = _prefill(model, torch.cat(list(rows[start:end]), 0), cache, group_chunk)
         state.load_(dyn, slice(start, end))
         out.extend(logits)

@@ -240,13 +240,12 @@ class KVCache:
                 outs.append(
                     self._banded(q[:, :, done:], k[:, :, done:], v[:, :, done:], pos[:, done:], *band)
                 )
-            elif T - done == 1:
-                outs.append(self._evict_step(q[:, :, done:], k[:, :, done:], v[:, :, done:], pos[:, done:]))
             else:
-                step = self._evict_chunk_size(q.shape[0], q.shape[1])
+                step = 1 if T - done == 1 else self._evict_chunk_size(q.shape[0], q.shape[1])
                 for a in range(done, T, step):
                     b = min(T, a + step)
-                    outs.append(self._evict_chunk(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], pos[:, a:b]))
+                    args = (q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], pos[:, a:b])
+                    outs.append(self._evict_step(*args) if b - a == 1 else self._evict_chunk(*args))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _attend_full(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
@@ -345,21 +344,29 @@ class KVCache:
         return o
 
     def _evict_chunk_size(self, batch: int, n_heads: int) -> int:
-        """Tokens per :meth:`_evict_chunk` call: at most 256, and few enough that the fp32 scores of the
-        sub-chunk against the cache plus itself stay within EVICT_CHUNK_SCORES elements."""
-        per_token = batch * n_heads * (self.capacity + 256)
-        return max(1, min(256, EVICT_CHUNK_SCORES // per_token))
+        """Tokens per :meth:`_evict_chunk` call: at most 256, few enough that the scores of the sub-chunk
+        against the cache plus itself stay within EVICT_CHUNK_SCORES elements, and (on CUDA) that the
+        replay kernel can hold all ``capacity + sub-chunk`` entries of a row. 1 means token by token."""
+        C = self.capacity
+        per_token = batch * n_heads * (C + 256)
+        step = min(256, EVICT_CHUNK_SCORES // per_token)
+        if self.k is not None and self.k.is_cuda and C < MAX_ENTRIES:
+            step = min(step, MAX_ENTRIES - C)
+        return max(1, step)
 
     def _evict_chunk(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
-        """Score-based eviction (TOVA, H2O) for ``c`` tokens arriving at a full cache, exactly as ``c``
-        calls of :meth:`_evict_step`.
+        """Score-based eviction (TOVA, H2O) for ``c`` tokens arriving at a full cache, as ``c`` calls of
+        :meth:`_evict_step` would do it (bit for bit in float64; in lower precision the batched products
+        round differently, so a near-tie can be decided the other way).
 
-        The cache's ``C`` slots and the ``c`` new tokens form ``S = C + c`` candidate entries. One product
-        gives every new query's scores against all of them; a loop over the tokens then replays the
-        policy: token ``t`` joins the alive set, its attention over the alive entries (softmax, then the
-        mean over the query heads of each group) scores them, and the policy's victim leaves. The alive
-        set each query saw is recorded, so the outputs are one masked attention, and the ``budget``
-        survivors are compacted into slots ``[0, budget)`` (slot order carries no meaning).
+        The cache's ``C`` slots and the ``c`` new tokens form ``S = C + c`` candidate entries. Two products
+        give every new query's scores against all of them; a loop over the tokens then replays the
+        policy (:mod:`longseq.ops.eviction_replay`): token ``t`` joins the alive set, its attention over
+        the alive entries (softmax, then the mean over the query heads of each group) scores them, and
+        the policy's victim leaves. The alive set each query saw is recorded, so the outputs are one
+        masked attention. The surviving new tokens then move into the cache slots that died (slot order
+        carries no meaning), and the one dead slot left over becomes the free slot; the cache is never
+        copied.
 
         q: ``[B, H, c, D]``; k, v: ``[B, H_kv, c, D]``; pos: ``[B, c]``. Returns ``[B, H, c, D]``.
         """
@@ -367,13 +374,12 @@ class KVCache:
         assert self.budget is not None
         B, H, c, D = q.shape
         Hkv, G, C = k.shape[1], self.slot_pos.shape[1], self.capacity
-        S = C + c
-        keys = torch.cat([self.k, k], dim=2)  # [B, H_kv, S, D]
-        values = torch.cat([self.v, v], dim=2)
+        S, heads = C + c, H // G
         key_pos = torch.cat([self.slot_pos, pos[:, None].expand(B, G, c)], dim=2)  # [B, G, S]
-        # The same arithmetic as attention_over_cache's weights path, for all c queries at once.
+        # The arithmetic of attention_over_cache's weights path, for all c queries at once.
         qg = q.reshape(B, Hkv, H // Hkv * c, D)
-        scores = ((qg @ keys.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * D**-0.5)
+        sdt = torch.promote_types(q.dtype, torch.float32)
+        scores = torch.cat([qg @ self.k.transpose(-1, -2), qg @ k.transpose(-1, -2)], dim=-1).to(sdt) * D**-0.5
         scores = scores.view(B, H, c, S)
         alive = key_pos >= 0  # the cache's kept tokens (the free slot holds position -1)
         alive[..., C:] = False
@@ -381,24 +387,30 @@ class KVCache:
         if self.score is not None:  # H2O: accumulated attention; a new token starts from 0
             acc = torch.cat([self.score, self.score.new_zeros(B, G, c)], dim=2)
         seen, alive, acc = self._replay(scores, key_pos, pos, alive, acc)
-        heads = H // G
         visible = seen.repeat_interleave(heads, dim=1) if G > 1 else seen.expand(B, H, c, S)
-        w = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-        o = (w.to(values.dtype).view(B, Hkv, H // Hkv * c, S) @ values).view(B, H, c, D)
-        # Compact the budget survivors (per row and group) into slots [0, budget); slot budget is free.
-        budget = self.budget
-        keep = (~alive).to(torch.int8).argsort(dim=-1, stable=True)[..., :budget]  # [B, G, budget]
-        kv_idx = keep.expand(B, Hkv, budget) if G == 1 else keep
-        kv_idx = kv_idx[..., None].expand(B, Hkv, budget, D)
-        self.k[:, :, :budget] = keys.gather(2, kv_idx)
-        self.v[:, :, :budget] = values.gather(2, kv_idx)
-        self.slot_pos[..., :budget] = key_pos.gather(2, keep)
-        self.slot_pos[..., budget] = -1
+        w = scores.masked_fill(~visible, float("-inf")).softmax(-1).to(self.v.dtype)
+        w = w.view(B, Hkv, H // Hkv * c, S)
+        o = (w[..., :C] @ self.v + w[..., C:] @ v).view(B, H, c, D)
+
+        # Survivor j of the new tokens (in order) takes the j-th dead cache slot (in slot order); the
+        # next dead slot is the free one, and the evicted new tokens are written there (it is unused).
+        dead = ~alive[..., :C]  # [B, G, C]; exactly (surviving new tokens + 1) per row and group
+        dead_slots = (~dead).to(torch.int8).argsort(dim=-1, stable=True)  # dead slots first, in order
+        survive = alive[..., C:]  # [B, G, c]
+        n_survive = survive.sum(-1, keepdim=True)  # [B, G, 1]
+        rank = torch.where(survive, survive.cumsum(-1) - 1, n_survive)
+        dest = dead_slots.gather(-1, rank)  # [B, G, c]
+        free = dead_slots.gather(-1, n_survive)  # [B, G, 1]
+        kv_dest = (dest.expand(B, Hkv, c) if G == 1 else dest)[..., None].expand(B, Hkv, c, D)
+        self.k.scatter_(2, kv_dest, k)
+        self.v.scatter_(2, kv_dest, v)
+        self.slot_pos.masked_fill_(dead, -1)
+        self.slot_pos.scatter_(2, dest, torch.where(survive, key_pos[..., C:], -1))
         if acc is not None:
             assert self.score is not None
-            self.score[..., :budget] = acc.gather(2, keep)
-            self.score[..., budget] = 0.0
-        self._free.fill_(budget)
+            self.score.copy_(acc[..., :C].masked_fill(dead, 0.0))
+            self.score.scatter_(2, dest, torch.where(survive, acc[..., C:], 0.0))
+        self._free.copy_(free[..., 0])
         return o
 
     def _replay(
@@ -414,6 +426,8 @@ class KVCache:
             recent = policy.recent if isinstance(policy, H2O) else None
             try:
                 return replay_evictions(scores, key_pos, pos, alive, acc, recent)
+            except torch.OutOfMemoryError:
+                raise  # not the kernel's fault: the loop would need the memory too
             except Exception as e:  # a Triton build problem on this machine: fall back, say why once
                 _replay_kernel_error = f"{type(e).__name__}: {e}"
                 warnings.warn(f"eviction replay kernel unavailable, using the PyTorch loop: {_replay_kernel_error}",
