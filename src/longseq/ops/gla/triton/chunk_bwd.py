@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import common
-from .chunk_fwd import chunk_span, chunk_tiles, diagonal_pairs, load_cumsum, row_of, state_block_sizes
+from .chunk_fwd import chunk_rows, chunk_span, chunk_tiles, diagonal_pairs, load_cumsum, row_of, state_block_sizes
 from .common import CHUNK, G_FLOOR, SUB_CHUNK, KernelDtypes, SeqInfo, block_size
 
 
@@ -59,7 +59,6 @@ def state_grads_kernel(
 
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    o_t = tl.arange(0, BT)
     m_k = o_k < K
     m_kv = m_k[:, None] & (o_v[None, :] < V)
     kv_off = o_k[:, None] * V + o_v[None, :]
@@ -70,7 +69,7 @@ def state_grads_kernel(
     for r in range(0, n_chunks):
         c = n_chunks - 1 - r
         tl.store(dh_ptr + ((n0 + c) * H + i_h) * K * V + kv_off, dstate.to(dh_ptr.dtype.element_ty), mask=m_kv)
-        b, b_last, qq, do = chunk_tiles(q_ptr, do_ptr, b_ptr, c, bos, eos, o_t, o_k, m_k, o_v, i_h, H, K, V, BT)
+        b, b_last, qq, do = chunk_tiles(q_ptr, do_ptr, b_ptr, c, bos, eos, o_k, m_k, o_v, i_h, H, K, V, BT)
         qd = (qq * tl.exp(b)).to(DT)
         dstate = dstate * tl.exp(b_last)[:, None] + scale * tl.dot(tl.trans(qd), do.to(DT), input_precision=PREC)
     if HAS_DH0:
@@ -98,11 +97,8 @@ def value_grad_kernel(
 ):
     """``dv = A^T do + (k * exp(b_last - b)) dh[n]``; one program per (V tile, chunk, head)."""
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_s, i_c, bos, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n)
-    o_t = tl.arange(0, BT)
-    t = bos + i_c * BT + o_t
-    m_t = t < eos
-    last = tl.minimum(bos + i_c * BT + BT, eos) - 1
+    _, t0, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT)
+    o_t, t, m_t, last = chunk_rows(t0, eos, BT)
     o_v = i_v * BV + tl.arange(0, BV)
     m_tv = m_t[:, None] & (o_v[None, :] < V)
     aa = tl.load(a_ptr + (t[:, None] * H + i_h) * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
@@ -162,12 +158,8 @@ def qkg_grad_kernel(
     """
     NC: tl.constexpr = BT // BC
     i_k, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_s, i_c, bos, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n)
-    t0 = bos + i_c * BT
-    o_t = tl.arange(0, BT)
-    t = t0 + o_t
-    m_t = t < eos
-    last = tl.minimum(t0 + BT, eos) - 1
+    i_s, t0, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT)
+    o_t, t, m_t, last = chunk_rows(t0, eos, BT)
     sub = o_t // BC
     pos = o_t % BC
     o_k = i_k * BK + tl.arange(0, BK)

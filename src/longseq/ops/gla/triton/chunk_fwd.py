@@ -22,13 +22,22 @@ from .common import CHUNK, G_FLOOR, SUB_CHUNK, KernelDtypes, SeqInfo, block_size
 
 
 @triton.jit
-def chunk_span(chunk_idx_ptr, cu_ptr, i_n):
-    """Global chunk ``i_n`` -> (its sequence, its index there, the sequence's first token, its end), int64."""
+def chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT: tl.constexpr):
+    """Global chunk ``i_n`` -> (its sequence, its first token, the sequence's end), int64."""
     i_s = tl.load(chunk_idx_ptr + 2 * i_n).to(tl.int64)
     i_c = tl.load(chunk_idx_ptr + 2 * i_n + 1).to(tl.int64)
     bos = tl.load(cu_ptr + i_s).to(tl.int64)
     eos = tl.load(cu_ptr + i_s + 1).to(tl.int64)
-    return i_s, i_c, bos, eos
+    return i_s, bos + i_c * BT, eos
+
+
+@triton.jit
+def chunk_rows(t0, eos, BT: tl.constexpr):
+    """The rows of the chunk starting at token ``t0``: offsets ``o_t`` and tokens ``t`` ``[BT]``, which of
+    them exist (``t < eos``), and the last one that does."""
+    o_t = tl.arange(0, BT)
+    t = t0 + o_t
+    return o_t, t, t < eos, tl.minimum(t0 + BT, eos) - 1
 
 
 @triton.jit
@@ -45,14 +54,12 @@ def load_cumsum(b_ptr, t, m_t, last, o_k, m_k, i_h, H: tl.constexpr, K: tl.const
 
 
 @triton.jit
-def chunk_tiles(x_ptr, y_ptr, b_ptr, c, bos, eos, o_t, o_k, m_k, o_v, i_h, H: tl.constexpr, K: tl.constexpr,
+def chunk_tiles(x_ptr, y_ptr, b_ptr, c, bos, eos, o_k, m_k, o_v, i_h, H: tl.constexpr, K: tl.constexpr,
                 V: tl.constexpr, BT: tl.constexpr):
     """What a state recurrence needs of chunk ``c`` of a sequence: the gate cumsums ``b`` ``[BT, BK]`` and
     their last row ``[BK]``, an fp32 key-side tile ``[BT, BK]`` of ``x`` (k, or q going backwards) and a
     value-side tile ``[BT, BV]`` of ``y`` (v, or do), zero past the sequence's end."""
-    t = bos + c * BT + o_t
-    m_t = t < eos
-    last = tl.minimum(bos + c * BT + BT, eos) - 1
+    _, t, m_t, last = chunk_rows(bos + c * BT, eos, BT)
     b, b_last = load_cumsum(b_ptr, t, m_t, last, o_k, m_k, i_h, H, K)
     x = tl.load(x_ptr + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
     y = tl.load(y_ptr + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & (o_v[None, :] < V), other=0.0)
@@ -94,8 +101,8 @@ def cumsum_kernel(
 ):
     """``b = cumsum(max(g, FLOOR))`` inside each chunk, fp32; grid (K tiles, NT, H)."""
     i_k, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_s, i_c, bos, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n)
-    t = bos + i_c * BT + tl.arange(0, BT)
+    _, t0, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT)
+    _, t, _, _ = chunk_rows(t0, eos, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     m = (t[:, None] < eos) & (o_k[None, :] < K)
     off = (t[:, None] * H + i_h) * K + o_k[None, :]
@@ -139,7 +146,6 @@ def chunk_states_kernel(
 
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    o_t = tl.arange(0, BT)
     m_k = o_k < K
     m_kv = m_k[:, None] & (o_v[None, :] < V)
     kv_off = o_k[:, None] * V + o_v[None, :]
@@ -149,7 +155,7 @@ def chunk_states_kernel(
         state = tl.load(h0_ptr + (i_s * H + i_h) * K * V + kv_off, mask=m_kv, other=0.0).to(tl.float32)
     for c in range(0, n_chunks):
         tl.store(h_ptr + ((slot0 + c) * H + i_h) * K * V + kv_off, state.to(h_ptr.dtype.element_ty), mask=m_kv)
-        b, b_last, kk, vv = chunk_tiles(k_ptr, v_ptr, b_ptr, c, bos, eos, o_t, o_k, m_k, o_v, i_h, H, K, V, BT)
+        b, b_last, kk, vv = chunk_tiles(k_ptr, v_ptr, b_ptr, c, bos, eos, o_k, m_k, o_v, i_h, H, K, V, BT)
         kd = (kk * tl.exp(b_last[None, :] - b)).to(DT)
         state = state * tl.exp(b_last)[:, None] + tl.dot(tl.trans(kd), vv.to(DT), input_precision=PREC)
     tl.store(h_ptr + ((slot0 + n_chunks) * H + i_h) * K * V + kv_off, state.to(h_ptr.dtype.element_ty), mask=m_kv)
@@ -189,12 +195,8 @@ def intra_attention_kernel(
     """
     NC: tl.constexpr = BT // BC
     i_n, i_h = tl.program_id(0), tl.program_id(1)
-    i_s, i_c, bos, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n)
-    t0 = bos + i_c * BT
-    o_t = tl.arange(0, BT)
-    t = t0 + o_t
-    m_t = t < eos
-    last = tl.minimum(t0 + BT, eos) - 1
+    _, t0, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT)
+    o_t, t, m_t, last = chunk_rows(t0, eos, BT)
     sub = o_t // BC  # sub-chunk of each row
     pos = o_t % BC  # row within its sub-chunk
 
@@ -248,11 +250,8 @@ def output_kernel(
 ):
     """``o = scale * (q * exp(b)) @ H_chunk + A @ v`` for one (V tile, chunk, head)."""
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_s, i_c, bos, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n)
-    o_t = tl.arange(0, BT)
-    t = bos + i_c * BT + o_t
-    m_t = t < eos
-    last = tl.minimum(bos + i_c * BT + BT, eos) - 1
+    i_s, t0, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT)
+    o_t, t, m_t, last = chunk_rows(t0, eos, BT)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     slot = i_n + i_s
