@@ -62,7 +62,7 @@ def test_kernel_matches_the_pytorch_loop(policy, H, G, dtype):
         scores, key_pos, pos, alive.clone(), acc.clone() if h2o else None, policy.select_victim
     )
     got = er.replay_evictions(scores, key_pos, pos, alive.clone(), acc.clone() if h2o else None,
-                              policy.recent if h2o else None)
+                              policy.replay_recent)
     assert torch.equal(got[0], ref[0]), "the alive sets the queries saw differ"
     assert torch.equal(got[1], ref[1]), "the survivors differ"
     assert int(got[1].sum(-1).min()) == int(ref[1].sum(-1).max()) == C - 2  # one in, one out per token
@@ -75,7 +75,7 @@ def test_kernel_breaks_ties_towards_the_oldest_position():
     B, H, G, C, c = 1, 2, 1, 6, 4
     scores, key_pos, pos, alive = _case(B, H, G, C, c, torch.float64, seed=0, holes=False)
     scores.zero_()
-    _, survivors, _ = er.replay_evictions(scores, key_pos, pos, alive.clone(), None, None)
+    _, survivors, _ = er.replay_evictions(scores, key_pos, pos, alive.clone(), None, 0)
     kept = key_pos[survivors].sort().values
     everything = key_pos[0, 0][key_pos[0, 0] >= 0].sort().values
     assert torch.equal(kept, everything[c:])  # the c oldest left, in order
@@ -94,10 +94,25 @@ def test_h2o_ties_are_broken_as_the_loop_breaks_them():
     assert torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0])
 
 
-def test_bad_arguments_are_rejected():
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda a: a.update(scores=a["scores"][0]), "scores must be a float"),
+        (lambda a: a.update(key_pos=a["key_pos"][:, :, :-1]), "key_pos must be"),
+        (lambda a: a.update(pos=a["pos"][:, :-1]), "pos must be"),
+        (lambda a: a.update(alive=a["alive"].to(torch.int8)), "alive must be a bool"),
+        (lambda a: a.update(acc=torch.zeros(1)), "acc must be"),
+        (lambda a: a.update(recent=-1), "recent must be >= 0"),
+    ],
+)
+def test_bad_arguments_are_rejected_before_any_work(change, match):
     scores, key_pos, pos, alive = _case(1, 2, 1, 5, 3, torch.float64, seed=0)
-    with pytest.raises(ValueError, match="H2O needs both"):
-        er.replay_evictions(scores, key_pos, pos, alive, None, 3)
+    args = dict(scores=scores, key_pos=key_pos, pos=pos, alive=alive.clone(), acc=None, recent=0)
+    change(args)
+    before = args["alive"].clone()
+    with pytest.raises(ValueError, match=match):
+        er.replay_evictions(**args)
+    assert torch.equal(args["alive"], before)  # nothing was written
 
 
 @pytest.mark.parametrize("policy", [TOVA(12), TOVA(12, per_head=True), H2O(12, recent=4)], ids=str)
@@ -109,7 +124,7 @@ def test_cache_prefill_through_the_kernel_equals_token_by_token(policy, monkeypa
     ids = torch.randint(0, 256, (2, 70), device=DEVICE)
 
     def kernel_replay(self, scores, key_pos, pos, alive, acc):
-        return er.replay_evictions(scores, key_pos, pos, alive, acc, getattr(self.policy, "recent", None))
+        return er.replay_evictions(scores, key_pos, pos, alive, acc, self.policy.replay_recent)
 
     with torch.no_grad():
         stepwise = model.init_state(2, cache=policy)
@@ -132,7 +147,7 @@ def test_gpu_kernel_matches_the_loop_at_prefill_shapes(policy, G):
     B, H, C, c = 4, 12, 513, 256
     scores, key_pos, pos, alive = _case(B, H, G, C, c, torch.float64, seed=7)
     acc = torch.zeros(B, G, C + c, device=DEVICE, dtype=torch.float64) if isinstance(policy, H2O) else None
-    recent = policy.recent if acc is not None else None
+    recent = policy.replay_recent
     ref = er.replay_evictions_reference(
         scores, key_pos, pos, alive.clone(), None if acc is None else acc.clone(), policy.select_victim
     )

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..ops.attention import attention_over_cache, causal_attention
 from ..ops.eviction_replay import MAX_ENTRIES, replay_evictions, replay_evictions_reference
-from .policies import H2O, TOVA, CachePolicy, Full
+from .policies import CachePolicy, Full
 
 _LONG_MAX = torch.iinfo(torch.long).max
 # Bound on the fp32 scores one _evict_chunk call holds (B x H x sub-chunk x (capacity + sub-chunk)).
@@ -417,13 +417,12 @@ class KVCache:
         self, scores: Tensor, key_pos: Tensor, pos: Tensor, alive: Tensor, acc: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """The per-token decisions of :meth:`_evict_chunk` (see :mod:`longseq.ops.eviction_replay`): one
-        Triton launch on CUDA for TOVA and H2O, the PyTorch loop otherwise (or if the kernel cannot be
-        compiled here, said once)."""
+        Triton launch on CUDA for policies with the kernel's rule (``replay_recent``), the PyTorch loop
+        otherwise (or if the kernel cannot be compiled here, said once)."""
         global _replay_kernel_error
         policy = self.policy
-        kernel_policy = isinstance(policy, (TOVA, H2O))
-        if scores.is_cuda and kernel_policy and _replay_kernel_error is None and scores.shape[-1] <= MAX_ENTRIES:
-            recent = policy.recent if isinstance(policy, H2O) else None
+        recent = policy.replay_recent
+        if scores.is_cuda and recent is not None and _replay_kernel_error is None and scores.shape[-1] <= MAX_ENTRIES:
             try:
                 return replay_evictions(scores, key_pos, pos, alive, acc, recent)
             except torch.OutOfMemoryError:

@@ -91,6 +91,14 @@ class CachePolicy:
         return False
 
     @property
+    def replay_recent(self) -> int | None:
+        """``r`` when the policy evicts, among the kept tokens older than the ``r`` newest positions, the
+        one with the lowest current (or, with ``accumulates_scores``, accumulated) head-averaged
+        attention, oldest first on ties -- the rule the eviction-replay kernel runs
+        (:mod:`longseq.ops.eviction_replay`). None for any other rule."""
+        return None
+
+    @property
     def per_head(self) -> bool:
         """True when every kv head evicts independently (kept positions ``[B, H_kv, n]``)."""
         return False
@@ -228,6 +236,10 @@ class H2O(BoundedPolicy):
     def accumulates_scores(self) -> bool:
         return True
 
+    @property
+    def replay_recent(self) -> int | None:
+        return self.recent
+
     def select_victim(self, positions: Tensor, current: Tensor, scores: Tensor | None) -> Tensor:
         assert scores is not None
         # The `recent` most recent positions (the current token included) are protected.
@@ -251,6 +263,10 @@ class TOVA(BoundedPolicy):
     @property
     def needs_attention_weights(self) -> bool:
         return True
+
+    @property
+    def replay_recent(self) -> int | None:
+        return 0  # every kept token is a candidate
 
     def select_victim(self, positions: Tensor, current: Tensor, scores: Tensor | None) -> Tensor:
         assert scores is not None

@@ -27,17 +27,17 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .reference import replay_evictions_reference
+from .reference import check_replay_inputs, replay_evictions_reference
 
-__all__ = ["MAX_ENTRIES", "replay_evictions", "replay_evictions_reference"]
+__all__ = ["MAX_ENTRIES", "check_replay_inputs", "replay_evictions", "replay_evictions_reference"]
 
 MAX_ENTRIES = 8192  # entries (S) per row: the kernel holds their flags, positions and scores in registers
 
 
 def replay_evictions(
-    scores: Tensor, key_pos: Tensor, pos: Tensor, alive: Tensor, acc: Tensor | None, recent: int | None
+    scores: Tensor, key_pos: Tensor, pos: Tensor, alive: Tensor, acc: Tensor | None, recent: int
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The replay in one Triton launch (TOVA: ``acc`` and ``recent`` None; H2O: both given); see
+    """The replay in one Triton launch (TOVA: ``acc`` None, ``recent`` 0; H2O: ``acc`` and its ``recent``); see
     :func:`.kernel.replay_evictions`. Triton is imported here, on first use, so ``import longseq`` never
     needs it."""
     from .kernel import replay_evictions as run

@@ -8,6 +8,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import MAX_ENTRIES
+from .reference import check_replay_inputs
 
 
 @triton.jit
@@ -23,7 +24,7 @@ def _replay_kernel(
     H: tl.constexpr,
     G: tl.constexpr,
     BLOCK: tl.constexpr,
-    H2O: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     RECENT: tl.constexpr,
 ):
     """One program per (row ``b``, group ``g``): the whole replay, every entry's state in registers."""
@@ -35,7 +36,7 @@ def _replay_kernel(
     row = (i_b * G + i_g) * S
     kp = tl.load(key_pos_ptr + row + offs, mask=in_range, other=-1)
     alive = tl.load(alive_ptr + row + offs, mask=in_range, other=0) != 0
-    if H2O:
+    if ACCUMULATE:
         acc = tl.load(acc_ptr + row + offs, mask=in_range, other=0.0)
     for t in range(0, n_new):
         alive = alive | (offs == C + t)
@@ -48,35 +49,37 @@ def _replay_kernel(
             e = tl.exp(x - tl.max(x, axis=0))
             mean += e / tl.sum(e, axis=0)
         score = mean / HEADS
-        candidate = alive & (kp >= 0)
-        if H2O:
+        # The RECENT newest positions (the current token's included) are protected; 0 protects none.
+        current = tl.load(pos_ptr + i_b * n_new + t)
+        candidate = alive & (kp >= 0) & (kp <= current - RECENT)
+        if ACCUMULATE:
             acc += score
             score = acc
-            current = tl.load(pos_ptr + i_b * n_new + t)
-            candidate = candidate & (kp <= current - RECENT)
         score = tl.where(candidate, score, float("inf"))
         lowest = candidate & (score == tl.min(score, axis=0))
         oldest = tl.min(tl.where(lowest, kp, 9223372036854775807), axis=0)
         alive = alive & ~(lowest & (kp == oldest))
     tl.store(alive_ptr + row + offs, alive.to(tl.int8), mask=in_range)
-    if H2O:
+    if ACCUMULATE:
         tl.store(acc_ptr + row + offs, acc, mask=in_range)
 
 
 def replay_evictions(
-    scores: Tensor, key_pos: Tensor, pos: Tensor, alive: Tensor, acc: Tensor | None, recent: int | None
+    scores: Tensor, key_pos: Tensor, pos: Tensor, alive: Tensor, acc: Tensor | None, recent: int
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The replay in one Triton launch: TOVA (``acc`` None) or H2O (``acc`` and ``recent`` given).
+    """The replay in one Triton launch, with the rule of ``CachePolicy.replay_recent``: TOVA (``acc``
+    None, ``recent`` 0) or H2O (``acc`` given, its ``recent``).
 
-    Same contract as :func:`replay_evictions_reference` with the TOVA / H2O selection rule; ``alive``
-    and ``acc`` are updated in place. Needs ``S <= MAX_ENTRIES``.
+    Same contract as :func:`replay_evictions_reference`; ``alive`` and ``acc`` are updated in place.
+    Needs ``S <= MAX_ENTRIES``.
     """
+    check_replay_inputs(scores, key_pos, pos, alive, acc)
     B, H, c, S = scores.shape
     G = key_pos.shape[1]
     if S > MAX_ENTRIES:
         raise ValueError(f"replay_evictions handles at most {MAX_ENTRIES} entries per row; got {S}")
-    if (acc is None) != (recent is None):
-        raise ValueError("H2O needs both acc and recent; TOVA neither")
+    if recent < 0:
+        raise ValueError(f"recent must be >= 0, got {recent}")
     scores = scores.contiguous()
     flags = alive.to(torch.int8).contiguous()
     seen = torch.empty(B, G, c, S, dtype=torch.int8, device=scores.device)
@@ -94,8 +97,8 @@ def replay_evictions(
         H=H,
         G=G,
         BLOCK=block,
-        H2O=acc is not None,
-        RECENT=recent if recent is not None else 0,
+        ACCUMULATE=acc is not None,
+        RECENT=recent,
         num_warps=4 if block <= 2048 else 8,
     )
     alive.copy_(flags != 0)
