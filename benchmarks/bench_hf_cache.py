@@ -261,7 +261,9 @@ def choose_batch(args: argparse.Namespace, device: torch.device, per_token: int)
         info.update(gpu_total_bytes=total, gpu_free_bytes_after_model=free, model_reserved_bytes=reserved)
         if args.memory_limit_gib:
             limit = int(args.memory_limit_gib * GIB)
-            torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), device)
+            # The fraction is per device index; a bare "cuda" means the current device.
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), index)
             avail = min(free, limit - reserved)
             info["memory_limit_bytes"] = limit
     if avail is not None:

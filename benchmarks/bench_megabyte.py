@@ -14,7 +14,8 @@
   decodes one byte per step with the decode step of ``longseq bench decode``
   (:func:`longseq.train.bench.bench_decode_longseq`): the headline row is the captured path (static
   state, the step + sampling recorded as CUDA graphs, one per MEGABYTE decode key, as
-  ``generate(..., compile=True)``), the second row the eager one (dynamic state). ``--gen-bytes`` are
+  ``generate(..., compile=True)``), the second row the eager one (dynamic state); ``--fused`` adds a row
+  whose step is ``torch.compile``'d before its capture (``compile="fused"``). ``--gen-bytes`` are
   timed after untimed warm-up steps (which include the two captures). MEGABYTE-pytorch has no cache: its
   own ``generate`` re-runs ``forward`` over the whole sequence for every byte, so it is timed over
   fewer bytes (``--ref-gen-bytes``); its ``max_seq_len`` is set so that ``generate`` stops after
@@ -248,7 +249,10 @@ def bench_longseq(args, backbone: str, device: torch.device, gen_dtype: torch.dt
         model.to(gen_dtype)
         # static=True: static state, captured as CUDA graphs on CUDA (eager static steps elsewhere).
         static_label = "captured (CUDA graph)" if device.type == "cuda" else "static state (no CUDA graph on CPU)"
-        for static, label in [(True, static_label), (False, "eager (dynamic state)")]:
+        modes = [(True, static_label), (False, "eager (dynamic state)")]
+        if device.type == "cuda" and args.fused:
+            modes.insert(0, ("fused", "torch.compile'd + captured"))
+        for static, label in modes:
             row = dict(impl=name, params=params, mode="-", gen=label)
             _guard(row, lambda row=row, static=static: row.update(_gen_fields(bench_decode_longseq(
                 model, None, args.context, 1, args.gen_bytes, gen_warmup, static, device))))
@@ -385,6 +389,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first (+1 when compiled)")
     parser.add_argument("--global-backbones", nargs="+", default=["transformer", "gla"],
                         choices=["transformer", "gla"], help="longseq global backbones to time")
+    parser.add_argument("--fused", action="store_true",
+                        help="CUDA: also time generation with the decode step torch.compile'd before its capture "
+                             "(generate(..., compile='fused'))")
     parser.add_argument("--compile", action="store_true",
                         help="also train both implementations under torch.compile (extra rows)")
     parser.add_argument("--local-sdpa", nargs="+", default=["auto"], choices=list(SDPA_BACKENDS),

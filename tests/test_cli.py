@@ -166,6 +166,22 @@ def test_generate_streams_partial_utf8(run, capsys, monkeypatch):
     assert capsys.readouterr().out == text + "\n"
 
 
+@pytest.mark.parametrize("flags, mode", [([], False), (["--compile"], True), (["--fused"], "fused"),
+                                          (["--compile", "--fused"], "fused")])
+def test_generate_compile_flags_reach_generate(run, capsys, monkeypatch, flags, mode):
+    """--compile / --fused are switches: they sit before the positional run directory without taking it."""
+    seen = {}
+
+    def fake_generate(model, prompt, n, *a, compile=None, on_token=None, **kw):
+        seen["compile"] = compile
+        on_token(torch.tensor([ord("k")]))
+
+    monkeypatch.setattr(sys.modules["longseq.generate"], "generate", fake_generate)
+    assert main(["generate", *flags, str(run), "--prompt", "x", "--no-echo"]) == 0
+    assert seen["compile"] == mode
+    assert capsys.readouterr().out == "k\n"
+
+
 def test_bench_reports_and_catches_oom(tmp_path, capsys, monkeypatch):
     report = tmp_path / "bench.json"
     argv = [

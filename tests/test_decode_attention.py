@@ -107,6 +107,41 @@ def test_kernel_matches_reference_and_brute_force(G, D, T):
         torch.testing.assert_close(got.cpu().double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def brute_force_weights(q, k_pos, k, q_pos, n_slots):
+    """float64 softmax weights ``[B, H, T, S]`` over the visible keys, one (row, head, query) at a time."""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    out = torch.zeros(B, H, T, S, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                keys = [s for s in range(int(n_slots[b])) if 0 <= int(k_pos[b, min(h // G, k_pos.shape[1] - 1), s])
+                        <= int(q_pos[b, t])]
+                if keys:
+                    scores = k[b, h // G, keys].double() @ q[b, h, t].double() / math.sqrt(D)
+                    out[b, h, t, keys] = torch.softmax(scores, 0)
+    return out
+
+
+@pytest.mark.parametrize("G, T, n_slots", [(1, 1, None), (2, 1, [37, 20, 45]), (4, 3, [37, 0, 45])])
+def test_weights_match_brute_force(G, T, n_slots):
+    """The softmax weights TOVA evicts by: every slot (empty, past ``n_slots``, or an all-hidden row) is
+    written -- 0 where a query cannot see the key -- and the output is unchanged by asking for them."""
+    B, Hkv, S, D = 3, 2, 45, 16
+    q, k, v, q_pos, k_pos, n = make_case(B, Hkv, G, T, S, D, n_slots or [S] * B, per_head=(G == 2))
+    expected = brute_force_weights(q, k_pos, k, q_pos, n)
+    args = _to(DEVICE, q, k, v, q_pos, k_pos, None if n_slots is None else n)
+    o_ref, w_ref = decode_attention_reference(*[a.cpu() if a is not None else None for a in args], return_weights=True)
+    torch.testing.assert_close(w_ref.double(), expected, rtol=1e-5, atol=1e-6)
+    for splits in (1, 4):
+        o, w = decode_attention(*args, num_splits=splits, block_n=16, return_weights=True)
+        assert w.shape == (B, Hkv * G, T, S) and w.dtype == torch.float32 and torch.isfinite(w).all()
+        torch.testing.assert_close(w.cpu().double(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(o, decode_attention(*args, num_splits=splits, block_n=16), rtol=0, atol=0)
+        torch.testing.assert_close(o.cpu(), o_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_empty_rows_give_zero():
     """A row whose slots are all empty, a row with n_slots = 0, and queries before every key."""
     B, Hkv, G, T, S, D = 3, 1, 2, 2, 20, 16
@@ -216,6 +251,12 @@ def test_gpu_realistic_bf16(B, G):
     o, w = attention_over_cache(q, k, v, q_pos, k_pos, n_slots=n)
     assert w is None
     torch.testing.assert_close(o, got, rtol=0, atol=0)
+    # With the weights (TOVA's eviction scores): the same output, weights against the fp32 reference.
+    _, w_ref = decode_attention_reference(q.float(), k.float(), v.float(), q_pos, k_pos, n, return_weights=True)
+    o, w = attention_over_cache(q, k, v, q_pos, k_pos, n_slots=n, return_weights=True)
+    torch.testing.assert_close(o, got, rtol=0, atol=0)
+    assert w.shape == (B, H, 1, S) and (w[..., filled:] == 0).all()
+    torch.testing.assert_close(w, w_ref, rtol=2e-2, atol=1e-5)
 
 
 @pytest.mark.gpu

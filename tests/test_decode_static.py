@@ -3,6 +3,8 @@ sequences and graph-safe sampling; GPU-marked tests check CUDA-graph capture."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -70,15 +72,20 @@ def test_static_state_gives_the_dynamic_logits(kind, overrides, spec):
 
 @pytest.mark.parametrize("kind, overrides, spec", [CASES[0], CASES[4], CASES[6], CASES[7]],
                          ids=[IDS[0], IDS[4], IDS[6], IDS[7]])
-@pytest.mark.parametrize("group_tokens", [32768, 40])
-def test_grouped_prefill_equals_one_row_at_a_time(kind, overrides, spec, group_tokens, monkeypatch):
+@pytest.mark.parametrize("group_tokens, group_rows", [(32768, 3), (40, 3), (32768, 2)])
+def test_grouped_prefill_equals_one_row_at_a_time(kind, overrides, spec, group_tokens, group_rows, monkeypatch):
     """Equal-length prompts prefilled together (TOVA's exact token-by-token prefill batched over rows)
     load the same static state and logits as one row at a time; a shorter prompt in between splits the
-    groups, so padding never enters. With a 40-token cap per model call, groups go in chunks of 16."""
+    groups, so padding never enters. With a 40-token cap per model call, groups go in chunks of 16; with
+    room for two rows of temporary state, groups hold two rows."""
     import sys
 
     # The module, not the `longseq.generate` function the package exports under the same name.
-    monkeypatch.setattr(sys.modules["longseq.generate"], "GROUP_PREFILL_TOKENS", group_tokens)
+    module = sys.modules["longseq.generate"]
+    monkeypatch.setattr(module, "GROUP_PREFILL_TOKENS", group_tokens)
+    if group_rows == 2:
+        per_row = _model(kind, overrides).init_state(1, cache=_policy(spec), max_len=64).nbytes()
+        monkeypatch.setattr(module, "GROUP_STATE_BYTES", 2 * per_row + per_row // 2)
     model = _model(kind, overrides)
     calls = []  # (rows, tokens) of every model call: the grouping and the per-call token cap
     step = model.step
@@ -93,7 +100,7 @@ def test_grouped_prefill_equals_one_row_at_a_time(kind, overrides, spec, group_t
             states.append(state)
             assert state.host_positions == [40, 40, 40, 17, 40, 40]
             if group is None:  # automatic: bounded states group the runs of equal length
-                assert max(b for b, _ in calls) == (3 if spec or kind == "gla" else 1)
+                assert max(b for b, _ in calls) == (group_rows if spec or kind == "gla" else 1)
                 assert all(b * t <= max(group_tokens, t) for b, t in calls), calls
             calls.clear()
         follow = torch.randint(0, 256, (len(rows), 1), generator=gen)
@@ -187,6 +194,82 @@ def test_compile_on_cpu_warns_and_matches_the_dynamic_path():
     assert torch.equal(a, b)
 
 
+def test_fused_step_equals_the_eager_one():
+    """The ``torch.compile``'d decode step (``compile="fused"``; here uncaptured, on the CPU) gives the
+    eager step's logits at every step of a MEGABYTE with a TOVA global cache (both decode keys, evictions),
+    and compiles on the first two steps of each key (constants, then symbolic host integers), not on the
+    third, where the captured path records its graph (a guard on a value range may still fail later:
+    the capture refuses to compile and warms up once more, see ``Decoder.step``)."""
+    from torch._dynamo.utils import counters
+
+    from longseq.generate import Decoder
+
+    model = _model("megabyte", {}, dtype=torch.float32)
+    # 64 prompt bytes = 16 patches fill the global TOVA(16) cache; the 24 steps evict 6 patches.
+    prompt = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    policy = _policy("tova:16")
+    class Recording(Decoder):  # keeps the logits each (compiled) step samples from in a fixed buffer
+        def _body(self):
+            logits, _ = self.model.step(self.tokens, self.state)
+            self.last.copy_(logits[:, -1])
+            self.tokens.copy_(self.sample(logits[:, -1])[:, None])
+
+    logits_seen = []
+    graphs_before = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for fuse in (False, True):
+            state = model.init_state(2, cache=policy, max_len=96)
+            first = prefill_rows(model, state, [prompt[:1], prompt[1:]], policy)
+            dec = Recording(model, state, 0.0, None, None, capture=False, fuse=fuse)
+            dec.last = torch.empty_like(first)
+            dec.tokens.copy_(first.argmax(-1)[:, None])
+            seen, late_compiles, occurrences = [], [], {}
+            for i in range(24):  # six patches of P = 4: six global steps, each evicting
+                key = model.decode_key(state)
+                occurrences[key] = occurrences.get(key, 0) + 1
+                graphs = counters["stats"]["unique_graphs"]
+                dec.step()
+                seen.append(dec.last.clone())
+                if occurrences[key] == 3 and counters["stats"]["unique_graphs"] > graphs:
+                    late_compiles.append(i)  # the capture, which comes here, would have to compile
+            logits_seen.append(torch.stack(seen))
+            assert not late_compiles, late_compiles
+            assert len(occurrences) == 2  # both MEGABYTE keys: with and without the global step
+    torch.testing.assert_close(logits_seen[1], logits_seen[0], rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] > graphs_before  # it did compile
+
+
+def test_fused_step_that_cannot_compile_runs_unfused_once_and_rewarms():
+    """Inductor failing (raised while compiling, before the step ran) -> one warning, the step runs once
+    unfused, and every key's warm-up count restarts so each gets an eager warm-up before its capture."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from longseq.generate import Decoder
+
+    model = _model("gla", {}, dtype=torch.float32)
+    state = model.init_state(1, max_len=16)
+    prefill_rows(model, state, [torch.tensor([[1, 2, 3]])])
+    dec = Decoder(model, state, 0.0, None, None, capture=False, fuse=True)
+    dec._warm = {"other key": 2}
+
+    def failing():
+        raise BackendCompilerFailed(lambda *a: None, RuntimeError("no C compiler"), None)
+
+    dec._run = failing
+    with pytest.warns(RuntimeWarning, match="no C compiler"):
+        dec._warm_step()
+    assert not dec.fuse and dec._run == dec._body and dec._warm == {}
+    assert state.host_positions == [4]  # the step ran exactly once
+
+
+def test_compile_modes_are_checked():
+    from longseq.generate import compile_mode
+
+    assert [compile_mode(c) for c in (False, True, "graph", "fused")] == [None, "graph", "graph", "fused"]
+    with pytest.raises(ValueError, match="compile must be"):
+        generate(_model("gla", {}), b"abc", 2, compile="fast")
+
+
 # -------------------------------------------------------------------------------------------- GPU
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -220,6 +303,28 @@ def test_captured_decode_equals_eager_and_captures_once_per_batch_size(kind, ove
     clear_decode_cache(model)
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kind, overrides, spec", [CASES[0], CASES[4], CASES[6], CASES[7], CASES[8]],
+                         ids=[IDS[0], IDS[4], IDS[6], IDS[7], IDS[8]])
+def test_fused_capture_equals_eager_and_captures_once_per_batch_size(kind, overrides, spec):
+    """``compile="fused"``: the torch.compile'd step, captured, gives the eager greedy tokens (fp32), and
+    is captured once per batch size and decode key like the unfused one."""
+    model = _model(kind, overrides, dtype=torch.float32, device="cuda")
+    clear_decode_cache(model)
+    prompts = [b"To be, or not to be", b"ab", b"Whether 'tis nob"]
+    kw = dict(temperature=0, cache=_policy(spec))
+    eager = generate(model, prompts, 40, static=True, **kw)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*unfused")  # a fallback to the unfused step: fail instead
+        fused = generate(model, prompts, 40, compile="fused", **kw)
+        again = generate(model, prompts, 40, compile="fused", **kw)
+    for a, b, c in zip(eager, fused, again, strict=True):
+        assert torch.equal(a, b) and torch.equal(b, c)
+    assert capture_count(model) == (2 if kind == "megabyte" else 1)
+    clear_decode_cache(model)
+
+
 def test_bench_decode_cli_writes_jsonl_and_table(tmp_path, capsys):
     import json
 
@@ -237,3 +342,44 @@ def test_bench_decode_cli_writes_jsonl_and_table(tmp_path, capsys):
     assert len(rows) == 10
     assert {r["policy"] for r in rows} == {"-", "full", "tova:4"}
     assert all(r["ms_per_step"] > 0 and r["tok_s"] > 0 and r["prefill_s"] > 0 for r in rows)
+
+
+def test_largest_batch_shrinks_on_out_of_memory_only():
+    from longseq.train.bench import largest_batch
+
+    tried = []
+
+    def run(b):  # "fits" up to 40 rows
+        tried.append(b)
+        if b > 40:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return {"ms_per_step": 1.0}
+
+    assert largest_batch(run, 100, torch.device("cpu")) == {"ms_per_step": 1.0, "batch": 40}
+    assert tried == [100, 80, 64, 51, 40]
+    tried.clear()  # a far-off estimate: four fine steps, then halving, down to what fits
+    assert largest_batch(run, 1000, torch.device("cpu"))["batch"] == 25
+    assert tried == [1000, 800, 640, 512, 409, 204, 102, 51, 25]
+
+    def broken(b):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        largest_batch(broken, 8, torch.device("cpu"))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        largest_batch(lambda b: run(b + 1000), 4, torch.device("cpu"))
+
+
+def test_bench_decode_max_batch_without_a_memory_limit_is_the_cap(tmp_path):
+    import json
+
+    from longseq.cli import main
+
+    out = tmp_path / "decode.jsonl"
+    argv = ["bench", "decode", "--models", "gla", "--presets", "tiny", "--contexts", "16",
+            "--batch-sizes", "1,max", "--max-batch", "3", "--gen-tokens", "2", "--device", "cpu",
+            "--jsonl", str(out)]
+    assert main(argv) == 0
+    assert [json.loads(line)["batch"] for line in out.read_text().splitlines()] == [1, 3]
+    with pytest.raises(SystemExit):
+        main(argv[:9] + ["1,many"] + argv[10:])

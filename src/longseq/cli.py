@@ -32,6 +32,10 @@ def _csv(kind):
     return parse
 
 
+def int_or_max(text: str) -> int | str:
+    return text.strip() if text.strip() == "max" else int(text)
+
+
 def _parse_sets(items: list[str] | None) -> dict[str, str] | None:
     if items is None:
         return None
@@ -414,6 +418,11 @@ def _add_generate(sub) -> None:
         "--compile", action="store_true",
         help="capture the decode step as a CUDA graph and replay it (CUDA only; eager with a note on CPU)",
     )
+    p.add_argument(
+        "--fused", action="store_true",
+        help="--compile, with the step torch.compile'd before its capture (fewer kernels per step; the first "
+             "step compiles for a while)",
+    )
     p.add_argument("--cache", metavar="POLICY", help="KV-cache policy, e.g. tova:512 (default: full)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument(
@@ -471,7 +480,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         on_token=on_token,
         stop=stops or None,
-        compile=args.compile,
+        compile="fused" if args.fused else args.compile,
     )
     dt = time.perf_counter() - t0
     if batch:
@@ -543,13 +552,18 @@ def _add_bench(sub) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     d = p.add_argument_group("decode mode")
     d.add_argument("--contexts", type=_csv(int), default=[4096], help="prompt lengths (default 4096)")
-    d.add_argument("--batch-sizes", type=_csv(int), default=[1], help="decode batch sizes (default 1)")
+    d.add_argument(
+        "--batch-sizes", type=_csv(int_or_max), default=[1],
+        help="decode batch sizes; 'max' = the largest that fits --memory-limit-gib, up to --max-batch (default 1)",
+    )
+    d.add_argument("--max-batch", type=int, default=512, help="the most rows a 'max' batch tries (default 512)")
     d.add_argument(
         "--policies", type=_csv(str), default=["full"],
         help="KV-cache policies for models with attention; budgets may be relative: tova:ctx/8 (default full)",
     )
     d.add_argument("--compile", action="store_true",
                    help="static state + decode step captured as a CUDA graph (default: eager, dynamic state)")
+    d.add_argument("--fused", action="store_true", help="--compile, with the step torch.compile'd before its capture")
     d.add_argument("--against", choices=("hf",),
                    help="also time HF LlamaForCausalLM (Transformer rows) and fla's GLA (GLA rows) generate()")
     d.add_argument("--memory-limit-gib", type=float,
@@ -563,13 +577,16 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
 
     if args.gen_tokens < 1 or args.warmup < 0:
         raise ValueError("--gen-tokens must be >= 1 and --warmup >= 0")
-    if not args.contexts or min(args.contexts) < 1 or not args.batch_sizes or min(args.batch_sizes) < 1:
-        raise ValueError("--contexts and --batch-sizes must be positive integers")
+    if not args.contexts or min(args.contexts) < 1:
+        raise ValueError("--contexts must be positive integers")
+    if not args.batch_sizes or any(b != "max" and b < 1 for b in args.batch_sizes) or args.max_batch < 1:
+        raise ValueError("--batch-sizes must be positive integers or 'max', and --max-batch positive")
     report = run_decode_bench(
         args.models, args.presets, args.contexts, args.batch_sizes, args.policies,
-        steps=args.gen_tokens, warmup=max(args.warmup, 2), compile=args.compile, against=args.against,
+        steps=args.gen_tokens, warmup=max(args.warmup, 2), compile="fused" if args.fused else args.compile,
+        against=args.against,
         device=args.device, overrides=_parse_sets(args.overrides), memory_limit_gib=args.memory_limit_gib,
-        log=lambda s: print(s, file=sys.stderr, flush=True),
+        max_batch=args.max_batch, log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     report["command"] = "longseq " + shlex.join(args.argv)
     print(decode_markdown(report))

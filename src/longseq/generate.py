@@ -11,6 +11,9 @@ step. Three paths share one loop:
   :meth:`~longseq.models.base.LanguageModel.decode_key`: MEGABYTE has a second graph for the steps in
   which its global model runs) and replayed; graphs and static buffers are kept on the model and reused by
   later calls of the same shape.
+* fused (``compile="fused"`` on CUDA): as captured, but the step is first compiled with ``torch.compile``
+  (Inductor), so the graph replays a few fused kernels per layer instead of one launch per elementwise
+  op -- at batch 1 a decode step is a chain of tiny kernels, and their number is its cost.
 
 Sampling is graph-safe everywhere: the exponential race (Gumbel-max) ``argmax(logits / T - log E)``
 with ``E ~ Exp(1)`` drawn into a fixed buffer *before* each step, so the step itself has no RNG call,
@@ -20,6 +23,7 @@ no ``torch.multinomial`` and no host sync, and eager and captured runs draw the 
 from __future__ import annotations
 
 import logging
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,6 +38,19 @@ from .models.state import ModelState
 
 _log = logging.getLogger("longseq.generate")
 _warned_cpu_compile = False
+COMPILE_MODES = ("graph", "fused")
+MAX_CAPTURE_RECOMPILES = 8  # then a fused decoder captures its step unfused
+
+
+def compile_mode(compile: bool | str) -> str | None:
+    """``generate``'s ``compile`` argument -> None (eager), ``"graph"`` (True) or ``"fused"``."""
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return "graph"
+    if compile in COMPILE_MODES:
+        return compile
+    raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}; got {compile!r}")
 
 
 def as_token_ids(prompt: Tensor | str | bytes, device: torch.device | None = None) -> Tensor:
@@ -159,6 +176,12 @@ class Decoder:
     Triton compilation, cuBLAS workspaces), the next is captured, every later one replays. ``captures``
     counts graphs recorded. The input/output buffers (``tokens``, ``noise``) and the state's buffers
     are what the graph reads and writes, so they never change identity.
+
+    ``fuse=True`` runs the step through ``torch.compile`` (before capturing it, with ``capture``). Its
+    first call per key compiles with the host integers of the step (positions, fill counts) as
+    constants and its second recompiles them as symbols (automatic dynamic shapes), so a key is warmed
+    up twice before its capture and the capture itself compiles nothing. If Inductor cannot compile
+    (no C compiler, an unsupported op), the step warns once and is captured unfused.
     """
 
     def __init__(
@@ -169,18 +192,22 @@ class Decoder:
         top_k: int | None,
         top_p: float | None,
         capture: bool,
+        fuse: bool = False,
     ) -> None:
         self.model, self.state = model, state
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.capture = capture
         if capture and not (state.static and model.device.type == "cuda"):
             raise ValueError("CUDA-graph capture needs a static state on a CUDA device")
+        self.fuse = fuse
+        self._run = _compiled_step(self) if fuse else self._body
         B, V = state.batch_size, model.config.vocab_size
         device = model.device
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.noise = torch.ones(B, V, dtype=torch.float32, device=device) if temperature > 0 else None
         self.graphs: dict[Any, torch.cuda.CUDAGraph] = {}
-        self._warm: set[Any] = set()
+        self._warm: dict[Any, int] = {}  # eager (warm-up) steps run per key
+        self._recompiles = 0  # fused captures refused because the step would have compiled
         self._pool = None
         self.captures = 0
 
@@ -199,7 +226,7 @@ class Decoder:
     def step(self) -> None:
         """Advance every row by the token in ``tokens``; ``tokens`` then holds the next one."""
         if not self.capture:
-            self._body()
+            self._run()
             return
         key = self.model.decode_key(self.state)
         graph = self.graphs.get(key)
@@ -207,13 +234,13 @@ class Decoder:
             graph.replay()
             self.state.advance_(1)  # a replay runs no Python: keep the host mirror in step
             return
-        if key not in self._warm:
+        if self._warm.get(key, 0) < (2 if self.fuse else 1):
             side = torch.cuda.Stream(device=self.tokens.device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._body()
+                self._warm_step()
             torch.cuda.current_stream().wait_stream(side)
-            self._warm.add(key)
+            self._warm[key] = self._warm.get(key, 0) + 1
             return
         # Capturing records the kernels without running them; the replay right after runs this step.
         host = list(self.state.host_positions or [])
@@ -222,8 +249,29 @@ class Decoder:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self._body()
+        if self.fuse:
+            from torch._dynamo.exc import RecompileError
+
+            try:
+                # A guard that fails now would compile inside the capture: refuse, before the step runs.
+                with torch.compiler.set_stance("fail_on_recompile"), torch.cuda.graph(graph, pool=self._pool):
+                    self._run()
+            except (RecompileError, RuntimeError) as err:
+                # torch 2.11 raises a RuntimeError ("Detected recompile ..."), later ones RecompileError.
+                if not isinstance(err, RecompileError) and "recompile" not in str(err).lower():
+                    raise
+                self._recompiles += 1
+                if self._recompiles > MAX_CAPTURE_RECOMPILES:
+                    warnings.warn("the fused decode step kept recompiling at its capture; capturing it unfused",
+                                  RuntimeWarning, stacklevel=2)
+                    self._unfuse()  # every key then gets its eager warm-up before its (unfused) capture
+                else:
+                    self._warm[key] -= 1  # one more warm-up step of this key (it compiles), then capture again
+                self.step()
+                return
+        else:
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._run()
         # The Python side of the step ran once during capture: undo its host bookkeeping.
         self.state.host_positions = host
         self.state.position = max(host)
@@ -233,6 +281,46 @@ class Decoder:
         self.captures += 1
         graph.replay()
         self.state.advance_(1)
+
+
+    def _warm_step(self) -> None:
+        if not self.fuse:
+            self._body()
+            return
+        from torch._dynamo.exc import BackendCompilerFailed, Unsupported
+
+        try:
+            self._run()
+        except (BackendCompilerFailed, Unsupported) as err:
+            # Raised while compiling the one whole-step graph (fullgraph), so before any of the step ran:
+            # fall back to the unfused step, once.
+            cause = getattr(err, "inner_exception", None) or err
+            warnings.warn(f"torch.compile could not fuse the decode step ({type(cause).__name__}: {cause}); "
+                          "capturing it unfused", RuntimeWarning, stacklevel=3)
+            self._unfuse()
+            self._body()
+
+    def _unfuse(self) -> None:
+        self.fuse, self._run = False, self._body
+        self._warm.clear()  # keys warmed only through the compiled step still need their eager warm-up
+
+
+def _decode_step(decoder: Decoder) -> None:
+    decoder._body()
+
+
+def _compiled_step(decoder: Decoder) -> Callable[[], None]:
+    """``torch.compile`` of one decoder's step with a compile cache of its own.
+
+    Dynamo keys its cache on the code object and guards on the decoder it sees, so decoders that
+    shared one function would pile their variants onto one cache until its recompile limit silently
+    sent later ones back to eager; a copy of the code per decoder keeps each to its own few variants.
+    """
+    code = _decode_step.__code__.replace(co_name=f"decode_step_{id(decoder):x}")
+    # fullgraph: one graph for the whole step, so a failure to compile is raised before any of it runs
+    # (with graph breaks, frames before the failing one would already have advanced the state).
+    fn = torch.compile(types.FunctionType(code, _decode_step.__globals__, code.co_name), fullgraph=True)
+    return lambda: fn(decoder)
 
 
 def _decode_cache(model: LanguageModel) -> dict[Any, tuple[ModelState, Decoder]]:
@@ -284,6 +372,8 @@ def _prefill(
 
 # Tokens per model call when several prompts are prefilled together (see prefill_rows).
 GROUP_PREFILL_TOKENS = 32768
+# Bytes of temporary (dynamic) state one prefill group may hold beside the static state (see prefill_rows).
+GROUP_STATE_BYTES = 2 * 2**30
 
 
 def prefill_rows(
@@ -298,11 +388,12 @@ def prefill_rows(
     ``state``; returns the ``[B, V]`` logits after each prompt's last token.
 
     Consecutive prompts of equal length are prefilled together, up to ``max_group`` rows at a time, so
-    padding never enters a state. Default: whole runs of equal length when the temporary dynamic state
-    has a bounded size per row (recurrent states, bounded KV policies such as TOVA, whose exact
-    token-by-token prefill is launch bound and gains the most from batching); one row at a time for
-    unbounded (``Full``) KV caches, where a batched prefill would hold a second copy of the whole
-    batch's cache next to the static one.
+    padding never enters a state. Default: runs of equal length when the temporary dynamic state has a
+    bounded size per row (recurrent states, bounded KV policies such as TOVA, whose exact
+    token-by-token prefill is launch bound and gains the most from batching), as many rows as fit
+    :data:`GROUP_STATE_BYTES` of it -- a group of the whole batch would hold a second copy of the
+    batch's state beside the static one and halve the batch that fits; one row at a time for unbounded
+    (``Full``) KV caches.
     """
     if max_group is None:
         probe = model.init_state(1, cache=cache)
@@ -310,7 +401,9 @@ def prefill_rows(
         # that persist along the sequence decide.
         persistent = getattr(probe, "global_layers", probe.layers)
         unbounded = any(isinstance(layer, KVCache) and layer.budget is None for layer in persistent)
-        max_group = 1 if unbounded else len(rows)
+        # The static state's size per row is the bounded dynamic state's (both hold budget + 1 slots).
+        per_row = max(1, state.nbytes() // max(1, state.batch_size))
+        max_group = 1 if unbounded else max(1, min(len(rows), GROUP_STATE_BYTES // per_row))
     if max_group < 1:
         raise ValueError(f"max_group must be >= 1, got {max_group}")
     out: list[Tensor] = []
@@ -344,7 +437,7 @@ def generate(
     seed: int | None = None,
     on_token: Callable[[Tensor], None] | None = None,
     stop: int | str | bytes | Sequence[int | str | bytes] | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     static: bool | None = None,
     prefill_chunk: int | None = None,
     pad_id: int = 0,
@@ -367,8 +460,10 @@ def generate(
             the first generated token that completes one (the stop sequence is kept in the output), and
             generation ends when every row has.
         compile: capture the decode step (model step + sampling) as a CUDA graph, once per batch size,
-            and replay it; prefill stays eager and chunked. On a CPU model this runs the static eager
-            path and warns once.
+            and replay it; prefill stays eager and chunked. ``"fused"``: compile the step with
+            ``torch.compile`` before capturing it (fewer, fused kernels per step; the first call per
+            batch size compiles for a while). ``True`` is ``"graph"``. On a CPU model either runs the
+            static eager path and warns once.
         static: force (True) or forbid (False) the static state; default: static when ``compile`` or
             the prompts differ in length.
         prefill_chunk: prefill in chunks of this many tokens (default: the whole prompt in one step).
@@ -380,6 +475,7 @@ def generate(
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
+    mode = compile_mode(compile)
     check_sampling(temperature, top_k, top_p)
     if prefill_chunk is not None and prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be >= 1; got {prefill_chunk}")
@@ -402,9 +498,9 @@ def generate(
     ragged = len(set(lengths)) > 1
     if static is False and ragged:
         raise ValueError("prompts of different lengths need the static state (static=None or True)")
-    use_static = bool(compile or ragged) if static is None else static
-    capture = compile and device.type == "cuda"
-    if compile and not capture:
+    use_static = bool(mode or ragged) if static is None else static
+    capture = mode is not None and device.type == "cuda"
+    if mode is not None and not capture:
         _warn_cpu_compile(device)
     generator = None
     if seed is not None:
@@ -419,11 +515,12 @@ def generate(
         first_logits.append(logits)
         decoder = Decoder(model, state, temperature, top_k, top_p, capture=False)
     else:
-        key = (B, str(cache) if cache is not None else None, max_len, temperature, top_k, top_p, capture)
+        fuse = capture and mode == "fused"
+        key = (B, str(cache) if cache is not None else None, max_len, temperature, top_k, top_p, capture, fuse)
         kept = _decode_cache(model).get(key) if capture else None
         if kept is None:
             state = model.init_state(B, cache=cache, max_len=max_len)
-            decoder = Decoder(model, state, temperature, top_k, top_p, capture=capture)
+            decoder = Decoder(model, state, temperature, top_k, top_p, capture=capture, fuse=fuse)
             if capture:
                 _decode_cache(model)[key] = (state, decoder)
         else:

@@ -43,13 +43,13 @@ def _score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _decode_kernel_applies(q: Tensor, k: Tensor, v: Tensor, return_weights: bool, window: int | None) -> bool:
-    """Whether :func:`attention_over_cache` takes the split-KV Triton kernel: CUDA, no weights requested, no
-    window/sink band, ``T <= DECODE_KERNEL_MAX_T`` (and ``G * T <= 128``), one fp16/bf16/fp32 dtype, a
+def _decode_kernel_applies(q: Tensor, k: Tensor, v: Tensor, window: int | None) -> bool:
+    """Whether :func:`attention_over_cache` takes the split-KV Triton kernel (which also gives the weights):
+    CUDA, no window/sink band, ``T <= DECODE_KERNEL_MAX_T`` (and ``G * T <= 128``), one fp16/bf16/fp32 dtype, a
     power-of-two head dim in [16, 256], no autograd (the kernel has no backward), Triton importable."""
     global _decode_kernel_error
     B, H, T, D = q.shape
-    if not (q.is_cuda and not return_weights and window is None and 1 <= T <= DECODE_KERNEL_MAX_T):
+    if not (q.is_cuda and window is None and 1 <= T <= DECODE_KERNEL_MAX_T):
         return False
     if q.dtype not in _DECODE_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
@@ -109,11 +109,14 @@ def attention_over_cache(
     G = H // Hkv
     if q_pos.dim() == 1:
         q_pos = q_pos.expand(B, T)
-    if _decode_kernel_applies(q, k, v, return_weights, window):
+    if _decode_kernel_applies(q, k, v, window):
         from .decode_attention import decode_attention
 
         n_slots = n_slots.to(q.device) if n_slots is not None else None
-        return decode_attention(q, k, v, q_pos, k_pos, n_slots), None
+        if not return_weights:
+            return decode_attention(q, k, v, q_pos, k_pos, n_slots), None
+        o, w = decode_attention(q, k, v, q_pos, k_pos, n_slots, return_weights=True)
+        return o, (w.sum(2) if sum_over_queries else w)
     if n_slots is not None:
         # Same visibility as the kernel: slots past the filled prefix get position -1 (empty).
         beyond = torch.arange(S, device=k.device) >= n_slots.reshape(-1, 1).to(k.device)  # [B or 1, S]
@@ -152,6 +155,8 @@ def attention_over_cache(
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             w = scores.softmax(-1)
+            if mask is not None:  # a query that sees no key: weights 0 (as the decode kernel), not NaN
+                w = torch.where(mask.any(-1, keepdim=True), w, 0.0)
             outs.append((w.to(v.dtype) @ v).reshape(B, H, t, D))
             w = w.view(B, H, t, S)
             if sum_over_queries:

@@ -20,6 +20,11 @@ Layouts:
   beyond it are never read (the caller promises they hold no visible key).
 * Partials: ``m``, ``l`` ``[B, H, T, NS]`` fp32 (max in log2 units, softmax denominator), ``acc``
   ``[B, H, T, NS, D]`` fp32 (unnormalised ``p @ v``). Output ``[B, H, T, D]`` in ``q``'s dtype.
+* Weights (``return_weights``, for score-based eviction such as TOVA): the split programs also store each
+  key's logit ``[B, H, T, S]`` fp32 (log2 units, ``-inf`` where invisible) and the merge stores each row's
+  log2-sum-exp, so the softmax weights are one in-place ``exp2`` away -- the keys are still read once. The
+  extra traffic is the fp32 logits, ``4 * G * T`` bytes per (kv head, key) written and read back, beside
+  the ``4 * D`` bytes of a bf16 key and value (with ``n_slots`` also one ``-inf`` fill of them).
 
 Each split program handles all ``G * T`` query rows of its kv head (padded to 16 rows, ``tl.dot``'s minimum),
 so a key block is loaded once per kv head, not once per query head. A query with no visible key gets 0.
@@ -92,7 +97,7 @@ def num_splits_for(seq_len: int, batch_kv_heads: int, sm_count: int = _DEFAULT_S
 @triton.jit
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, n_ptr,
-    m_ptr, l_ptr, acc_ptr,
+    m_ptr, l_ptr, acc_ptr, logit_ptr,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_s, sk_d,
     sv_b, sv_h, sv_s, sv_d,
@@ -100,7 +105,7 @@ def _split_kernel(
     skp_b, skp_h, skp_s,
     sn_b,
     S,
-    qk_scale,
+    QK_SCALE: tl.constexpr,
     H: tl.constexpr,
     T: tl.constexpr,
     G: tl.constexpr,
@@ -110,6 +115,7 @@ def _split_kernel(
     HAS_KPOS: tl.constexpr,
     HAS_N: tl.constexpr,
     PREC: tl.constexpr,
+    STORE_LOGITS: tl.constexpr,
 ):
     """One program: split ``program_id(0)`` of the keys of (row ``program_id(2)``, kv head ``program_id(1)``),
     for the ``G * T`` query rows of that kv head (row ``r``: query head ``kvh * G + r // T``, token ``r % T``)."""
@@ -159,8 +165,11 @@ def _split_kernel(
             key_ok = in_range
             visible = key_ok[None, :] & row_ok[:, None]
         kt = tl.load(k_base + offs[None, :] * sk_s + offs_d[:, None] * sk_d, mask=key_ok[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        s = tl.dot(q, kt, input_precision=PREC) * QK_SCALE  # [BLOCK_M, BLOCK_N], log2 units
         s = tl.where(visible, s, float("-inf"))
+        if STORE_LOGITS:  # [B, H, T, S]: index ((b * H + head) * T + tok) * S + slot
+            lrow = ((i_b * H + head) * T + tok) * S
+            tl.store(logit_ptr + lrow[:, None] + offs[None, :], s, mask=row_ok[:, None] & in_range[None, :])
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # While a row has seen no visible key its max is -inf; shift by 0 then so exp2 gives 0, not NaN.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -180,10 +189,11 @@ def _split_kernel(
 
 @triton.jit
 def _merge_kernel(
-    m_ptr, l_ptr, acc_ptr, o_ptr,
+    m_ptr, l_ptr, acc_ptr, o_ptr, lse_ptr,
     NS,
     D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    STORE_LSE: tl.constexpr,
 ):
     """One program per (b, h, t) row: rescale the splits' partials to a common max and normalise."""
     row = tl.program_id(0).to(tl.int64)
@@ -201,6 +211,9 @@ def _merge_kernel(
     # No visible key at all: den = 0 and num = 0; the output is 0 (not 0 / 0).
     o = num / tl.where(den > 0, den, 1.0)
     tl.store(o_ptr + row * D + offs_d, o.to(o_ptr.dtype.element_ty))
+    if STORE_LSE:
+        # log2 of the softmax denominator; +inf for a row with no visible key, so exp2(-inf - inf) = 0.
+        tl.store(lse_ptr + row, tl.where(den > 0, m_use + tl.log2(tl.where(den > 0, den, 1.0)), float("inf")))
 
 
 def _as_kpos(k_pos: Tensor, B: int, S: int) -> Tensor:
@@ -222,7 +235,8 @@ def decode_attention(
     *,
     num_splits: int | None = None,
     block_n: int | None = None,
-) -> Tensor:
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Attention of ``T <= 16`` new queries over a cache, split over the key axis (see the module docstring).
 
     Args:
@@ -232,8 +246,10 @@ def decode_attention(
         k_pos: ``[S]``, ``[B, S]`` or ``[B, H_kv, S]`` integer positions, negative = empty; None: all visible.
         n_slots: ``[B]`` or one-element integer tensor on the device (clamped to ``[0, S]``); None = S.
         num_splits, block_n: override the static choices (tests; tuning).
+        return_weights: also return the softmax weights ``[B, H, T, S]`` fp32 (0 for keys a query cannot
+            see and for slots at or beyond ``n_slots``), from the same pass over the keys.
     Returns:
-        ``[B, H, T, D]`` in ``q``'s dtype; softmax in fp32 with scale ``D ** -0.5``.
+        ``o`` ``[B, H, T, D]`` in ``q``'s dtype (softmax in fp32 with scale ``D ** -0.5``), or ``(o, weights)``.
     """
     check_decode_shapes(q, k, v)
     B, H, T, D = q.shape
@@ -271,23 +287,39 @@ def decode_attention(
     lsum = torch.empty_like(m)
     acc = torch.empty(B, H, T, num_splits, D, dtype=torch.float32, device=q.device)
     o = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
+    if return_weights:
+        # Every slot below n_slots is written by some split; the ones past it must read as invisible.
+        if has_n:
+            logits = torch.full((B, H, T, S), float("-inf"), dtype=torch.float32, device=q.device)
+        else:
+            logits = torch.empty(B, H, T, S, dtype=torch.float32, device=q.device)
+        lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    else:
+        logits = lse = m  # unused pointers
     block_m = max(16, triton.next_power_of_2(G * T))
     _split_kernel[(num_splits, Hkv, B)](
         q, k, v, qp, kp, n_arg,
-        m, lsum, acc,
+        m, lsum, acc, logits,
         *q.stride(), *k.stride(), *v.stride(),
         *qp_strides, *kp_strides, sn_b,
-        S, D**-0.5 * _LOG2E,
+        S,
+        # A constexpr, not a float argument: under torch.compile a float argument arrives as fp64 and
+        # would turn the fp32 softmax statistics into fp64 (Triton then rejects the loop-carried types).
+        QK_SCALE=D**-0.5 * _LOG2E,
         H=H, T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_KPOS=has_kpos, HAS_N=has_n,
         # fp32 caches get exact fp32 products (TF32 would cost ~3 digits); 16-bit ones use tensor cores.
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        STORE_LOGITS=return_weights,
         num_warps=4, num_stages=2,
     )
     _merge_kernel[(B * H * T,)](
-        m, lsum, acc, o, num_splits, D=D, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4 if D >= 128 else 2,
+        m, lsum, acc, o, lse, num_splits, D=D, BLOCK_S=triton.next_power_of_2(num_splits),
+        STORE_LSE=return_weights, num_warps=4 if D >= 128 else 2,
     )
-    return o
+    if not return_weights:
+        return o
+    return o, logits.sub_(lse[..., None]).exp2_()
 
 
 def decode_attention_reference(
@@ -297,10 +329,11 @@ def decode_attention_reference(
     q_pos: Tensor | None,
     k_pos: Tensor | None,
     n_slots: Tensor | None = None,
-) -> Tensor:
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """The definition :func:`decode_attention` computes, in plain PyTorch (fp32 softmax, any T, any D).
 
-    Same arguments and layouts. Slots at or beyond ``n_slots`` and empty slots are replaced by zeros
+    Same arguments, layouts and results. Slots at or beyond ``n_slots`` and empty slots are replaced by zeros
     before use, so whatever they hold (even NaN) cannot reach the output; rows with no visible key give 0.
     """
     B, H, T, D = q.shape
@@ -326,6 +359,7 @@ def decode_attention_reference(
     m = scores.amax(-1, keepdim=True)
     p = torch.exp(scores - torch.where(torch.isinf(m), 0.0, m))  # all -inf rows: p = 0, not NaN
     den = p.sum(-1, keepdim=True)
-    o = (p @ vv) / torch.where(den > 0, den, 1.0)
-    return o.to(q.dtype)
+    w = p / torch.where(den > 0, den, 1.0)
+    o = w @ vv
+    return (o.to(q.dtype), w) if return_weights else o.to(q.dtype)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib.util
+import itertools
 import json
 import platform
 import time
@@ -23,6 +24,10 @@ from .distributed import pick_device
 from .schedule import build_optimizer
 
 OOM = "OOM"
+MAX_BATCH = "max"  # a ``batch_sizes`` entry: the largest batch that fits the memory limit
+# Kept free beside the static state when estimating the largest batch: a prefill group's temporary state
+# (generate.GROUP_STATE_BYTES) and the activations of a prefill chunk or a decode step.
+BATCH_RESERVE_BYTES = 4 * 2**30
 
 
 def _sync(device: torch.device) -> None:
@@ -262,22 +267,30 @@ def _time(device: torch.device, fn) -> tuple[float, Any]:
 
 @torch.no_grad()
 def bench_decode_longseq(
-    model, policy, context: int, batch: int, steps: int, warmup: int, compile: bool, device: torch.device
+    model, policy, context: int, batch: int, steps: int, warmup: int, compile: bool | str, device: torch.device
 ) -> dict[str, Any]:
     """Prefill ``batch`` random prompts of ``context`` bytes, then time ``steps`` greedy decode steps.
 
-    ``compile``: static state + the decode step captured as a CUDA graph (the first ``warmup`` steps,
-    untimed, include the eager warm-up step and the capture); otherwise the default dynamic state, eager.
-    Prefill time includes loading the rows into the static state.
+    ``compile`` (True / ``"graph"`` / ``"fused"``, as :func:`~longseq.generate.generate`'s): static state
+    + the decode step captured as a CUDA graph (the first ``warmup`` steps,
+    untimed, include the eager warm-up step(s) and the capture of every decode key: at least ``2 P + 1``
+    steps for MEGABYTE (``3 P + 1`` fused), whose step with the global model comes once per patch of
+    ``P`` bytes); otherwise the default dynamic state, eager. Prefill time includes loading the rows into
+    the static state.
     """
-    from ..generate import Decoder, _prefill, prefill_rows
+    from ..generate import Decoder, _prefill, compile_mode, prefill_rows
+
+    mode = compile_mode(compile)
 
     model.eval()
+    # Every decode key needs its warm-up step(s) and its capture before the timing: a key recurs every P steps.
+    per_key = 3 if mode == "fused" else 2
+    warmup = max(warmup, per_key * getattr(model.config, "patch_size", 1) + 1)
     prompt = torch.randint(0, 256, (batch, context), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     total = context + warmup + steps + 1
-    if compile:
+    if mode:
         def prefill():
             state = model.init_state(batch, cache=policy, max_len=total)
             return state, prefill_rows(model, state, [prompt[i : i + 1] for i in range(batch)], policy)
@@ -286,7 +299,8 @@ def bench_decode_longseq(
             logits, state = _prefill(model, prompt, policy, None)
             return state, logits
     prefill_s, (state, logits) = _time(device, prefill)
-    dec = Decoder(model, state, 0.0, None, None, capture=compile and device.type == "cuda")
+    capture = mode is not None and device.type == "cuda"
+    dec = Decoder(model, state, 0.0, None, None, capture=capture, fuse=capture and mode == "fused")
     dec.tokens.copy_(logits.argmax(-1)[:, None])
     for _ in range(warmup):
         dec.step()
@@ -324,6 +338,44 @@ def _hf_generate_timing(hf_model, context: int, batch: int, steps: int, device: 
     }
 
 
+def largest_batch(
+    run, start: int, device: torch.device, shrink: float = 0.8, fine_tries: int = 4, log=None
+) -> dict[str, Any]:
+    """``run(batch)`` from ``start`` down until one fits: the batch shrinks by ``shrink`` after each of the
+    first ``fine_tries`` out-of-memory errors (the estimate is usually close), then halves (it was not).
+
+    Returns that run's result with its ``batch``; re-raises the out-of-memory once ``batch`` 1 fails, and
+    any other error at once.
+    """
+    batch = max(1, start)
+    for attempt in itertools.count():
+        try:
+            return {**run(batch), "batch": batch}
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+            if not _is_oom(err) or batch == 1:
+                raise
+            if log is not None:
+                log(f"batch {batch}: out of memory ({str(err).splitlines()[0][:160]}); trying a smaller one")
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        batch = max(1, int(batch * (shrink if attempt < fine_tries else 0.5)))
+    raise AssertionError("unreachable")
+
+
+def batch_estimate(model, policy, max_len: int, limit_bytes: float | None, cap: int, device: torch.device) -> int:
+    """How many rows of ``model``'s static state fit in ``limit_bytes`` beside what is already allocated,
+    :data:`BATCH_RESERVE_BYTES` for prefill and decode activations and 5% for fragmentation; ``cap`` at
+    most, and ``cap`` itself without a limit (CPU)."""
+    if limit_bytes is None or device.type != "cuda":
+        return cap
+    probe = model.init_state(1, cache=policy, max_len=max_len)
+    per_row = max(probe.nbytes(), 1)
+    del probe
+    room = 0.95 * limit_bytes - torch.cuda.memory_allocated(device) - BATCH_RESERVE_BYTES
+    return max(1, min(cap, int(room // per_row)))
+
+
 def build_hf_llama(cfg, dtype: torch.dtype, device: torch.device, max_positions: int):
     """HF ``LlamaForCausalLM`` with a longseq ``TransformerConfig``'s shape (random weights, SDPA)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -359,11 +411,12 @@ def run_decode_bench(
     policies: list[str],
     steps: int = 128,
     warmup: int = 4,
-    compile: bool = False,
+    compile: bool | str = False,
     against: str | None = None,
     device: str | None = None,
     overrides: dict[str, Any] | None = None,
     memory_limit_gib: float | None = None,
+    max_batch: int = 512,
     log=print,
 ) -> dict[str, Any]:
     """Decode benchmark (``longseq bench decode``): every model x policy x context x batch size.
@@ -373,12 +426,28 @@ def run_decode_bench(
     ``ctx/8``. ``against="hf"`` adds HF ``LlamaForCausalLM`` of each Transformer's shape (and fla's GLA
     model for GLA rows when ``fla`` imports) through their ``generate()``. bf16 weights on CUDA. A
     configuration that runs out of memory is reported as ``"OOM"``.
+
+    A ``batch_sizes`` entry ``"max"`` finds the largest batch that fits (at most ``max_batch``): longseq
+    rows start from the rows of static state that fit ``memory_limit_gib`` (:func:`batch_estimate`), HF
+    and fla rows from the batch longseq's row of the same shape reached, and each shrinks on
+    out-of-memory (:func:`largest_batch`).
     """
+    from ..generate import compile_mode
+
+    compile_mode(compile)  # a bad value fails before any model is built
+    for b in batch_sizes:
+        if b != MAX_BATCH and (not isinstance(b, int) or b < 1):
+            raise ValueError(f"batch sizes must be positive integers or {MAX_BATCH!r}; got {b!r}")
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1; got {max_batch}")
     dev = pick_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    limit_bytes = None
     if memory_limit_gib is not None and dev.type == "cuda":
         total = torch.cuda.get_device_properties(dev).total_memory / 2**30
         torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit_gib / total), dev)
+        limit_bytes = min(memory_limit_gib, total) * 2**30
+    fitted: dict[tuple[str, str, int], int] = {}  # (kind, preset, context) -> longseq's "max" batch (full cache)
     notes: list[str] = []
     rows: list[dict[str, Any]] = []
     cases = []
@@ -415,7 +484,7 @@ def run_decode_bench(
             ov = dict(overrides or {})
             if kind == "megabyte":  # the byte-position table must cover the context and the new bytes
                 P = config_class(kind).from_preset(preset, **ov).patch_size
-                need = -(-(context + steps + warmup + 2) // P) * P
+                need = -(-(context + steps + max(warmup, 3 * P + 1) + 2) // P) * P  # see bench_decode_longseq
                 ov["max_seq_len"] = max(need, ov.get("max_seq_len", 0) or 0)
             torch.manual_seed(0)
             model = build_model(kind, preset, **ov).to(device=dev, dtype=dtype)
@@ -424,8 +493,17 @@ def run_decode_bench(
                 row = {"impl": "longseq", "model": kind, "preset": preset, "params_m": model.num_params() / 1e6,
                        "policy": "-" if pol == "-" else (policy.spec if policy else "full"), "context": context,
                        "batch": batch, "compile": compile}
-                guarded(row, lambda b=batch, m=model, p=policy, c=context: bench_decode_longseq(
-                    m, p, c, b, steps, warmup, compile, dev))
+
+                def run_ours(b, m=model, p=policy, c=context):
+                    return bench_decode_longseq(m, p, c, b, steps, warmup, compile, dev)
+
+                if batch == MAX_BATCH:
+                    start = batch_estimate(model, policy, context + warmup + steps + 1, limit_bytes, max_batch, dev)
+                    guarded(row, lambda run=run_ours, start=start: largest_batch(run, start, dev, log=log))
+                    if pol in ("full", "-") and isinstance(row["batch"], int):
+                        fitted[(kind, preset, context)] = row["batch"]
+                else:
+                    guarded(row, lambda run=run_ours, b=batch: run(b))
             cfg = model.config
             model = None
             gc.collect()
@@ -440,16 +518,22 @@ def run_decode_bench(
                            "policy": "full" if kind == "transformer" else "-",
                            "context": context, "batch": batch, "compile": False}
 
-                    def run_ref(b=batch, kind=kind, cfg=cfg, context=context):
+                    def run_ref(b, kind=kind, cfg=cfg, context=context):
                         if kind == "transformer":
                             ref = build_hf_llama(cfg, dtype, dev, context + steps + 8)
                         else:
                             ref = build_fla_gla(cfg, dtype, dev)
-                        out = {"params_m": ref.num_parameters() / 1e6}
-                        out.update(_hf_generate_timing(ref, context, b, steps, dev))
-                        return out
+                        try:
+                            return {"params_m": ref.num_parameters() / 1e6,
+                                    **_hf_generate_timing(ref, context, b, steps, dev)}
+                        finally:
+                            del ref  # before a smaller retry of largest_batch allocates again
 
-                    guarded(row, run_ref)
+                    if batch == MAX_BATCH:
+                        start = fitted.get((kind, preset, context), max_batch)
+                        guarded(row, lambda run=run_ref, start=start: largest_batch(run, start, dev, log=log))
+                    else:
+                        guarded(row, lambda run=run_ref, b=batch: run(b))
     return {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
         else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
@@ -459,7 +543,7 @@ def run_decode_bench(
         "fla": _version("fla") or _version("flash-linear-attention"),
         "dtype": str(dtype).replace("torch.", ""),
         "steps": steps,
-        "compile": compile and dev.type == "cuda",
+        "compile": (compile_mode(compile) or False) if dev.type == "cuda" else False,
         "notes": notes,
         "results": rows,
     }
@@ -474,13 +558,21 @@ def _version(name: str) -> str | None:
         return None
 
 
+_DECODE_PATHS = {
+    False: "eager (dynamic state)",
+    True: "captured (CUDA graph, static state)",  # reports written before the fused mode
+    "graph": "captured (CUDA graph, static state)",
+    "fused": "torch.compile'd and captured (CUDA graph, static state)",
+}
+
+
 def decode_markdown(report: dict[str, Any]) -> str:
     """The decode results as a Markdown table headed by the device and library versions."""
     lines = [
         f"Device: {report['device']}; torch {report['torch']}; triton {report['triton']}; "
         f"transformers {report['transformers']}; fla {report['fla']}; {report['dtype']} weights; "
         f"{report['steps']} timed greedy decode steps; longseq decode step "
-        f"{'captured (CUDA graph, static state)' if report['compile'] else 'eager (dynamic state)'}.",
+        f"{_DECODE_PATHS[report['compile']]}.",
         "",
         "| impl | model | preset | params (M) | policy | context | batch | prefill (s) | ms/step | tok/s "
         "| peak mem (GiB) |",
