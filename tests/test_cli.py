@@ -182,6 +182,18 @@ def test_generate_compile_flags_reach_generate(run, capsys, monkeypatch, flags, 
     assert capsys.readouterr().out == "k\n"
 
 
+def test_generate_compile_on_a_trained_run_matches_the_plain_path(run, capsys, monkeypatch):
+    """The real thing, not a fake: `longseq generate --compile` on a trained run (on the CPU: the static
+    eager path, with a note) prints the same greedy continuation as the default path."""
+    argv = [str(run), "--prompt", "To be", "--prompt", "or not", "--max-new-tokens", "12", "--temperature", "0"]
+    assert main(["generate", *argv]) == 0
+    plain = capsys.readouterr().out
+    monkeypatch.setattr(sys.modules["longseq.generate"], "_warned_cpu_compile", False)  # warns once per process
+    with pytest.warns(RuntimeWarning, match="CUDA graphs need a CUDA device"):
+        assert main(["generate", "--compile", *argv]) == 0
+    assert capsys.readouterr().out == plain and plain.count("To be") == 1
+
+
 def test_bench_reports_and_catches_oom(tmp_path, capsys, monkeypatch):
     report = tmp_path / "bench.json"
     argv = [
