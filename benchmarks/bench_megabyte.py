@@ -58,7 +58,7 @@ from torch.nn.attention import SDPBackend
 
 import longseq
 from longseq.models import build_model
-from longseq.train.bench import bench_decode_longseq
+from longseq.train.bench import bench_decode_longseq, decode_warmup
 
 SDPA_BACKENDS = {
     "auto": None,
@@ -202,7 +202,8 @@ def bench_longseq(args, backbone: str, device: torch.device, gen_dtype: torch.dt
     model = build_model("megabyte", args.preset, global_backbone=backbone).to(device)
     cfg = model.config
     P = cfg.patch_size
-    gen_warmup = 2 * P + 2  # both decode keys (global model runs / not) warmed up and captured
+    # Both decode keys (global model runs / not) warmed up and captured, fused or not.
+    gen_warmup = decode_warmup(2, P, fused=args.fused)
     need = max(args.train_len, args.context + gen_warmup + args.gen_bytes + 1)
     if need > cfg.max_seq_len:
         raise SystemExit(f"--train-len / --context + --gen-bytes need {need} bytes; {args.preset} has "

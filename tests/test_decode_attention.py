@@ -142,6 +142,17 @@ def test_weights_match_brute_force(G, T, n_slots):
         torch.testing.assert_close(o.cpu(), o_ref, rtol=1e-5, atol=1e-5)
 
 
+def test_attention_over_cache_weights_of_a_query_that_sees_nothing_are_zero():
+    """The PyTorch path (CPU here) gives the kernel's weights: 0, not NaN, for a query with no visible key;
+    the other rows are the brute-force softmax."""
+    B, Hkv, G, T, S, D = 2, 2, 2, 2, 12, 16
+    q, k, v, q_pos, k_pos, n = make_case(B, Hkv, G, T, S, D, [S, S], per_head=True)
+    k_pos[1] = torch.where(k_pos[1] >= 0, k_pos[1] + 100, -1)  # row 1: every key after both queries
+    _, w = attention_over_cache(q, k, v, q_pos, k_pos, return_weights=True)
+    assert torch.isfinite(w).all() and (w[1] == 0).all()
+    torch.testing.assert_close(w.double(), brute_force_weights(q, k_pos, k, q_pos, n), rtol=1e-5, atol=1e-6)
+
+
 def test_empty_rows_give_zero():
     """A row whose slots are all empty, a row with n_slots = 0, and queries before every key."""
     B, Hkv, G, T, S, D = 3, 1, 2, 2, 20, 16

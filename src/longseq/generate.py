@@ -282,7 +282,6 @@ class Decoder:
         graph.replay()
         self.state.advance_(1)
 
-
     def _warm_step(self) -> None:
         if not self.fuse:
             self._body()

@@ -265,6 +265,13 @@ def _time(device: torch.device, fn) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+def decode_warmup(warmup: int, patch_size: int = 1, fused: bool = False) -> int:
+    """Untimed decode steps before the timing: at least ``warmup``, and enough for every decode key to get
+    its warm-up step(s) (two when fused) and its capture -- MEGABYTE's key with the global step recurs
+    once per patch of ``patch_size`` bytes."""
+    return max(warmup, (3 if fused else 2) * patch_size + 1)
+
+
 @torch.no_grad()
 def bench_decode_longseq(
     model, policy, context: int, batch: int, steps: int, warmup: int, compile: bool | str, device: torch.device
@@ -283,9 +290,7 @@ def bench_decode_longseq(
     mode = compile_mode(compile)
 
     model.eval()
-    # Every decode key needs its warm-up step(s) and its capture before the timing: a key recurs every P steps.
-    per_key = 3 if mode == "fused" else 2
-    warmup = max(warmup, per_key * getattr(model.config, "patch_size", 1) + 1)
+    warmup = decode_warmup(warmup, getattr(model.config, "patch_size", 1), fused=mode == "fused")
     prompt = torch.randint(0, 256, (batch, context), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -484,7 +489,7 @@ def run_decode_bench(
             ov = dict(overrides or {})
             if kind == "megabyte":  # the byte-position table must cover the context and the new bytes
                 P = config_class(kind).from_preset(preset, **ov).patch_size
-                need = -(-(context + steps + max(warmup, 3 * P + 1) + 2) // P) * P  # see bench_decode_longseq
+                need = -(-(context + steps + decode_warmup(warmup, P, fused=True) + 2) // P) * P
                 ov["max_seq_len"] = max(need, ov.get("max_seq_len", 0) or 0)
             torch.manual_seed(0)
             model = build_model(kind, preset, **ov).to(device=dev, dtype=dtype)
