@@ -11,14 +11,17 @@ first call's wall time (Triton compile; the script points TRITON_CACHE_DIR at a 
 directory unless --keep-cache). Before timing, each shape is checked against the PyTorch ``chunk``
 backend in fp32 (relative RMS error of o, final state and every gradient), so a wrong kernel is
 visible in the same log. Decode: one token (T=1) through the fused recurrent kernel at B in {1, 64}
-(vs fla ``fused_recurrent_gla``): the kernel alone and the public op (whose input checks sync
-on max(g)); TFLOP/s and GB/s are the kernel's.
+(vs fla ``fused_recurrent_gla``): the kernel alone, updating the state in place, timed from a CUDA graph
+(as a captured model step runs it; ``do_bench`` would add the Python launch cost), next to a graph-timed
+copy of the same state (its ceiling), and the public op and fla's step with ``do_bench`` (the public
+op's input checks sync on max(g)); TFLOP/s and GB/s are the kernel's.
 
 FLOP and byte counts (per head; C = 64 the chunk size):
 * chunk forward: ``T * (4*K*V + C*(K + V))`` (states k^T v and the inter-chunk q H, 2KV each; the
   causal intra-chunk q k^T and A v, C/2 keys on average). fwd+bwd counts 3x the forward.
 * decode step: ``5*K*V`` FLOPs (decay S, add k^T v, q S); bytes ``8*K*V`` (fp32 state read + write)
-  ``+ 2*(2K + 2V) + 4*K`` (bf16 q, k, v, o and the fp32 gate).
+  ``+ 2*(2K + 2V) + 4*K`` (bf16 q, k, v, o and the fp32 gate). The ceiling it is held to is measured in
+  the same run: ``copy_`` of the same fp32 state (read once, written once), and the ratio reported.
 
 Prints a Markdown table per section and one JSON line per measurement (device and versions included).
 """
@@ -44,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sdpa", nargs="+", default=["flash", "cudnn"], help="SDPA backends to time")
     p.add_argument("--no-fla", action="store_true", help="skip fla even if it imports")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check")
+    p.add_argument("--decode-only", action="store_true", help="only the decode rows")
     p.add_argument(
         "--keep-cache", action="store_true", help="use the existing Triton cache (no compile timing)"
     )
@@ -59,7 +63,7 @@ if not ARGS.keep_cache:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
+from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 from longseq.ops.gla import gated_linear_attention  # noqa: E402
 from longseq.ops.gla.triton import recurrent_gla  # noqa: E402
@@ -117,6 +121,16 @@ def inputs(B: int, T: int, H: int, K: int, V: int, requires_grad: bool = True, s
 
 def ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=100)
+
+
+GRAPH_CALLS = 20
+
+
+def graph_ms(fn) -> float:
+    """Per-call time of ``fn`` replayed from a CUDA graph of GRAPH_CALLS calls: the GPU time a captured
+    decode step pays, without the Python launch cost that ``do_bench`` also measures for kernels this
+    short (tens of microseconds)."""
+    return do_bench_cudagraph(lambda: [fn() for _ in range(GRAPH_CALLS)], rep=50) / GRAPH_CALLS
 
 
 def check(B: int, T: int, H: int, K: int, V: int) -> None:
@@ -245,9 +259,13 @@ def bench_decode(H: int, K: int, V: int) -> None:
 def bench_decode_one(B: int, H: int, K: int, V: int) -> None:
     q, k, v, g = inputs(B, 1, H, K, V, requires_grad=False)
     state = torch.randn(B, H, K, V, device=DEVICE)
+    copy_dst = torch.empty_like(state)
 
-    def step():  # the kernel alone (what a CUDA graph of the model's step would replay)
-        recurrent_gla(q, k, v, g, K**-0.5, state)
+    def step():  # the kernel alone, updating the state in place (what a captured model step replays)
+        recurrent_gla(q, k, v, g, K**-0.5, state, out_state=state)
+
+    def copy():  # the ceiling: read and write the same fp32 state bytes once
+        copy_dst.copy_(state)
 
     def api_step():  # the public op: adds input validation, including a host sync on max(g)
         gated_linear_attention(q, k, v, g, initial_state=state, output_final_state=True, backend="triton")
@@ -257,7 +275,7 @@ def bench_decode_one(B: int, H: int, K: int, V: int) -> None:
 
     with torch.no_grad():
         compile_s = first_call_s(step)
-        t, api_t = ms(step), ms(api_step)
+        t, copy_t, api_t = graph_ms(step), graph_ms(copy), ms(api_step)
         fla_t = None
         if fused_recurrent_gla is not None:
             try:
@@ -275,6 +293,8 @@ def bench_decode_one(B: int, H: int, K: int, V: int) -> None:
             K=K,
             V=V,
             step_ms=t,
+            copy_ms=copy_t,
+            ratio_copy=t / copy_t,
             api_step_ms=api_t,
             fla_step_ms=fla_t,
             compile_s=compile_s,
@@ -290,10 +310,11 @@ def main() -> None:
     print(json.dumps(env()))
     shapes = [tuple(int(x) for x in s.split("x")) for s in ARGS.shapes]
     for H, K, V in shapes:
-        if not ARGS.no_check:
+        if not ARGS.no_check and not ARGS.decode_only:
             check(2, 2048, H, K, V)
             check(1, 1000, H, K, V)
-        bench_chunk(H, K, V)
+        if not ARGS.decode_only:
+            bench_chunk(H, K, V)
         bench_decode(H, K, V)
 
     print(
@@ -315,16 +336,17 @@ def main() -> None:
             )
     print("\n(times in ms, median of triton.testing.do_bench)\n")
     print(
-        "| H | K | V | B | decode kernel (ms) | public op (ms) | fla step (ms) | TFLOP/s | GB/s "
-        "| first call (s) |"
+        "| H | K | V | B | decode kernel, graph (ms) | state copy, graph (ms) | kernel / copy | public op (ms) "
+        "| fla step (ms) "
+        "| TFLOP/s | GB/s | first call (s) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in ROWS:
         if r["kind"] == "decode":
             print(
-                f"| {r['H']} | {r['K']} | {r['V']} | {r['B']} | {r['step_ms']:.4f} | "
-                f"{r['api_step_ms']:.4f} | {fmt(r['fla_step_ms'], '.4f')} | {r['tflops']:.2f} | "
-                f"{r['gbps']:.0f} | {r['compile_s']:.2f} |"
+                f"| {r['H']} | {r['K']} | {r['V']} | {r['B']} | {r['step_ms']:.4f} | {r['copy_ms']:.4f} | "
+                f"{r['ratio_copy']:.2f} | {r['api_step_ms']:.4f} | {fmt(r['fla_step_ms'], '.4f')} | "
+                f"{r['tflops']:.2f} | {r['gbps']:.0f} | {r['compile_s']:.2f} |"
             )
     e = env()
     print(

@@ -15,7 +15,9 @@
   (:func:`longseq.train.bench.bench_decode_longseq`): the headline row is the captured path (static
   state, the step + sampling recorded as CUDA graphs, one per MEGABYTE decode key, as
   ``generate(..., compile=True)``), the second row the eager one (dynamic state); ``--fused`` adds a row
-  whose step is ``torch.compile``'d before its capture (``compile="fused"``). ``--gen-bytes`` are
+  whose step is ``torch.compile``'d before its capture (``compile="fused"``), ``--module-step`` a captured
+  row with the fused single-token kernels of :mod:`longseq.ops.decode_block` off (every other row
+  uses them: they are the default on CUDA). ``--gen-bytes`` are
   timed after untimed warm-up steps (which include the two captures). MEGABYTE-pytorch has no cache: its
   own ``generate`` re-runs ``forward`` over the whole sequence for every byte, so it is timed over
   fewer bytes (``--ref-gen-bytes``); its ``max_seq_len`` is set so that ``generate`` stops after
@@ -57,7 +59,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
 import longseq
-from longseq.models import build_model
+from longseq.models import build_model, fused_step
 from longseq.train.bench import bench_decode_longseq, decode_warmup
 
 SDPA_BACKENDS = {
@@ -250,16 +252,31 @@ def bench_longseq(args, backbone: str, device: torch.device, gen_dtype: torch.dt
         model.to(gen_dtype)
         # static=True: static state, captured as CUDA graphs on CUDA (eager static steps elsewhere).
         static_label = "captured (CUDA graph)" if device.type == "cuda" else "static state (no CUDA graph on CPU)"
-        modes = [(True, static_label), (False, "eager (dynamic state)")]
+        modes = [(True, static_label, True), (False, "eager (dynamic state)", True)]
         if device.type == "cuda" and args.fused:
-            modes.insert(0, ("fused", "torch.compile'd + captured"))
-        for static, label in modes:
+            modes.insert(0, ("fused", "torch.compile'd + captured", True))
+        if device.type == "cuda" and args.module_step:
+            modes.insert(len(modes) - 1, (True, static_label + ", module path (fused step kernels off)", False))
+        for static, label, fused_kernels in modes:
             row = dict(impl=name, params=params, mode="-", gen=label)
-            _guard(row, lambda row=row, static=static: row.update(_gen_fields(bench_decode_longseq(
-                model, None, args.context, 1, args.gen_bytes, gen_warmup, static, device))))
+            with _fused_step_kernels(fused_kernels):
+                _guard(row, lambda row=row, static=static: row.update(_gen_fields(bench_decode_longseq(
+                    model, None, args.context, 1, args.gen_bytes, gen_warmup, static, device))))
             rows.append(row)
             _free(device)
     return rows
+
+
+@contextlib.contextmanager
+def _fused_step_kernels(enabled: bool):
+    """The fused single-token step (:mod:`longseq.ops.decode_block`) on (the default) or off."""
+    saved = fused_step.FUSED_STEP_MAX_ROWS
+    if not enabled:
+        fused_step.FUSED_STEP_MAX_ROWS = 0
+    try:
+        yield
+    finally:
+        fused_step.FUSED_STEP_MAX_ROWS = saved
 
 
 def _gen_fields(d: dict) -> dict:
@@ -393,6 +410,9 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true",
                         help="CUDA: also time generation with the decode step torch.compile'd before its capture "
                              "(generate(..., compile='fused'))")
+    parser.add_argument("--module-step", action="store_true",
+                        help="CUDA: also time the captured generation with the fused step kernels off (the "
+                             "blocks' module path), beside the default row")
     parser.add_argument("--compile", action="store_true",
                         help="also train both implementations under torch.compile (extra rows)")
     parser.add_argument("--local-sdpa", nargs="+", default=["auto"], choices=list(SDPA_BACKENDS),

@@ -2,7 +2,7 @@
 # Runs every GPU benchmark (and the GPU-marked tests) in one go on the device machine, one log per
 # step under $OUT (default ./gpu-out). Each step has its own time limit so one hang cannot eat the rest.
 #   bash benchmarks/gpu_suite.sh [step ...]
-#   steps: env tests gla triton triton2 bench decode decode-fused megabyte megabyte-fused megabyte-compile cache hf
+#   steps: env tests gla triton triton2 bench decode decode-b1 decode-fused megabyte megabyte-fused megabyte-compile cache hf
 #          profile triton-profile
 set -u
 OUT=${OUT:-gpu-out}
@@ -32,10 +32,11 @@ for s in "${steps[@]}"; do
     triton2) run triton2 570 python3 benchmarks/bench_gla_triton.py --no-sdpa --no-check --shapes 4x256x512 --out "$OUT/gla_triton2.jsonl" ;;
     triton-profile) run triton-profile 120 python3 benchmarks/profile_gla_triton.py --no-fla ;;
     decode) run decode 570 python3 -m longseq bench decode --models gla,transformer,megabyte:paper95m --presets 85m --contexts 4096,16384 --batch-sizes 1,32,max --max-batch 512 --policies full,tova:ctx/8 --gen-tokens 64 --compile --against hf --memory-limit-gib 40 --jsonl "$OUT/decode.jsonl" ;;
+    decode-b1) run decode-b1 240 python3 -m longseq bench decode --models gla,transformer,megabyte:paper95m --presets 85m --contexts 4096 --batch-sizes 1 --policies full,tova:ctx/8 --gen-tokens 64 --compile --jsonl "$OUT/decode_b1.jsonl" ;;
     decode-fused) run decode-fused 240 python3 -m longseq bench decode --models gla,transformer,megabyte:paper95m --presets 85m --contexts 4096 --batch-sizes 1 --policies full,tova:ctx/8 --gen-tokens 64 --fused --jsonl "$OUT/decode_fused.jsonl" ;;
     bench) run bench 420 python3 -m longseq bench --device cuda --models gla,transformer --presets medium --seq-lens 2048,8192 --batch-tokens 16384 --steps 5 --warmup 2 --json "$OUT/bench.json" ;;
     megabyte) run megabyte 420 python3 benchmarks/bench_megabyte.py --device cuda --json "$OUT/megabyte.json" ;;
-    megabyte-fused) run megabyte-fused 200 python3 benchmarks/bench_megabyte.py --device cuda --fused --steps 0 --json "$OUT/megabyte_fused.json" ;;
+    megabyte-fused) run megabyte-fused 300 python3 benchmarks/bench_megabyte.py --device cuda --fused --module-step --steps 0 --json "$OUT/megabyte_fused.json" ;;
     megabyte-compile) run megabyte-compile 300 python3 benchmarks/bench_megabyte.py --device cuda --compile --gen-bytes 0 --ref-gen-bytes 0 --json "$OUT/megabyte_compile.json" ;;
     cache) run cache 300 python3 benchmarks/bench_cache_decode.py --json "$OUT/cache_decode.json" ;;
     hf) run hf 420 python3 benchmarks/bench_hf_cache.py --memory-limit-gib 40 --out "$OUT/hf_cache" ;;

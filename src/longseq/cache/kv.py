@@ -89,6 +89,34 @@ class KVCache:
     def __len__(self) -> int:
         return self._n
 
+    def can_attend_packed(self, qkv: Tensor, positions: Tensor) -> bool:
+        """Whether :meth:`attend_packed` applies: a static ``Full`` cache in ``qkv``'s dtype with a power-of-two
+        head dim, one token per row (``positions`` ``[B, 1]``)."""
+        if not (self.static and self.budget is None and self.k is not None and self.k.dtype == qkv.dtype):
+            return False
+        D = self.k.shape[3]
+        return D & (D - 1) == 0 and positions.shape == (qkv.shape[0], 1)
+
+    def attend_packed(self, qkv: Tensor, positions: Tensor, n_heads: int, inv_freq: Tensor) -> Tensor:
+        """:meth:`attend` for a static ``Full`` cache from the packed, un-rotated ``qkv`` ``[B, (H + 2 H_kv) D]``
+        of one token per row at ``positions`` ``[B, 1]``: RoPE (``inv_freq`` ``[D/2]`` fp32) and the cache
+        write are one fused kernel, then the split-KV attention reads slots ``[0, position]``. Same result
+        as rotating q and k and calling :meth:`attend`. Returns ``[B, H, 1, D]``."""
+        from ..ops import decode_block
+
+        assert self.k is not None and self.v is not None
+        pos = positions[:, 0]
+        q = decode_block.rope_write(qkv, pos, self.row_mask, self.k, self.v, self.slot_pos, n_heads,
+                                    self.k.shape[1], inv_freq)
+        self._n += 1
+        o, _ = attention_over_cache(q, self.k, self.v, positions, self.slot_pos, n_slots=pos + 1)
+        return o
+
+    def count_written(self, n_tokens: int = 1) -> None:
+        """Host bookkeeping (``len``) for a static ``Full`` cache whose slots a fused kernel wrote directly
+        instead of :meth:`attend` (MEGABYTE's patch-local caches)."""
+        self._n += n_tokens
+
     @property
     def capacity(self) -> int:
         """Allocated slots per row and head (``budget + 1`` for bounded policies)."""

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ..cache.kv import KVCache
 from ..nn.norm import RMSNorm
 from .config import ModelConfig
+from .fused_step import head_logits
 from .state import ModelState
 
 
@@ -201,9 +202,13 @@ class LanguageModel(nn.Module):
         positions = state.positions[:, None]  # [B, 1]: per-row positions, read on the device
         for i, block in enumerate(self.blocks):
             layer = state.layers[i]
+            # (hasattr, not getattr's bound method: torch.compile cannot branch on a method's truth value.)
+            if isinstance(layer, KVCache) and hasattr(block, "can_fuse_step") and block.can_fuse_step(h):
+                h = block.fused_step(h, positions, layer)  # same function, fewer kernels (TransformerBlock)
+                continue
             h, new = block(h, positions, layer)
             if isinstance(layer, Tensor) and new is not layer:
                 layer.copy_(new)  # in place: a captured graph keeps reading the same buffer
         state.positions += 1
         state.advance_(1)
-        return self.head(self.norm(h))
+        return head_logits(self.norm, self.head, h)

@@ -49,9 +49,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..cache.kv import KVCache
 from ..cache.policies import CachePolicy
 from ..nn.norm import RMSNorm
+from ..ops import decode_block
 from ..ops.attention import causal_attention
 from .base import LanguageModel
 from .config import MegabyteConfig
+from .fused_step import head_logits
 from .gla import GLABlock
 from .state import ModelState
 from .transformer import TransformerBlock
@@ -158,6 +160,22 @@ def _rope_folded_qkv_weight(block: TransformerBlock, positions: Tensor) -> Tenso
     L = positions.shape[0]
     w_v = w[(H + Hkv) * D :].to(dtype).expand(L, -1, -1)
     return torch.cat([rotated.reshape(L, (H + Hkv) * D, -1), w_v], dim=1).to(w.dtype)
+
+
+def _local_fused_step(block: TransformerBlock, h: Tensor, p: Tensor, cache: KVCache) -> Tensor:
+    """One local byte per row through the fused kernels: ``block(h, p[:, None], cache)[0]`` after the
+    cache's restart at ``p == 0`` (slot ``j`` of the patch-local cache holds in-patch position ``j``, so
+    RoPE, the cache write and attention over slots ``0..p`` are one kernel). h: ``[B, 1, D_L]``."""
+    attn = block.attn
+    assert cache.k is not None and cache.v is not None
+    x = h[:, 0]
+    qkv = decode_block.norm_linear(x, attn.qkv.weight, block.attn_norm.weight, block.attn_norm.eps)
+    o = decode_block.patch_attention(qkv, p, cache.k, cache.v, cache.slot_pos, attn.n_heads, attn.n_kv_heads,
+                                     attn.rope.inv_freq_fp32(x.device))
+    cache.count_written(1)
+    x = decode_block.linear_residual(o, attn.out.weight, x)
+    a = decode_block.norm_swiglu(x, block.mlp_norm.weight, block.mlp_norm.eps, block.mlp.gate_up.weight)
+    return decode_block.linear_residual(a, block.mlp.down.weight, x)[:, None]
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -469,7 +487,10 @@ class MegabyteLM(LanguageModel):
                 if isinstance(layer, KVCache):
                     layer.row_mask = completes
                 try:
-                    h, new = block(h, (k_cur + 1)[:, None], layer)
+                    if isinstance(layer, KVCache) and isinstance(block, TransformerBlock) and block.can_fuse_step(h):
+                        h, new = block.fused_step(h, (k_cur + 1)[:, None], layer), layer
+                    else:
+                        h, new = block(h, (k_cur + 1)[:, None], layer)
                 finally:
                     if isinstance(layer, KVCache):
                         layer.row_mask = None
@@ -477,25 +498,39 @@ class MegabyteLM(LanguageModel):
                     layer.copy_(torch.where(completes[:, None, None, None], new, layer))
             g_local = self.global_to_local(self.global_norm(h).view(B, P, DG))  # [B, P, D_L]
             state.local_from_global.copy_(torch.where(completes[:, None, None], g_local, state.local_from_global))
-        # Local model: a new patch restarts it (rows with p == 0).
-        for layer in state.local_layers:
-            if isinstance(layer, KVCache):
-                assert layer.slot_pos is not None
-                layer.slot_pos.masked_fill_(completes[:, None, None], -1)
-            else:
-                layer.masked_fill_(completes[:, None, None, None], 0.0)
         emb = self.local_embed(x)  # [B, D_L]
         emb = torch.where(completes[:, None], self.local_pad.to(emb.dtype), emb)
         cond = state.local_from_global.gather(1, p[:, None, None].expand(B, 1, DL))  # [B, 1, D_L]
         h = emb[:, None] + cond
         for j, block in enumerate(self.local_blocks):
             layer = state.layers[state.n_global_layers + j]
+            if self._local_step_fusable(block, layer, h):
+                # The kernel restarts the cache itself (slots after p read as empty).
+                h = _local_fused_step(block, h, p, layer)
+                continue
+            # A new patch restarts the local model (rows with p == 0).
+            if isinstance(layer, KVCache):
+                assert layer.slot_pos is not None
+                layer.slot_pos.masked_fill_(completes[:, None, None], -1)
+            else:
+                layer.masked_fill_(completes[:, None, None, None], 0.0)
             h, new = block(h, p[:, None], layer)
             if isinstance(layer, Tensor) and new is not layer:
                 layer.copy_(new)
         state.positions += 1
         state.advance_(1)
-        return self.head(self.norm(h))
+        return head_logits(self.norm, self.head, h)
+
+    def _local_step_fusable(self, block: nn.Module, layer: Any, h: Tensor) -> bool:
+        """Whether a local layer's step may take :func:`_local_fused_step`: a fusable Transformer block
+        (:meth:`TransformerBlock.can_fuse_step`) over a static ``Full`` cache of one patch in ``h``'s dtype
+        with a power-of-two head dim."""
+        if not (isinstance(block, TransformerBlock) and isinstance(layer, KVCache) and layer.static):
+            return False
+        if layer.budget is not None or layer.k is None or layer.k.shape[2] != self.config.patch_size:
+            return False
+        D = block.attn.head_dim
+        return layer.k.dtype == h.dtype and D & (D - 1) == 0 and block.can_fuse_step(h)
 
     def _set_local(self, state: MegabyteState, local_states: list[Any]) -> None:
         state.layers = state.layers[: state.n_global_layers] + list(local_states)

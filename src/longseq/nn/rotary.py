@@ -19,6 +19,16 @@ class RotaryEmbedding(nn.Module):
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dimension; got {head_dim}")
         self.head_dim, self.theta = head_dim, theta
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}  # plain attribute: .to(dtype) must not round it
+
+    def inv_freq_fp32(self, device: torch.device) -> torch.Tensor:
+        """``theta^(-2i/D)`` ``[D/2]`` in fp32 (made in float64, as in :meth:`forward`), cached per device: the
+        fused decode kernels rotate with it, and a captured step must not rebuild it."""
+        cached = self._inv_freq.get(device)
+        if cached is None:
+            exponent = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float64) / self.head_dim
+            cached = self._inv_freq[device] = (self.theta**-exponent).to(torch.float32)
+        return cached
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """Rotate ``x`` ``[B, H, T, D]`` by ``positions`` ``[T]`` or ``[B, T]`` (integer token positions)."""

@@ -185,7 +185,7 @@ def qkg_grad_kernel(
         da += tl.dot(do, tl.trans(vv), input_precision=PREC)
         dq += tl.dot(do, tl.trans(h_c.to(DT)), input_precision=PREC)
         dk += tl.dot(vv, tl.trans(dh.to(DT)), input_precision=PREC)
-        cross += tl.sum(h_c * dh, axis=1)
+        cross += tl.sum(h_c.to(tl.float32) * dh.to(tl.float32), axis=1)
     da = tl.where(o_t[:, None] >= o_t[None, :], da, 0.0) * scale
 
     qq = tl.load(q_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
@@ -274,7 +274,7 @@ def chunk_backward(
     BK, BV = block_size(K), block_size(V)
     SK, SV = state_block_sizes(K, V, N * H)
 
-    dh = q.new_empty(NT, H, K, V, dtype=torch.float32)
+    dh = q.new_empty(NT, H, K, V, dtype=kd.dstates)
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None
     state_grads_kernel[(triton.cdiv(K, SK), triton.cdiv(V, SV), N * H)](
         q,

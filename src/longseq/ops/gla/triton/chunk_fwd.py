@@ -20,6 +20,10 @@ from torch import Tensor
 from . import common
 from .common import CHUNK, G_FLOOR, SUB_CHUNK, KernelDtypes, SeqInfo, block_size
 
+# V tile of the output kernel: wider than the other kernels' (MAX_BLOCK) so that q, its gate factors and
+# the chunk's A are read (and exp(b) computed) fewer times per chunk: 8% faster forward at V=512 (H200).
+OUTPUT_MAX_BV = 128
+
 
 @triton.jit
 def chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT: tl.constexpr):
@@ -301,12 +305,12 @@ def state_block_sizes(K: int, V: int, programs_per_tile: int) -> tuple[int, int]
 def chunk_states(
     k: Tensor, v: Tensor, b: Tensor, h0: Tensor | None, info: SeqInfo, kd: KernelDtypes, want_final: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """Launch :func:`chunk_states_kernel`; returns ``h`` ``[NT + N, H, K, V]`` (see :mod:`.common`)
-    and, if ``want_final``, the final states ``[N, H, K, V]`` fp32."""
+    """Launch :func:`chunk_states_kernel`; returns ``h`` ``[NT + N, H, K, V]`` in ``kd.states`` (see
+    :mod:`.common`) and, if ``want_final``, the final states ``[N, H, K, V]`` fp32."""
     _, H, K = k.shape
     V = v.shape[-1]
     BK, BV = state_block_sizes(K, V, info.num_seqs * H)
-    h = k.new_empty(info.num_chunks + info.num_seqs, H, K, V, dtype=torch.float32)
+    h = k.new_empty(info.num_chunks + info.num_seqs, H, K, V, dtype=kd.states)
     ht = k.new_empty(info.num_seqs, H, K, V, dtype=torch.float32) if want_final else None
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), info.num_seqs * H)
     chunk_states_kernel[grid](
@@ -367,7 +371,7 @@ def chunk_output(
     """Launch :func:`output_kernel`; returns ``o`` ``[TT, H, V]`` in ``v``'s dtype."""
     TT, H, K = q.shape
     V = v.shape[-1]
-    BK, BV = block_size(K), block_size(V)
+    BK, BV = block_size(K), max(16, min(OUTPUT_MAX_BV, triton.next_power_of_2(V)))
     o = torch.empty_like(v)
     output_kernel[(triton.cdiv(V, BV), info.num_chunks, H)](
         q,
