@@ -2,7 +2,7 @@
 # Runs every GPU benchmark (and the GPU-marked tests) in one go on the device machine, one log per
 # step under $OUT (default ./gpu-out). Each step has its own time limit so one hang cannot eat the rest.
 #   bash benchmarks/gpu_suite.sh [step ...]
-#   steps: env tests gla triton triton2 bench decode decode-b1 decode-fused megabyte megabyte-fused megabyte-compile cache hf
+#   steps: env tests gla triton triton2 triton-decode bench decode decode-b1 decode-fused megabyte megabyte-fused megabyte-compile cache hf
 #          profile triton-profile
 set -u
 OUT=${OUT:-gpu-out}
@@ -28,7 +28,8 @@ for s in "${steps[@]}"; do
     tests) run tests 300 python3 -m pytest -q -m gpu tests -rs --durations=10 ;;
     profile) run profile 200 python3 benchmarks/profile_decode.py --device cuda ;;
     gla) run gla 120 python3 benchmarks/bench_gla_op.py --device cuda --dtype bfloat16 --B 4 --T 2048 8192 --H 4 --K 128 --V 256 --backends chunk ;;
-    triton) run triton 420 python3 benchmarks/bench_gla_triton.py --sdpa cudnn --out "$OUT/gla_triton.jsonl" ;;
+    triton) run triton 440 python3 benchmarks/bench_gla_triton.py --sdpa cudnn --shapes 16x128x128 --out "$OUT/gla_triton.jsonl" ;;
+    triton-decode) run triton-decode 200 python3 benchmarks/bench_gla_triton.py --decode-only --out "$OUT/gla_decode.jsonl" ;;
     triton2) run triton2 570 python3 benchmarks/bench_gla_triton.py --no-sdpa --no-check --shapes 4x256x512 --out "$OUT/gla_triton2.jsonl" ;;
     triton-profile) run triton-profile 120 python3 benchmarks/profile_gla_triton.py --no-fla ;;
     decode) run decode 570 python3 -m longseq bench decode --models gla,transformer,megabyte:paper95m --presets 85m --contexts 4096,16384 --batch-sizes 1,32,max --max-batch 512 --policies full,tova:ctx/8 --gen-tokens 64 --compile --against hf --memory-limit-gib 40 --jsonl "$OUT/decode.jsonl" ;;
