@@ -182,6 +182,10 @@ def test_bad_inputs_raise_before_any_work():
         decode_block.patch_attention(qkv, torch.zeros(2, dtype=torch.long), k, v, sp, 3, 2, inv_freq)
     with pytest.raises(ValueError, match="norm_weight must be"):
         decode_block.norm_linear(x, w, nw[:31])
+    with pytest.raises(ValueError, match=r"p must be a \[B=2\] integer tensor"):
+        decode_block.patch_attention(qkv, torch.zeros(2), k, v, sp, 4, 2, inv_freq)
+    with pytest.raises(ValueError, match="pos must be"):
+        decode_block.rope_write(qkv, torch.zeros(2, 1, dtype=torch.long), None, k, v, sp, 4, 2, inv_freq)
     assert torch.equal(k, before)
 
 

@@ -36,14 +36,19 @@ def fused_rows(h: Tensor) -> bool:
     return decode_block.kernels_available()
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` or any submodule has forward (pre-)hooks (FSDP2's unshard, profilers, adapters):
+    a path that calls none of the submodules must not run then."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
 def plain_modules(h: Tensor, modules: tuple[nn.Module, ...], linears: tuple[nn.Module, ...]) -> bool:
     """The fused kernels may stand in for ``modules`` (the module trees a step would call) and ``linears``
     (the projections whose weights they read): no forward hook anywhere in the trees, no autograd (the
     kernels have none: with grad enabled, neither ``h`` nor any parameter may require it), and each
     projection exactly an ``nn.Linear`` (a subclass or a wrapper, such as a LoRA layer, computes more than
     its weight) without bias, with a contiguous weight in ``h``'s dtype."""
-    trees = [m for root in modules for m in root.modules()]
-    if any(m._forward_hooks or m._forward_pre_hooks for m in trees):
+    if any(has_hooks(m) for m in modules):
         return False
     if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for m in modules for p in m.parameters())):
         return False

@@ -51,9 +51,10 @@ from ..cache.policies import CachePolicy
 from ..nn.norm import RMSNorm
 from ..ops import decode_block
 from ..ops.attention import causal_attention
+from ..ops.rope import rope_frequencies
 from .base import LanguageModel
 from .config import MegabyteConfig
-from .fused_step import head_logits
+from .fused_step import has_hooks, head_logits
 from .gla import GLABlock
 from .state import ModelState
 from .transformer import TransformerBlock
@@ -140,8 +141,7 @@ def _make_block(backbone: str, cfg: Any) -> nn.Module:
 # The global blocks keep the module's RoPE (a patch position can be anything up to max_seq_len / P).
 def _rope_angles(head_dim: int, theta: float, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``cos, sin`` ``[L, D/2]`` of :class:`~longseq.nn.rotary.RotaryEmbedding` (same float64 frequencies)."""
-    exponent = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim
-    angles = positions.to(dtype)[:, None] * (theta**-exponent).to(dtype)
+    angles = positions.to(dtype)[:, None] * rope_frequencies(head_dim, theta, positions.device, dtype)
     return angles.cos(), angles.sin()
 
 
@@ -176,12 +176,6 @@ def _local_fused_step(block: TransformerBlock, h: Tensor, p: Tensor, cache: KVCa
     x = decode_block.linear_residual(o, attn.out.weight, x)
     a = decode_block.norm_swiglu(x, block.mlp_norm.weight, block.mlp_norm.eps, block.mlp.gate_up.weight)
     return decode_block.linear_residual(a, block.mlp.down.weight, x)[:, None]
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` or any submodule has forward (pre-)hooks (FSDP2's unshard, profilers, adapters):
-    the fast path calls none of the submodules, so it must not run then."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 def _transformer_block_fast(block: TransformerBlock, h: Tensor, positions: Tensor, fold_rope: bool,
@@ -341,7 +335,7 @@ class MegabyteLM(LanguageModel):
             self.fast_stateless
             and isinstance(block, TransformerBlock)
             and type(block.attn.qkv) is nn.Linear
-            and not _has_hooks(block)
+            and not has_hooks(block)
         )
 
     # -- full-sequence forward -----------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..ops.rope import rope_frequencies, rotate_half
+
 
 class RotaryEmbedding(nn.Module):
     """Rotates query/key channel pairs ``(i, i + D/2)`` by ``position * theta^(-2i/D)``.
@@ -26,22 +28,16 @@ class RotaryEmbedding(nn.Module):
         fused decode kernels rotate with it, and a captured step must not rebuild it."""
         cached = self._inv_freq.get(device)
         if cached is None:
-            exponent = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float64) / self.head_dim
-            cached = self._inv_freq[device] = (self.theta**-exponent).to(torch.float32)
+            cached = self._inv_freq[device] = rope_frequencies(self.head_dim, self.theta, device, torch.float32)
         return cached
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """Rotate ``x`` ``[B, H, T, D]`` by ``positions`` ``[T]`` or ``[B, T]`` (integer token positions)."""
         dtype = torch.promote_types(x.dtype, torch.float32)
-        exponent = torch.arange(0, self.head_dim, 2, device=x.device, dtype=torch.float64) / self.head_dim
-        inv_freq = (self.theta**-exponent).to(dtype)
-        angles = positions.to(dtype)[..., None] * inv_freq  # [(B,) T, D/2]
-        if angles.dim() == 3:
-            angles = angles[:, None]  # broadcast over heads
-        cos, sin = angles.cos(), angles.sin()
-        x1, x2 = x.to(dtype).chunk(2, dim=-1)
-        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        return out.to(x.dtype)
+        angles = positions.to(dtype)[..., None] * rope_frequencies(self.head_dim, self.theta, x.device, dtype)
+        if angles.dim() == 3:  # [B, T, D/2]: broadcast over heads
+            angles = angles[:, None]
+        return rotate_half(x, angles)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, theta={self.theta}"

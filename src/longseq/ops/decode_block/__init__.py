@@ -157,6 +157,11 @@ def _check_cache(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, slot_pos: Tensor
         raise ValueError(f"slot_pos must be [B, 1 or H_kv, S]; got {tuple(slot_pos.shape)}")
 
 
+def _check_positions(name: str, pos: Tensor, batch: int) -> None:
+    if pos.shape != (batch,) or pos.is_floating_point() or pos.dtype == torch.bool:
+        raise ValueError(f"{name} must be a [B={batch}] integer tensor; got {tuple(pos.shape)} {pos.dtype}")
+
+
 def rope_write(
     qkv: Tensor,
     pos: Tensor,
@@ -172,6 +177,7 @@ def rope_write(
     query ``[B, H, 1, D]``. See :func:`.reference.rope_write_reference`. ``pos`` ``[B]`` must lie in
     ``[0, S)`` (not checked: that would read the device tensor back, which a captured step cannot do)."""
     _check_cache(qkv, k_cache, v_cache, slot_pos, n_heads, n_kv_heads)
+    _check_positions("pos", pos, qkv.shape[0])
     if row_mask is not None and (row_mask.shape != (qkv.shape[0],) or row_mask.dtype != torch.bool):
         raise ValueError(f"row_mask must be a [B={qkv.shape[0]}] bool tensor; got {tuple(row_mask.shape)} "
                          f"{row_mask.dtype}")
@@ -200,6 +206,7 @@ def patch_attention(
     would read the device tensor back, which a captured step cannot do).
     """
     _check_cache(qkv, k_cache, v_cache, slot_pos, n_heads, n_kv_heads)
+    _check_positions("p", p, qkv.shape[0])
     if not _use_kernels(qkv):
         return patch_attention_reference(qkv, p, k_cache, v_cache, slot_pos, n_heads, n_kv_heads, inv_freq)
     from .kernels import patch_attention as kernel

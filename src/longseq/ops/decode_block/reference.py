@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..rope import rotate_half
+
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     dtype = torch.promote_types(x.dtype, torch.float32)
@@ -39,10 +41,7 @@ def norm_swiglu_reference(x: Tensor, norm_weight: Tensor, eps: float, gate_up: T
 def rope_rotate(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
     """"Rotate half" RoPE of ``x`` ``[B, H, D]`` at ``positions`` ``[B]``, in fp32, cast back."""
     dtype = torch.promote_types(x.dtype, torch.float32)
-    angles = positions.to(dtype)[:, None, None] * inv_freq.to(dtype)  # [B, 1, D/2]
-    cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x.to(dtype).chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return rotate_half(x, positions.to(dtype)[:, None, None] * inv_freq.to(dtype))
 
 
 def _write_rotated(qkv: Tensor, pos: Tensor, k_cache: Tensor, v_cache: Tensor, n_heads: int, n_kv_heads: int,
