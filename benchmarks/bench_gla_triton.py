@@ -2,6 +2,7 @@
 
     python benchmarks/bench_gla_triton.py                      # H100: both shapes, T = 1K..32K
     python benchmarks/bench_gla_triton.py --T 2048 8192 --no-sdpa --out results.jsonl
+    python benchmarks/bench_gla_triton.py --variants --T 2048 8192 --out variants.jsonl   # tuning choices
 
 Fixed tokens per batch (B * T = --tokens, default 32,768), bf16 q/k/v, fp32 gates (as the GLA layer
 passes them), two shapes: H=16, K=V=128 and H=4, K=256, V=512. Columns: longseq fwd and fwd+bwd
@@ -48,6 +49,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-fla", action="store_true", help="skip fla even if it imports")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check")
     p.add_argument("--decode-only", action="store_true", help="only the decode rows")
+    p.add_argument("--variants", action="store_true",
+                   help="instead of the tables: the kernels' tuning choices side by side (chunk-state storage "
+                        "dtypes and output tile: errors, fwd and fwd+bwd ms at each --T; decode tile, warps "
+                        "and V tile at --decode-batch, graph-timed)")
     p.add_argument(
         "--keep-cache", action="store_true", help="use the existing Triton cache (no compile timing)"
     )
@@ -66,7 +71,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 from longseq.ops.gla import gated_linear_attention  # noqa: E402
-from longseq.ops.gla.triton import recurrent_gla  # noqa: E402
+from longseq.ops.gla.triton import chunk_fwd, common, recurrent, recurrent_gla  # noqa: E402
 from longseq.testing import relative_rms_error  # noqa: E402
 
 try:
@@ -133,7 +138,7 @@ def graph_ms(fn) -> float:
     return do_bench_cudagraph(lambda: [fn() for _ in range(GRAPH_CALLS)], rep=50) / GRAPH_CALLS
 
 
-def check(B: int, T: int, H: int, K: int, V: int) -> None:
+def check(B: int, T: int, H: int, K: int, V: int, **tag) -> None:
     """Relative RMS error of the triton backend vs the fp32 chunk backend, forward and backward."""
     q, k, v, g = inputs(B, T, H, K, V, seed=1)
     s0 = torch.randn(B, H, K, V, device=DEVICE, requires_grad=True)
@@ -162,7 +167,7 @@ def check(B: int, T: int, H: int, K: int, V: int) -> None:
         + ("  OK" if ok else "  FAILED (tolerance 4e-3 outputs / 5e-3 gradients)"),
         flush=True,
     )
-    emit(dict(kind="check", B=B, T=T, H=H, K=K, V=V, ok=ok, **{f"err_{n}": e for n, e in errs.items()}))
+    emit(dict(kind="check", B=B, T=T, H=H, K=K, V=V, ok=ok, **tag, **{f"err_{n}": e for n, e in errs.items()}))
 
 
 def first_call_s(fn) -> float:
@@ -171,6 +176,20 @@ def first_call_s(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+def triton_calls(q, k, v, g, do):
+    """The timed longseq calls: forward (no grad) and forward+backward."""
+
+    def fwd():
+        with torch.no_grad():
+            gated_linear_attention(q, k, v, g, backend="triton")
+
+    def fwd_bwd():
+        o, _ = gated_linear_attention(q, k, v, g, backend="triton")
+        o.backward(do)
+
+    return fwd, fwd_bwd
 
 
 def bench_chunk(H: int, K: int, V: int) -> None:
@@ -184,15 +203,7 @@ def bench_chunk_one(B: int, T: int, H: int, K: int, V: int, compile_s: tuple[flo
     """One row of the chunk table; measures the first-call (compile) times when ``compile_s`` is None."""
     q, k, v, g = inputs(B, T, H, K, V)
     do = torch.randn_like(v)
-
-    def fwd():
-        with torch.no_grad():
-            gated_linear_attention(q, k, v, g, backend="triton")
-
-    def fwd_bwd():
-        o, _ = gated_linear_attention(q, k, v, g, backend="triton")
-        o.backward(do)
-
+    fwd, fwd_bwd = triton_calls(q, k, v, g, do)
     if compile_s is None:
         compile_s = (first_call_s(fwd), first_call_s(fwd_bwd))
     row = dict(kind="chunk", B=B, T=T, H=H, K=K, V=V, fwd_ms=ms(fwd), fwd_bwd_ms=ms(fwd_bwd))
@@ -304,11 +315,60 @@ def bench_decode_one(B: int, H: int, K: int, V: int) -> None:
     )
 
 
+# (h in bf16, dh in bf16, output kernel V tile); the defaults are the last row.
+STATE_VARIANTS = [(False, False, 64), (True, False, 64), (True, True, 64), (True, True, 128)]
+DECODE_VARIANTS = [(tile, warps, bv) for tile in (8192, 16384) for warps in (1, 2, 4, 8) for bv in (64, 128)]
+
+
+def bench_variants(H: int, K: int, V: int) -> None:
+    """Each choice behind the constants of ``longseq.ops.gla.triton`` measured in one process (the
+    constants are module attributes read at launch)."""
+    saved = (common.STATES_IN_BF16, common.DSTATES_IN_BF16, chunk_fwd.OUTPUT_MAX_BV,
+             recurrent.DECODE_TILE, recurrent.DECODE_WARPS, recurrent.DECODE_MAX_BV, recurrent.DECODE_MANY_PROGRAMS)
+    try:
+        for h16, dh16, bv in STATE_VARIANTS:
+            common.STATES_IN_BF16, common.DSTATES_IN_BF16, chunk_fwd.OUTPUT_MAX_BV = h16, dh16, bv
+            tag = dict(variant=f"h {'bf16' if h16 else 'fp32'}, dh {'bf16' if dh16 else 'fp32'}, output BV {bv}")
+            check(2, 2048, H, K, V, **tag)
+            for T in ARGS.T:
+                B = max(1, ARGS.tokens // T)
+                q, k, v, g = inputs(B, T, H, K, V)
+                fwd, fwd_bwd = triton_calls(q, k, v, g, torch.randn_like(v))
+                emit(dict(kind="variant", B=B, T=T, H=H, K=K, V=V, fwd_ms=ms(fwd), fwd_bwd_ms=ms(fwd_bwd), **tag))
+        recurrent.DECODE_MANY_PROGRAMS = 0  # every grid takes DECODE_WARPS
+        for B in ARGS.decode_batch:
+            decode_variants(B, H, K, V)
+    finally:
+        (common.STATES_IN_BF16, common.DSTATES_IN_BF16, chunk_fwd.OUTPUT_MAX_BV, recurrent.DECODE_TILE,
+         recurrent.DECODE_WARPS, recurrent.DECODE_MAX_BV, recurrent.DECODE_MANY_PROGRAMS) = saved
+
+
+@torch.no_grad()
+def decode_variants(B: int, H: int, K: int, V: int) -> None:
+    q, k, v, g = inputs(B, 1, H, K, V, requires_grad=False)
+    state = torch.randn(B, H, K, V, device=DEVICE)
+    dst = torch.empty_like(state)
+    copy_t = graph_ms(lambda: dst.copy_(state))
+
+    def step():
+        recurrent_gla(q, k, v, g, K**-0.5, state, out_state=state)
+
+    for tile, warps, bv in DECODE_VARIANTS:
+        recurrent.DECODE_TILE, recurrent.DECODE_WARPS, recurrent.DECODE_MAX_BV = tile, warps, bv
+        t = graph_ms(step)
+        emit(dict(kind="decode_variant", B=B, H=H, K=K, V=V, tile=tile, warps=warps, max_bv=bv,
+                  step_ms=t, copy_ms=copy_t, ratio_copy=t / copy_t))
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_gla_triton.py needs a CUDA GPU")
     print(json.dumps(env()))
     shapes = [tuple(int(x) for x in s.split("x")) for s in ARGS.shapes]
+    if ARGS.variants:
+        for H, K, V in shapes:
+            bench_variants(H, K, V)
+        return
     for H, K, V in shapes:
         if not ARGS.no_check and not ARGS.decode_only:
             check(2, 2048, H, K, V)
