@@ -18,7 +18,7 @@ import torch
 from longseq.cli import main
 from longseq.evaluate import evaluate_bpb
 from longseq.generate import generate
-from longseq.models import GLALM, MODELS, GLAConfig
+from longseq.models import GLALM, MODELS, Capabilities, GLAConfig, ModelSpec
 from longseq.train import TrainConfig, load_model, train
 from longseq.train.checkpoint import list_checkpoints
 from test_train import make_corpus  # tests/ is on sys.path (pytest rootdir-relative imports)
@@ -255,6 +255,12 @@ class _PatchedConfig(GLAConfig):
     patch_size: int = 8
 
 
+_PATCHED_SPEC = ModelSpec(
+    "patched-gla", _PatchedConfig, GLALM, "GLA declaring a patch size",
+    lambda cfg: Capabilities(frozenset({"recurrent"}), seq_multiple=cfg.patch_size),
+)
+
+
 def _error(capsys, argv: list[str]) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -276,7 +282,7 @@ def test_train_user_errors(tmp_path, corpus, run, capsys, monkeypatch):
     assert "n_layerz" in _error(capsys, [*base, "--set", "n_layerz=3"])
     assert "'n_heads' expects int; got 'many'" in _error(capsys, [*base, "--set", "n_heads=many"])
     assert "FIELD=VALUE" in _error(capsys, [*base, "--set", "n_heads"])
-    monkeypatch.setitem(MODELS, "patched-gla", (_PatchedConfig, GLALM))
+    monkeypatch.setitem(MODELS, "patched-gla", _PATCHED_SPEC)
     assert "patch_size=8" in _error(capsys, [*base, "--model", "patched-gla", "--seq-len", "36"])
     assert not Path(out).exists()  # none of the above wrote anything
 

@@ -98,7 +98,7 @@ def test_forward_matches_paper_reference(global_backbone, local_backbone, T):
 
 
 def test_registry_build_and_config_roundtrip():
-    assert MODELS["megabyte"] == (MegabyteConfig, MegabyteLM)
+    assert (MODELS["megabyte"].config_class, MODELS["megabyte"].model_class) == (MegabyteConfig, MegabyteLM)
     model = build_model("megabyte", "tiny", global_backbone="gla", patch_size=8)
     assert isinstance(model, longseq.LanguageModel)
     assert model.config.patch_size == 8 and model.config.byte_dim == 64 // 8

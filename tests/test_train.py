@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from longseq.data import DataError
 from longseq.evaluate import evaluate_bpb, plan_windows
-from longseq.models import GLALM, MODELS, GLAConfig, build_model
+from longseq.models import GLALM, MODELS, Capabilities, GLAConfig, ModelSpec, build_model
 from longseq.train import CheckpointError, RunDirError, TrainConfig, train
 from longseq.train.checkpoint import list_checkpoints, load_model_state
 from longseq.train.schedule import WarmupCosine
@@ -170,8 +170,14 @@ class _PatchedConfig(GLAConfig):
     patch_size: int = 8
 
 
+_PATCHED_SPEC = ModelSpec(
+    "patched-gla", _PatchedConfig, GLALM, "GLA declaring a patch size",
+    lambda cfg: Capabilities(frozenset({"recurrent"}), seq_multiple=cfg.patch_size),
+)
+
+
 def test_seq_len_must_be_multiple_of_patch_size(tmp_path, monkeypatch):
-    monkeypatch.setitem(MODELS, "patched-gla", (_PatchedConfig, GLALM))
+    monkeypatch.setitem(MODELS, "patched-gla", _PATCHED_SPEC)
     with pytest.raises(ValueError, match="seq-len 36 must be a multiple of .*patch_size=8"):
         train(cfg_for(tmp_path, "run", model="patched-gla", seq_len=36))
     assert not (tmp_path / "run").exists()

@@ -9,20 +9,29 @@ from .config import GLAConfig, MegabyteConfig, ModelConfig, TransformerConfig
 from .gla import GLALM
 from .megabyte import MegabyteLM, MegabyteState
 from .state import ModelState
+from .registry import MODELS, Capabilities, ModelSpec, capabilities, model_spec, register_model
 from .transformer import TransformerLM
 
-# kind -> (config class, model class). New model kinds register here.
-MODELS: dict[str, tuple[type[ModelConfig], type[LanguageModel]]] = {
-    "transformer": (TransformerConfig, TransformerLM),
-    "gla": (GLAConfig, GLALM),
-    "megabyte": (MegabyteConfig, MegabyteLM),
-}
+register_model(ModelSpec(
+    "transformer", TransformerConfig, TransformerLM, "Transformer++ (RoPE, SwiGLU, RMSNorm); KV caches",
+    lambda cfg: Capabilities(frozenset({"kv"})),
+))
+register_model(ModelSpec(
+    "gla", GLAConfig, GLALM, "Gated Linear Attention Transformer; one fixed-size matrix state per layer",
+    lambda cfg: Capabilities(frozenset({"recurrent"})),
+))
+register_model(ModelSpec(
+    "megabyte", MegabyteConfig, MegabyteLM, "MEGABYTE: a global model over byte patches, a local model per patch",
+    lambda cfg: Capabilities(
+        frozenset({"kv" if b == "transformer" else "recurrent" for b in (cfg.global_backbone, cfg.local_backbone)}),
+        seq_multiple=cfg.patch_size, max_seq_len=cfg.max_seq_len, byte_level=True,
+    ),
+))
 
 
 def config_class(kind: str) -> type[ModelConfig]:
-    if kind not in MODELS:
-        raise ValueError(f"unknown model kind {kind!r}; choose one of {sorted(MODELS)}")
-    return MODELS[kind][0]
+    """The config dataclass of ``kind``; ``ValueError`` naming the known kinds otherwise."""
+    return model_spec(kind).config_class
 
 
 def build_model(kind: str, preset: str = "tiny", **overrides: Any) -> LanguageModel:
@@ -38,10 +47,11 @@ def build_model(kind: str, preset: str = "tiny", **overrides: Any) -> LanguageMo
 
 def model_from_config(cfg: ModelConfig) -> LanguageModel:
     """Build the model a config describes (the config's class says which kind)."""
-    return MODELS[cfg.kind][1](cfg)
+    return model_spec(cfg.kind).build(cfg)
 
 
 __all__ = [
+    "Capabilities", "ModelSpec", "capabilities", "model_spec", "register_model",
     "GLAConfig", "GLALM", "LanguageModel", "MODELS", "MegabyteConfig", "MegabyteLM", "MegabyteState",
     "ModelConfig", "ModelState", "TransformerConfig",
     "TransformerLM", "build_model", "config_class", "model_from_config",
