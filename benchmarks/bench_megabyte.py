@@ -59,7 +59,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
 import longseq
-from longseq.models import build_model, fused_step
+from longseq.models import build_model
+from longseq.nn import fused as fused_step
 from longseq.train.bench import bench_decode_longseq, decode_warmup
 
 SDPA_BACKENDS = {

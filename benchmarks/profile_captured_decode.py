@@ -21,7 +21,7 @@ import torch
 
 from longseq import build_model
 from longseq.generate import Decoder, prefill_rows
-from longseq.models import fused_step
+from longseq.nn import fused as fused_step
 from longseq.train.bench import decode_warmup
 
 

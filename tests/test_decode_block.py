@@ -22,8 +22,8 @@ triton = pytest.importorskip("triton")
 
 from longseq import build_model  # noqa: E402
 from longseq.generate import generate, prefill_rows  # noqa: E402
-from longseq.models import fused_step  # noqa: E402
-from longseq.models.transformer import TransformerBlock  # noqa: E402
+from longseq.nn import fused as fused_step  # noqa: E402
+from longseq.nn.blocks import TransformerBlock  # noqa: E402
 from longseq.ops import decode_block  # noqa: E402
 from longseq.ops.decode_block import kernels  # noqa: E402
 from longseq.testing import assert_close, triton_interpreter_problem  # noqa: E402

@@ -81,7 +81,7 @@ def test_grouped_prefill_equals_one_row_at_a_time(kind, overrides, spec, group_t
     import sys
 
     # The module, not the `longseq.generate` function the package exports under the same name.
-    module = sys.modules["longseq.generate"]
+    module = sys.modules["longseq.generate.prefill"]
     monkeypatch.setattr(module, "GROUP_PREFILL_TOKENS", group_tokens)
     if group_rows == 2:
         per_row = _model(kind, overrides).init_state(1, cache=_policy(spec), max_len=64).nbytes()
@@ -185,7 +185,7 @@ def test_graph_safe_sampler():
 
 
 def test_compile_on_cpu_warns_and_matches_the_dynamic_path():
-    import longseq.generate as g
+    from longseq.generate import api as g
 
     g._warned_cpu_compile = False
     model = _model("gla", {})

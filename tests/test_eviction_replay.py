@@ -159,7 +159,7 @@ def test_gpu_kernel_matches_the_loop_at_prefill_shapes(policy, G):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_gpu_cache_prefill_uses_the_kernel(monkeypatch):
     """On CUDA a chunked TOVA prefill goes through the Triton replay (counted), with the loop's result."""
-    from longseq.cache import kv
+    from longseq.cache import eviction as kv
 
     calls = []
     kernel = kv.replay_evictions

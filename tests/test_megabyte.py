@@ -41,7 +41,7 @@ def random_bytes(batch: int, length: int, seed: int = 1) -> torch.Tensor:
 def _run_stack(blocks, h: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(h.shape[1])
     for block in blocks:
-        h, _ = block(h, positions, None)
+        h = block(h, positions, None)
     return h
 
 

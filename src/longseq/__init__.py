@@ -9,7 +9,7 @@ Every model is a (multi-)state RNN at inference::
     logits, state = model.step(input_ids, state)  # any number of new tokens
 """
 
-from .cache import H2O, TOVA, CachePolicy, Full, KVCache, Sink, Window, parse_policy
+from .cache import H2O, TOVA, CachePolicy, Full, KVCache, LayerState, RecurrentState, Sink, Window, parse_policy
 from .generate import generate, sample_next
 from .models import (
     GLALM,
@@ -22,14 +22,17 @@ from .models import (
     TransformerConfig,
     TransformerLM,
     build_model,
+    capabilities,
     model_from_config,
+    register_model,
 )
 from .ops.gla import gated_linear_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CachePolicy", "Full", "GLAConfig", "GLALM", "H2O", "KVCache", "LanguageModel", "MegabyteConfig", "MegabyteLM",
-    "MegabyteState", "ModelState", "Sink", "TOVA", "TransformerConfig", "TransformerLM", "Window", "__version__",
-    "build_model", "gated_linear_attention", "generate", "model_from_config", "parse_policy", "sample_next",
+    "CachePolicy", "Full", "GLAConfig", "GLALM", "H2O", "KVCache", "LanguageModel", "LayerState", "MegabyteConfig",
+    "MegabyteLM", "MegabyteState", "ModelState", "RecurrentState", "Sink", "TOVA", "TransformerConfig",
+    "TransformerLM", "Window", "__version__", "build_model", "capabilities", "gated_linear_attention", "generate",
+    "model_from_config", "parse_policy", "register_model", "sample_next",
 ]

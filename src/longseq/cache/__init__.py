@@ -1,4 +1,5 @@
-"""KV caches and the policies that bound them (the KV cache as a bounded multi-state RNN)."""
+"""Per-layer states: the :class:`LayerState` interface, KV caches and the policies that bound them (the KV
+cache as a bounded multi-state RNN), and the fixed-size :class:`RecurrentState`."""
 
 from .kv import KVCache
 from .policies import (
@@ -14,6 +15,8 @@ from .policies import (
     parse_policy,
     select_evictions,
 )
+from .recurrent import RecurrentState
+from .state import LayerState
 
 __all__ = [
     "ALIASES",
@@ -22,7 +25,9 @@ __all__ = [
     "Full",
     "H2O",
     "KVCache",
+    "LayerState",
     "POLICIES",
+    "RecurrentState",
     "Sink",
     "TOVA",
     "Window",

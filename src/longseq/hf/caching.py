@@ -70,39 +70,11 @@ ATTN_IMPLEMENTATION = "longseq"
 # function (which gets the module but not the cache), and between ``get_mask_sizes`` and the mask function.
 _LOCAL = threading.local()
 
-# KVCache buffers whose first axis is the batch (see longseq.cache.kv's layout notes). Merging, splitting and
-# reordering rows moves exactly these; ``_n`` (tokens kept) is shared by all rows of one KVCache.
-_ROW_BUFFERS = ("k", "v", "slot_pos", "score", "_free")
-
-
 def _pending() -> dict[int, LongseqLayer]:
     layers = getattr(_LOCAL, "layers", None)
     if layers is None:
         layers = _LOCAL.layers = {}
     return layers
-
-
-def _rows_of(cache: KVCache, index: list[int]) -> KVCache:
-    """A new KVCache holding rows ``index`` of ``cache`` (copies; rows may repeat, e.g. beam search)."""
-    out = KVCache(cache.policy)
-    idx = None
-    for name in _ROW_BUFFERS:
-        t = getattr(cache, name)
-        if t is not None and idx is None:
-            idx = torch.tensor(index, dtype=torch.long, device=t.device)
-        setattr(out, name, None if t is None else t.index_select(0, idx))
-    out._n, out._reserve = cache._n, cache._reserve
-    return out
-
-
-def _stack(caches: list[KVCache]) -> KVCache:
-    """One batched KVCache from single-row caches with the same ``len`` and the same capacity."""
-    out = KVCache(caches[0].policy)
-    for name in _ROW_BUFFERS:
-        parts = [getattr(c, name) for c in caches]
-        setattr(out, name, None if parts[0] is None else torch.cat(parts))
-    out._n, out._reserve = caches[0]._n, caches[0]._reserve
-    return out
 
 
 class LongseqLayer(CacheLayerMixin):
@@ -173,9 +145,9 @@ class LongseqLayer(CacheLayerMixin):
         if self.next_pos is None:
             return
         if self.batched is not None:
-            self.batched = _rows_of(self.batched, index)
+            self.batched = self.batched.select_rows(index)
         if self.rows is not None:
-            self.rows = [_rows_of(self.rows[i], [0]) for i in index]
+            self.rows = [self.rows[i].select_rows([0]) for i in index]
         self.next_pos = self.next_pos[torch.tensor(index, device=self.next_pos.device)]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -223,7 +195,7 @@ class LongseqLayer(CacheLayerMixin):
         B, H, T, D = q.shape
         if self.rows is None:
             self.rows = (
-                [_rows_of(self.batched, [b]) for b in range(B)]
+                [self.batched.select_rows([b]) for b in range(B)]
                 if self.batched is not None
                 else [KVCache(self.policy) for _ in range(B)]
             )
@@ -244,9 +216,9 @@ class LongseqLayer(CacheLayerMixin):
         self.next_pos += torch.tensor(counts, device=self.next_pos.device)
         budget = self.policy.budget
         if budget is not None and all(len(r) == budget for r in self.rows):
-            # Every row is full: equal `_n` and capacity, so the slot layouts agree and one batched KVCache
+            # Every row is full: equal lengths and capacity, so the slot layouts agree and one batched KVCache
             # (per-row positions, per-row free slots) continues exactly where the rows left off.
-            self.batched, self.rows = _stack(self.rows), None
+            self.batched, self.rows = KVCache.concat(self.rows), None
         return out
 
     # -- inspection --------------------------------------------------------------------------------

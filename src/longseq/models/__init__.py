@@ -8,8 +8,9 @@ from .base import LanguageModel
 from .config import GLAConfig, MegabyteConfig, ModelConfig, TransformerConfig
 from .gla import GLALM
 from .megabyte import MegabyteLM, MegabyteState
-from .state import ModelState
 from .registry import MODELS, Capabilities, ModelSpec, capabilities, model_spec, register_model
+from .stack import BlockStack, StackLM
+from .state import ModelState
 from .transformer import TransformerLM
 
 register_model(ModelSpec(
@@ -51,7 +52,7 @@ def model_from_config(cfg: ModelConfig) -> LanguageModel:
 
 
 __all__ = [
-    "Capabilities", "ModelSpec", "capabilities", "model_spec", "register_model",
+    "BlockStack", "Capabilities", "ModelSpec", "StackLM", "capabilities", "model_spec", "register_model",
     "GLAConfig", "GLALM", "LanguageModel", "MODELS", "MegabyteConfig", "MegabyteLM", "MegabyteState",
     "ModelConfig", "ModelState", "TransformerConfig",
     "TransformerLM", "build_model", "config_class", "model_from_config",

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..cache.kv import KVCache
+from ..cache.state import LayerState
 
 
 @dataclass
 class ModelState:
     """Per-layer states plus the number of tokens consumed so far.
 
-    ``layers[i]`` is whatever layer ``i`` carries: a ``[B, H, K, V]`` fp32 matrix for GLA, a
-    :class:`KVCache` for softmax attention. Mixed lists (hybrid models) are fine. ``step`` updates the
-    state in place and returns it.
+    ``layers[i]`` is layer ``i``'s :class:`~longseq.cache.LayerState`: a
+    :class:`~longseq.cache.RecurrentState` (GLA's ``[B, H, K, V]`` matrix) or a
+    :class:`~longseq.cache.KVCache` (softmax attention), in any mix. ``step`` updates the state in place
+    and returns it.
 
     Static states (``model.init_state(batch_size, max_len=N)``) preallocate every buffer once and keep
     one position per row:
@@ -32,14 +34,26 @@ class ModelState:
     one token per row per ``step``.
     """
 
-    layers: list[Tensor | KVCache]
+    layers: list[LayerState]
     batch_size: int
     position: int = 0
-    extra: dict[str, object] = field(default_factory=dict)
     static: bool = False
     positions: Tensor | None = None
     host_positions: list[int] | None = None
     max_len: int | None = None
+
+    def make_static_(self, max_len: int, device: torch.device) -> None:
+        """Mark the state static for rows of up to ``max_len`` tokens (its layers were allocated static)."""
+        self.static = True
+        self.max_len = max_len
+        self.positions = torch.zeros(self.batch_size, dtype=torch.long, device=device)
+        self.host_positions = [0] * self.batch_size
+
+    @property
+    def persistent_layers(self) -> list[LayerState]:
+        """The layer states that persist along the whole sequence (what a prefill's memory depends on):
+        all of them here; MEGABYTE's local states restart at every patch."""
+        return self.layers
 
     def advance_(self, n: int = 1) -> None:
         """Host bookkeeping after ``n`` tokens per row (``step`` calls it; so does a graph replay's caller,
@@ -47,6 +61,18 @@ class ModelState:
         assert self.host_positions is not None
         self.host_positions = [p + n for p in self.host_positions]
         self.position = max(self.host_positions)
+
+    def host_snapshot(self) -> Any:
+        """Everything on the host that a step advances (positions, layers' bookkeeping): taken before a
+        CUDA-graph capture, whose Python runs once without the step really happening."""
+        host = None if self.host_positions is None else list(self.host_positions)
+        return host, self.position, [layer.host_snapshot() for layer in self.layers]
+
+    def restore_host(self, snapshot: Any) -> None:
+        """Put back a :meth:`host_snapshot`."""
+        self.host_positions, self.position, layers = snapshot
+        for layer, s in zip(self.layers, layers, strict=True):
+            layer.restore_host(s)
 
     def load_(self, src: ModelState, rows: int | slice | None = None) -> ModelState:
         """Copy the (dynamic) state ``src`` into batch rows ``rows`` of this static state; returns self.
@@ -57,7 +83,7 @@ class ModelState:
         """
         if not self.static:
             raise ValueError("load_() fills a static state (made by init_state(..., max_len=N))")
-        rows = _as_rows(rows, self.batch_size)
+        rows = as_rows(rows, self.batch_size)
         n_rows = len(range(*rows.indices(self.batch_size)))
         if src.batch_size != n_rows or len(src.layers) != len(self.layers):
             raise ValueError(f"cannot load a state of batch {src.batch_size} into {n_rows} rows")
@@ -66,11 +92,7 @@ class ModelState:
         if self.max_len is not None and max(src_pos) > self.max_len:
             raise ValueError(f"the source state is at position {max(src_pos)} > max_len={self.max_len}")
         for dst, layer in zip(self.layers, src.layers, strict=True):
-            if isinstance(dst, KVCache):
-                assert isinstance(layer, KVCache)
-                dst.load_(layer, rows)
-            else:
-                dst[rows] = layer
+            dst.load_(layer, rows)
         self.positions[rows] = torch.tensor(src_pos, dtype=torch.long, device=self.positions.device)
         self.host_positions[rows] = src_pos
         self.position = max(self.host_positions)
@@ -78,10 +100,7 @@ class ModelState:
 
     def nbytes(self) -> int:
         """Bytes held by all layer states (tensor storage only)."""
-        total = 0
-        for layer in self.layers:
-            total += layer.nbytes() if isinstance(layer, KVCache) else layer.numel() * layer.element_size()
-        return total
+        return sum(layer.nbytes() for layer in self.layers)
 
     def kept_positions(self, layer: int) -> Tensor:
         """Original positions of the tokens layer ``layer`` keeps: ``[B, n]`` (``[B, H, n]`` per-head policies).
@@ -90,20 +109,21 @@ class ModelState:
         """
         if not -len(self.layers) <= layer < len(self.layers):
             raise IndexError(f"layer {layer} out of range for a model with {len(self.layers)} layers")
-        state = self.layers[layer]
-        if not isinstance(state, KVCache):
-            raise TypeError(f"layer {layer} carries a fixed-size {tuple(state.shape)} matrix state, not a token cache")
-        return state.kept_positions()
+        try:
+            return self.layers[layer].kept_positions()
+        except TypeError as err:
+            raise TypeError(f"layer {layer}: {err}") from None
 
     def to(self, device: torch.device | str) -> ModelState:
-        """Move tensor layer states (not caches) to ``device``; returns self."""
-        self.layers = [s if isinstance(s, KVCache) else s.to(device) for s in self.layers]
+        """Move every layer state (and the positions) to ``device``; returns self."""
+        self.layers = [s.to(device) for s in self.layers]
         if self.positions is not None:
             self.positions = self.positions.to(device)
         return self
 
 
-def _as_rows(rows: int | slice | None, batch_size: int) -> slice:
+def as_rows(rows: int | slice | None, batch_size: int) -> slice:
+    """``load_``'s ``rows`` argument as a slice of ``range(batch_size)``."""
     if rows is None:
         return slice(0, batch_size)
     if isinstance(rows, int):

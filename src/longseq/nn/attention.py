@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..cache.kv import KVCache
 from ..ops.attention import causal_attention
+from ..ops.rope import fold_rope_into_weight
+from .fused import has_hooks
 from .rotary import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    """How a stateless (``cache=None``) attention call computes the same function faster.
+
+    * ``fold_rope``: fold the RoPE rotation of each position into a copy of the qkv weight and project
+      with one batched matmul (worth it where the positions are few and fixed: MEGABYTE's in-patch
+      positions). Skipped when the qkv projection is not a plain hook-free ``nn.Linear`` (a LoRA wrapper
+      or a hook would be bypassed).
+    * ``sdpa_backends``: the SDPA backends to allow (``None``: PyTorch's choice).
+    """
+
+    fold_rope: bool = False
+    sdpa_backends: tuple[SDPBackend, ...] | None = None
 
 
 class Attention(nn.Module):
@@ -30,15 +50,71 @@ class Attention(nn.Module):
         self.out = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         self.rope = RotaryEmbedding(self.head_dim, rope_theta)
 
-    def forward(self, x: Tensor, positions: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        """x: ``[B, T, d_model]``; positions: ``[T]`` original token positions (default ``0..T-1``)."""
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        *,
+        row_mask: Tensor | None = None,
+        options: AttentionOptions | None = None,
+    ) -> Tensor:
+        """x: ``[B, T, d_model]``; positions: ``[T]`` (or ``[B, T]``) original token positions (default
+        ``0..T-1``); row_mask: ``[B]`` bool, see :meth:`KVCache.attend`; options: see
+        :class:`AttentionOptions` (stateless calls only)."""
         B, T, _ = x.shape
         if positions is None:
             positions = torch.arange(T, device=x.device)
+        if cache is None and options is not None and options.fold_rope and self._foldable():
+            q, k, v = self._qkv_rope_folded(x, positions)
+        else:
+            q, k, v = self.split_heads(self.qkv(x), positions)
+        if cache is not None:
+            o = cache.attend(q, k, v, positions, row_mask)
+        elif options is not None and options.sdpa_backends is not None:
+            with sdpa_kernel(list(options.sdpa_backends)):
+                o = causal_attention(q, k, v)
+        else:
+            o = causal_attention(q, k, v)
+        return self.out(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def split_heads(self, qkv: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``[B, T, (H + 2 H_kv) D]`` projections -> q ``[B, H, T, D]``, k, v ``[B, H_kv, T, D]``, RoPE applied."""
+        B, T, _ = qkv.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = self.rope(q.view(B, T, H, D).transpose(1, 2), positions)
         k = self.rope(k.view(B, T, Hkv, D).transpose(1, 2), positions)
-        v = v.view(B, T, Hkv, D).transpose(1, 2)
-        o = causal_attention(q, k, v) if cache is None else cache.attend(q, k, v, positions)
-        return self.out(o.transpose(1, 2).reshape(B, T, H * D))
+        return q, k, v.view(B, T, Hkv, D).transpose(1, 2)
+
+    def attend_packed(self, qkv: Tensor, positions: Tensor, cache: KVCache, row_mask: Tensor | None) -> Tensor:
+        """One token per row from its packed, un-rotated projections ``qkv`` ``[B, (H + 2 H_kv) D]`` at
+        ``positions`` ``[B, 1]``: attention over ``cache`` (which stores the token), ``[B, H * D]``.
+
+        A static ``Full`` cache takes RoPE and its write in a fused kernel; any other cache gets the rotated
+        q, k, v through :meth:`KVCache.attend`, so every policy works."""
+        B = qkv.shape[0]
+        if cache.can_attend_packed(qkv, positions):
+            o = cache.attend_packed(qkv, positions, self.n_heads, self.rope.inv_freq_fp32(qkv.device), row_mask)
+        else:
+            q, k, v = self.split_heads(qkv[:, None], positions)
+            o = cache.attend(q, k, v, positions, row_mask)
+        return o.reshape(B, self.n_heads * self.head_dim)
+
+    def _foldable(self) -> bool:
+        # The folded weights stand in for the qkv projection and the rotation: both must be plain.
+        return type(self.qkv) is nn.Linear and not (has_hooks(self.qkv) or has_hooks(self.rope))
+
+    def _qkv_rope_folded(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`split_heads` of ``qkv(x)`` for ``positions`` ``[L]`` through RoPE-folded weights (see
+        :class:`AttentionOptions`); x: ``[N, L, d]``."""
+        N, L, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        w = fold_rope_into_weight(self.qkv.weight, H + Hkv, D, self.rope.theta, positions)  # [L, 3d, d]
+        # [L, N, d] @ [L, d, 3d]: the transposed view of x is a valid cuBLAS operand (no copy).
+        qkv = torch.bmm(x.transpose(0, 1), w.transpose(1, 2))
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)  # [L, N, *]
+        q = q.view(L, N, H, D).permute(1, 2, 0, 3)  # [N, H, L, D]
+        k = k.view(L, N, Hkv, D).permute(1, 2, 0, 3)
+        v = v.view(L, N, Hkv, D).permute(1, 2, 0, 3)
+        return q, k, v

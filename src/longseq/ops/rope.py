@@ -22,3 +22,26 @@ def rotate_half(x: Tensor, angles: Tensor) -> Tensor:
     cos, sin = angles.cos(), angles.sin()
     x1, x2 = x.to(dtype).chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def fold_rope_into_weight(
+    weight: Tensor, n_rotated_heads: int, head_dim: int, theta: float, positions: Tensor
+) -> Tensor:
+    """``[L, N, d]``: copy ``j`` of the projection ``weight`` ``[N, d]`` with the RoPE rotation of
+    ``positions[j]`` folded into its first ``n_rotated_heads`` heads of ``head_dim`` rows (queries and keys;
+    the rows after them, values, are copied as they are).
+
+    ``rope_p(W x) = (R_p W) x``: for a handful of fixed positions (MEGABYTE's in-patch positions ``p < P``)
+    one batched matmul with the folded weights replaces rotating every query and key. The rotation runs
+    in at least fp32 and the result is cast back to ``weight``'s dtype.
+    """
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    angles = positions.to(dtype)[:, None] * rope_frequencies(head_dim, theta, positions.device, dtype)
+    cos, sin = angles.cos()[:, None, :, None], angles.sin()[:, None, :, None]  # [L, 1, D/2, 1]
+    rows = n_rotated_heads * head_dim
+    w_rot = weight[:rows].to(dtype).view(n_rotated_heads, 2, head_dim // 2, -1)
+    w1, w2 = w_rot[:, 0], w_rot[:, 1]  # [heads, D/2, d]: the two halves that rotate together
+    rotated = torch.stack([w1 * cos - w2 * sin, w2 * cos + w1 * sin], dim=2)  # [L, heads, 2, D/2, d]
+    L = positions.shape[0]
+    rest = weight[rows:].to(dtype).expand(L, -1, -1)
+    return torch.cat([rotated.reshape(L, rows, -1), rest], dim=1).to(weight.dtype)

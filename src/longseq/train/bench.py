@@ -285,7 +285,7 @@ def bench_decode_longseq(
     ``P`` bytes); otherwise the default dynamic state, eager. Prefill time includes loading the rows into
     the static state.
     """
-    from ..generate import Decoder, _prefill, compile_mode, prefill_rows
+    from ..generate import Decoder, compile_mode, prefill, prefill_rows
 
     mode = compile_mode(compile)
 
@@ -301,7 +301,7 @@ def bench_decode_longseq(
             return state, prefill_rows(model, state, [prompt[i : i + 1] for i in range(batch)], policy)
     else:
         def prefill():
-            logits, state = _prefill(model, prompt, policy, None)
+            logits, state = prefill(model, prompt, policy, None)
             return state, logits
     prefill_s, (state, logits) = _time(device, prefill)
     capture = mode is not None and device.type == "cuda"

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..nn.norm import RMSNorm
 from ..ops import decode_block
+from .norm import RMSNorm
 
 #: Rows up to which a single-token step is fused: its GEMVs read each weight once per row, so beyond a
 #: few rows cuBLAS's batched product is the better kernel.

@@ -1,0 +1,128 @@
+"""Sampling one token per row from logits: top-k / top-p filtering, ``torch.multinomial`` sampling, and the
+graph-safe exponential race that :func:`~longseq.generate.generate` uses.
+
+The race (Gumbel-max) ``argmax(logits / T - log E)`` with ``E ~ Exp(1)`` drawn into a fixed buffer *before*
+each step leaves the step itself with no RNG call, no ``torch.multinomial`` and no host sync, so eager and
+captured runs draw the same tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def as_token_ids(prompt: Tensor | str | bytes, device: torch.device | None = None) -> Tensor:
+    """A prompt as ``[B, T]`` ids: a tensor (``[T]`` or ``[B, T]``), or text/bytes as UTF-8 byte ids."""
+    if isinstance(prompt, str):
+        prompt = prompt.encode("utf-8")
+    if isinstance(prompt, (bytes, bytearray)):
+        prompt = torch.tensor(list(prompt), dtype=torch.long)
+    if not isinstance(prompt, Tensor):
+        raise TypeError(f"prompt must be a tensor, str or bytes; got {type(prompt).__name__}")
+    if prompt.dim() == 1:
+        prompt = prompt[None]
+    if prompt.dim() != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt must be non-empty [T] or [B, T]; got shape {tuple(prompt.shape)}")
+    return prompt.to(device=device, dtype=torch.long)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy); got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None; got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None; got {top_p}")
+
+
+def _filter_logits(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
+    """``[B, V]`` logits -> fp32 logits / temperature with the tokens outside top-k / top-p at ``-inf``.
+
+    Fixed shapes throughout (``topk`` of a fixed k, a full sort for top-p), so it can be captured."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the mass strictly before it already reaches top_p (the first always stays).
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw one token per row from ``[B, V]`` logits. ``temperature=0`` is greedy (argmax).
+
+    ``top_k`` keeps the k most likely tokens; ``top_p`` keeps the smallest set whose probability
+    reaches p (nucleus); both apply after temperature scaling. (``torch.multinomial``; :func:`generate`
+    uses the graph-safe :func:`sample_race`.)
+    """
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = _filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def exponential_noise(
+    shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None = None, device: Any = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """``Exp(1)`` draws (fp32) for :func:`sample_race`, into ``out`` when given (in place, no allocation)."""
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=device)
+    return out.exponential_(generator=generator)
+
+
+def sample_race(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """Graph-safe sampling of one token per row from ``[B, V]`` logits; returns ``[B]`` int64.
+
+    The exponential race: with ``E_i ~ Exp(1)`` independent, ``argmax_i p_i / E_i`` is distributed as
+    ``p`` (equivalently Gumbel-max: ``argmax(log p_i - log E_i)``). ``noise`` is the ``[B, V]`` ``E``
+    buffer, drawn outside the captured step (:func:`exponential_noise`); the step itself is a fixed set
+    of kernels with no RNG state, no ``torch.multinomial`` and no host sync. ``temperature=0`` is argmax
+    and needs no noise. top-k / top-p restrict the support as in :func:`sample_next`.
+    """
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(-1)
+    if noise is None:
+        raise ValueError("sample_race needs Exp(1) noise [B, V] for temperature > 0")
+    logits = _filter_logits(logits, temperature, top_k, top_p)
+    # E = 0 (probability ~2^-24 per draw in fp32) would make -log E infinite; any tiny floor keeps it finite.
+    return (logits - noise.clamp_min(1e-30).log()).argmax(-1)
+
+
+def normalise_stop(stop: Any) -> list[list[int]]:
+    """``stop``: a byte id, bytes, str, or a sequence of those -> list of id sequences."""
+    if stop is None:
+        return []
+    if isinstance(stop, (int, str, bytes, bytearray)):
+        stop = [stop]
+    out = []
+    for s in stop:
+        if isinstance(s, bool) or not isinstance(s, (int, str, bytes, bytearray)):
+            raise TypeError(f"stop entries must be int token ids, str or bytes; got {type(s).__name__}")
+        ids = [s] if isinstance(s, int) else list(s.encode("utf-8") if isinstance(s, str) else s)
+        if not ids:
+            raise ValueError("an empty stop string never matches")
+        out.append(ids)
+    return out

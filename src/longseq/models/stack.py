@@ -1,0 +1,103 @@
+"""A stack of residual blocks and the language model made of one: embedding -> blocks -> norm -> head.
+
+The Transformer and GLA models are :class:`StackLM` s that differ only in their block; MEGABYTE composes
+two :class:`BlockStack` s (see :mod:`longseq.models.megabyte`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..cache.state import LayerState
+from ..nn.attention import AttentionOptions
+from ..nn.fused import head_logits
+from ..nn.norm import RMSNorm
+from .base import LanguageModel, check_state_args
+from .config import ModelConfig
+from .init import init_weights
+from .state import ModelState
+
+
+class BlockStack(nn.ModuleList):
+    """Blocks applied in order to a residual stream ``[B, T, d]``, each with its own layer state (see
+    :mod:`longseq.nn.blocks` for the block interface). A ``ModuleList``, so parameter names stay
+    ``<stack>.<i>.<...>``."""
+
+    def forward(self, h: Tensor, positions: Tensor, states: list[LayerState] | None = None, *,
+                row_mask: Tensor | None = None, options: AttentionOptions | None = None) -> Tensor:
+        """Any number of tokens; ``states`` (one per block, updated in place) or None (stateless)."""
+        for i, block in enumerate(self):
+            h = block(h, positions, None if states is None else states[i], row_mask=row_mask, options=options)
+        return h
+
+    def step(self, h: Tensor, positions: Tensor, states: list[LayerState], *,
+             row_mask: Tensor | None = None) -> Tensor:
+        """One token per row (``h`` ``[B, 1, d]``, ``positions`` ``[B, 1]``) through each block's ``step``."""
+        for block, state in zip(self, states, strict=True):
+            h = block.step(h, positions, state, row_mask=row_mask)
+        return h
+
+    def init_states(self, batch_size: int, *, cache: Any = None, device: torch.device | None = None,
+                    static_len: int | None = None) -> list[LayerState]:
+        """One fresh state per block (see the blocks' ``init_state``)."""
+        return [b.init_state(batch_size, cache=cache, device=device, static_len=static_len) for b in self]
+
+
+class StackLM(LanguageModel):
+    """Token embedding, a :class:`BlockStack` of ``config.n_layers`` blocks made by ``make_block(config)``,
+    a final RMSNorm and the output head (tied to the embedding with ``tie_embeddings``). Its state is one
+    layer state per block."""
+
+    def __init__(self, config: ModelConfig, make_block: Callable[[Any], nn.Module]) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = BlockStack(make_block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        init_weights(self, config.init_std, {"blocks.": config.n_layers})
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def embedding_weights(self) -> list[Tensor]:
+        return [self.embed.weight]
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        self.check_input_ids(input_ids)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.head(self.norm(self.blocks(self.embed(input_ids), positions)))
+
+    def init_state(self, batch_size: int = 1, *, cache: Any = None, device: torch.device | str | None = None,
+                   max_len: int | None = None) -> ModelState:
+        check_state_args(batch_size, max_len)
+        device = torch.device(device) if device is not None else self.device
+        layers = self.blocks.init_states(batch_size, cache=cache, device=device, static_len=max_len)
+        state = ModelState(layers=layers, batch_size=batch_size)
+        if max_len is not None:
+            state.make_static_(max_len, device)
+        return state
+
+    def step(self, input_ids: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        self.check_step_inputs(input_ids, state)
+        if state.static:
+            return self._static_step(input_ids, state), state
+        T = input_ids.shape[1]
+        positions = torch.arange(state.position, state.position + T, device=input_ids.device)
+        h = self.blocks(self.embed(input_ids), positions, state.layers)
+        state.position += T
+        return self.head(self.norm(h)), state
+
+    def _static_step(self, input_ids: Tensor, state: ModelState) -> Tensor:
+        """``step`` on a static state: one token per row at the rows' own positions (``T > 1``: a loop)."""
+        if input_ids.shape[1] > 1:
+            return torch.cat([self._static_step(input_ids[:, j : j + 1], state) for j in range(input_ids.shape[1])], 1)
+        assert state.positions is not None
+        positions = state.positions[:, None]  # [B, 1]: per-row positions, read on the device
+        h = self.blocks.step(self.embed(input_ids), positions, state.layers)
+        state.positions += 1
+        state.advance_(1)
+        return head_logits(self.norm, self.head, h)
