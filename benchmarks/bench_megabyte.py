@@ -12,7 +12,7 @@
   (the implementation before the stateless fast path; same math).
 * generation: batch 1, a ``--context``-byte prompt, greedy. longseq prefills its state once, then
   decodes one byte per step with the decode step of ``longseq bench decode``
-  (:func:`longseq.train.bench.bench_decode_longseq`): the headline row is the captured path (static
+  (:func:`longseq.bench.decode.bench_decode_longseq`): the headline row is the captured path (static
   state, the step + sampling recorded as CUDA graphs, one per MEGABYTE decode key, as
   ``generate(..., compile=True)``), the second row the eager one (dynamic state); ``--fused`` adds a row
   whose step is ``torch.compile``'d before its capture (``compile="fused"``), ``--module-step`` a captured
@@ -59,9 +59,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
 import longseq
+from longseq.bench.decode import bench_decode_longseq, decode_warmup
 from longseq.models import build_model
 from longseq.nn import fused as fused_step
-from longseq.train.bench import bench_decode_longseq, decode_warmup
 
 SDPA_BACKENDS = {
     "auto": None,

@@ -20,9 +20,9 @@ import time
 import torch
 
 from longseq import build_model
+from longseq.bench.decode import decode_warmup
 from longseq.generate import Decoder, prefill_rows
 from longseq.nn import fused as fused_step
-from longseq.train.bench import decode_warmup
 
 
 def main() -> None:

@@ -276,12 +276,12 @@ def train_bytes(ctx: Ctx) -> int:
 
 # ----------------------------------------------------------------------------------------- training
 def probe_throughput(ctx: Ctx, specs: list[RunSpec]) -> dict[str, dict[str, Any]]:
-    """Exclusive training throughput of each run (``longseq.train.bench.bench_train``: forward, backward
+    """Exclusive training throughput of each run (``longseq.bench.train.bench_train``: forward, backward
     and AdamW on its real shapes, bf16 autocast on CUDA), one model at a time so they do not share the GPU."""
     import torch
 
+    from longseq.bench.train import bench_train
     from longseq.models import build_model
-    from longseq.train.bench import bench_train
 
     dev = pick_device(ctx)
     out = {}
@@ -626,8 +626,8 @@ def stage_eval_tova(ctx: Ctx) -> dict[str, Any]:
 def stage_eval_megabyte(ctx: Ctx) -> dict[str, Any]:
     import torch
 
+    from longseq.bench.train import bench_generate
     from longseq.evaluate import evaluate_bpb
-    from longseq.train.bench import bench_generate
 
     setup, dev = ctx.setup, pick_device(ctx)
     docs = val_documents(ctx)
@@ -778,7 +778,7 @@ def stage_report(ctx: Ctx) -> dict[str, Any]:
         w(_stage_line(stages, n))
     w("")
     w("The training runs (`python -m longseq train`, launched in parallel within a stage; the step counts "
-      "come from a throughput probe of each model alone, `longseq.train.bench.bench_train` on the same "
+      "come from a throughput probe of each model alone, `longseq.bench.train.bench_train` on the same "
       "shapes):")
     w("")
     any_run = False
@@ -974,7 +974,7 @@ def _report_megabyte(ctx: Ctx, r: dict | None, trains: dict, w, img: Path, prefi
       f"own exclusive throughput gives in the same time; the runs then trained side by side on one GPU, so "
       f"their wall time is longer than the planned minutes). Plain evaluation: consecutive {T}-byte windows; "
       f"strided: {T}-byte windows advancing by {S}, scoring the last {S} (every byte after the first window "
-      f"has at least {T - S} bytes of context). Generation: `longseq.train.bench.bench_generate`, batch 1, "
+      f"has at least {T - S} bytes of context). Generation: `longseq.bench.train.bench_generate`, batch 1, "
       f"{r['gen']['prompt']}-byte prompt, {r['gen']['new_tokens']} greedy bytes through the state API "
       f"(eager PyTorch, bf16 autocast on CUDA; decoding is launch-bound, see benchmarks/RESULTS.md).")
     w("")

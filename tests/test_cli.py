@@ -229,7 +229,7 @@ def test_bench_reports_and_catches_oom(tmp_path, capsys, monkeypatch):
     assert all(r["train_tok_s"] > 0 and r["gen_tok_s"] > 0 for r in rows.values())
     assert out.count("\n| gla |") == 2 and "| model | preset |" in out
 
-    import longseq.train.bench as bench
+    import longseq.bench.train as bench
 
     def oom(*a, **kw):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")

@@ -348,7 +348,7 @@ def test_bench_decode_cli_writes_jsonl_and_table(tmp_path, capsys):
 
 
 def test_largest_batch_shrinks_on_out_of_memory_only():
-    from longseq.train.bench import largest_batch
+    from longseq.bench.decode import largest_batch
 
     tried = []
 

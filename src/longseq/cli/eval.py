@@ -1,0 +1,211 @@
+"""``longseq eval``: bits per byte of a trained model (plain or strided windows), or a cache policy x budget
+sweep of a longseq run or of a local HF model folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from .common import add_device_flag, csv_list, log, write_json
+
+
+def add_parser(sub) -> None:
+    """Add ``eval`` to the ``longseq`` subcommands."""
+    p = sub.add_parser(
+        "eval",
+        help="bits per byte of a trained model, or a cache policy x budget sweep",
+        description=(
+            "Bits per byte of a trained model, overall and per document (plain or strided). With --policies "
+            "and --budgets: the bounded-cache sweep (TOVA paper, Table 3), each document decoded with the "
+            "policy active from its first byte; with --hf PATH the same sweep for a local HF model folder."
+        ),
+    )
+    p.add_argument(
+        "checkpoint", metavar="RUN_DIR_OR_CKPT", nargs="?",
+        help="run directory (newest checkpoint) or checkpoint directory (omit with --hf)",
+    )
+    _add_sweep_flags(p)
+    p.add_argument(
+        "--data", nargs="+", metavar="PATH", help="documents to evaluate (default: the run's training data)"
+    )
+    p.add_argument(
+        "--split", choices=["val", "train", "all"], default="val",
+        help="which documents: the run's validation split, its training split, or all (default val)",
+    )
+    p.add_argument("--val-docs", type=csv_list(str), metavar="NAMES", help="override the validation documents")
+    p.add_argument(
+        "--seq-len", type=int,
+        help="context length in bytes (default: the run's training seq-len); in a sweep, score each "
+        "document's first SEQ_LEN bytes (default: whole documents)",
+    )
+    p.add_argument(
+        "--stride", type=int,
+        help="strided evaluation: advance windows by S bytes, score only the last S "
+        "(default: seq-len, i.e. non-overlapping windows)",
+    )
+    p.add_argument("--max-bytes", type=int, help="evaluate at most this many bytes, spread over the documents")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    add_device_flag(p)
+    p.add_argument(
+        "--json", metavar="FILE",
+        help="write the results here (default: RUN_DIR/eval/<checkpoint>-<split>-T<seq>-S<stride>.json)",
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _add_sweep_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--policies", type=csv_list(str), metavar="SPECS",
+        help="sweep these cache policies, e.g. tova,tova_head,h2o,window,sink (options: sink:sinks=8); "
+        "the full cache is always the last column",
+    )
+    p.add_argument("--budgets", type=csv_list(int), metavar="N,...", help="sweep budgets (tokens kept per layer)")
+    p.add_argument(
+        "--metric", choices=["ppl", "bpb", "loss"], default="bpb", help="sweep table/plot metric (default bpb)"
+    )
+    p.add_argument(
+        "--out-dir", metavar="DIR", help="sweep output folder for sweep.md/.json/.png (default: RUN_DIR/eval/...)"
+    )
+    p.add_argument(
+        "--hf", metavar="PATH",
+        help="sweep a local HuggingFace causal LM folder instead of a longseq run (needs longseq[hf] and "
+        "--data text files; metrics are per token of its tokenizer)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch to bits per byte, the policy sweep of a run, or the policy sweep of an HF folder."""
+    sweep = _check_sweep_args(args)
+    if args.hf:
+        if args.checkpoint is not None:
+            raise ValueError("give either RUN_DIR_OR_CKPT or --hf PATH, not both")
+        if not sweep:
+            raise ValueError("--hf evaluates a policy sweep: give --policies and --budgets")
+        return _eval_hf(args)
+    if args.checkpoint is None:
+        raise ValueError("eval needs RUN_DIR_OR_CKPT (or --hf PATH)")
+    return _eval_sweep(args) if sweep else _eval_bpb(args)
+
+
+def _check_sweep_args(args: argparse.Namespace) -> bool:
+    """True for sweep mode; every spec and budget is checked before any model is loaded."""
+    from ..cache import parse_policy
+
+    if args.policies is None and args.budgets is None:
+        return False
+    if not args.policies or not args.budgets:
+        raise ValueError("a policy sweep needs both --policies and --budgets (e.g. --policies tova,window "
+                         "--budgets 64,128,256)")
+    if min(args.budgets) < 1:
+        raise ValueError(f"--budgets must be >= 1; got {args.budgets}")
+    for spec in args.policies:
+        if spec.strip().lower() != "full":
+            parse_policy(spec, budget=min(args.budgets))
+    return True
+
+
+def _print_sweep(result, metric: str) -> None:
+    print(result.to_markdown(metric))
+    for name, path in result.files.items():
+        print(f"wrote {name}: {path}", file=sys.stderr)
+
+
+def _eval_sweep(args: argparse.Namespace) -> int:
+    from ..models import capabilities
+    from ..sweep import run_sweep
+    from ..train.checkpoint import load_model, model_config_from, read_config, resolve_checkpoint
+    from ..train.distributed import pick_device
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    config = read_config(ckpt)
+    model_cfg = model_config_from(config)  # read before the weights: a model without KV caches fails at once
+    if not capabilities(model_cfg).cache_policies:
+        raise ValueError(
+            f"{ckpt} is a {model_cfg.kind} model without softmax-attention caches to bound: a policy sweep needs a "
+            "transformer (or a megabyte model with global_backbone=transformer)"
+        )
+    docs = [(name, bytes(ids)) for name, ids in _eval_documents(args, config.get("train", {}))]
+    model = load_model(ckpt, pick_device(args.device)).eval()
+    out_dir = Path(args.out_dir) if args.out_dir else ckpt.parent.parent / "eval" / f"sweep-{ckpt.name}-{args.split}"
+    result = run_sweep(
+        model, docs, args.policies, args.budgets, max_tokens=args.seq_len, out_dir=out_dir, metric=args.metric,
+        progress=log if args.progress else None,
+    )
+    _print_sweep(result, args.metric)
+    return 0
+
+
+def _eval_hf(args: argparse.Namespace) -> int:
+    if not args.data:
+        raise ValueError("--hf needs --data: text files to evaluate on")
+    paths = [Path(p) for p in args.data]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"--data: no such file: {path}")
+    from ..hf import evaluate_hf
+
+    docs = [(path.name, path.read_text(encoding="utf-8", errors="replace")) for path in paths]
+    result = evaluate_hf(
+        args.hf, docs, args.policies, args.budgets, device=args.device, max_tokens=args.seq_len,
+        out_dir=Path(args.out_dir or "eval-hf"), metric=args.metric,
+        progress=log if args.progress else None,
+    )
+    _print_sweep(result, args.metric)
+    return 0
+
+
+def _eval_documents(args: argparse.Namespace, train_cfg: dict[str, Any]):
+    """The (name, bytes) documents ``longseq eval`` scores, chosen as the run chose its split."""
+    from ..data import BUILTIN_VAL_DOCS, builtin_corpus_path, load_corpus, split_documents
+    from ..evaluate import corpus_documents
+
+    data = args.data if args.data is not None else train_cfg.get("data")
+    builtin = data is None
+    corpus = load_corpus([builtin_corpus_path()] if builtin else data, train_cfg.get("cache_dir"))
+    if args.split == "all":
+        ids = list(range(corpus.num_docs))
+    else:
+        val_docs = (
+            args.val_docs
+            if args.val_docs is not None
+            else (train_cfg.get("val_docs") if args.data is None else None)
+        )
+        val_fraction = train_cfg.get("val_fraction")
+        if val_docs is None and builtin and val_fraction is None:
+            val_docs = list(BUILTIN_VAL_DOCS)
+        split = split_documents(corpus.names, val_docs, 0.1 if val_fraction is None else val_fraction)
+        ids = split.val if args.split == "val" else split.train
+    return corpus_documents(corpus, ids, args.max_bytes)
+
+
+def _eval_bpb(args: argparse.Namespace) -> int:
+    from ..evaluate import check_seq_len, evaluate_bpb
+    from ..train.checkpoint import load_model, read_config, resolve_checkpoint
+    from ..train.distributed import pick_device
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    config = read_config(ckpt)
+    train_cfg = config.get("train", {})
+    seq_len = args.seq_len or int(train_cfg.get("seq_len", 256))
+    stride = args.stride or seq_len
+    if not 1 <= stride <= seq_len:
+        raise ValueError(f"--stride must be in [1, seq-len={seq_len}]; got {stride}")
+    device = pick_device(args.device)
+    model = load_model(ckpt, device)
+    check_seq_len(model, seq_len)
+    docs = _eval_documents(args, train_cfg)
+    result = evaluate_bpb(
+        model, docs, seq_len, stride, batch_size=args.batch_size, device=device, progress=args.progress
+    )
+    print(f"checkpoint {ckpt} (step {config.get('step')}), split {args.split}, seq_len {seq_len}, stride {stride}")
+    print(result.table())
+    default = ckpt.parent.parent / "eval" / f"{ckpt.name}-{args.split}-T{seq_len}-S{stride}.json"
+    out = write_json(
+        args.json or default,
+        {"checkpoint": str(ckpt), "step": config.get("step"), "split": args.split, **result.to_dict()},
+    )
+    print(f"wrote {out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,121 @@
+"""``longseq train``: a training run's flags, and the :class:`~longseq.train.TrainConfig` they make.
+
+Every flag defaults to ``None``, meaning "not given": a new run then takes ``TrainConfig``'s default and a
+resumed one the value saved in its ``config.json``. The defaults named in the help texts are
+``TrainConfig``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from .common import add_device_flag, add_overrides_flag, csv_list, parse_sets
+
+
+def add_parser(sub) -> None:
+    """Add ``train`` to the ``longseq`` subcommands."""
+    from ..models import MODELS
+
+    p = sub.add_parser(
+        "train",
+        help="train a model (torchrun-compatible)",
+        description=(
+            "Train a byte-level language model. Flags left out take their defaults, or on --resume the "
+            "values saved in RUN_DIR/config.json."
+        ),
+    )
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (config, metrics, checkpoints)")
+    p.add_argument("--model", choices=sorted(MODELS), help="model kind (default: gla)")
+    p.add_argument("--preset", help="model size preset, e.g. tiny, small, base (default: tiny)")
+    add_overrides_flag(p, "override a model config field, e.g. --set n_layers=2 (repeatable)")
+    _add_data_flags(p)
+    _add_optimization_flags(p)
+    _add_evaluation_flags(p)
+    _add_runtime_flags(p)
+    p.set_defaults(func=run)
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data", nargs="+", metavar="PATH",
+        help="files, directories, globs or tar archives of documents (default: built-in Shakespeare)",
+    )
+    p.add_argument(
+        "--val-docs", type=csv_list(str), metavar="NAMES",
+        help="comma-separated validation documents (name, base name or stem); default for the "
+        "built-in corpus: hamlet.txt,tempest.txt,sonnets.txt",
+    )
+    p.add_argument(
+        "--val-fraction", type=float, metavar="F",
+        help="fraction of documents held out for validation when --val-docs is not given (default 0.1)",
+    )
+    p.add_argument(
+        "--within-docs", action="store_true", default=None, help="keep training windows inside single documents"
+    )
+    p.add_argument(
+        "--cache-dir", metavar="DIR", help="where corpora are cached (default: $LONGSEQ_CACHE or ~/.cache/longseq)"
+    )
+    p.add_argument("--seq-len", type=int, help="bytes per training sequence (default 256)")
+    p.add_argument("--batch-size", type=int, help="global batch in sequences per optimizer step (default 16)")
+
+
+def _add_optimization_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, help="total optimizer steps (default 1000)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    p.add_argument("--min-lr-ratio", type=float, help="final learning rate as a fraction of --lr (default 0.1)")
+    p.add_argument("--warmup", type=int, help="linear warmup steps (default 100)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
+    p.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this (0: off; default 1.0)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+
+
+def _add_evaluation_flags(p: argparse.ArgumentParser) -> None:
+    """Validation, checkpoints and metric logging."""
+    p.add_argument("--eval-every", type=int, help="validate every N steps (0: only at the end; default 200)")
+    p.add_argument(
+        "--eval-tokens", type=int,
+        help="validation bytes per evaluation, spread over the documents (0: all; default 262144)",
+    )
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps (default: at every validation)")
+    p.add_argument("--keep", type=int, help="number of checkpoints kept (default 2)")
+    p.add_argument("--log-every", type=int, help="append training metrics every N steps (default 10)")
+
+
+def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    """Where and how the run executes, and what happens to an existing run directory."""
+    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], help="data parallelism under torchrun (default none)")
+    add_device_flag(p, "cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--seed", type=int, help="seed for initialisation and data order (default 0)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """Defaults <- (on --resume) the saved config <- the flags actually given."""
+    from ..train import TrainConfig
+    from ..train.loop import read_run_config
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if "overrides" in given:
+        given["overrides"] = parse_sets(given["overrides"])
+    base: dict[str, Any] = {}
+    if args.resume:
+        saved = read_run_config(args.out)
+        if saved is not None:
+            base = dict(saved["train"])
+    return TrainConfig.from_dict({**base, **given})
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train (or resume); exit status 128 + the signal's number when a signal stopped the run early."""
+    from ..train import train
+
+    result = train(train_config_from_args(args), resume=args.resume, overwrite=args.overwrite)
+    if result.interrupted is not None:
+        return 128 + int(result.interrupted)
+    return 0
