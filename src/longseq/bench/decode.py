@@ -59,7 +59,8 @@ def bench_decode_longseq(
     ``P`` bytes); otherwise the default dynamic state, eager. Prefill time includes loading the rows into
     the static state.
     """
-    from ..generate import Decoder, compile_mode, prefill, prefill_rows
+    from ..generate import Decoder, compile_mode, prefill_rows
+    from ..generate import prefill as prefill_dynamic
 
     mode = compile_mode(compile)
 
@@ -69,14 +70,14 @@ def bench_decode_longseq(
     reset_peak_memory(device)
     total = context + warmup + steps + 1
     if mode:
-        def prefill():
+        def run_prefill():
             state = model.init_state(batch, cache=policy, max_len=total)
             return state, prefill_rows(model, state, [prompt[i : i + 1] for i in range(batch)], policy)
     else:
-        def prefill():
-            logits, state = prefill(model, prompt, policy, None)
+        def run_prefill():
+            logits, state = prefill_dynamic(model, prompt, policy, None)
             return state, logits
-    prefill_s, (state, logits) = timed(device, prefill)
+    prefill_s, (state, logits) = timed(device, run_prefill)
     capture = mode is not None and device.type == "cuda"
     dec = Decoder(model, state, 0.0, None, None, capture=capture, fuse=capture and mode == "fused")
     dec.tokens.copy_(logits.argmax(-1)[:, None])

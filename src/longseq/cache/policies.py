@@ -306,6 +306,8 @@ def parse_policy(spec: str, budget: int | None = None) -> CachePolicy:
     (``parse_policy("sink:sinks=8", budget=64)``), which is how a sweep combines policies with budgets;
     it is ignored for ``full``. Unknown names or options and bad values raise ``ValueError``.
     """
+    if not isinstance(spec, str):
+        raise TypeError(f"a cache policy spec is a string such as 'tova:512'; got {type(spec).__name__}")
     parts = [p.strip() for p in spec.strip().lower().split(":")]
     name, rest = parts[0], parts[1:]
     options: dict[str, Any] = {}

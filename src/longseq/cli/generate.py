@@ -66,7 +66,9 @@ def _prompts(args: argparse.Namespace) -> list[bytes]:
     if args.prompt_file is not None:
         prompts = [Path(f).read_bytes() for f in args.prompt_file]
     else:
-        prompts = [p.encode("utf-8") for p in args.prompt]
+        # Arguments that are not valid UTF-8 reach Python as surrogate escapes: give back their raw bytes
+        # (a byte model takes any bytes) instead of failing on them.
+        prompts = [p.encode("utf-8", "surrogateescape") for p in args.prompt]
     if not all(prompts):
         raise ValueError("the prompt is empty; give at least one byte")
     return prompts

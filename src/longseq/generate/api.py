@@ -124,6 +124,8 @@ def _outputs(rows: list[Tensor], new: list[list[int]], as_list: bool, width: int
 def _check_args(max_new_tokens: int, compile: bool | str, temperature: float, top_k: int | None,
                 top_p: float | None, prefill_chunk: int | None) -> str | None:
     """``generate``'s argument checks, before any work; returns the compile mode."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise TypeError(f"max_new_tokens must be an int; got {max_new_tokens!r} ({type(max_new_tokens).__name__})")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
     mode = compile_mode(compile)

@@ -21,7 +21,10 @@ def as_token_ids(prompt: Tensor | str | bytes, device: torch.device | None = Non
     if isinstance(prompt, (bytes, bytearray)):
         prompt = torch.tensor(list(prompt), dtype=torch.long)
     if not isinstance(prompt, Tensor):
-        raise TypeError(f"prompt must be a tensor, str or bytes; got {type(prompt).__name__}")
+        hint = " (token ids go in a tensor: torch.tensor([...]))" if isinstance(prompt, int) else ""
+        raise TypeError(f"a prompt must be a tensor, str or bytes; got {type(prompt).__name__}{hint}")
+    if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
+        raise TypeError(f"a prompt tensor must hold integer token ids; got dtype {prompt.dtype}")
     if prompt.dim() == 1:
         prompt = prompt[None]
     if prompt.dim() != 2 or prompt.shape[1] == 0:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .registry import Capabilities, capabilities
-from .state import ModelState
+from .state import ModelState, check_model_state
 
 
 class LanguageModel(nn.Module, ABC):
@@ -113,6 +113,9 @@ class LanguageModel(nn.Module, ABC):
         On a static state the id range is not read back (that would be a host sync in every decode
         step); the shape checks and the ``max_len`` bound (from host-side positions) still apply.
         """
+        check_model_state(state)
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(f"input_ids must be a [B, T] integer tensor; got {type(input_ids).__name__}")
         if state.static:
             if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
                 raise ValueError(
@@ -135,6 +138,9 @@ class LanguageModel(nn.Module, ABC):
 
 def check_state_args(batch_size: int, max_len: int | None) -> None:
     """The ``init_state`` argument checks every implementation shares."""
+    for name, value in (("batch_size", batch_size), ("max_len", max_len)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{name} must be an int; got {value!r} ({type(value).__name__})")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     if max_len is not None and max_len < 1:

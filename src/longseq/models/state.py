@@ -122,6 +122,12 @@ class ModelState:
         return self
 
 
+def check_model_state(state: object) -> None:
+    """``TypeError`` unless ``state`` is a :class:`ModelState` (``step`` needs the one ``init_state`` made)."""
+    if not isinstance(state, ModelState):
+        raise TypeError(f"state must be the ModelState that model.init_state(...) returns; got {type(state).__name__}")
+
+
 def as_rows(rows: int | slice | None, batch_size: int) -> slice:
     """``load_``'s ``rows`` argument as a slice of ``range(batch_size)``."""
     if rows is None:
