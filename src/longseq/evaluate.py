@@ -15,7 +15,6 @@ Bits per byte = total negative log-likelihood in nats / ln 2 / number of scored 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,21 +27,55 @@ from torch import nn
 
 from .data.corpus import ByteCorpus
 from .data.errors import DataError
+from .models.config import ModelConfig
+from .models.registry import capabilities
+from .precision import autocast
 
 LN2 = math.log(2.0)
 
 
 @dataclass
-class DocScore:
-    """Summed negative log-likelihood (nats) over the scored bytes of one document."""
+class Score:
+    """Summed next-token loss (nats) over ``tokens`` scored tokens, e.g. of one document (``name``).
 
-    name: str
-    nll: float = 0.0
-    bytes: int = 0
+    The one score type of evaluation (:func:`evaluate_bpb`, one per document) and of the cache sweeps
+    (:mod:`longseq.sweep`). For byte-level models a token is a byte: ``nll`` and ``bytes`` read ``nats`` and
+    ``tokens`` under evaluation's names.
+    """
+
+    nats: float = 0.0
+    tokens: int = 0
+    name: str = ""
+
+    def add(self, other: Score) -> None:
+        self.nats += other.nats
+        self.tokens += other.tokens
+
+    @property
+    def nll(self) -> float:
+        return self.nats
+
+    @property
+    def bytes(self) -> int:
+        return self.tokens
+
+    @property
+    def loss(self) -> float:
+        """Mean nats per token (per byte for byte-level models); NaN when nothing was scored."""
+        return self.nats / self.tokens if self.tokens else float("nan")
 
     @property
     def bpb(self) -> float:
-        return self.nll / LN2 / self.bytes if self.bytes else float("nan")
+        """Bits per byte (byte-level vocabulary: one token is one byte)."""
+        return self.loss / LN2
+
+    @property
+    def ppl(self) -> float:
+        """Per-token (per-byte) perplexity."""
+        return math.exp(self.loss)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"loss": self.loss, "bpb": self.bpb, "ppl": self.ppl, "tokens": self.tokens}
 
 
 @dataclass
@@ -51,15 +84,15 @@ class EvalResult:
 
     seq_len: int
     stride: int
-    docs: list[DocScore] = field(default_factory=list)
+    docs: list[Score] = field(default_factory=list)
 
     @property
     def bytes(self) -> int:
-        return sum(d.bytes for d in self.docs)
+        return sum(d.tokens for d in self.docs)
 
     @property
     def nll(self) -> float:
-        return sum(d.nll for d in self.docs)
+        return sum(d.nats for d in self.docs)
 
     @property
     def loss(self) -> float:
@@ -106,20 +139,22 @@ def plan_windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]
     return windows
 
 
-def _autocast(device: torch.device):
-    # bf16 only on CUDA: CPU autocast is slow for these models and changes the numbers the tests check.
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def check_seq_len(model: nn.Module, seq_len: int) -> None:
-    """Raise ``ValueError`` unless ``seq_len`` >= 1 and a multiple of the model's ``patch_size`` (if any)."""
+    """Raise ``ValueError`` unless ``seq_len`` >= 1 and a multiple of the model's ``seq_multiple`` (its patch
+    size; see :mod:`longseq.models.registry`)."""
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1; got {seq_len}")
-    patch = getattr(getattr(model, "config", None), "patch_size", None)
-    if patch and seq_len % patch:
-        raise ValueError(f"seq_len={seq_len} must be a multiple of the model's patch_size={patch}")
+    multiple = _seq_multiple(model)
+    if seq_len % multiple:
+        raise ValueError(f"seq_len={seq_len} must be a multiple of the model's patch_size={multiple}")
+
+
+def _seq_multiple(model: nn.Module) -> int:
+    # Only longseq models are in the registry; any other causal LM (an HF model, a test's module) takes
+    # windows of any length.
+    if not isinstance(getattr(model, "config", None), ModelConfig):
+        return 1
+    return capabilities(model).seq_multiple
 
 
 @torch.no_grad()
@@ -147,7 +182,7 @@ def evaluate_bpb(
     # (doc index, start, end, first) for every window of every document, batched across documents.
     jobs: list[tuple[int, np.ndarray, int, int, int]] = []
     for name, tokens in documents:
-        result.docs.append(DocScore(name))
+        result.docs.append(Score(name=name))
         jobs += [
             (len(result.docs) - 1, tokens, s, e, f) for s, e, f in plan_windows(len(tokens), seq_len, stride)
         ]
@@ -165,13 +200,13 @@ def evaluate_bpb(
                 ids[row, : e + 1 - s] = tokens[s : e + 1]
                 mask[row, f - s - 1 : e - s] = True  # logits at j predict byte s + j + 1
             ids_t = torch.from_numpy(ids).to(device)
-            with _autocast(device):
+            with autocast(device):
                 logits = model(ids_t[:, :-1])
             nll = F.cross_entropy(logits.float().transpose(1, 2), ids_t[:, 1:], reduction="none")
             nll = (nll * torch.from_numpy(mask).to(device)).sum(1).double().cpu()
             for row, (doc, _, _, e, f) in enumerate(batch):
-                result.docs[doc].nll += float(nll[row])
-                result.docs[doc].bytes += e - f + 1
+                result.docs[doc].nats += float(nll[row])
+                result.docs[doc].tokens += e - f + 1
             if bar is not None:
                 bar.update(int(mask.sum()))
     finally:

@@ -9,7 +9,6 @@ per token, the chunk size changes speed, not the numbers.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import Tensor
 
 from .cache.kv import KVCache
 from .cache.policies import CachePolicy, Full, parse_policy
+from .evaluate import Score
 
 METRICS = ("ppl", "bpb", "loss")
 
@@ -40,36 +40,6 @@ def as_document_ids(doc: Tensor | bytes | bytearray) -> Tensor:
     if ids.numel() < 2:
         raise ValueError(f"a document needs at least 2 tokens to score; got {ids.numel()}")
     return ids
-
-
-@dataclass
-class Score:
-    """Summed next-token loss over ``tokens`` predicted tokens (nats)."""
-
-    nats: float = 0.0
-    tokens: int = 0
-
-    def add(self, other: Score) -> None:
-        self.nats += other.nats
-        self.tokens += other.tokens
-
-    @property
-    def loss(self) -> float:
-        """Mean nats per token (per byte for byte-level models)."""
-        return self.nats / max(self.tokens, 1)
-
-    @property
-    def bpb(self) -> float:
-        """Bits per byte (byte-level vocabulary: one token is one byte)."""
-        return self.loss / math.log(2)
-
-    @property
-    def ppl(self) -> float:
-        """Per-token (per-byte) perplexity."""
-        return math.exp(self.loss)
-
-    def as_dict(self) -> dict[str, float]:
-        return {"loss": self.loss, "bpb": self.bpb, "ppl": self.ppl, "tokens": self.tokens}
 
 
 @torch.inference_mode()
@@ -225,50 +195,85 @@ def run_sweep(
     if any(b < 1 for b in budgets):
         raise ValueError(f"budgets must be >= 1; got {budgets}")
     specs = [p.strip() for p in policies if p.strip().lower() != "full"]
+    runs = _sweep_runs(specs, budgets, include_full)
+    docs = _sweep_documents(documents, max_tokens)
+
+    result = SweepResult(policies=specs, budgets=budgets, documents=[name for name, _ in docs])
+    for name, ids in docs:
+        result.per_document[name] = {"tokens": ids.numel(), "scores": {}}
+    for spec, budget, policy in runs:
+        total = _score_run(model, docs, spec, budget, policy, chunk_size, result, progress)
+        if budget is None:
+            result.full = total
+        else:
+            result.scores.setdefault(spec, {})[budget] = total
+    if out_dir is not None:
+        result.files = _write_sweep(result, Path(out_dir), metric)
+    return result
+
+
+def _sweep_runs(
+    specs: list[str], budgets: list[int], include_full: bool
+) -> list[tuple[str, int | None, CachePolicy]]:
+    """Every ``(spec, budget, policy)`` of the grid, policy by policy, then ``("full", None, Full())``."""
     grid: dict[str, dict[int, CachePolicy]] = {
         p: {b: parse_policy(p, budget=b) for b in budgets} for p in specs
     }
+    runs: list[tuple[str, int | None, CachePolicy]] = [
+        (p, b, pol) for p, row in grid.items() for b, pol in row.items()
+    ]
+    if include_full:
+        runs.append(("full", None, Full()))
+    return runs
+
+
+def _sweep_documents(
+    documents: Sequence[tuple[str, Tensor | bytes | bytearray]], max_tokens: int | None
+) -> list[tuple[str, Tensor]]:
+    """``(name, ids [T])`` of each document, truncated to ``max_tokens``; names must be unique."""
     docs = []
     for name, doc in documents:
         ids = as_document_ids(doc)
         docs.append((name, ids[:max_tokens] if max_tokens is not None else ids))
     if len({name for name, _ in docs}) != len(docs):
         raise ValueError(f"document names must be unique; got {[name for name, _ in docs]}")
+    return docs
 
-    result = SweepResult(policies=specs, budgets=budgets, documents=[name for name, _ in docs])
-    runs: list[tuple[str, int | None, CachePolicy]] = [
-        (p, b, pol) for p, row in grid.items() for b, pol in row.items()
-    ]
-    if include_full:
-        runs.append(("full", None, Full()))
+
+def _score_run(
+    model: torch.nn.Module,
+    docs: list[tuple[str, Tensor]],
+    spec: str,
+    budget: int | None,
+    policy: CachePolicy,
+    chunk_size: int,
+    result: SweepResult,
+    progress: Callable[[str], None] | None,
+) -> Score:
+    """One cell of the table: ``policy`` on every document (each recorded in ``result.per_document``),
+    returning the token-weighted total."""
+    total = Score()
     for name, ids in docs:
-        result.per_document[name] = {"tokens": ids.numel(), "scores": {}}
-    for spec, budget, policy in runs:
-        total = Score()
-        for name, ids in docs:
-            score = score_document(model, ids, policy, chunk_size=chunk_size)
-            total.add(score)
-            key = spec if budget is None else f"{spec}@{budget}"
-            result.per_document[name]["scores"][key] = score.as_dict()
-            if progress is not None:
-                progress(f"{policy.spec:>24s} {name}: {score.bpb:.4f} bpb, ppl {score.ppl:.3f}")
-        if budget is None:
-            result.full = total
-        else:
-            result.scores.setdefault(spec, {})[budget] = total
+        score = score_document(model, ids, policy, chunk_size=chunk_size)
+        total.add(score)
+        key = spec if budget is None else f"{spec}@{budget}"
+        result.per_document[name]["scores"][key] = score.as_dict()
+        if progress is not None:
+            progress(f"{policy.spec:>24s} {name}: {score.bpb:.4f} bpb, ppl {score.ppl:.3f}")
+    return total
 
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "sweep.md").write_text(result.to_markdown(metric))
-        (out / "sweep.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
-        result.plot(out / "sweep.png", metric)
-        result.files = {
-            "markdown": str(out / "sweep.md"),
-            "json": str(out / "sweep.json"),
-            "plot": str(out / "sweep.png"),
-        }
-    return result
+
+def _write_sweep(result: SweepResult, out: Path, metric: str) -> dict[str, str]:
+    """Write ``sweep.md``, ``sweep.json`` and ``sweep.png`` into ``out``; returns their paths by kind."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.md").write_text(result.to_markdown(metric))
+    (out / "sweep.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    result.plot(out / "sweep.png", metric)
+    return {
+        "markdown": str(out / "sweep.md"),
+        "json": str(out / "sweep.json"),
+        "plot": str(out / "sweep.png"),
+    }
 
 
 @dataclass

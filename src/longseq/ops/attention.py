@@ -105,32 +105,112 @@ def attention_over_cache(
         ``(o, weights)`` with ``o`` ``[B, H, T, D]`` and ``weights`` as requested or None.
     """
     B, H, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    G = H // Hkv
     if q_pos.dim() == 1:
         q_pos = q_pos.expand(B, T)
     if _decode_kernel_applies(q, k, v, window):
-        from .decode_attention import decode_attention
-
-        n_slots = n_slots.to(q.device) if n_slots is not None else None
-        if not return_weights:
-            return decode_attention(q, k, v, q_pos, k_pos, n_slots), None
-        o, w = decode_attention(q, k, v, q_pos, k_pos, n_slots, return_weights=True)
-        return o, (w.sum(2) if sum_over_queries else w)
+        return _kernel_attention(q, k, v, q_pos, k_pos, n_slots, return_weights, sum_over_queries)
     if n_slots is not None:
-        # Same visibility as the kernel: slots past the filled prefix get position -1 (empty).
-        beyond = torch.arange(S, device=k.device) >= n_slots.reshape(-1, 1).to(k.device)  # [B or 1, S]
-        if k_pos is None:
-            k_pos = torch.where(beyond, -1, q_pos.new_zeros(()))  # all visible within the prefix
-        else:
-            kp = k_pos if k_pos.dim() > 1 else k_pos.expand(B, S)
-            k_pos = kp.masked_fill(beyond if kp.dim() == 2 else beyond[:, None], -1)
-        k_pos = k_pos.expand(B, S) if k_pos.dim() == 2 and k_pos.shape[0] == 1 else k_pos
+        k_pos = _hide_unfilled_slots(k_pos, q_pos, n_slots, B, k.shape[2], k.device)
     if k_pos is not None:
-        if k_pos.dim() == 1:
-            k_pos = k_pos.expand(B, S)
-        if k_pos.dim() == 2:
-            k_pos = k_pos[:, None]  # [B, 1, S]: one layout shared by all kv heads
+        k_pos = kv_head_positions(k_pos, B, k.shape[2])
+    return _blocked_attention(q, k, v, q_pos, k_pos, return_weights, sum_over_queries, window, sinks, block_size)
+
+
+def kv_head_positions(k_pos: Tensor, B: int, S: int) -> Tensor:
+    """Key positions ``[S]``, ``[B, S]`` or ``[B, Gk, S]`` as a ``[B, Gk, S]`` view (``Gk`` = 1: one layout
+    shared by all kv heads, or ``H_kv``: per-kv-head caches)."""
+    if k_pos.dim() == 1:
+        k_pos = k_pos.expand(B, S)
+    if k_pos.dim() == 2:
+        k_pos = k_pos[:, None]
+    return k_pos
+
+
+def _kernel_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor | None,
+    n_slots: Tensor | None,
+    return_weights: bool,
+    sum_over_queries: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`attention_over_cache` on the split-KV Triton kernel: q ``[B, H, T, D]``, k/v ``[B, H_kv, S, D]``,
+    q_pos ``[B, T]``; returns ``o`` ``[B, H, T, D]`` and the weights ``[B, H, T, S]`` (or ``[B, H, S]``) or None."""
+    from .decode_attention import decode_attention
+
+    n_slots = n_slots.to(q.device) if n_slots is not None else None
+    if not return_weights:
+        return decode_attention(q, k, v, q_pos, k_pos, n_slots), None
+    o, w = decode_attention(q, k, v, q_pos, k_pos, n_slots, return_weights=True)
+    return o, (w.sum(2) if sum_over_queries else w)
+
+
+def _hide_unfilled_slots(
+    k_pos: Tensor | None, q_pos: Tensor, n_slots: Tensor, B: int, S: int, device: torch.device
+) -> Tensor:
+    """Mark the slots at or beyond ``n_slots`` (``[B]`` or one element) empty (position -1), so the SDPA path
+    sees what the kernel reads. ``k_pos`` ``[S]``, ``[B, S]``, ``[B, H_kv, S]`` or None (all visible);
+    q_pos ``[B, T]``. Returns ``[B, S]`` or ``[B, H_kv, S]``."""
+    beyond = torch.arange(S, device=device) >= n_slots.reshape(-1, 1).to(device)  # [B or 1, S]
+    if k_pos is None:
+        k_pos = torch.where(beyond, -1, q_pos.new_zeros(()))  # all visible within the prefix
+    else:
+        kp = k_pos if k_pos.dim() > 1 else k_pos.expand(B, S)
+        k_pos = kp.masked_fill(beyond if kp.dim() == 2 else beyond[:, None], -1)
+    return k_pos.expand(B, S) if k_pos.dim() == 2 and k_pos.shape[0] == 1 else k_pos
+
+
+def _visibility_mask(q_pos: Tensor, k_pos: Tensor, window: int | None, sinks: int, B: int, G: int) -> Tensor:
+    """Which keys each query of a block may see, laid out as the folded queries of
+    :func:`_blocked_attention`: q_pos ``[B, t]``, k_pos ``[B, Gk, S]`` -> ``[B, Gk, G*t, S]`` bool
+    (either position tensor may have batch 1; the mask has batch ``B``)."""
+    t, S = q_pos.shape[1], k_pos.shape[-1]
+    qp = q_pos[:, None, :, None]  # [B, 1, t, 1]
+    kp = k_pos[:, :, None, :]  # [B, Gk, 1, S]
+    mask = (kp <= qp) & (kp >= 0)
+    if window is not None:
+        mask = mask & ((kp >= qp - window) | (kp < sinks))
+    Gk = mask.shape[1]
+    if G > 1:
+        mask = mask[:, :, None].expand(B, Gk, G, t, S).reshape(B, Gk, G * t, S)
+    return mask
+
+
+def _softmax_block(qg: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """Explicit-softmax attention of one block of folded queries qg ``[B, H_kv, G*t, D]`` over k, v
+    ``[B, H_kv, S, D]``; returns the output ``[B, H_kv, G*t, D]`` and the weights ``[B, H_kv, G*t, S]``
+    (at least fp32)."""
+    scores = (qg @ k.transpose(-1, -2)).to(_score_dtype(qg.dtype)) * scale  # [B, H_kv, G*t, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    w = scores.softmax(-1)
+    if mask is not None:  # a query that sees no key: weights 0 (as the decode kernel), not NaN
+        w = torch.where(mask.any(-1, keepdim=True), w, 0.0)
+    return w.to(v.dtype) @ v, w
+
+
+def _blocked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor | None,
+    return_weights: bool,
+    sum_over_queries: bool,
+    window: int | None,
+    sinks: int,
+    block_size: int,
+) -> tuple[Tensor, Tensor | None]:
+    """The PyTorch path of :func:`attention_over_cache`, ``block_size`` queries at a time.
+
+    q ``[B, H, T, D]``; k, v ``[B, H_kv, S, D]``; q_pos ``[B, T]``; k_pos ``[B, Gk, S]`` (Gk = 1 or H_kv)
+    or None (no mask). Returns ``o`` ``[B, H, T, D]`` and the weights as :func:`attention_over_cache` does.
+    """
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
     scale = D**-0.5
     outs: list[Tensor] = []
     weights: list[Tensor] = []
@@ -142,32 +222,20 @@ def attention_over_cache(
         qg = qb.reshape(B, Hkv, G * t, D)
         mask = None
         if k_pos is not None:
-            qp = q_pos[:, None, start : start + block_size, None]  # [B, 1, t, 1]
-            kp = k_pos[:, :, None, :]  # [B, Gk, 1, S]
-            mask = (kp <= qp) & (kp >= 0)
-            if window is not None:
-                mask = mask & ((kp >= qp - window) | (kp < sinks))
-            Gk = mask.shape[1]
-            if G > 1:
-                mask = mask[:, :, None].expand(B, Gk, G, t, S).reshape(B, Gk, G * t, S)
-        if return_weights:
-            scores = (qg @ k.transpose(-1, -2)).to(_score_dtype(q.dtype)) * scale  # [B, H_kv, G*t, S]
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            w = scores.softmax(-1)
-            if mask is not None:  # a query that sees no key: weights 0 (as the decode kernel), not NaN
-                w = torch.where(mask.any(-1, keepdim=True), w, 0.0)
-            outs.append((w.to(v.dtype) @ v).reshape(B, H, t, D))
-            w = w.view(B, H, t, S)
-            if sum_over_queries:
-                ws = w.sum(2)
-                weight_sum = ws if weight_sum is None else weight_sum + ws
-            else:
-                weights.append(w)
-        else:
+            mask = _visibility_mask(q_pos[:, start : start + block_size], k_pos, window, sinks, B, G)
+        if not return_weights:
             with sdpa_kernel(_CACHE_SDPA_BACKENDS):
                 o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
             outs.append(o.reshape(B, H, t, D))
+            continue
+        o, w = _softmax_block(qg, k, v, mask, scale)
+        outs.append(o.reshape(B, H, t, D))
+        w = w.view(B, H, t, S)
+        if sum_over_queries:
+            ws = w.sum(2)
+            weight_sum = ws if weight_sum is None else weight_sum + ws
+        else:
+            weights.append(w)
     o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     if not return_weights:
         return o, None

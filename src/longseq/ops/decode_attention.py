@@ -41,6 +41,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .attention import kv_head_positions
+
 __all__ = ["decode_attention", "decode_attention_reference", "num_splits_for", "check_decode_shapes"]
 
 MAX_T = 16  # query rows per program are G * T, padded; beyond a few tokens use the prefill path
@@ -216,13 +218,47 @@ def _merge_kernel(
         tl.store(lse_ptr + row, tl.where(den > 0, m_use + tl.log2(tl.where(den > 0, den, 1.0)), float("inf")))
 
 
-def _as_kpos(k_pos: Tensor, B: int, S: int) -> Tensor:
-    """``[S]``, ``[B, S]`` or ``[B, G, S]`` -> a ``[B, G, S]`` view (G = 1 or H_kv)."""
-    if k_pos.dim() == 1:
-        k_pos = k_pos.expand(B, S)
-    if k_pos.dim() == 2:
-        k_pos = k_pos[:, None]
-    return k_pos
+def _position_args(
+    q: Tensor, k: Tensor, q_pos: Tensor | None, k_pos: Tensor | None
+) -> tuple[Tensor, Tensor, tuple[int, int], tuple[int, int, int]]:
+    """The position operands of :func:`_split_kernel`: ``(q_pos [B, T], k_pos [B, 1 or H_kv, S], q_pos strides,
+    k_pos strides)``, with a kv-head stride of 0 for a layout shared by all kv heads. Without ``k_pos`` the
+    pointers are placeholders the kernel never reads (``HAS_KPOS`` off)."""
+    if k_pos is None:
+        return q, q, (0, 0), (0, 0, 0)
+    B, _, T, _ = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if q_pos is None:
+        raise ValueError("q_pos is needed when k_pos is given")
+    qp = q_pos.expand(B, T) if q_pos.dim() == 1 else q_pos
+    kp = kv_head_positions(k_pos, B, S)
+    if kp.shape[1] not in (1, Hkv) or kp.shape[0] != B or kp.shape[2] != S:
+        raise ValueError(f"k_pos {tuple(kp.shape)} does not match k {tuple(k.shape)}")
+    return qp, kp, (qp.stride(0), qp.stride(1)), (kp.stride(0), 0 if kp.shape[1] == 1 else kp.stride(1), kp.stride(2))
+
+
+def _n_slots_args(q: Tensor, n_slots: Tensor | None) -> tuple[Tensor, int]:
+    """The filled-length operand of :func:`_split_kernel` as ``(pointer [1 or B], batch stride)``; a stride of
+    0 shares one length between the rows. Without ``n_slots`` the pointer is a placeholder (``HAS_N`` off)."""
+    if n_slots is None:
+        return q, 0
+    B = q.shape[0]
+    if n_slots.numel() not in (1, B) or n_slots.is_floating_point():
+        raise ValueError(f"n_slots must be an integer tensor of 1 or B={B} elements; got {tuple(n_slots.shape)}")
+    n_arg = n_slots.reshape(-1)
+    return n_arg, (0 if n_arg.numel() == 1 else n_arg.stride(0))
+
+
+def _weight_buffers(q: Tensor, S: int, has_n: bool) -> tuple[Tensor, Tensor]:
+    """``(logits [B, H, T, S], lse [B, H, T])`` fp32 for ``return_weights``."""
+    B, H, T, _ = q.shape
+    # Every slot below n_slots is written by some split; the ones past it must read as invisible.
+    if has_n:
+        logits = torch.full((B, H, T, S), float("-inf"), dtype=torch.float32, device=q.device)
+    else:
+        logits = torch.empty(B, H, T, S, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    return logits, lse
 
 
 def decode_attention(
@@ -260,42 +296,14 @@ def decode_attention(
         num_splits = num_splits_for(S, B * Hkv, _sm_count(q.device), block_n)
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}]; got {num_splits}")
-    has_kpos = k_pos is not None
-    if has_kpos:
-        if q_pos is None:
-            raise ValueError("q_pos is needed when k_pos is given")
-        q_pos = q_pos.expand(B, T) if q_pos.dim() == 1 else q_pos
-        k_pos = _as_kpos(k_pos, B, S)
-        if k_pos.shape[1] not in (1, Hkv) or k_pos.shape[0] != B or k_pos.shape[2] != S:
-            raise ValueError(f"k_pos {tuple(k_pos.shape)} does not match k {tuple(k.shape)}")
-        qp, kp = q_pos, k_pos
-        qp_strides = (qp.stride(0), qp.stride(1))
-        kp_strides = (kp.stride(0), 0 if kp.shape[1] == 1 else kp.stride(1), kp.stride(2))
-    else:
-        qp, kp = q, q  # unused pointers
-        qp_strides, kp_strides = (0, 0), (0, 0, 0)
-    has_n = n_slots is not None
-    if has_n:
-        if n_slots.numel() not in (1, B) or n_slots.is_floating_point():
-            raise ValueError(f"n_slots must be an integer tensor of 1 or B={B} elements; got {tuple(n_slots.shape)}")
-        n_arg = n_slots.reshape(-1)
-        sn_b = 0 if n_arg.numel() == 1 else n_arg.stride(0)
-    else:
-        n_arg, sn_b = q, 0
+    qp, kp, qp_strides, kp_strides = _position_args(q, k, q_pos, k_pos)
+    n_arg, sn_b = _n_slots_args(q, n_slots)
 
     m = torch.empty(B, H, T, num_splits, dtype=torch.float32, device=q.device)
     lsum = torch.empty_like(m)
     acc = torch.empty(B, H, T, num_splits, D, dtype=torch.float32, device=q.device)
     o = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
-    if return_weights:
-        # Every slot below n_slots is written by some split; the ones past it must read as invisible.
-        if has_n:
-            logits = torch.full((B, H, T, S), float("-inf"), dtype=torch.float32, device=q.device)
-        else:
-            logits = torch.empty(B, H, T, S, dtype=torch.float32, device=q.device)
-        lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    else:
-        logits = lse = m  # unused pointers
+    logits, lse = _weight_buffers(q, S, n_slots is not None) if return_weights else (m, m)  # m: unused pointers
     block_m = max(16, triton.next_power_of_2(G * T))
     _split_kernel[(num_splits, Hkv, B)](
         q, k, v, qp, kp, n_arg,
@@ -307,7 +315,7 @@ def decode_attention(
         # would turn the fp32 softmax statistics into fp64 (Triton then rejects the loop-carried types).
         QK_SCALE=D**-0.5 * _LOG2E,
         H=H, T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_KPOS=has_kpos, HAS_N=has_n,
+        HAS_KPOS=k_pos is not None, HAS_N=n_slots is not None,
         # fp32 caches get exact fp32 products (TF32 would cost ~3 digits); 16-bit ones use tensor cores.
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         STORE_LOGITS=return_weights,
@@ -344,7 +352,7 @@ def decode_attention_reference(
     n = torch.full((B,), S, device=q.device) if n_slots is None else n_slots.reshape(-1).to(q.device).expand(B)
     key_ok = (slot[None, :] < n.clamp(0, S)[:, None])[:, None]  # [B, 1, S]
     if k_pos is not None:
-        kp = _as_kpos(k_pos, B, S)  # [B, 1 or H_kv, S]
+        kp = kv_head_positions(k_pos, B, S)  # [B, 1 or H_kv, S]
         key_ok = key_ok & (kp >= 0)
     key_ok = key_ok.expand(B, Hkv, S)
     kk = torch.where(key_ok[..., None], k.to(dtype), 0.0).repeat_interleave(G, dim=1)  # [B, H, S, D]

@@ -6,12 +6,10 @@ Single process: ``longseq train ...``. Several: ``torchrun --nproc-per-node N -m
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -34,8 +32,9 @@ from ..data import (
 )
 from ..evaluate import check_seq_len, corpus_documents, evaluate_bpb
 from ..models import config_class, model_from_config
+from ..models.registry import capabilities
+from ..precision import autocast
 from . import checkpoint as ckpt_io
-from .checkpoint import CheckpointError
 from .config import TrainConfig
 from .distributed import (
     DistInfo,
@@ -51,14 +50,12 @@ from .distributed import (
     shutdown,
     wrap_model,
 )
+
+# The `as` aliases re-export: longseq.train imports RunDirError from here, the CLI read_run_config.
+from .rundir import RunDirError as RunDirError
+from .rundir import check_compatible, check_run_dir, prepare_run_dir, run_config
+from .rundir import read_run_config as read_run_config
 from .schedule import WarmupCosine, build_optimizer
-
-RUN_FORMAT = "longseq-run"
-
-
-class RunDirError(ValueError):
-    """The run directory cannot be used as asked (exists without --resume/--overwrite, nothing to
-    resume, ...)."""
 
 
 @dataclass
@@ -78,67 +75,6 @@ def resolve_model_config(cfg: TrainConfig):
 
     Raises ``ValueError`` for an unknown kind, preset or field, or a wrongly typed value."""
     return config_class(cfg.model).from_preset(cfg.preset, **cfg.overrides)
-
-
-def run_config(cfg: TrainConfig, model_cfg) -> dict[str, Any]:
-    return {
-        "format": RUN_FORMAT,
-        "model": {"kind": cfg.model, "preset": cfg.preset, "config": model_cfg.to_dict()},
-        "train": cfg.to_dict(),
-    }
-
-
-def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """``RUN_DIR/config.json`` if it is a longseq run's, else None."""
-    path = Path(run_dir) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return config if isinstance(config, dict) and config.get("format") == RUN_FORMAT else None
-
-
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
-    """Validate the run directory without touching it; returns the checkpoint to resume from, if any."""
-    if resume and overwrite:
-        raise RunDirError("--resume and --overwrite contradict each other; pass one of them")
-    if resume:
-        if not run_dir.is_dir():
-            raise RunDirError(f"nothing to resume: run directory {str(run_dir)!r} does not exist")
-        ckpts = ckpt_io.list_checkpoints(run_dir)
-        if not ckpts:
-            raise RunDirError(f"nothing to resume: {str(run_dir)!r} has no checkpoint")
-        ckpt_io.verify_checkpoint(ckpts[-1])
-        return ckpts[-1]
-    if run_dir.exists():
-        if not run_dir.is_dir():
-            raise RunDirError(f"run directory {str(run_dir)!r} exists and is not a directory")
-        if any(run_dir.iterdir()):
-            if not overwrite:
-                raise RunDirError(
-                    f"run directory {str(run_dir)!r} already exists; pass --resume to continue it "
-                    "or --overwrite to replace it"
-                )
-            if read_run_config(run_dir) is None:
-                raise RunDirError(
-                    f"refusing to --overwrite {str(run_dir)!r}: it is not a longseq run directory"
-                )
-    return None
-
-
-def check_compatible(model_cfg, saved: dict[str, Any], where: Path) -> None:
-    """Raise when the requested model config differs from the checkpoint's."""
-    theirs = saved["model"]
-    ours = model_cfg.to_dict()
-    if theirs["kind"] != model_cfg.kind:
-        raise CheckpointError(
-            f"cannot resume: {where} holds a {theirs['kind']!r} model but a {model_cfg.kind!r} model "
-            "was asked for"
-        )
-    diff = {k: (theirs["config"].get(k), v) for k, v in ours.items() if theirs["config"].get(k) != v}
-    if diff:
-        shown = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise CheckpointError(f"cannot resume {where}: incompatible model config ({shown})")
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -190,12 +126,6 @@ class _SignalCatcher:
             signal.signal(sig, handler)
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def train(
     cfg: TrainConfig,
     *,
@@ -218,10 +148,10 @@ def train(
     resume_from = check_run_dir(run_dir, resume, overwrite)
     if resume_from is not None:
         check_compatible(model_cfg, ckpt_io.verify_checkpoint(resume_from), resume_from)
-    patch = getattr(model_cfg, "patch_size", None)
-    if patch and cfg.seq_len % patch:
+    multiple = capabilities(model_cfg).seq_multiple
+    if cfg.seq_len % multiple:
         raise ValueError(
-            f"seq-len {cfg.seq_len} must be a multiple of the {cfg.model} model's patch_size={patch}"
+            f"seq-len {cfg.seq_len} must be a multiple of the {cfg.model} model's patch_size={multiple}"
         )
     world = int(os.environ.get("WORLD_SIZE", "1")) if cfg.parallel != "none" else 1
     if cfg.batch_size % (world * cfg.grad_accum):
@@ -253,40 +183,46 @@ def train(
         shutdown()
 
 
-def _prepare_run_dir(run_dir: Path, config: dict[str, Any], resume_step: int | None, overwrite: bool) -> None:
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_io.clean_partial_saves(run_dir)
-    tmp = run_dir / "config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-    os.replace(tmp, run_dir / "config.json")
-    metrics = run_dir / "metrics.jsonl"
-    if resume_step is not None and metrics.exists():
-        # Steps logged after the checkpoint will be redone: drop them so each step appears once.
-        kept = [
-            line
-            for line in metrics.read_text().splitlines()
-            if line and json.loads(line)["step"] <= resume_step
-        ]
-        metrics.write_text("".join(line + "\n" for line in kept))
-    elif resume_step is None:
-        metrics.write_text("")
-
-
 def _run(
     cfg, model_cfg, run_dir, resume_from, overwrite, corpus, split, sampler, val_set, info: DistInfo, on_step
 ):
-    device = info.device
+    """Everything after the checks of :func:`train`, on every rank: set up the run directory (main rank),
+    build or restore the model and optimizer, and run the steps."""
     config = run_config(cfg, model_cfg)
     # Both read (and so checked) before the run directory is touched.
     saved_state = ckpt_io.load_train_state(resume_from) if resume_from is not None else None
     saved_model = ckpt_io.load_model_state(resume_from) if resume_from is not None else None
     start_step = int(saved_state["step"]) if saved_state is not None else 0
     if info.is_main:
-        _prepare_run_dir(run_dir, config, start_step if resume_from is not None else None, overwrite)
+        prepare_run_dir(run_dir, config, start_step if resume_from is not None else None, overwrite)
     barrier(info)
 
+    setup = _build_training(cfg, model_cfg, saved_state, saved_model, sampler, info)
+    session = _Session(cfg, info, run_dir, config, sampler, val_set, setup, start_step)
+    try:
+        session.run(on_step)
+    finally:
+        session.close()
+    return session.result
+
+
+@dataclass
+class _Setup:
+    """The model as trained (``wrapped``: DDP, FSDP or the model itself), the callable the steps use
+    (compiled or not), the module validation runs, and the optimizer with its schedule."""
+
+    wrapped: torch.nn.Module
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    eval_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    names: list[str]
+    schedule: WarmupCosine
+
+
+def _build_training(cfg, model_cfg, saved_state, saved_model, sampler, info: DistInfo) -> _Setup:
+    """Build (or restore) the model, its parallel wrapper and the optimizer; when resuming, also restore the
+    sampler's position and the RNGs, so the run continues exactly."""
+    device = info.device
     torch.manual_seed(cfg.seed)
     model = model_from_config(model_cfg)
     if saved_model is not None:
@@ -308,140 +244,184 @@ def _run(
         _set_rng_state(saved_state["rng"], device)
     forward = torch.compile(wrapped) if cfg.compile else wrapped
     eval_model = wrapped.module if info.parallel == "ddp" else wrapped
+    return _Setup(wrapped, forward, eval_model, optimizer, names, schedule)
 
-    result = TrainResult(run_dir=run_dir, step=start_step)
-    metrics = open(run_dir / "metrics.jsonl", "a") if info.is_main else None  # noqa: SIM115
-    bar = None
-    if info.is_main and cfg.progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(
-            total=cfg.steps,
-            initial=start_step,
-            desc="train",
-            unit="step",
-            dynamic_ncols=True,
-            file=sys.stderr,
-        )
-    micro = cfg.batch_size // info.world_size // cfg.grad_accum
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    save_every = cfg.save_every or cfg.eval_every or cfg.steps
-    last_bpb = float("nan")
-    window_t0, window_steps = time.perf_counter(), 0
+def _progress_bar(cfg: TrainConfig, start_step: int):
+    """A tqdm bar over the run's steps, on stderr so stdout stays for results."""
+    from tqdm.auto import tqdm
 
-    def say(message: str) -> None:
-        if bar is not None:
-            bar.write(message, file=sys.stderr)
-        elif info.is_main:
-            print(message, file=sys.stderr, flush=True)
+    return tqdm(
+        total=cfg.steps,
+        initial=start_step,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
 
-    def log(record: dict[str, Any]) -> None:
-        if metrics is not None:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
 
-    def save(step: int) -> Path:
-        state_model = full_model_state(wrapped, info)
-        state_optim = full_optimizer_state(wrapped, optimizer, info, names)
-        path = ckpt_io.checkpoint_dir(run_dir, step)
-        if info.is_main:
-            train_state = {
-                "step": step,
-                "optimizer": state_optim,
-                "schedule": schedule.state_dict(),
-                "sampler": sampler.state_dict(),
-                "rng": _rng_state(device),
-            }
-            ckpt_cfg = {"model": config["model"], "train": config["train"]}
-            path = ckpt_io.save_checkpoint(run_dir, step, state_model, train_state, ckpt_cfg, keep=cfg.keep)
-        barrier(info)
-        return path
+class _Session:
+    """One run of the loop: the steps, and around them the metrics log, the progress bar, validation and
+    checkpoints. Only the main rank writes files and messages; every rank steps, validates and saves."""
 
-    def validate(step: int) -> None:
-        # Every rank scores the same (small) validation set: FSDP needs all ranks in each forward, and
-        # the ranks then agree on the numbers without a reduction.
-        nonlocal last_bpb
-        if not val_set:
-            return
-        res = evaluate_bpb(eval_model, val_set, cfg.seq_len, batch_size=max(1, micro), device=device)
-        last_bpb = res.bpb
-        result.evals[step] = {"val_loss": res.loss, "val_bpb": res.bpb}
-        log({"step": step, "val_loss": res.loss, "val_bpb": res.bpb, "val_bytes": res.bytes})
-        say(f"step {step}: val loss {res.loss:.4f}, val bpb {res.bpb:.4f}")
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        info: DistInfo,
+        run_dir: Path,
+        config: dict[str, Any],
+        sampler: WindowSampler,
+        val_set: list,
+        setup: _Setup,
+        start_step: int,
+    ) -> None:
+        self.cfg, self.info, self.run_dir, self.config = cfg, info, run_dir, config
+        self.sampler, self.val_set, self.setup = sampler, val_set, setup
+        self.start_step = start_step
+        self.result = TrainResult(run_dir=run_dir, step=start_step)
+        self.metrics = open(run_dir / "metrics.jsonl", "a") if info.is_main else None  # noqa: SIM115
+        self.bar = _progress_bar(cfg, start_step) if info.is_main and cfg.progress else None
+        self.micro = cfg.batch_size // info.world_size // cfg.grad_accum
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len
+        self.save_every = cfg.save_every or cfg.eval_every or cfg.steps
+        self.last_bpb = float("nan")
+        self.window_t0, self.window_steps = time.perf_counter(), 0
 
-    wrapped.train()
-    step = start_step
-    try:
+    def run(self, on_step: Callable[[int, float], None] | None) -> None:
+        cfg = self.cfg
+        self.setup.wrapped.train()
+        step = self.start_step
         with _SignalCatcher() as signals:
             while step < cfg.steps:
                 step += 1
-                lr = schedule(step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                batch = sampler.next_batch(cfg.batch_size, info.rank, info.world_size).to(
-                    device, non_blocking=True
-                )
-                loss_sum = torch.zeros((), device=device)
-                for i in range(cfg.grad_accum):
-                    x = batch[i * micro : (i + 1) * micro]
-                    with set_grad_sync(wrapped, info, sync=i == cfg.grad_accum - 1), _autocast(device):
-                        logits = forward(x[:, :-1])
-                        loss = (
-                            F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()) / cfg.grad_accum
-                        )
-                        loss.backward()
-                    loss_sum += loss.detach()
-                grad_norm = _clip(wrapped, cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                loss_val = float(all_reduce_mean(loss_sum, info))
-                result.losses[step] = loss_val
-                result.step = step
-                window_steps += 1
+                lr, loss_val, grad_norm = self.train_step(step)
+                self.result.losses[step] = loss_val
+                self.result.step = step
+                self.window_steps += 1
                 if not math.isfinite(loss_val):
                     raise FloatingPointError(
                         f"training loss is {loss_val} at step {step}; lower --lr or check the data"
                     )
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    elapsed = time.perf_counter() - window_t0
-                    tok_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
-                    record = {
-                        "step": step,
-                        "loss": loss_val,
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "tokens": step * tokens_per_step,
-                        "tok_s": tok_s,
-                    }
-                    if device.type == "cuda":  # rank 0's peak since the start, for scaling/memory reports
-                        record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    log(record)
-                    if bar is not None:
-                        bpb_text = "-" if math.isnan(last_bpb) else f"{last_bpb:.3f}"  # no validation yet
-                        bar.set_postfix(loss=f"{loss_val:.3f}", bpb=bpb_text, tok_s=f"{tok_s:,.0f}")
-                    window_t0, window_steps = time.perf_counter(), 0
-                if bar is not None:
-                    bar.update(1)
+                    self.report(step, lr, loss_val, grad_norm)
+                if self.bar is not None:
+                    self.bar.update(1)
                 if on_step is not None:
                     on_step(step, loss_val)
                 if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                    validate(step)
-                stop = any_rank(signals.signum is not None, info)
-                if stop or step % save_every == 0 or step == cfg.steps:
-                    result.checkpoint = save(step)
-                if stop:
-                    result.interrupted = signals.signum or signal.SIGTERM
-                    say(
-                        f"interrupted at step {step}; checkpoint saved to {result.checkpoint}; "
-                        "continue with --resume"
-                    )
+                    self.validate(step)
+                if self.checkpoint(step, signals):
                     break
-    finally:
-        if bar is not None:
-            bar.close()
-        if metrics is not None:
-            metrics.close()
-    return result
+
+    def train_step(self, step: int) -> tuple[float, float, float]:
+        """One optimizer step over ``cfg.grad_accum`` micro-batches; returns ``(lr, mean loss, grad norm)``."""
+        cfg, info, setup = self.cfg, self.info, self.setup
+        device = info.device
+        lr = setup.schedule(step)
+        for group in setup.optimizer.param_groups:
+            group["lr"] = lr
+        batch = self.sampler.next_batch(cfg.batch_size, info.rank, info.world_size).to(device, non_blocking=True)
+        loss_sum = torch.zeros((), device=device)
+        for i in range(cfg.grad_accum):
+            x = batch[i * self.micro : (i + 1) * self.micro]
+            with set_grad_sync(setup.wrapped, info, sync=i == cfg.grad_accum - 1), autocast(device):
+                logits = setup.forward(x[:, :-1])
+                loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()) / cfg.grad_accum
+                loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = _clip(setup.wrapped, cfg.grad_clip)
+        setup.optimizer.step()
+        setup.optimizer.zero_grad(set_to_none=True)
+        return lr, float(all_reduce_mean(loss_sum, self.info)), grad_norm
+
+    def report(self, step: int, lr: float, loss_val: float, grad_norm: float) -> None:
+        """Log the step (throughput over the steps since the last report) and refresh the progress bar."""
+        elapsed = time.perf_counter() - self.window_t0
+        tok_s = self.tokens_per_step * self.window_steps / max(elapsed, 1e-9)
+        record = {
+            "step": step,
+            "loss": loss_val,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": step * self.tokens_per_step,
+            "tok_s": tok_s,
+        }
+        device = self.info.device
+        if device.type == "cuda":  # rank 0's peak since the start, for scaling/memory reports
+            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        self.log(record)
+        if self.bar is not None:
+            bpb_text = "-" if math.isnan(self.last_bpb) else f"{self.last_bpb:.3f}"  # no validation yet
+            self.bar.set_postfix(loss=f"{loss_val:.3f}", bpb=bpb_text, tok_s=f"{tok_s:,.0f}")
+        self.window_t0, self.window_steps = time.perf_counter(), 0
+
+    def checkpoint(self, step: int, signals: _SignalCatcher) -> bool:
+        """Save when due or when any rank caught a signal; returns whether to stop."""
+        stop = any_rank(signals.signum is not None, self.info)
+        if stop or step % self.save_every == 0 or step == self.cfg.steps:
+            self.result.checkpoint = self.save(step)
+        if stop:
+            self.result.interrupted = signals.signum or signal.SIGTERM
+            self.say(
+                f"interrupted at step {step}; checkpoint saved to {self.result.checkpoint}; "
+                "continue with --resume"
+            )
+        return stop
+
+    def say(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        elif self.info.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+
+    def save(self, step: int) -> Path:
+        info, setup = self.info, self.setup
+        state_model = full_model_state(setup.wrapped, info)
+        state_optim = full_optimizer_state(setup.wrapped, setup.optimizer, info, setup.names)
+        path = ckpt_io.checkpoint_dir(self.run_dir, step)
+        if info.is_main:
+            train_state = {
+                "step": step,
+                "optimizer": state_optim,
+                "schedule": setup.schedule.state_dict(),
+                "sampler": self.sampler.state_dict(),
+                "rng": _rng_state(info.device),
+            }
+            ckpt_cfg = {"model": self.config["model"], "train": self.config["train"]}
+            path = ckpt_io.save_checkpoint(
+                self.run_dir, step, state_model, train_state, ckpt_cfg, keep=self.cfg.keep
+            )
+        barrier(info)
+        return path
+
+    def validate(self, step: int) -> None:
+        # Every rank scores the same (small) validation set: FSDP needs all ranks in each forward, and
+        # the ranks then agree on the numbers without a reduction.
+        if not self.val_set:
+            return
+        res = evaluate_bpb(
+            self.setup.eval_model,
+            self.val_set,
+            self.cfg.seq_len,
+            batch_size=max(1, self.micro),
+            device=self.info.device,
+        )
+        self.last_bpb = res.bpb
+        self.result.evals[step] = {"val_loss": res.loss, "val_bpb": res.bpb}
+        self.log({"step": step, "val_loss": res.loss, "val_bpb": res.bpb, "val_bytes": res.bytes})
+        self.say(f"step {step}: val loss {res.loss:.4f}, val bpb {res.bpb:.4f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 def _clip(model, max_norm: float) -> float:

@@ -161,14 +161,28 @@ def gated_linear_attention(
         num_seqs = _check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
     _check_inputs(q, k, v, g, initial_state, num_seqs, check_values)
     K = q.shape[-1]
-    T = q.shape[1]
     scale = K**-0.5 if scale is None else float(scale)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, g, initial_state)
     )
+    backend = _resolve_backend(backend, q, k, v, g, initial_state)
+    if backend == "triton":
+        o, state = _run_triton(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, needs_grad)
+        return o, (state if output_final_state else None)
+    if cu_seqlens is None:
+        o, state = _dense(backend, q, k, v, g, scale, initial_state, needs_grad)
+    else:
+        o, state = _dense_packed(backend, q, k, v, g, scale, initial_state, needs_grad, cu_seqlens)
+    return o.to(v.dtype), (state if output_final_state else None)
 
+
+def _resolve_backend(
+    backend: str, q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Tensor | None
+) -> str:
+    """The backend that runs q, k, g ``[B, T, H, K]``, v ``[B, T, H, V]``: ``"auto"`` resolved (see the module
+    docstring); ``ValueError`` when ``"triton"`` was asked for and cannot run them."""
     if backend == "auto":
-        backend = "recurrent" if T <= _RECURRENT_MAX_T else "chunk"
+        backend = "recurrent" if q.shape[1] <= _RECURRENT_MAX_T else "chunk"
         if q.is_cuda:
             why_not = _triton_unusable(q, k, v, g, initial_state)
             if why_not is None:
@@ -179,29 +193,53 @@ def gated_linear_attention(
         why_not = _triton_unusable(q, k, v, g, initial_state)
         if why_not is not None:
             raise ValueError(f"GLA backend 'triton' cannot run these inputs: {why_not}")
-        from .triton import chunk_gla, recurrent_gla
+    return backend
 
-        if T <= _RECURRENT_MAX_T and not needs_grad:
-            # Decoding: the fused recurrent kernel, no chunk padding. Its state is always computed.
-            o, state = recurrent_gla(q, k, v, g, scale, initial_state, cu_seqlens)
-        else:
-            o, state = chunk_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
-        return o, (state if output_final_state else None)
 
-    if cu_seqlens is None:
-        o, state = _dense(backend, q, k, v, g, scale, initial_state, needs_grad)
-    else:
-        # Reference backends: run each packed sequence on its own and stitch the results.
-        bounds = cu_seqlens.tolist()
-        outs, states = [], []
-        for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            s0 = initial_state[i : i + 1] if initial_state is not None else None
-            part = (x[:, start:end] for x in (q, k, v, g))
-            o_i, s_i = _dense(backend, *part, scale, s0, needs_grad)
-            outs.append(o_i)
-            states.append(s_i)
-        o, state = torch.cat(outs, dim=1), torch.cat(states, dim=0)
-    return o.to(v.dtype), (state if output_final_state else None)
+def _run_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    scale: float,
+    initial_state: Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: Tensor | None,
+    needs_grad: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """The Triton backend on q, k, g ``[B, T, H, K]``, v ``[B, T, H, V]``: ``(o [B, T, H, V], state)``, the
+    state ``[B or N, H, K, V]`` (None from the chunk kernels unless ``output_final_state``)."""
+    from .triton import chunk_gla, recurrent_gla
+
+    if q.shape[1] <= _RECURRENT_MAX_T and not needs_grad:
+        # Decoding: the fused recurrent kernel, no chunk padding. Its state is always computed.
+        return recurrent_gla(q, k, v, g, scale, initial_state, cu_seqlens)
+    return chunk_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def _dense_packed(
+    backend: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    scale: float,
+    initial_state: Tensor | None,
+    needs_grad: bool,
+    cu_seqlens: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """A PyTorch backend on ``N`` sequences packed along T (q, k, g ``[1, T, H, K]``, v ``[1, T, H, V]``,
+    initial_state ``[N, H, K, V]`` or None): each runs on its own and the results are stitched, giving
+    ``o`` ``[1, T, H, V]`` and the final states ``[N, H, K, V]``."""
+    bounds = cu_seqlens.tolist()
+    outs, states = [], []
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        s0 = initial_state[i : i + 1] if initial_state is not None else None
+        part = (x[:, start:end] for x in (q, k, v, g))
+        o_i, s_i = _dense(backend, *part, scale, s0, needs_grad)
+        outs.append(o_i)
+        states.append(s_i)
+    return torch.cat(outs, dim=1), torch.cat(states, dim=0)
 
 
 def _triton_unusable(q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Tensor | None) -> str | None:

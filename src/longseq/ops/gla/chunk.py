@@ -80,8 +80,19 @@ def gla_chunk(
     exc_after = _exclusive_reverse_cumsum(g_, -2)  # sum g[m], m > j (from after j to the sub-chunk end)
     tot = g_.sum(-2)  # [B, H, N, S, K] whole sub-chunk
 
-    # --- diagonal blocks: D[j, i] = sum g[m] for j < m <= i, per key channel ---
-    idx = torch.arange(c, device=q.device)
+    a_diag = _diagonal_blocks(q_, k_, g_, dtype)
+    attn = _intra_chunk_attention(q_, k_, inc, exc_after, tot, a_diag, dtype)
+    o = attn.reshape(B, H, N, C, C) @ v_  # intra-chunk part
+    o, state = _add_inter_chunk(o, q_, k_, v_, inc, exc_after, tot, initial_state, dtype)
+    o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)
+    return o, state
+
+
+def _diagonal_blocks(q_: Tensor, k_: Tensor, g_: Tensor, dtype: torch.dtype) -> Tensor:
+    """Attention inside each sub-chunk, ``[B, H, N, S, c, c]`` (query i, key j, zero above the diagonal),
+    from q_, k_, g_ ``[B, H, N, S, c, K]``: ``D[j, i] = sum g[m]`` for ``j < m <= i``, per key channel."""
+    c = q_.shape[-2]
+    idx = torch.arange(c, device=q_.device)
     after_j = idx[None, :] > idx[:, None]  # [j, m]: m > j
     seg = torch.where(after_j[:, :, None], g_[..., None, :, :], g_.new_zeros(())).cumsum(-2)  # [.., j, i, K]
     causal = idx[:, None] >= idx[None, :]  # [i, j]: j <= i
@@ -89,23 +100,49 @@ def gla_chunk(
     seg = torch.where(causal.T[:, :, None], seg, seg.new_zeros(()))
     decay_diag = seg.transpose(-3, -2).exp()  # [.., i, j, K]
     a_diag = (q_[..., :, None, :] * k_[..., None, :, :] * decay_diag).sum(-1)  # [.., S, i, j]
-    a_diag = a_diag * causal.to(dtype)
+    return a_diag * causal.to(dtype)
 
-    # --- off-diagonal blocks, sub-chunk I attends to earlier sub-chunk J < I ---
+
+def _intra_chunk_attention(
+    q_: Tensor, k_: Tensor, inc: Tensor, exc_after: Tensor, tot: Tensor, a_diag: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """The whole intra-chunk attention ``[B, H, N, S, c, S, c]`` (query sub-chunk I, row i, key sub-chunk J,
+    column j): the diagonal blocks ``a_diag`` ``[B, H, N, S, c, c]`` where ``I == J``, and where ``J < I``
+    the off-diagonal blocks from q_, k_ ``[B, H, N, S, c, K]``, the in-sub-chunk log decays ``inc`` and
+    ``exc_after`` (same layout) and the whole-sub-chunk sums ``tot`` ``[B, H, N, S, K]``."""
+    S = q_.shape[-3]
     # decay from key j in J to query i in I = exp(exc_after[j]) * exp(mid[I, J]) * exp(inc[i]),
     # where mid[I, J] sums whole sub-chunks strictly between J and I.
-    sidx = torch.arange(S, device=q.device)
+    sidx = torch.arange(S, device=q_.device)
     between = (sidx[None, None, :] > sidx[None, :, None]) & (sidx[None, None, :] < sidx[:, None, None])  # [I,J,L]
     mid = torch.where(between[..., None], tot[..., None, None, :, :], tot.new_zeros(())).sum(-2)  # [..,I,J,K]
     q_dec = q_ * inc.exp()  # [.., S, c, K]
     k_dec = k_[..., None, :, :, :] * (exc_after[..., None, :, :, :] + mid[..., None, :]).exp()  # [.., I, J, c, K]
     a_off = torch.einsum("...Iik,...IJjk->...IiJj", q_dec, k_dec)
     earlier = (sidx[None, :] < sidx[:, None]).to(dtype)  # [I, J]
-    eye = torch.eye(S, device=q.device, dtype=dtype)
-    attn = a_off * earlier[:, None, :, None] + a_diag[..., :, :, None, :] * eye[:, None, :, None]
-    o = attn.reshape(B, H, N, C, C) @ v_  # intra-chunk part
+    eye = torch.eye(S, device=q_.device, dtype=dtype)
+    return a_off * earlier[:, None, :, None] + a_diag[..., :, :, None, :] * eye[:, None, :, None]
 
-    # --- inter-chunk: state passed from chunk to chunk ---
+
+def _add_inter_chunk(
+    o: Tensor,
+    q_: Tensor,
+    k_: Tensor,
+    v_: Tensor,
+    inc: Tensor,
+    exc_after: Tensor,
+    tot: Tensor,
+    initial_state: Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """Pass the ``[K, V]`` state from chunk to chunk and add what each chunk's queries read from it.
+
+    o: the intra-chunk output ``[B, H, N, C, V]``; q_, k_ ``[B, H, N, S, c, K]`` (queries scaled); v_
+    ``[B, H, N, C, V]``; inc, exc_after, tot: the sub-chunk log decays of :func:`gla_chunk`. Returns
+    ``(o [B, H, N, C, V], final state [B, H, K, V])`` in the compute dtype.
+    """
+    B, H, N, C, V = v_.shape
+    K = q_.shape[-1]
     before = _exclusive_cumsum(tot, -2)  # whole sub-chunks before I within the chunk
     after = _exclusive_reverse_cumsum(tot, -2)  # whole sub-chunks after J within the chunk
     q_in = (q_ * (before[..., None, :] + inc).exp()).reshape(B, H, N, C, K)
@@ -113,12 +150,9 @@ def gla_chunk(
     chunk_decay = tot.sum(-2).exp()  # [B, H, N, K]
     contrib = k_out.transpose(-1, -2) @ v_  # [B, H, N, K, V]
 
-    state = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype)
+    state = q_.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype)
     states_before = []
     for n in range(N):
         states_before.append(state)
         state = chunk_decay[:, :, n, :, None] * state + contrib[:, :, n]
-    o = o + q_in @ torch.stack(states_before, dim=2)
-
-    o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)
-    return o, state
+    return o + q_in @ torch.stack(states_before, dim=2), state

@@ -267,13 +267,33 @@ def chunk_backward(
     kd: KernelDtypes,
     need_dh0: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    """All gradients: ``dq, dk`` (q's/k's dtype), ``dv`` (v's), ``dg`` (g's), ``dh0`` fp32 or None."""
-    TT, H, K = q.shape
-    V = v.shape[-1]
-    N, NT = info.num_seqs, info.num_chunks
-    BK, BV = block_size(K), block_size(V)
-    SK, SV = state_block_sizes(K, V, N * H)
+    """All gradients: ``dq, dk`` (q's/k's dtype), ``dv`` (v's), ``dg`` (g's), ``dh0`` fp32 or None.
 
+    Packed layouts (see :mod:`.common`): q, k, g, b ``[TT, H, K]``; v, do ``[TT, H, V]``; h ``[NT + N, H, K, V]``;
+    a ``[TT, H, 64]``; dht ``[N, H, K, V]`` or None.
+    """
+    dh, dh0 = state_grads(q, b, do, dht, scale, info, kd, need_dh0)
+    dv = value_grads(k, v, b, a, do, dh, info, kd)
+    dq, dk, dg = qkg_grads(q, k, v, g, b, h, do, dh, scale, info, kd)
+    return dq, dk, dv, dg, dh0
+
+
+def state_grads(
+    q: Tensor,
+    b: Tensor,
+    do: Tensor,
+    dht: Tensor | None,
+    scale: float,
+    info: SeqInfo,
+    kd: KernelDtypes,
+    need_dh0: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Launch :func:`state_grads_kernel`; returns ``dh`` ``[NT, H, K, V]`` in ``kd.dstates`` and, if
+    ``need_dh0``, ``dh0`` ``[N, H, K, V]`` fp32."""
+    _, H, K = q.shape
+    V = do.shape[-1]
+    N, NT = info.num_seqs, info.num_chunks
+    SK, SV = state_block_sizes(K, V, N * H)
     dh = q.new_empty(NT, H, K, V, dtype=kd.dstates)
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None
     state_grads_kernel[(triton.cdiv(K, SK), triton.cdiv(V, SV), N * H)](
@@ -299,9 +319,18 @@ def chunk_backward(
         num_warps=4,
         num_stages=2,
     )
+    return dh, dh0
 
+
+def value_grads(
+    k: Tensor, v: Tensor, b: Tensor, a: Tensor, do: Tensor, dh: Tensor, info: SeqInfo, kd: KernelDtypes
+) -> Tensor:
+    """Launch :func:`value_grad_kernel`; returns ``dv`` ``[TT, H, V]`` in ``v``'s dtype."""
+    _, H, K = k.shape
+    V = v.shape[-1]
+    BK, BV = block_size(K), block_size(V)
     dv = torch.empty_like(v)
-    value_grad_kernel[(triton.cdiv(V, BV), NT, H)](
+    value_grad_kernel[(triton.cdiv(V, BV), info.num_chunks, H)](
         k,
         b,
         a,
@@ -321,9 +350,28 @@ def chunk_backward(
         num_warps=4,
         num_stages=2,
     )
+    return dv
 
+
+def qkg_grads(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    b: Tensor,
+    h: Tensor,
+    do: Tensor,
+    dh: Tensor,
+    scale: float,
+    info: SeqInfo,
+    kd: KernelDtypes,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch :func:`qkg_grad_kernel`; returns ``dq``, ``dk``, ``dg`` ``[TT, H, K]`` in q's, k's, g's dtypes."""
+    _, H, K = q.shape
+    V = v.shape[-1]
+    BK, BV = block_size(K), block_size(V)
     dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g)
-    qkg_grad_kernel[(triton.cdiv(K, BK), NT, H)](
+    qkg_grad_kernel[(triton.cdiv(K, BK), info.num_chunks, H)](
         q,
         k,
         v,
@@ -352,4 +400,4 @@ def chunk_backward(
         num_warps=8,
         num_stages=1,
     )
-    return dq, dk, dv, dg, dh0
+    return dq, dk, dg
