@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from longseq import build_model
+from longseq import build_model, capabilities
 from longseq.bench.decode import decode_warmup
 from longseq.generate import Decoder, prefill_rows
 from longseq.nn import fused as fused_step
@@ -45,7 +45,7 @@ def main() -> None:
     device = torch.device("cuda")
     overrides = {"global_backbone": args.global_backbone} if args.global_backbone else {}
     model = build_model(args.model, args.preset, **overrides).to(device, torch.bfloat16).eval()
-    P = getattr(model.config, "patch_size", 1)
+    P = capabilities(model).seq_multiple
     prompt = torch.randint(0, model.config.vocab_size, (1, args.context), device=device)
     warmup = decode_warmup(2, P, fused=args.mode == "fused")
     with torch.no_grad():

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cache.kv import KVCache
 from .cache.policies import CachePolicy, Full, parse_policy
 from .evaluate import Score
 
@@ -336,7 +335,7 @@ def kept_position_stats(
         if policy.budget is not None and consumed <= policy.budget:
             return  # nothing evicted yet: every statistic would be trivially 1
         for layer, cache in enumerate(state.layers):
-            if not isinstance(cache, KVCache):
+            if not cache.keeps_tokens:
                 continue
             s = kept_positions_summary(cache.kept_positions(), consumed, recent)
             st = acc.setdefault(layer, KeptStats(layer=layer, recent={r: 0.0 for r in recent}))
