@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..ops.attention import attention_over_cache
 from ..ops.eviction_replay import MAX_ENTRIES, replay_evictions, replay_evictions_reference
-from .policies import CachePolicy
+from .buffers import CacheBuffers
 
 LONG_MAX = torch.iinfo(torch.long).max
 # Bound on the fp32 scores one _evict_chunk call holds (B x H x sub-chunk x (capacity + sub-chunk)).
@@ -27,17 +27,8 @@ EVICT_CHUNK_SCORES = 1 << 26
 _replay_kernel_error: str | None = None  # set once if the Triton replay kernel fails on this machine
 
 
-class _Eviction:
+class _Eviction(CacheBuffers):
     """Mixin of :class:`~longseq.cache.KVCache` (its buffers are described there)."""
-
-    policy: CachePolicy
-    budget: int | None
-    k: Tensor | None
-    v: Tensor | None
-    slot_pos: Tensor | None
-    score: Tensor | None
-    _free: Tensor | None
-    capacity: int
 
     def _evict_step(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
         """One token into a full cache: write it into the free slot, attend over all ``budget + 1`` slots

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..ops.attention import attention_over_cache
-from .policies import CachePolicy
+from .buffers import CacheBuffers
 
 if TYPE_CHECKING:
     from .kv import KVCache
@@ -29,18 +29,8 @@ if TYPE_CHECKING:
 PATCH_KERNEL_MAX_SLOTS = 32
 
 
-class _StaticMode:
+class _StaticMode(CacheBuffers):
     """Mixin of :class:`~longseq.cache.KVCache` (its buffers are described there)."""
-
-    policy: CachePolicy
-    budget: int | None
-    k: Tensor | None
-    v: Tensor | None
-    slot_pos: Tensor | None
-    score: Tensor | None
-    static: bool
-    _n: int
-    capacity: int
 
     def can_attend_packed(self, qkv: Tensor, positions: Tensor) -> bool:
         """Whether :meth:`attend_packed` applies: a static ``Full`` cache in ``qkv``'s dtype with a power-of-two
