@@ -27,6 +27,7 @@ from .models import (
     register_model,
 )
 from .ops.gla import gated_linear_attention
+from .pretrained import load_pretrained
 
 __version__ = "0.1.0"
 
@@ -34,5 +35,5 @@ __all__ = [
     "CachePolicy", "Full", "GLAConfig", "GLALM", "H2O", "KVCache", "LanguageModel", "LayerState", "MegabyteConfig",
     "MegabyteLM", "MegabyteState", "ModelState", "RecurrentState", "Sink", "TOVA", "TransformerConfig",
     "TransformerLM", "Window", "__version__", "build_model", "capabilities", "gated_linear_attention", "generate",
-    "model_from_config", "parse_policy", "register_model", "sample_next",
+    "load_pretrained", "model_from_config", "parse_policy", "register_model", "sample_next",
 ]

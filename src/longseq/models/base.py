@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..tokenizer import BYTES, Tokenizer
 from .config import ModelConfig
 from .registry import Capabilities, capabilities
 from .state import ModelState, check_model_state
@@ -72,6 +73,20 @@ class LanguageModel(nn.Module, ABC):
         them all. Default: always None (one graph per batch size).
         """
         return None
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """Text <-> ids for this model: bytes unless a tokenizer was attached (a converted pretrained model)."""
+        return self.__dict__.get("_tokenizer", BYTES)
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Tokenizer) -> None:
+        if not isinstance(tokenizer, Tokenizer):
+            raise TypeError(f"tokenizer must be a longseq.tokenizer.Tokenizer; got {type(tokenizer).__name__}")
+        if tokenizer.vocab_size > self.config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                             f"{self.config.vocab_size} embeddings")
+        self.__dict__["_tokenizer"] = tokenizer
 
     @property
     def capabilities(self) -> Capabilities:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..nn.mlp import swiglu_hidden
+from ..ops.rope import RopeScaling
 
 
 def _coerce(name: str, annotation: Any, value: Any) -> Any:
@@ -125,17 +126,39 @@ class TransformerConfig(ModelConfig):
     n_kv_heads: int = 0
     mlp_hidden: int = 0
     rope_theta: float = 10000.0
+    # Pretrained families (longseq.load_pretrained fills these; the presets keep the defaults).
+    head_dim: int = 0  # 0: d_model / n_heads
+    qkv_bias: bool = False  # Qwen2
+    out_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm of each query and key head before RoPE
+    rope_scaling: str = "none"  # "none" or "llama3" (Llama 3.1+'s frequency-dependent stretch)
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.mlp_hidden = self.mlp_hidden or swiglu_hidden(self.d_model)
-        if self.d_model % self.n_heads:
+        if not self.head_dim and self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        self.head_dim = self.head_dim or self.d_model // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"head dim d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE")
+        if self.head_dim % 2:
+            raise ValueError(f"head dim {self.head_dim} must be even for RoPE")
+        if self.rope_scaling not in ("none", "llama3"):
+            raise ValueError(f"rope_scaling must be 'none' or 'llama3'; got {self.rope_scaling!r}")
+        self.rope_scaling_params()  # checks the factors now, not at the first forward
+
+    def rope_scaling_params(self) -> RopeScaling | None:
+        """The RoPE frequency scaling this config asks for (None: plain RoPE)."""
+        if self.rope_scaling == "none":
+            return None
+        return RopeScaling(self.rope_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+                           self.rope_original_max_len)
 
 
 @dataclass

@@ -9,7 +9,11 @@ from .stack import StackLM
 
 def transformer_block(cfg: TransformerConfig) -> TransformerBlock:
     """The block a :class:`TransformerConfig` describes."""
-    return TransformerBlock(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.mlp_hidden, cfg.norm_eps, cfg.rope_theta)
+    return TransformerBlock(
+        cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.mlp_hidden, cfg.norm_eps, cfg.rope_theta,
+        head_dim=cfg.head_dim, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias, mlp_bias=cfg.mlp_bias,
+        qk_norm=cfg.qk_norm, rope_scaling=cfg.rope_scaling_params(),
+    )
 
 
 class TransformerLM(StackLM):

@@ -10,8 +10,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..cache.kv import KVCache
 from ..ops.attention import causal_attention
-from ..ops.rope import fold_rope_into_weight
+from ..ops.rope import RopeScaling, fold_rope_into_weight
 from .fused import has_hooks
+from .norm import RMSNorm
 from .rotary import RotaryEmbedding
 
 
@@ -38,17 +39,34 @@ class Attention(nn.Module):
     everything it keeps, so eviction policies plug in there.
     """
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, rope_theta: float = 10000.0) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        rope_theta: float = 10000.0,
+        *,
+        head_dim: int | None = None,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-5,
+        rope_scaling: RopeScaling | None = None,
+    ) -> None:
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        if head_dim is None:
+            if d_model % n_heads:
+                raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+            head_dim = d_model // n_heads
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
-        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.head_dim = d_model // n_heads
-        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
-        self.out = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
-        self.rope = RotaryEmbedding(self.head_dim, rope_theta)
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)
+        self.out = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)
+        # Qwen3-style RMSNorm of each query and key head before RoPE (None: no such norm).
+        self.q_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
+        self.rope = RotaryEmbedding(head_dim, rope_theta, rope_scaling)
 
     def forward(
         self,
@@ -83,8 +101,11 @@ class Attention(nn.Module):
         B, T, _ = qkv.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = self.rope(q.view(B, T, H, D).transpose(1, 2), positions)
-        k = self.rope(k.view(B, T, Hkv, D).transpose(1, 2), positions)
+        q, k = q.view(B, T, H, D), k.view(B, T, Hkv, D)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = self.rope(q.transpose(1, 2), positions)
+        k = self.rope(k.transpose(1, 2), positions)
         return q, k, v.view(B, T, Hkv, D).transpose(1, 2)
 
     def attend_packed(self, qkv: Tensor, positions: Tensor, cache: KVCache, row_mask: Tensor | None) -> Tensor:
@@ -103,7 +124,8 @@ class Attention(nn.Module):
 
     def _foldable(self) -> bool:
         # The folded weights stand in for the qkv projection and the rotation: both must be plain.
-        return type(self.qkv) is nn.Linear and not (has_hooks(self.qkv) or has_hooks(self.rope))
+        plain = type(self.qkv) is nn.Linear and self.qkv.bias is None and self.q_norm is None
+        return plain and self.rope.scaling is None and not (has_hooks(self.qkv) or has_hooks(self.rope))
 
     def _qkv_rope_folded(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`split_heads` of ``qkv(x)`` for ``positions`` ``[L]`` through RoPE-folded weights (see

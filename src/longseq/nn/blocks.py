@@ -23,6 +23,7 @@ from ..cache.kv import KVCache
 from ..cache.policies import CachePolicy
 from ..cache.recurrent import RecurrentState
 from ..ops import decode_block
+from ..ops.rope import RopeScaling
 from .attention import Attention, AttentionOptions
 from .fused import fused_rows, plain_modules
 from .gla import GatedLinearAttention
@@ -35,12 +36,17 @@ class TransformerBlock(nn.Module):
     Its state is a :class:`KVCache`."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, mlp_hidden: int, norm_eps: float = 1e-5,
-                 rope_theta: float = 10000.0) -> None:
+                 rope_theta: float = 10000.0, *, head_dim: int | None = None, qkv_bias: bool = False,
+                 out_bias: bool = False, mlp_bias: bool = False, qk_norm: bool = False,
+                 rope_scaling: RopeScaling | None = None) -> None:
+        """The keyword options describe pretrained families (see :class:`~longseq.models.TransformerConfig`):
+        a head dim other than ``d_model / n_heads``, biases, per-head q/k RMSNorm, Llama 3 RoPE scaling."""
         super().__init__()
         self.attn_norm = RMSNorm(d_model, eps=norm_eps)
-        self.attn = Attention(d_model, n_heads, n_kv_heads, rope_theta)
+        self.attn = Attention(d_model, n_heads, n_kv_heads, rope_theta, head_dim=head_dim, qkv_bias=qkv_bias,
+                              out_bias=out_bias, qk_norm=qk_norm, norm_eps=norm_eps, rope_scaling=rope_scaling)
         self.mlp_norm = RMSNorm(d_model, eps=norm_eps)
-        self.mlp = SwiGLU(d_model, mlp_hidden)
+        self.mlp = SwiGLU(d_model, mlp_hidden, bias=mlp_bias)
 
     def forward(self, h: Tensor, positions: Tensor, cache: KVCache | None = None, *,
                 row_mask: Tensor | None = None, options: AttentionOptions | None = None) -> Tensor:
@@ -69,6 +75,8 @@ class TransformerBlock(nn.Module):
         if type(self) is not TransformerBlock or type(self.attn) is not Attention or type(self.mlp) is not SwiGLU:
             return False
         if type(self.attn_norm) is not RMSNorm or type(self.mlp_norm) is not RMSNorm or not fused_rows(h):
+            return False
+        if self.attn.q_norm is not None:  # the fused kernels rotate raw projections
             return False
         attn, mlp = self.attn, self.mlp
         return plain_modules(h, (self,), (attn.qkv, attn.out, mlp.gate_up, mlp.down))

@@ -15,10 +15,10 @@ def swiglu_hidden(d_model: int, multiple_of: int = 32) -> int:
 class SwiGLU(nn.Module):
     """``W_down(silu(W_gate x) * W_up x)``; ``[..., d_model] -> [..., d_model]``."""
 
-    def __init__(self, d_model: int, hidden: int) -> None:
+    def __init__(self, d_model: int, hidden: int, bias: bool = False) -> None:
         super().__init__()
-        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, d_model, bias=False)
+        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=bias)  # rows [0, hidden): gate, then up
+        self.down = nn.Linear(hidden, d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)

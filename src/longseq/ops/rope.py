@@ -4,15 +4,53 @@ pairs ``(i, i + D/2)`` rotated by ``position * theta^(-2i/D)``."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 
-def rope_frequencies(head_dim: int, theta: float, device: torch.device | str | None, dtype: torch.dtype) -> Tensor:
-    """``theta^(-2i/D)`` ``[D/2]``, made in float64 and cast to ``dtype`` (bf16 frequencies would be useless
-    beyond a few hundred positions, so callers pass at least fp32)."""
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3's frequency-dependent stretch of RoPE (``rope_type="llama3"`` in HF configs).
+
+    Wavelengths longer than ``original_max_len / low_freq_factor`` are stretched by ``factor``, those
+    shorter than ``original_max_len / high_freq_factor`` are kept, and the band between is interpolated
+    linearly in ``original_max_len / wavelength``.
+    """
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_len: int
+
+    def __post_init__(self) -> None:
+        if self.factor <= 0 or self.original_max_len < 1:
+            raise ValueError(f"rope scaling needs factor > 0 and original_max_len >= 1; got {self}")
+        if not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(f"rope scaling needs 0 < low_freq_factor < high_freq_factor; got {self}")
+
+    def apply(self, inv_freq: Tensor) -> Tensor:
+        """The scaled frequencies (same shape and dtype as ``inv_freq``)."""
+        wavelength = 2 * math.pi / inv_freq
+        ratio = self.original_max_len / wavelength  # how many wavelengths fit the original context
+        smooth = ((ratio - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)).clamp(0.0, 1.0)
+        # smooth = 0: long wavelengths, fully stretched; 1: short ones, untouched; the band between blends.
+        return inv_freq * (smooth + (1 - smooth) / self.factor)
+
+
+def rope_frequencies(
+    head_dim: int, theta: float, device: torch.device | str | None, dtype: torch.dtype,
+    scaling: RopeScaling | None = None,
+) -> Tensor:
+    """``theta^(-2i/D)`` ``[D/2]`` (stretched by ``scaling`` if given), made in float64 and cast to ``dtype``
+    (bf16 frequencies would be useless beyond a few hundred positions, so callers pass at least fp32)."""
     exponent = torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim
-    return (theta**-exponent).to(dtype)
+    inv_freq = theta**-exponent
+    if scaling is not None:
+        inv_freq = scaling.apply(inv_freq)
+    return inv_freq.to(dtype)
 
 
 def rotate_half(x: Tensor, angles: Tensor) -> Tensor:

@@ -1,0 +1,113 @@
+"""Converted pretrained models (issue 22): tiny random HF models of each supported family, built from
+configs (nothing downloaded), give the same logits through longseq's native Transformer as through HF, in
+fp32 -- and so does every state path of longseq on them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from longseq import TOVA, generate, load_pretrained  # noqa: E402
+from longseq.cache import Window  # noqa: E402
+from longseq.generate import prefill_rows  # noqa: E402
+from longseq.pretrained import UnsupportedModelError, config_from_hf  # noqa: E402
+from longseq.testing import assert_close  # noqa: E402
+
+BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+FAMILIES = {
+    "llama": dict(rope_theta=5000.0, tie_word_embeddings=False),
+    "llama-bias-tied": dict(model_type="llama", attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    "llama3-scaling": dict(model_type="llama", rope_theta=500000.0, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)),
+    "mistral": dict(sliding_window=None),
+    "qwen2": dict(use_sliding_window=False),
+    "qwen3": dict(head_dim=32, use_sliding_window=False),
+}
+
+
+def hf_model(name: str):
+    fields = {**BASE, **FAMILIES[name]}
+    model_type = fields.pop("model_type", name)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields), dtype=torch.float32).eval()
+    with torch.no_grad():  # HF zero-initialises biases and norms: make them count
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, BASE["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_native_logits_equal_hf_logits(name):
+    hf = hf_model(name)
+    native = load_pretrained(hf)
+    x = ids(2, 40)
+    with torch.no_grad():
+        ref = hf(x).logits
+        assert_close(native(x), ref, rtol=1e-5, name=f"{name} forward")
+        state = native.init_state(2)
+        steps = torch.cat([native.step(x[:, a:b], state)[0] for a, b in ((0, 17), (17, 18), (18, 40))], 1)
+        assert_close(steps, ref, rtol=1e-5, name=f"{name} step")
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_static_decode_and_policies_run_on_a_converted_model(name):
+    native = load_pretrained(hf_model(name))
+    rows = [ids(1, n, seed=n) for n in (9, 14)]
+    with torch.no_grad():
+        state = native.init_state(2, max_len=20)
+        first = prefill_rows(native, state, rows)
+        for i, r in enumerate(rows):
+            assert_close(first[i], native(r)[0, -1], rtol=1e-5, name=f"row {i}")
+        state = native.init_state(1, cache=TOVA(8))
+        native.step(ids(1, 30), state)
+        assert state.kept_positions(0).shape == (1, 8)
+    out = generate(native, ids(1, 5)[0], 6, temperature=0, cache=Window(4), compile=True)
+    assert out.shape == (1, 11)
+
+
+def test_folder_with_safetensors_loads_like_the_model(tmp_path):
+    hf = hf_model("qwen2")
+    hf.save_pretrained(tmp_path / "m")
+    native = load_pretrained(tmp_path / "m")
+    x = ids(1, 12)
+    with torch.no_grad():
+        assert_close(native(x), hf(x).logits, rtol=1e-5, name="folder")
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(model_type="gemma"), "model_type='gemma'"),
+    (dict(model_type="mistral", sliding_window=64), "sliding_window=64"),
+    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=32), "sliding_window=32"),
+    (dict(model_type="llama", rope_scaling=dict(rope_type="yarn", factor=4.0)), "rope_scaling.rope_type='yarn'"),
+    (dict(model_type="llama", rope_parameters=dict(rope_type="linear", factor=2.0)), "rope_parameters.rope_type='linear'"),
+    (dict(model_type="llama", hidden_act="gelu"), "hidden_act='gelu'"),
+])
+def test_unrepresentable_configs_are_refused_naming_the_field(change, field, tmp_path):
+    hf_config = {**BASE, **change}
+    with pytest.raises(UnsupportedModelError, match=field.replace("(", r"\(").replace("[", r"\[")):
+        config_from_hf(hf_config)
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(hf_config))  # no weights at all: refused before reading any
+    with pytest.raises(UnsupportedModelError, match="not supported"):
+        load_pretrained(folder)
+
+
+def test_missing_paths_and_non_models_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_pretrained(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        load_pretrained(tmp_path / "empty")
