@@ -40,6 +40,28 @@ def naive_gla(q, k, v, g, scale, s0):
     return out, S
 
 
+def exact_gla_scan(q, k, v, g, scale):
+    """GLA in float64 by a doubling (Hillis-Steele) scan, the long-sequence ground truth: ``log2(T)``
+    vectorised steps instead of ``T`` Python steps, and no code shared with either backend.
+
+    Token t is the affine map ``S -> a_t * S + b_t`` (``a_t = exp(g_t)``, ``b_t = k_t^T v_t``); step ``d``
+    composes each map with the one ``d`` tokens earlier, so after ``ceil(log2 T)`` steps ``b_t`` is
+    ``S_t``. Decays are only ever multiplied (never ``exp`` of a difference), so it holds for any ``g``
+    in ``[-inf, 0]``, off by float64 roundings alone: at most ~T units of 2**-53 (1e-11 at T = 1e5,
+    if float64 ``exp`` were one ulp off the same way every time), far below fp32 roundoff.
+    Returns ``o [B, T, H, V]`` and the final state ``[B, H, K, V]``, float64.
+    """
+    q, k, v, g = (x.double() for x in (q, k, v, g))
+    a = g.exp()[..., None]  # [B, T, H, K, 1]
+    b = k[..., None] * v[..., None, :]  # [B, T, H, K, V]
+    d = 1
+    while d < q.shape[1]:
+        b = torch.cat([b[:, :d], a[:, d:] * b[:, :-d] + b[:, d:]], dim=1)
+        a = torch.cat([a[:, :d], a[:, d:] * a[:, :-d]], dim=1)
+        d *= 2
+    return torch.einsum("bthk,bthkv->bthv", q * scale, b), b[:, -1]
+
+
 def test_recurrent_matches_independent_naive_loop():
     q, k, v, g, s0 = make_inputs(2, 7, 2, 3, 5)
     o, s = gla_recurrent(q, k, v, g, 0.7, s0)
@@ -124,8 +146,25 @@ def test_bfloat16_inputs_keep_fp32_state_and_bf16_output():
     assert_close(s, s_ref, rtol=1e-5)
 
 
+def test_exact_scan_matches_independent_naive_loop():
+    q, k, v, g, _ = make_inputs(2, 150, 2, 3, 5, seed=13)
+    g = g.clone()
+    g[0, 40, 1, :] = float("-inf")
+    o, s = exact_gla_scan(q, k, v, g, 0.7)
+    o_ref, s_ref = naive_gla(q, k, v, g, 0.7, None)
+    assert_close(o, o_ref, rtol=1e-12)
+    assert_close(s, s_ref, rtol=1e-12)
+
+
+# fp32 unit roundoff: each fp32 operation is off by at most this relative amount.
+U32 = 2.0**-24
+
+
 @pytest.mark.parametrize("gate", [-20.0, -1e-6])
 def test_100k_tokens_strong_and_weak_decay_stay_finite_and_exact(gate):
+    """Every path against the float64 scan, never fp32 against fp32 (whose rounding, through ``exp``,
+    depends on the CPU's vector unit). gate -20: the state forgets in one token; -1e-6: it keeps all
+    1e5 tokens (total decay ~exp(-0.125)), so rounding accumulates over the whole sequence."""
     T, H, K, V = 100_000, 1, 4, 4
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, T, H, K, generator=gen)
@@ -133,12 +172,26 @@ def test_100k_tokens_strong_and_weak_decay_stay_finite_and_exact(gate):
     v = torch.randn(1, T, H, V, generator=gen)
     g = torch.full((1, T, H, K), gate) * (1 + 0.5 * torch.rand(1, T, H, K, generator=gen))
     with torch.no_grad():
+        o_ref, s_ref = exact_gla_scan(q, k, v, g, K**-0.5)
+        o64, s64 = gla_chunk(q.double(), k.double(), v.double(), g.double(), K**-0.5)
         o, s = gated_linear_attention(q, k, v, g, output_final_state=True, backend="chunk")
-        o_ref, s_ref = gla_recurrent(q, k, v, g, K**-0.5)
-    assert torch.isfinite(o).all() and torch.isfinite(s).all()
-    # fp32 accumulation over 1e5 steps of a nearly undecayed state: compare at fp32 accuracy.
-    assert_close(o, o_ref, rtol=1e-4)
-    assert_close(s, s_ref, rtol=1e-4)
+        o_rec, s_rec = gla_recurrent(q, k, v, g, K**-0.5)
+    # The chunk algorithm in float64: only float64 rounding separates it from the scan. Measured 1e-14 and,
+    # with another CPU and torch build, 1e-12; 8e-12 with a float64 exp one ulp off the same way every call.
+    assert_close(o64, o_ref, rtol=1e-10, name="float64 chunk o")
+    assert_close(s64, s_ref, rtol=1e-10, name="float64 chunk state")
+    # fp32 chunk: the state passes T/64 chunk boundaries, each one fp32 multiply-add and one exp. Measured
+    # 1e-6 to 3.4e-6 on two CPUs; 6.5e-5 with an fp32 exp one ulp off the same way on every call.
+    assert o.dtype == s.dtype == torch.float32
+    assert_close(o, o_ref, rtol=1e-4, name="fp32 chunk o")
+    assert_close(s, s_ref, rtol=1e-4, name="fp32 chunk state")
+    # fp32 token-by-token loop: a token stays in the state for min(T, 1/|g|) steps, each adding a rounding
+    # of the multiply, the add and the exp, so the classical bound is that many units of roundoff (6e-3 at
+    # -1e-6). Measured 5.7e-5 (state) here, 2.2e-4 with another CPU and torch build (where the old
+    # fp32-vs-fp32 check at 1e-4 failed), 4.2e-3 with the one-ulp-off exp.
+    rec_rtol = max(1e-4, min(T, 1 / abs(gate)) * U32)
+    assert_close(o_rec, o_ref, rtol=rec_rtol, name="fp32 recurrent o")
+    assert_close(s_rec, s_ref, rtol=rec_rtol, name="fp32 recurrent state")
 
 
 def test_infinite_gate_resets_channel_exactly():
@@ -188,6 +241,54 @@ def test_nan_gate_is_rejected():
     g[0, 1, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         gated_linear_attention(q, k, v, g)
+
+
+def _poisoned(name, value, t=100):
+    """fp32 inputs of 200 tokens (chunks [0, 64), [64, 128), ...) with ``value`` at token ``t`` of ``name``."""
+    q, k, v, g, s0 = (x.float() for x in make_inputs(1, 200, 2, 4, 3, seed=17))
+    inputs = dict(q=q, k=k, v=v, initial_state=s0)
+    bad = inputs[name].clone()
+    if name == "initial_state":
+        bad[0, 1, 2, 0] = value
+    else:
+        bad[0, t, 1, 2] = value
+    inputs[name] = bad
+    return inputs, g
+
+
+@pytest.mark.parametrize("backend", ["chunk", "recurrent", "auto"])
+@pytest.mark.parametrize(
+    "name, value, where",
+    [("v", float("nan"), r"v\[0, 100, 1, 2\] = nan \(index \[b, t, h, v\]\)"),
+     ("k", float("inf"), r"k\[0, 100, 1, 2\] = inf \(index \[b, t, h, k\]\)"),
+     ("q", float("-inf"), r"q\[0, 100, 1, 2\] = -inf \(index \[b, t, h, k\]\)"),
+     ("initial_state", float("nan"), r"initial_state\[0, 1, 2, 0\] = nan \(index \[b, h, k, v\]\)")],
+    ids=["nan-v", "inf-k", "-inf-q", "nan-initial_state"],
+)
+def test_non_finite_inputs_are_rejected_naming_the_first_bad_entry(backend, name, value, where):
+    """The chunk backend would spread a NaN/inf at t = 100 back to outputs 64..99 of its chunk: rejected."""
+    inputs, g = _poisoned(name, value)
+    with pytest.raises(ValueError, match=f"{name} must be finite: {where}, the first of 1 NaN/inf"):
+        gated_linear_attention(inputs["q"], inputs["k"], inputs["v"], g, initial_state=inputs["initial_state"],
+                               backend=backend)
+
+
+def test_non_finite_check_reports_the_first_of_several_and_can_be_skipped():
+    inputs, g = _poisoned("v", float("nan"), t=150)
+    inputs["v"][0, 120, 0, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"v\[0, 120, 0, 1\] = inf .* the first of 2 NaN/inf entries of 1200"):
+        gated_linear_attention(inputs["q"], inputs["k"], inputs["v"], g)
+    # Unchecked (as the models call it), the recurrent backend is causal: NaN from t = 150 on, only.
+    o, _ = gated_linear_attention(inputs["q"], inputs["k"], inputs["v"], g, backend="recurrent", check_values=False)
+    assert torch.isfinite(o[:, :120]).all() and torch.isnan(o[:, 150]).any()
+
+
+def test_finite_inputs_whose_sum_overflows_are_accepted():
+    """The check screens with one sum per tensor; an overflow of finite values must not be taken for inf."""
+    inputs, g = _poisoned("v", 3e38, t=5)
+    inputs["v"][0, 6, 1, 2] = 3e38
+    assert not torch.isfinite(inputs["v"].sum())  # the screen trips...
+    gated_linear_attention(inputs["q"], inputs["k"], inputs["v"], g, backend="recurrent")  # ...and clears
 
 
 @pytest.mark.parametrize(

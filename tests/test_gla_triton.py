@@ -234,6 +234,17 @@ def test_triton_backend_rejects_unsupported_inputs(monkeypatch):
         gated_linear_attention(big, big, v, big, backend="triton")
 
 
+@pytest.mark.parametrize("name, value", [("v", float("nan")), ("k", float("inf"))])
+@pytest.mark.parametrize("T, t", [(130, 100), (5, 3)], ids=["chunk-kernels", "decode-kernel"])
+def test_triton_backend_rejects_non_finite_inputs(name, value, T, t):
+    """As every backend does: the chunk kernels would spread it to earlier tokens of its chunk."""
+    inputs = dict(zip("qkv", make_inputs(1, T, 1, 16, 16)[:3], strict=True))
+    inputs[name][0, t, 0, 3] = value
+    g = torch.full((1, T, 1, 16), -0.1, device=DEVICE)
+    with pytest.raises(ValueError, match=rf"{name} must be finite: {name}\[0, {t}, 0, 3\] = {value}"):
+        gated_linear_attention(*inputs.values(), g, backend="triton")
+
+
 # ----------------------------------------------------------------------------------------- GPU only
 def _bf16_case(B, T, H, K, V, *, cu_seqlens=None, gate_lo=None, seed):
     """bf16 kernels vs the fp32 chunk reference on the same bf16 inputs (fla's tolerances)."""
@@ -289,8 +300,8 @@ def test_gpu_64k_tokens_strong_and_weak_gates(gate_lo):
     (o.float().square().mean() + s.square().mean()).backward()
     for name, x in [("o", o), ("state", s)] + [(f"grad {i}", t.grad) for i, t in enumerate(leaves)]:
         assert torch.isfinite(x).all(), name
-    with torch.no_grad():
-        o_ref, s_ref = gla_chunk(*(x.float() for x in (q, k, v, g)), K**-0.5, s0)
+    with torch.no_grad():  # the reference in float64, never another fp32 computation of 64K steps
+        o_ref, s_ref = gla_chunk(*(x.double() for x in (q, k, v, g, s0)), K**-0.5)
     assert relative_rms_error(o, o_ref) <= 4e-3
     assert relative_rms_error(s, s_ref) <= 4e-3
 

@@ -108,12 +108,36 @@ def _check_inputs(
                 f"with cu_seqlens, initial_state must be [N, H, K, V] = {(num_states, H, K, V)}; "
                 f"got {tuple(initial_state.shape)}"
             )
-    # Value checks read the tensor back (one host sync); skip them while a graph is being traced.
-    if check_values and not torch.compiler.is_compiling() and g.numel():
-        if bool((torch.isnan(g) | (g > 0)).any()):
-            if torch.isnan(g).any():
-                raise ValueError(f"g contains NaN at {int(torch.isnan(g).sum())} of {g.numel()} entries")
-            raise ValueError(f"g is the log forget gate and must be <= 0; got max(g) = {g.max().item():.4g}")
+    # Value checks read the result back (one host sync); skip them while a graph is being traced.
+    if check_values and not torch.compiler.is_compiling():
+        _check_values(q, k, v, g, initial_state)
+
+
+@torch.no_grad()
+def _check_values(q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Tensor | None) -> None:
+    """``ValueError`` unless q, k, v and initial_state are finite and g is NaN-free and ``<= 0`` (``-inf``
+    allowed), naming the tensor and its first bad entry."""
+    named = [("q", q), ("k", k), ("v", v)] + ([("initial_state", initial_state)] if initial_state is not None else [])
+    # A screen of one reduction per tensor and one host sync: a sum is NaN/inf whenever a term is (and
+    # may overflow on finite ones: the exact checks below then find nothing), and max(g) propagates NaN.
+    screen = sum(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32) for _, x in named)
+    if g.numel():
+        screen = screen + torch.where(g.max() <= 0, 0.0, float("nan"))
+    if bool(torch.isfinite(screen)):
+        return
+    for name, x in named:
+        bad = ~torch.isfinite(x)
+        if bad.any():
+            first = tuple(bad.nonzero()[0].tolist())
+            dims = "[b, h, k, v]" if name == "initial_state" else f"[b, t, h, {'v' if name == 'v' else 'k'}]"
+            raise ValueError(
+                f"{name} must be finite: {name}[{', '.join(map(str, first))}] = {x[first].item()} (index "
+                f"{dims}), the first of {int(bad.sum())} NaN/inf entries of {x.numel()}"
+            )
+    if torch.isnan(g).any():
+        raise ValueError(f"g contains NaN at {int(torch.isnan(g).sum())} of {g.numel()} entries")
+    if (g > 0).any():
+        raise ValueError(f"g is the log forget gate and must be <= 0; got max(g) = {g.max().item():.4g}")
 
 
 def gated_linear_attention(
@@ -142,14 +166,19 @@ def gated_linear_attention(
         backend: ``"recurrent"``, ``"chunk"``, ``"triton"`` or ``"auto"``/None.
         cu_seqlens: ``[N + 1]`` integer offsets of ``N`` sequences packed along T (``B == 1``):
             sequence ``i`` is ``[cu_seqlens[i], cu_seqlens[i+1])``; states never cross a boundary.
-        check_values: verify ``g <= 0`` and no NaN (one host sync). Callers whose gates are
-            ``<= 0`` by construction (``logsigmoid``) turn it off so decoding never waits on the GPU.
+        check_values: verify that q, k, v and initial_state are finite and that g has no NaN and is
+            ``<= 0``, all with one host sync. The chunkwise backends (``chunk``, ``triton``) mix the tokens
+            of a 64-token chunk in matrix products, so a NaN or inf would reach outputs of its chunk
+            *before* it (the recurrent backend only those from it on): every backend rejects it instead.
+            Callers that control their inputs (the models) turn it off so decoding never waits on the
+            GPU; then a non-finite input gives undefined outputs, up to 63 tokens before it.
     Returns:
         ``(o, final_state)``: ``o`` is ``[B, T, H, V]`` in ``v``'s dtype; ``final_state`` is
         ``[B, H, K, V]`` (``[N, H, K, V]`` with ``cu_seqlens``) in float32 (float64 when the inputs
         are float64), or None unless asked for.
     Raises:
-        ValueError: on mismatched shapes, an unknown backend, NaN in ``g`` or ``g > 0``, bad
+        ValueError: on mismatched shapes, an unknown backend, NaN in ``g`` or ``g > 0``, NaN or inf
+            in q, k, v or initial_state (naming the tensor and the first bad index), bad
             ``cu_seqlens``, or inputs the chosen backend cannot run (``"triton"``: CUDA tensors of
             fp32/bf16/fp16 with head dims <= 512, and an importable ``triton``).
     """

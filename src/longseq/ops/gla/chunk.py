@@ -49,6 +49,8 @@ def gla_chunk(
     Args:
         q, k, g: ``[B, T, H, K]``; v: ``[B, T, H, V]``; initial_state: ``[B, H, K, V]`` or None.
         chunk_size: tokens per chunk ``C``; sub_chunk_size: tokens per sub-chunk ``c`` (``C % c == 0``).
+        Nothing is checked here: a NaN or inf in q, k or v reaches every output of its chunk, earlier
+        ones included (:func:`~longseq.ops.gla.gated_linear_attention` rejects them first).
     Returns:
         ``o`` as ``[B, T, H, V]`` in the compute dtype (fp32, or fp64 for fp64 inputs) and the final
         state ``[B, H, K, V]``.
