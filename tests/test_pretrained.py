@@ -25,7 +25,9 @@ FAMILIES = {
     "llama": dict(rope_theta=5000.0, tie_word_embeddings=False),
     "llama-bias-tied": dict(model_type="llama", attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
     "llama3-scaling": dict(model_type="llama", rope_theta=500000.0, rope_scaling=dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)),
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64,
+    )),
     "mistral": dict(sliding_window=None),
     "qwen2": dict(use_sliding_window=False),
     "qwen3": dict(head_dim=32, use_sliding_window=False),
@@ -91,7 +93,8 @@ def test_folder_with_safetensors_loads_like_the_model(tmp_path):
     (dict(model_type="mistral", sliding_window=64), "sliding_window=64"),
     (dict(model_type="qwen2", use_sliding_window=True, sliding_window=32), "sliding_window=32"),
     (dict(model_type="llama", rope_scaling=dict(rope_type="yarn", factor=4.0)), "rope_scaling.rope_type='yarn'"),
-    (dict(model_type="llama", rope_parameters=dict(rope_type="linear", factor=2.0)), "rope_parameters.rope_type='linear'"),
+    (dict(model_type="llama", rope_parameters=dict(rope_type="linear", factor=2.0)),
+     "rope_parameters.rope_type='linear'"),
     (dict(model_type="llama", hidden_act="gelu"), "hidden_act='gelu'"),
 ])
 def test_unrepresentable_configs_are_refused_naming_the_field(change, field, tmp_path):
