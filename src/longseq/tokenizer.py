@@ -20,6 +20,9 @@ class Tokenizer(ABC):
 
     #: Short name saved with a model (``"bytes"`` or ``"hf"``).
     kind: str = ""
+    #: Whether decoding ids one by one and joining the bytes equals decoding them together (bytes: yes;
+    #: subword tokenizers: not in general), so a stream can print each id's bytes as it comes.
+    bytewise: bool = False
 
     @property
     @abstractmethod
@@ -32,8 +35,9 @@ class Tokenizer(ABC):
         return None
 
     @abstractmethod
-    def encode(self, text: str | bytes) -> list[int]:
-        """Ids of ``text`` (bytes are taken as UTF-8 text by subword tokenizers)."""
+    def encode(self, text: str | bytes, special: bool = True) -> list[int]:
+        """Ids of ``text`` (bytes are taken as UTF-8 text by subword tokenizers); ``special``: with the special
+        tokens the tokenizer puts around a text by default (a BOS), as for a prompt."""
 
     @abstractmethod
     def decode(self, ids: Sequence[int]) -> bytes:
@@ -47,12 +51,13 @@ class ByteTokenizer(Tokenizer):
     """Text is its UTF-8 bytes; id ``i`` is byte ``i``."""
 
     kind = "bytes"
+    bytewise = True
 
     @property
     def vocab_size(self) -> int:
         return 256
 
-    def encode(self, text: str | bytes) -> list[int]:
+    def encode(self, text: str | bytes, special: bool = True) -> list[int]:
         return list(text.encode("utf-8") if isinstance(text, str) else bytes(text))
 
     def decode(self, ids: Sequence[int]) -> bytes:
@@ -89,10 +94,10 @@ class HFTokenizer(Tokenizer):
     def eos_id(self) -> int | None:
         return self.hf.eos_token_id
 
-    def encode(self, text: str | bytes) -> list[int]:
+    def encode(self, text: str | bytes, special: bool = True) -> list[int]:
         if isinstance(text, (bytes, bytearray)):
             text = bytes(text).decode("utf-8", "replace")
-        return list(self.hf(text)["input_ids"])
+        return list(self.hf(text, add_special_tokens=special)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> bytes:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=True).encode("utf-8")

@@ -16,7 +16,9 @@ def add_parser(sub) -> None:
     """Add ``generate`` to the ``longseq`` subcommands."""
     p = sub.add_parser("generate", help="sample text from a trained model, streamed to stdout")
     p.add_argument(
-        "checkpoint", metavar="RUN_DIR_OR_CKPT", help="run directory (newest checkpoint) or checkpoint directory"
+        "checkpoint", metavar="MODEL",
+        help="run directory (newest checkpoint), checkpoint directory, .gguf file or HF model folder "
+        "(Llama, Mistral, Qwen2, Qwen3)",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
@@ -77,8 +79,10 @@ def _prompts(args: argparse.Namespace) -> list[bytes]:
 def run(args: argparse.Namespace) -> int:
     """Check the sampling flags, load the model, then generate: one prompt streams its bytes as they come,
     a batch prints each row when all are done; a speed summary goes to stderr."""
+    import torch
+
     from ..generate import check_sampling, generate
-    from ..train.checkpoint import load_model
+    from ..sources import open_model
     from ..train.distributed import pick_device
 
     if args.max_new_tokens < 0:
@@ -91,41 +95,78 @@ def run(args: argparse.Namespace) -> int:
         from ..cache import parse_policy
 
         cache = parse_policy(args.cache)
-    model = load_model(args.checkpoint, pick_device(args.device))
+    model = open_model(args.checkpoint, pick_device(args.device))
+    tok = model.tokenizer
+    ids = [torch.tensor(tok.encode(p), dtype=torch.long) for p in prompts]
     out = sys.stdout
     batch = len(prompts) > 1
-    # Bytes arrive one at a time; an incremental decoder holds back a partial UTF-8 sequence until
-    # it is complete (or replaces it with U+FFFD when it turns out invalid).
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    stream = _Stream(tok, out)
     if args.echo and not batch:
-        out.write(decoder.decode(prompts[0]))
-        out.flush()
+        stream.write_bytes(prompts[0])
     counted = [0]
 
     def on_token(token) -> None:
         counted[0] += 1
         if not batch:  # a batch is printed row by row at the end
-            out.write(decoder.decode(bytes([int(token[0])])))
-            out.flush()
+            stream.add(int(token[0]))
 
     t0 = time.perf_counter()
     rows = generate(
-        model, prompts if batch else prompts[0], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+        model, ids if batch else ids[0], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
         cache=cache, seed=args.seed, on_token=on_token, stop=stops or None,
         compile="fused" if args.fused else args.compile,
     )
     dt = time.perf_counter() - t0
     if batch:
-        for i, (prompt, row) in enumerate(zip(prompts, rows, strict=True)):
-            text = bytes(row.tolist() if args.echo else row[len(prompt) :].tolist())
+        for i, (prompt, row) in enumerate(zip(ids, rows, strict=True)):
+            text = tok.decode(row.tolist() if args.echo else row[len(prompt) :].tolist())
             out.write(f"--- [{i}]\n{text.decode('utf-8', errors='replace')}\n")
     else:
-        out.write(decoder.decode(b"", final=True) + "\n")
+        stream.close()
     out.flush()
-    n_new = sum(len(r) - len(p) for p, r in zip(prompts, rows, strict=True)) if batch else counted[0]
+    n_new = sum(len(r) - len(p) for p, r in zip(ids, rows, strict=True)) if batch else counted[0]
     print(
         f"{n_new} tokens in {counted[0]} steps, {dt:.2f} s ({n_new / max(dt, 1e-9):.1f} tokens/s, "
-        f"prefill of {sum(map(len, prompts))} bytes included)",
+        f"prefill of {sum(map(len, ids))} prompt tokens included)",
         file=sys.stderr,
     )
     return 0
+
+
+class _Stream:
+    """Prints a single row's new tokens as they come.
+
+    Byte-wise tokenizers: each id's bytes go through an incremental UTF-8 decoder, which holds back a
+    partial character until it is complete (or replaces it with U+FFFD when it turns out invalid). Subword
+    tokenizers: the row's ids are decoded again at every token (a token may complete a character begun by
+    the one before) and the new text is printed unless it ends in an incomplete character (U+FFFD), which
+    waits for the next token."""
+
+    def __init__(self, tokenizer, out) -> None:
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.sent = 0  # characters of the decoded continuation already printed (subword tokenizers)
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write_bytes(self, data: bytes) -> None:
+        self.out.write(self.utf8.decode(data))
+        self.out.flush()
+
+    def add(self, token: int) -> None:
+        if self.tokenizer.bytewise:
+            self.write_bytes(self.tokenizer.decode([token]))
+            return
+        self.ids.append(token)
+        self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids).decode("utf-8", errors="replace")
+        if final or not text.endswith("\ufffd"):
+            self.out.write(text[self.sent :])
+            self.out.flush()
+            self.sent = len(text)
+
+    def close(self) -> None:
+        if not self.tokenizer.bytewise:
+            self._flush(final=True)
+        self.out.write(self.utf8.decode(b"", final=True) + "\n")

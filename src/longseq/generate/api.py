@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..cache.policies import CachePolicy
 from ..models.base import LanguageModel
+from ..tokenizer import Tokenizer
 from .decoder import Decoder, compile_mode, decode_cache
 from .prefill import prefill, prefill_rows
 from .sampling import as_token_ids, check_sampling, normalise_stop
@@ -52,7 +53,7 @@ def generate(
 
     Args:
         model: any longseq language model.
-        prompt: ``[T]`` / ``[B, T]`` token ids, or text / bytes (UTF-8 bytes as ids); or a list of such
+        prompt: ``[T]`` / ``[B, T]`` token ids, or text / bytes (through ``model.tokenizer``); or a list of such
             prompts (each one row, ``[T_i]`` ids / text / bytes), which may differ in length: each is
             prefilled on its own into its row of a static batched state, so padding never enters a
             state or a cache policy, and all rows then decode together at their own positions.
@@ -80,10 +81,10 @@ def generate(
         tensors, each row's prompt and its continuation up to and including its stop.
     """
     mode = _check_args(max_new_tokens, compile, temperature, top_k, top_p, prefill_chunk)
-    stops = normalise_stop(stop)
+    stops = normalise_stop(stop, model.tokenizer)
     device = model.device
     as_list = isinstance(prompt, (list, tuple))
-    rows = _prompt_rows(prompt, device)
+    rows = _prompt_rows(prompt, device, model.tokenizer)
     lengths = [r.shape[1] for r in rows]
     if max_new_tokens == 0:
         return [r[0] for r in rows] if as_list else torch.cat(rows, 0)
@@ -135,16 +136,16 @@ def _check_args(max_new_tokens: int, compile: bool | str, temperature: float, to
     return mode
 
 
-def _prompt_rows(prompt: Any, device: torch.device) -> list[Tensor]:
+def _prompt_rows(prompt: Any, device: torch.device, tokenizer: Tokenizer) -> list[Tensor]:
     """``generate``'s prompt argument as a list of ``[1, T_i]`` id rows on ``device``."""
     if isinstance(prompt, (list, tuple)):
         if not prompt:
             raise ValueError("prompt list is empty")
-        rows = [as_token_ids(p, device) for p in prompt]
+        rows = [as_token_ids(p, device, tokenizer) for p in prompt]
         if any(r.shape[0] != 1 for r in rows):
             raise ValueError("each prompt of a list must be one sequence ([T] ids, str or bytes)")
         return rows
-    ids = as_token_ids(prompt, device)
+    ids = as_token_ids(prompt, device, tokenizer)
     return [ids[i : i + 1] for i in range(ids.shape[0])]
 
 

@@ -13,13 +13,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..tokenizer import BYTES, Tokenizer
 
-def as_token_ids(prompt: Tensor | str | bytes, device: torch.device | None = None) -> Tensor:
-    """A prompt as ``[B, T]`` ids: a tensor (``[T]`` or ``[B, T]``), or text/bytes as UTF-8 byte ids."""
-    if isinstance(prompt, str):
-        prompt = prompt.encode("utf-8")
-    if isinstance(prompt, (bytes, bytearray)):
-        prompt = torch.tensor(list(prompt), dtype=torch.long)
+
+def as_token_ids(
+    prompt: Tensor | str | bytes, device: torch.device | None = None, tokenizer: Tokenizer = BYTES
+) -> Tensor:
+    """A prompt as ``[B, T]`` ids: a tensor (``[T]`` or ``[B, T]``), or text/bytes through ``tokenizer``
+    (default: UTF-8 bytes as ids)."""
+    if isinstance(prompt, (str, bytes, bytearray)):
+        prompt = torch.tensor(tokenizer.encode(prompt), dtype=torch.long)
     if not isinstance(prompt, Tensor):
         hint = " (token ids go in a tensor: torch.tensor([...]))" if isinstance(prompt, int) else ""
         raise TypeError(f"a prompt must be a tensor, str or bytes; got {type(prompt).__name__}{hint}")
@@ -114,8 +117,10 @@ def sample_race(
     return (logits - noise.clamp_min(1e-30).log()).argmax(-1)
 
 
-def normalise_stop(stop: Any) -> list[list[int]]:
-    """``stop``: a byte id, bytes, str, or a sequence of those -> list of id sequences."""
+def normalise_stop(stop: Any, tokenizer: Tokenizer = BYTES) -> list[list[int]]:
+    """``stop``: a token id, bytes, str, or a sequence of those -> list of id sequences (text through
+    ``tokenizer``, without special tokens; a subword tokenizer may split the same text differently inside
+    a longer one, so text stops are matched on the ids the text has on its own)."""
     if stop is None:
         return []
     if isinstance(stop, (int, str, bytes, bytearray)):
@@ -124,7 +129,7 @@ def normalise_stop(stop: Any) -> list[list[int]]:
     for s in stop:
         if isinstance(s, bool) or not isinstance(s, (int, str, bytes, bytearray)):
             raise TypeError(f"stop entries must be int token ids, str or bytes; got {type(s).__name__}")
-        ids = [s] if isinstance(s, int) else list(s.encode("utf-8") if isinstance(s, str) else s)
+        ids = [s] if isinstance(s, int) else tokenizer.encode(s, special=False)
         if not ids:
             raise ValueError("an empty stop string never matches")
         out.append(ids)
