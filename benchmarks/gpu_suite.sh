@@ -2,7 +2,7 @@
 # Runs every GPU benchmark (and the GPU-marked tests) in one go on the device machine, one log per
 # step under $OUT (default ./gpu-out). Each step has its own time limit so one hang cannot eat the rest.
 #   bash benchmarks/gpu_suite.sh [step ...]
-#   steps: env tests gla triton triton2 triton-decode bench decode decode-b1 decode-fused megabyte megabyte-fused megabyte-compile cache hf
+#   steps: env tests gla triton triton2 triton-decode bench decode decode-b1 decode-smollm2 decode-fused megabyte megabyte-fused megabyte-compile cache hf
 #          profile triton-profile
 set -u
 OUT=${OUT:-gpu-out}
@@ -34,6 +34,7 @@ for s in "${steps[@]}"; do
     triton-profile) run triton-profile 120 python3 benchmarks/profile_gla_triton.py --no-fla ;;
     decode) run decode 570 python3 -m longseq bench decode --models gla,transformer,megabyte:paper95m --presets 85m --contexts 4096,16384 --batch-sizes 1,32,max --max-batch 512 --policies full,tova:ctx/8 --gen-tokens 64 --compile --against hf --memory-limit-gib 40 --jsonl "$OUT/decode.jsonl" ;;
     decode-b1) run decode-b1 240 python3 -m longseq bench decode --models gla,transformer,megabyte:paper95m --presets 85m --contexts 4096 --batch-sizes 1 --policies full,tova:ctx/8 --gen-tokens 64 --compile --jsonl "$OUT/decode_b1.jsonl" ;;
+    decode-smollm2) run decode-smollm2 480 python3 -m longseq bench decode --models transformer --presets smollm2-135m --contexts 4096 --batch-sizes 1,max --max-batch 256 --policies full,tova:ctx/8 --gen-tokens 64 --compile --against hf --memory-limit-gib 40 --jsonl "$OUT/decode_smollm2.jsonl" ;;
     decode-fused) run decode-fused 240 python3 -m longseq bench decode --models gla,transformer,megabyte:paper95m --presets 85m --contexts 4096 --batch-sizes 1 --policies full,tova:ctx/8 --gen-tokens 64 --fused --jsonl "$OUT/decode_fused.jsonl" ;;
     bench) run bench 420 python3 -m longseq bench --device cuda --models gla,transformer --presets medium --seq-lens 2048,8192 --batch-tokens 16384 --steps 5 --warmup 2 --json "$OUT/bench.json" ;;
     megabyte) run megabyte 420 python3 benchmarks/bench_megabyte.py --device cuda --json "$OUT/megabyte.json" ;;

@@ -120,6 +120,10 @@ class TransformerConfig(ModelConfig):
         "base": dict(d_model=768, n_layers=18, n_heads=12),
         "medium": dict(d_model=1024, n_layers=28, n_heads=16),
         "1.3b": dict(d_model=2048, n_layers=26, n_heads=16),
+        # SmolLM2-135M's exact shape (49,152-token vocabulary, tied embeddings), for speed runs with random
+        # weights; its real weights come with longseq.load_pretrained.
+        "smollm2-135m": dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, mlp_hidden=1536,
+                             rope_theta=100000.0, tie_embeddings=True),
     }
 
     n_heads: int = 4
