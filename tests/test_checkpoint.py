@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -64,7 +66,8 @@ def test_crash_mid_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     # A process killed after writing the new weights but before the training state: the exception
     # stands for the kill, and disabling rmtree keeps the half-written files a killed process leaves.
     def dying_save(obj, f, *a, **kw):
-        Path(f).write_bytes(b"\x80partial")
+        f.write(b"\x80partial")  # torch.save writes through a file object (which hashes what it writes)
+        f.flush()
         raise KeyboardInterrupt("killed mid-save")
 
     monkeypatch.setattr(ck.torch, "save", dying_save)
@@ -126,6 +129,58 @@ def test_corrupt_weights_with_matching_size(tmp_path):
     weights = path / "model.safetensors"
     size = weights.stat().st_size
     weights.write_bytes(b"\xff" * size)  # same size, garbage header
+    with pytest.raises(CheckpointError, match="is corrupt: model.safetensors does not match the sha256 checksum"):
+        load_model(path)
+    # A checkpoint from before checksums (sizes only) has no checksum to compare: reading the header fails.
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"] = {name: entry["size"] for name, entry in manifest["files"].items()}
+    (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="cannot read weights"):
         load_model(path)
     shutil.rmtree(path)
+
+
+def test_same_size_damage_to_the_tensor_data_is_detected(tmp_path):
+    """0xFF over weight bytes past the header loads without complaint from safetensors (the values turn
+    NaN); the checksum catches it, and the error for the run names the newest intact checkpoint. Damage to
+    the optimizer state is caught where that state is read (resuming); loading the model does not hash it."""
+    run = tmp_path / "run"
+    intact = _save(run, 1, _model(0))
+    newest = _save(run, 2, _model(1))
+    for name, load in (("model.safetensors", load_model), ("train_state.pt", ck.load_train_state)):
+        path = newest / name
+        original = path.read_bytes()
+        path.write_bytes(original[:-64] + b"\xff" * 64)
+        with pytest.raises(CheckpointError, match=f"{newest} is corrupt: {name} does not match the sha256"):
+            ck.verify_checkpoint(newest)
+        with pytest.raises(CheckpointError, match=f"the newest intact checkpoint is {intact}"):
+            load(run)
+        assert ck.find_intact(run)[0] == intact
+        if name == "train_state.pt":
+            assert ck.resolve_checkpoint(run) == newest and load_model(run) is not None  # the weights are fine
+        path.write_bytes(original)
+    assert ck.resolve_checkpoint(run) == newest
+    assert ck.find_intact(run) == (newest, [])
+
+
+def test_checksums_are_computed_once_per_unchanged_file(tmp_path, monkeypatch):
+    """Loading resolves a checkpoint several times; each file is hashed once, unless it changed since (or
+    was written too recently for its time stamp to tell)."""
+    path = _save(tmp_path / "run", 1, _model(0))
+    old = path.stat().st_mtime - 60
+    for p in path.iterdir():
+        os.utime(p, (old, old))
+    hashed = []
+    real = ck._sha256_file
+    monkeypatch.setattr(ck, "_sha256_file", lambda p: hashed.append(p.name) or real(p))
+    load_model(tmp_path / "run")
+    load_model(path)
+    assert sorted(hashed) == sorted(ck.MODEL_FILES)  # the optimizer state is not needed for the model
+    ck.load_train_state(path)
+    ck.verify_checkpoint(path)
+    assert sorted(hashed) == sorted(ck.FILES)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64] + b"\xff" * 64)  # changed now: hashed again, and refused
+    with pytest.raises(CheckpointError, match="does not match the sha256"):
+        load_model(path)
+    assert hashed.count("model.safetensors") == 2

@@ -16,7 +16,7 @@ Bits per byte = total negative log-likelihood in nats / ln 2 / number of scored 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,10 @@ from .models.registry import capabilities
 from .precision import autocast
 
 LN2 = math.log(2.0)
+
+
+class EvaluationStopped(Exception):
+    """:func:`evaluate_bpb` was asked to stop (its ``should_stop`` returned true) before it finished."""
 
 
 @dataclass
@@ -166,12 +170,16 @@ def evaluate_bpb(
     batch_size: int = 8,
     device: torch.device | str | None = None,
     progress: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> EvalResult:
     """Bits per byte of ``model`` on ``documents`` (``(name, [n] uint8 bytes)`` pairs).
 
     The model maps ``[B, T]`` ids to ``[B, T, 256]`` logits, ``logits[:, i]`` predicting byte ``i + 1``,
     and must be causal: windows shorter than ``seq_len`` are right-padded to ``seq_len`` and the padded
     positions are not scored. ``stride`` defaults to ``seq_len`` (plain evaluation).
+
+    ``should_stop`` is asked before every batch; when it returns true, :class:`EvaluationStopped` is raised
+    (a training run's signal handling stops validation this way within one batch).
     """
     stride = seq_len if stride is None else int(stride)
     check_seq_len(model, seq_len)
@@ -193,6 +201,8 @@ def evaluate_bpb(
         bar = tqdm(total=sum(e - f + 1 for _, _, _, e, f in jobs), unit="B", unit_scale=True, desc="eval")
     try:
         for b0 in range(0, len(jobs), batch_size):
+            if should_stop is not None and should_stop():
+                raise EvaluationStopped(f"evaluation stopped after {b0} of {len(jobs)} windows")
             batch = jobs[b0 : b0 + batch_size]
             ids = np.zeros((len(batch), seq_len + 1), dtype=np.int64)
             mask = np.zeros((len(batch), seq_len), dtype=bool)

@@ -8,7 +8,6 @@ per token, the chunk size changes speed, not the numbers.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import jsonio
 from .cache.policies import CachePolicy, Full, parse_policy
 from .evaluate import Score
 
@@ -266,7 +266,7 @@ def _write_sweep(result: SweepResult, out: Path, metric: str) -> dict[str, str]:
     """Write ``sweep.md``, ``sweep.json`` and ``sweep.png`` into ``out``; returns their paths by kind."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.md").write_text(result.to_markdown(metric))
-    (out / "sweep.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    (out / "sweep.json").write_text(jsonio.dumps(result.to_json(), indent=2) + "\n")  # NaN as null
     result.plot(out / "sweep.png", metric)
     return {
         "markdown": str(out / "sweep.md"),

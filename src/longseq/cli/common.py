@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+
+from .. import jsonio
 
 #: Errors that mean the user asked for something impossible: ``main`` prints them as one line and exits
 #: with status 2 instead of showing a traceback.
@@ -69,8 +70,10 @@ def log(line: str) -> None:
 
 
 def write_json(path: str | Path, data: Any) -> Path:
-    """Write ``data`` as indented JSON to ``path``, creating its folder; returns the path."""
+    """Write ``data`` as indented JSON to ``path``, creating its folder; returns the path. NaN and
+    infinities become ``null``: bare ``NaN`` is not JSON, and strict readers reject the file."""
     path = Path(path)
+    text = jsonio.dumps(data, indent=2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
+    path.write_text(text)
     return path

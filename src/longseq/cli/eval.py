@@ -4,6 +4,9 @@ sweep of a longseq run or of a local HF model folder."""
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,7 +53,8 @@ def add_parser(sub) -> None:
     add_device_flag(p)
     p.add_argument(
         "--json", metavar="FILE",
-        help="write the results here (default: RUN_DIR/eval/<checkpoint>-<split>-T<seq>-S<stride>.json)",
+        help="write the results here (default: RUN_DIR/eval/<checkpoint>-<split>-T<seq>-S<stride>.json, with "
+        "-B<max-bytes> and -D<tag of --data/--val-docs> added when those are given)",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run)
@@ -67,7 +71,9 @@ def _add_sweep_flags(p: argparse.ArgumentParser) -> None:
         "--metric", choices=["ppl", "bpb", "loss"], default="bpb", help="sweep table/plot metric (default bpb)"
     )
     p.add_argument(
-        "--out-dir", metavar="DIR", help="sweep output folder for sweep.md/.json/.png (default: RUN_DIR/eval/...)"
+        "--out-dir", metavar="DIR",
+        help="sweep output folder for sweep.md/.json/.png (default: RUN_DIR/eval/sweep-<checkpoint>-<split>-<tag "
+        "of the other settings>)"
     )
     p.add_argument(
         "--hf", metavar="PATH",
@@ -78,6 +84,7 @@ def _add_sweep_flags(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to bits per byte, the policy sweep of a run, or the policy sweep of an HF folder."""
+    _check_ranges(args)
     sweep = _check_sweep_args(args)
     if args.hf:
         if args.checkpoint is not None:
@@ -88,6 +95,25 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint is None:
         raise ValueError("eval needs RUN_DIR_OR_CKPT (or --hf PATH)")
     return _eval_sweep(args) if sweep else _eval_bpb(args)
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    """Every numeric flag in its range, before anything is read or written (0 is no "default" here)."""
+    for flag in ("seq_len", "stride", "max_bytes", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1; got {value}")
+
+
+def _settings_tag(**settings: Any) -> str:
+    """Eight hex digits standing for ``settings`` in a default result file name."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _document_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that choose which documents (and how much of them) are scored, as given."""
+    data = None if args.data is None else [str(Path(p).absolute()) for p in args.data]
+    return {"data": data, "val_docs": args.val_docs, "max_bytes": args.max_bytes}
 
 
 def _check_sweep_args(args: argparse.Namespace) -> bool:
@@ -129,7 +155,12 @@ def _eval_sweep(args: argparse.Namespace) -> int:
         )
     docs = [(name, bytes(ids)) for name, ids in _eval_documents(args, config.get("train", {}))]
     model = load_model(ckpt, pick_device(args.device)).eval()
-    out_dir = Path(args.out_dir) if args.out_dir else ckpt.parent.parent / "eval" / f"sweep-{ckpt.name}-{args.split}"
+    # The default folder is named by every setting that changes what the sweep writes, so sweeps with other
+    # settings never overwrite each other.
+    tag = _settings_tag(**_document_settings(args), seq_len=args.seq_len, policies=args.policies,
+                        budgets=args.budgets, metric=args.metric)
+    default_dir = ckpt.parent.parent / "eval" / f"sweep-{ckpt.name}-{args.split}-{tag}"
+    out_dir = Path(args.out_dir) if args.out_dir else default_dir
     result = run_sweep(
         model, docs, args.policies, args.budgets, max_tokens=args.seq_len, out_dir=out_dir, metric=args.metric,
         progress=log if args.progress else None,
@@ -189,8 +220,8 @@ def _eval_bpb(args: argparse.Namespace) -> int:
     ckpt = resolve_checkpoint(args.checkpoint)
     config = read_config(ckpt)
     train_cfg = config.get("train", {})
-    seq_len = args.seq_len or int(train_cfg.get("seq_len", 256))
-    stride = args.stride or seq_len
+    seq_len = args.seq_len if args.seq_len is not None else int(train_cfg.get("seq_len", 256))
+    stride = args.stride if args.stride is not None else seq_len
     if not 1 <= stride <= seq_len:
         raise ValueError(f"--stride must be in [1, seq-len={seq_len}]; got {stride}")
     device = pick_device(args.device)
@@ -200,12 +231,28 @@ def _eval_bpb(args: argparse.Namespace) -> int:
     result = evaluate_bpb(
         model, docs, seq_len, stride, batch_size=args.batch_size, device=device, progress=args.progress
     )
+    if not result.bytes:
+        raise ValueError("nothing to score: every document chosen has fewer than 2 bytes")
     print(f"checkpoint {ckpt} (step {config.get('step')}), split {args.split}, seq_len {seq_len}, stride {stride}")
     print(result.table())
-    default = ckpt.parent.parent / "eval" / f"{ckpt.name}-{args.split}-T{seq_len}-S{stride}.json"
+    if not math.isfinite(result.bpb):
+        raise ValueError(f"the model's bits per byte is {result.bpb}: its outputs are not finite; no result written")
     out = write_json(
-        args.json or default,
-        {"checkpoint": str(ckpt), "step": config.get("step"), "split": args.split, **result.to_dict()},
+        args.json or ckpt.parent.parent / "eval" / f"{_bpb_file_stem(ckpt, args, seq_len, stride)}.json",
+        {"checkpoint": str(ckpt), "step": config.get("step"), "split": args.split, **_document_settings(args),
+         **result.to_dict()},
     )
     print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def _bpb_file_stem(ckpt: Path, args: argparse.Namespace, seq_len: int, stride: int) -> str:
+    """``<checkpoint>-<split>-T<seq>-S<stride>``, then ``-B<max bytes>`` and ``-D<tag of --data and
+    --val-docs>`` when given: evaluations with other settings never overwrite each other's results."""
+    stem = f"{ckpt.name}-{args.split}-T{seq_len}-S{stride}"
+    if args.max_bytes is not None:
+        stem += f"-B{args.max_bytes}"
+    if args.data is not None or args.val_docs is not None:
+        settings = _document_settings(args)
+        stem += f"-D{_settings_tag(data=settings['data'], val_docs=settings['val_docs'])}"
+    return stem

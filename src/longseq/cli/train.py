@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from .common import add_device_flag, add_overrides_flag, csv_list, parse_sets
+from .common import add_device_flag, add_overrides_flag, csv_list, log, parse_sets
 
 
 def add_parser(sub) -> None:
@@ -95,27 +95,40 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
 
 
 def train_config_from_args(args: argparse.Namespace):
-    """Defaults <- (on --resume) the saved config <- the flags actually given."""
+    """Defaults <- (on --resume) the saved config <- the flags actually given.
+
+    The saved config is ``RUN_DIR/config.json``; one that cannot be read is an error (never guessed at, nor
+    overwritten). Without the file, the newest intact checkpoint's copy of it is taken, with a note."""
     from ..train import TrainConfig
-    from ..train.loop import read_run_config
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     if "overrides" in given:
         given["overrides"] = parse_sets(given["overrides"])
-    base: dict[str, Any] = {}
-    if args.resume:
-        saved = read_run_config(args.out)
-        if saved is not None:
-            base = dict(saved["train"])
+    base: dict[str, Any] = _saved_train_config(args.out) if args.resume else {}
     return TrainConfig.from_dict({**base, **given})
 
 
+def _saved_train_config(out: str) -> dict[str, Any]:
+    from ..train import checkpoint as ckpt_io
+    from ..train.rundir import load_run_config
+
+    saved = load_run_config(out)
+    if saved is not None:
+        return dict(saved["train"])
+    intact, _ = ckpt_io.find_intact(out)
+    if intact is None:  # nothing to resume: train() says so
+        return {}
+    log(f"longseq: note: {out}/config.json is missing; resuming with the settings saved in {intact}")
+    return dict(ckpt_io.verify_checkpoint(intact).get("train") or {})
+
+
 def run(args: argparse.Namespace) -> int:
-    """Train (or resume); exit status 128 + the signal's number when a signal stopped the run early."""
+    """Train (or resume); exit status 128 + the signal's number when a signal stopped the run before it did
+    all its work (its steps, or only its final validation: the message on stderr says which)."""
     from ..train import train
 
     result = train(train_config_from_args(args), resume=args.resume, overwrite=args.overwrite)
-    if result.interrupted is not None:
-        return 128 + int(result.interrupted)
+    if result.signal is not None:
+        return 128 + int(result.signal)
     return 0

@@ -36,8 +36,8 @@ def as_token_ids(
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy); got {temperature}")
+    if not 0 <= temperature < float("inf"):  # NaN fails the comparison too
+        raise ValueError(f"temperature must be >= 0 and finite (0 is greedy); got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None; got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:

@@ -18,6 +18,7 @@ medium        1024     28        16/4    354.7M       355.5M
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -66,12 +67,42 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
     raise ValueError(f"config field {name!r} expects {annotation.__name__}; got {value!r} ({type(value).__name__})")
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The range of a numeric config field: ``>= low`` (``> low`` when ``strict``), and finite. ``note``
+    says what a special value at the bound means (e.g. ``"0: n_heads"``)."""
+
+    low: float
+    strict: bool = False
+    note: str = ""
+
+    def check(self, name: str, value: Any) -> None:
+        if value is None:  # an optional field left unset
+            return
+        ok = math.isfinite(value) and (value > self.low if self.strict else value >= self.low)
+        if not ok:
+            note = f" ({self.note})" if self.note else ""
+            raise ValueError(f"config field {name!r} must be {'>' if self.strict else '>='} {self.low}{note}; "
+                             f"got {value!r}")
+
+
+#: The bounds shared by several fields.
+AT_LEAST_1, POSITIVE = Bound(1), Bound(0, strict=True)
+
+
 @dataclass
 class ModelConfig:
-    """Fields every longseq language model has. Subclasses add their own and a ``presets`` table."""
+    """Fields every longseq language model has. Subclasses add their own and a ``presets`` table.
+
+    Every numeric field has a :class:`Bound` in some class's ``bounds`` (subclasses add theirs; a field a
+    subclass bounds again takes the subclass's); ``__post_init__`` checks them all before anything else."""
 
     kind: ClassVar[str] = ""
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    bounds: ClassVar[dict[str, Bound]] = {
+        "vocab_size": AT_LEAST_1, "d_model": AT_LEAST_1, "n_layers": AT_LEAST_1,
+        "norm_eps": POSITIVE, "init_std": POSITIVE,
+    }
 
     vocab_size: int = 256
     d_model: int = 256
@@ -83,9 +114,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, f.type, getattr(self, f.name)))
-        for name in ("vocab_size", "d_model", "n_layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"config field {name!r} must be >= 1; got {getattr(self, name)}")
+        bounds: dict[str, Bound] = {}
+        for cls in reversed(type(self).__mro__):
+            bounds.update(vars(cls).get("bounds", {}))
+        for f in dataclasses.fields(self):
+            if f.name in bounds:
+                bounds[f.name].check(f.name, getattr(self, f.name))
 
     @classmethod
     def from_preset(cls, preset: str = "tiny", **overrides: Any) -> ModelConfig:
@@ -124,6 +158,11 @@ class TransformerConfig(ModelConfig):
         # weights; its real weights come with longseq.load_pretrained.
         "smollm2-135m": dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, mlp_hidden=1536,
                              rope_theta=100000.0, tie_embeddings=True),
+    }
+
+    bounds: ClassVar[dict[str, Bound]] = {
+        "n_heads": AT_LEAST_1, "n_kv_heads": Bound(0, note="0: n_heads"),
+        "mlp_hidden": Bound(0, note="0: the SwiGLU default 8/3 * d_model"), "rope_theta": POSITIVE,
     }
 
     n_heads: int = 4
@@ -180,6 +219,14 @@ class GLAConfig(ModelConfig):
         "medium": dict(d_model=1024, n_layers=28, n_heads=4),
         "1.3b": dict(d_model=2048, n_layers=26, n_heads=4),
     }
+    # gate_rank=0 is refused rather than read as "no low-rank path": the gate would then be its bias alone,
+    # the same for every token, which is not GLA's data-dependent gate (and elsewhere 0 means "default").
+    bounds: ClassVar[dict[str, Bound]] = {
+        "n_heads": AT_LEAST_1, "expand_k": POSITIVE, "expand_v": POSITIVE,
+        "gate_rank": Bound(1, note="the rank of the data-dependent forget gate"),
+        "gate_normalizer": Bound(0, strict=True, note="the gate's temperature tau"),
+        "mlp_hidden": Bound(0, note="0: the SwiGLU default 8/3 * d_model"),
+    }
 
     n_heads: int = 4
     expand_k: float = 0.5
@@ -193,9 +240,10 @@ class GLAConfig(ModelConfig):
         super().__post_init__()
         self.mlp_hidden = self.mlp_hidden or swiglu_hidden(self.d_model)
         key_dim, value_dim = int(self.d_model * self.expand_k), int(self.d_model * self.expand_v)
-        if key_dim % self.n_heads or value_dim % self.n_heads:
+        if key_dim % self.n_heads or value_dim % self.n_heads or min(key_dim, value_dim) < self.n_heads:
             raise ValueError(
-                f"GLA key dim {key_dim} and value dim {value_dim} must be divisible by n_heads={self.n_heads}"
+                f"GLA key dim {key_dim} (d_model * expand_k) and value dim {value_dim} (d_model * expand_v) "
+                f"must be positive multiples of n_heads={self.n_heads}"
             )
         from ..ops.gla import BACKENDS
 
@@ -246,6 +294,12 @@ class MegabyteConfig(ModelConfig):
         ),
     }
 
+    bounds: ClassVar[dict[str, Bound]] = {
+        **{name: AT_LEAST_1 for name in ("patch_size", "d_global", "n_global_layers", "n_global_heads", "d_local",
+                                         "n_local_layers", "n_local_heads", "max_seq_len")},
+        "rope_theta": POSITIVE,
+    }
+
     patch_size: int = 8
     d_global: int = 512
     n_global_layers: int = 8
@@ -261,13 +315,13 @@ class MegabyteConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("patch_size", "d_global", "n_global_layers", "n_global_heads", "d_local",
-                     "n_local_layers", "n_local_heads", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"config field {name!r} must be >= 1; got {getattr(self, name)}")
         for name in ("global_backbone", "local_backbone"):
             if getattr(self, name) not in ("transformer", "gla"):
                 raise ValueError(f"{name} must be 'transformer' or 'gla'; got {getattr(self, name)!r}")
+        from ..ops.gla import BACKENDS
+
+        if self.gla_backend not in BACKENDS:  # checked even when no stack is GLA, so a typo never passes
+            raise ValueError(f"unknown GLA backend {self.gla_backend!r}; choose one of {BACKENDS}")
         if self.d_global % self.patch_size:
             raise ValueError(
                 f"d_global={self.d_global} must be a multiple of patch_size={self.patch_size} "

@@ -2,12 +2,13 @@
 
 from .checkpoint import CheckpointError, load_model, resolve_checkpoint
 from .config import TrainConfig
-from .loop import RunDirError, TrainResult, train
+from .loop import RunDirError, TrainingDiverged, TrainResult, train
 
 __all__ = [
     "CheckpointError",
     "RunDirError",
     "TrainConfig",
+    "TrainingDiverged",
     "TrainResult",
     "load_model",
     "resolve_checkpoint",

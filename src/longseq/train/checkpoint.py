@@ -8,7 +8,12 @@ Layout of a run directory::
         model.safetensors             full (unsharded) weights
         train_state.pt                optimizer (keyed by parameter name), schedule, sampler, RNG states
         config.json                   {"format": "longseq-checkpoint", "step", "model", "train"}
-        manifest.json                 sizes of the files above; written last
+        manifest.json                 size and sha256 of each file above; written last
+
+Loading checks each file's size and checksum against the manifest, so a damaged file (truncated, or
+overwritten in place) is refused instead of loaded; checkpoints from before checksums (a manifest of
+sizes) are still read, their sizes checked. A file's checksum is computed once per process (until the
+file changes), however often the checkpoint is resolved.
 
 A checkpoint is assembled in ``checkpoints/.tmp-*`` and renamed into place in one ``os.rename``, so a
 crash at any instant leaves either the complete new checkpoint or none: readers only look at
@@ -17,10 +22,12 @@ crash at any instant leaves either the complete new checkpoint or none: readers 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -31,8 +38,12 @@ from safetensors.torch import load_file, save_file
 
 FORMAT = "longseq-checkpoint"
 VERSION = 1
+MANIFEST_VERSION = 2  # 1: sizes only; 2: sizes and sha256 checksums
 CKPT_SUBDIR = "checkpoints"
 FILES = ("model.safetensors", "train_state.pt", "config.json")
+#: What a model is loaded from: resolving a checkpoint to read its model checks these files' checksums (the
+#: optimizer state, often twice the weights' size, is hashed only when it is read: resuming).
+MODEL_FILES = ("model.safetensors", "config.json")
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -43,6 +54,47 @@ class CheckpointError(ValueError):
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+class _HashingWriter:
+    """A binary file that hashes what is written through it (``torch.save`` writes through it, so its
+    checksum costs no second read)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _sha256_file(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+#: path -> ((size, mtime_ns, inode), sha256, when hashing began in ns): a file is hashed again when it changed.
+_DIGESTS: dict[str, tuple[tuple[int, int, int], str, int]] = {}
+#: File times can be coarse (a few ms) and a write may land while a file is hashed: a digest is trusted again
+#: only for files last modified at least this long before it was computed (git's "racy clean" rule).
+_RACY_NS = 1_000_000_000
+
+
+def _cached_sha256(path: Path) -> str:
+    st = path.stat()
+    key, sig = str(path.resolve()), (st.st_size, st.st_mtime_ns, st.st_ino)
+    hit = _DIGESTS.get(key)
+    if hit is None or hit[0] != sig or st.st_mtime_ns + _RACY_NS >= hit[2]:
+        started = time.time_ns()
+        hit = (sig, _sha256_file(path), started)
+        _DIGESTS[key] = hit
+    return hit[1]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -102,18 +154,11 @@ def save_checkpoint(
     tmp = parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        tensors, aliases = _dedupe_shared(model_state)
-        save_file(
-            tensors,
-            str(tmp / "model.safetensors"),
-            metadata={"format": FORMAT, "aliases": json.dumps(aliases)},
-        )
-        torch.save(train_state, tmp / "train_state.pt")
-        meta = {"format": FORMAT, "version": VERSION, "step": int(step), **config}
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        digests = _write_files(tmp, step, model_state, train_state, config)
         for name in FILES:
             _fsync_file(tmp / name)
-        manifest = {"format": FORMAT, "files": {name: (tmp / name).stat().st_size for name in FILES}}
+        files = {name: {"size": (tmp / name).stat().st_size, "sha256": digests[name]} for name in FILES}
+        manifest = {"format": FORMAT, "version": MANIFEST_VERSION, "files": files}
         (tmp / "manifest.json").write_text(json.dumps(manifest))
         _fsync_file(tmp / "manifest.json")
         os.rename(tmp, final)  # the commit point
@@ -124,6 +169,24 @@ def save_checkpoint(
     if keep is not None:
         prune_checkpoints(run_dir, keep)
     return final
+
+
+def _write_files(tmp: Path, step: int, model_state, train_state, config) -> dict[str, str]:
+    """Write the checkpoint's files into ``tmp``; returns their sha256 checksums. ``save_file`` writes the
+    weights itself (no stream to hash on the way), so they are read back once, from the page cache."""
+    tensors, aliases = _dedupe_shared(model_state)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT, "aliases": json.dumps(aliases)})
+    with open(tmp / "train_state.pt", "wb") as f:
+        writer = _HashingWriter(f)
+        torch.save(train_state, writer)
+    meta = {"format": FORMAT, "version": VERSION, "step": int(step), **config}
+    config_bytes = json.dumps(meta, indent=2, sort_keys=True).encode()
+    (tmp / "config.json").write_bytes(config_bytes)
+    return {
+        "model.safetensors": _sha256_file(tmp / "model.safetensors"),
+        "train_state.pt": writer.sha.hexdigest(),
+        "config.json": hashlib.sha256(config_bytes).hexdigest(),
+    }
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
@@ -156,8 +219,10 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
-    """Check that ``ckpt`` is a complete longseq checkpoint; returns its ``config.json``."""
+def verify_checkpoint(ckpt: Path, hashed: tuple[str, ...] = FILES) -> dict[str, Any]:
+    """Check that ``ckpt`` is a complete, undamaged longseq checkpoint: every file of its manifest present
+    with its size and, for the ``hashed`` ones (manifests since checksums), its sha256. Returns its
+    ``config.json``."""
     manifest_path = ckpt / "manifest.json"
     if not manifest_path.is_file():
         raise CheckpointError(f"{ckpt} is not a longseq checkpoint (no manifest.json)")
@@ -167,15 +232,8 @@ def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{ckpt} has an unreadable manifest.json: {err}") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt} is not a longseq checkpoint (manifest format is not {FORMAT!r})")
-    for name, size in manifest.get("files", {}).items():
-        path = ckpt / name
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {ckpt} is incomplete: {name} is missing")
-        if path.stat().st_size != size:
-            raise CheckpointError(
-                f"checkpoint {ckpt} is truncated or corrupt: {name} has {path.stat().st_size} bytes, "
-                f"expected {size}"
-            )
+    for name, entry in manifest.get("files", {}).items():
+        _check_file(ckpt, name, entry, name in hashed)
     try:
         config = json.loads((ckpt / "config.json").read_text())
     except (ValueError, OSError) as err:
@@ -185,29 +243,91 @@ def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
     return config
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
+def _check_file(ckpt: Path, name: str, entry: Any, hashed: bool) -> None:
+    """One manifest entry: ``{"size", "sha256"}``, or a bare size (checkpoints saved before checksums)."""
+    if isinstance(entry, int):
+        size, digest = entry, None
+    elif isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str):
+        size, digest = entry["size"], entry["sha256"]
+    else:
+        raise CheckpointError(f"{ckpt} has an unreadable manifest.json: bad entry for {name}: {entry!r}")
+    path = ckpt / name
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete: {name} is missing")
+    if path.stat().st_size != size:
+        raise CheckpointError(
+            f"checkpoint {ckpt} is truncated or corrupt: {name} has {path.stat().st_size} bytes, expected {size}"
+        )
+    if hashed and digest is not None and _cached_sha256(path) != digest:
+        raise CheckpointError(
+            f"checkpoint {ckpt} is corrupt: {name} does not match the sha256 checksum saved with it"
+        )
+
+
+def find_intact(
+    run_dir: str | os.PathLike, hashed: tuple[str, ...] = FILES
+) -> tuple[Path | None, list[tuple[Path, CheckpointError]]]:
+    """The newest checkpoint of ``run_dir`` that verifies (None if none does; checksums of the ``hashed``
+    files), and the newer ones that do not, newest first, each with its error. Older checkpoints are only
+    checked while the newer fail."""
+    damaged = []
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(ckpt, hashed)
+        except CheckpointError as err:
+            damaged.append((ckpt, err))
+            continue
+        return ckpt, damaged
+    return None, damaged
+
+
+def damaged_message(run_dir: str | os.PathLike, intact: Path | None, damaged: list[tuple[Path, Any]]) -> str:
+    """What went wrong with the newest checkpoint(s) of ``run_dir``, and which one is still intact."""
+    more = f" (and {len(damaged) - 1} more damaged checkpoint(s) after {intact})" if len(damaged) > 1 else ""
+    if intact is None:
+        return f"{damaged[0][1]}{more}; no checkpoint of {str(run_dir)!r} is intact"
+    return (
+        f"{damaged[0][1]}{more}; the newest intact checkpoint is {intact}: pass that directory to use it "
+        "(train --resume continues from it)"
+    )
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a damaged checkpoint out of the ``step_*`` namespace (kept for inspection, never picked up
+    again, never pruned); returns its new path."""
+    target = ckpt.with_name(f"damaged-{ckpt.name}")
+    if target.exists():
+        target = ckpt.with_name(f"damaged-{ckpt.name}-{uuid.uuid4().hex[:8]}")
+    os.rename(ckpt, target)
+    return target
+
+
+def resolve_checkpoint(path: str | os.PathLike, hashed: tuple[str, ...] = MODEL_FILES) -> Path:
     """A checkpoint directory from a run directory (its newest checkpoint), a checkpoint directory, or a
-    file inside one. Raises :class:`CheckpointError` when there is none."""
+    file inside one. Raises :class:`CheckpointError` when there is none, or when it is damaged: every file's
+    size is checked, and the checksums of the ``hashed`` ones (for a run directory, the message names the
+    newest intact checkpoint)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint or run directory {str(path)!r} does not exist")
     if p.is_file():
         p = p.parent
     if (p / "manifest.json").exists() or (p / "model.safetensors").exists():
-        verify_checkpoint(p)
+        verify_checkpoint(p, hashed)
         return p
-    ckpts = list_checkpoints(p)
-    if not ckpts:
+    if not list_checkpoints(p):
         raise CheckpointError(
             f"{str(path)!r} is neither a longseq checkpoint nor a run directory with checkpoints"
         )
-    verify_checkpoint(ckpts[-1])
-    return ckpts[-1]
+    intact, damaged = find_intact(p, hashed)
+    if damaged:
+        raise CheckpointError(damaged_message(path, intact, damaged))
+    return intact
 
 
 def read_config(ckpt: str | os.PathLike) -> dict[str, Any]:
     """The ``config.json`` of a checkpoint (run directories resolve to their newest checkpoint)."""
-    return verify_checkpoint(resolve_checkpoint(ckpt))
+    return verify_checkpoint(resolve_checkpoint(ckpt), MODEL_FILES)
 
 
 def load_model_state(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -229,7 +349,7 @@ def load_model_state(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def load_train_state(ckpt: str | os.PathLike) -> dict[str, Any]:
     """The optimizer / schedule / sampler / RNG state of a checkpoint."""
-    ckpt = resolve_checkpoint(ckpt)
+    ckpt = resolve_checkpoint(ckpt, FILES)
     try:
         return torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types on a damaged file
@@ -252,7 +372,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"):
     from ..models import model_from_config
 
     ckpt = resolve_checkpoint(path)
-    model = model_from_config(model_config_from(verify_checkpoint(ckpt)))
+    model = model_from_config(model_config_from(verify_checkpoint(ckpt, MODEL_FILES)))
     state = load_model_state(ckpt)
     try:
         model.load_state_dict(state, strict=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,23 +48,25 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        positive = ("seq_len", "batch_size", "steps", "grad_accum", "keep", "log_every")
-        for name in positive:
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
+        """Check every numeric field's range (messages use the flag names), before any work is done."""
+        for name in ("seq_len", "batch_size", "steps", "grad_accum", "keep", "log_every"):
+            _check(name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
         for name in ("warmup", "eval_every"):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0; got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min-lr-ratio must be in [0, 1]; got {self.min_lr_ratio}")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad-clip must be >= 0 (0 disables it); got {self.grad_clip}")
-        if self.eval_tokens is not None and self.eval_tokens < 1:
-            self.eval_tokens = None
-        if self.save_every is not None and self.save_every < 1:
-            raise ValueError(f"save-every must be >= 1; got {self.save_every}")
+            _check(name, getattr(self, name), getattr(self, name) >= 0, ">= 0")
+        _check("lr", self.lr, math.isfinite(self.lr) and self.lr > 0, "> 0")
+        _check("min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
+        _check("weight_decay", self.weight_decay, math.isfinite(self.weight_decay) and self.weight_decay >= 0, ">= 0")
+        for name in ("beta1", "beta2"):
+            _check(name, getattr(self, name), 0 <= getattr(self, name) < 1, "in [0, 1)")
+        _check("grad_clip", self.grad_clip, math.isfinite(self.grad_clip) and self.grad_clip >= 0,
+               ">= 0 (0 disables it)")
+        if self.val_fraction is not None:
+            _check("val_fraction", self.val_fraction, 0 <= self.val_fraction < 1, "in [0, 1)")
+        if self.eval_tokens is not None:
+            _check("eval_tokens", self.eval_tokens, self.eval_tokens >= 0, ">= 0 (0: all)")
+            self.eval_tokens = self.eval_tokens or None
+        if self.save_every is not None:
+            _check("save_every", self.save_every, self.save_every >= 1, ">= 1")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch-size {self.batch_size} is not divisible by grad-accum {self.grad_accum}")
 
@@ -73,4 +76,14 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        try:
+            return cls(**{k: v for k, v in values.items() if k in names})
+        except TypeError as err:  # a value of the wrong type (a hand-edited config.json) fails a comparison
+            raise ValueError(f"bad training config value: {err}") from err
+
+
+def _check(name: str, value: Any, ok: bool, wanted: str) -> None:
+    """Raise ``ValueError`` naming the field as its flag is spelled (``seq-len``) unless ``ok``; NaN fails
+    every comparison, so it is refused wherever a range is checked."""
+    if not ok:
+        raise ValueError(f"{name.replace('_', '-')} must be {wanted}; got {value!r}")

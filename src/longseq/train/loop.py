@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -18,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -30,7 +28,7 @@ from ..data import (
     load_corpus,
     split_documents,
 )
-from ..evaluate import check_seq_len, corpus_documents, evaluate_bpb
+from ..evaluate import EvaluationStopped, check_seq_len, corpus_documents, evaluate_bpb
 from ..models import config_class, model_from_config
 from ..models.registry import capabilities
 from ..precision import autocast
@@ -55,7 +53,16 @@ from .distributed import (
 from .rundir import RunDirError as RunDirError
 from .rundir import check_compatible, check_run_dir, prepare_run_dir, run_config
 from .rundir import read_run_config as read_run_config
+from .runtime import SignalCatcher, rng_state, set_rng_state
 from .schedule import WarmupCosine, build_optimizer
+
+#: The vocabulary a byte-level training run needs: every byte value is an input id.
+BYTE_VOCAB = 256
+
+
+class TrainingDiverged(ValueError, FloatingPointError):
+    """The training loss became NaN or infinite (a user error -- the learning rate or the data -- so the
+    CLI shows its message and exits with status 2; also a ``FloatingPointError``, as it was before)."""
 
 
 @dataclass
@@ -66,8 +73,9 @@ class TrainResult:
     step: int
     losses: dict[int, float] = field(default_factory=dict)
     evals: dict[int, dict[str, float]] = field(default_factory=dict)
-    interrupted: int | None = None  # the signal number that stopped the run early
+    interrupted: int | None = None  # the signal that stopped the run before its last step (None: finished)
     checkpoint: Path | None = None
+    signal: int | None = None  # the signal caught, if any (after the last step it cuts only validation short)
 
 
 def resolve_model_config(cfg: TrainConfig):
@@ -75,55 +83,6 @@ def resolve_model_config(cfg: TrainConfig):
 
     Raises ``ValueError`` for an unknown kind, preset or field, or a wrongly typed value."""
     return config_class(cfg.model).from_preset(cfg.preset, **cfg.overrides)
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state()[1].tolist(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
-    np_state = np.random.get_state()
-    np.random.set_state((np_state[0], np.asarray(state["numpy"], dtype=np.uint32), *np_state[2:]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _as_tuple(x):
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-class _SignalCatcher:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (then saves and stops)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _SignalCatcher:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def train(
@@ -140,19 +99,16 @@ def train(
         overwrite: replace an existing run directory (refused for directories that are not longseq runs).
         on_step: called as ``on_step(step, loss)`` after every optimizer step (tests, notebooks).
     Raises:
-        ValueError (``DataError``, ``CheckpointError``, ``RunDirError``) for bad input, before any write.
+        ValueError (``DataError``, ``CheckpointError``, ``RunDirError``) for bad input, before any write;
+        :class:`TrainingDiverged` (a ``ValueError`` too) when the loss becomes NaN or infinite.
     """
     check_parallel(cfg.parallel)
     model_cfg = resolve_model_config(cfg)
+    _check_model_fits(cfg, model_cfg)
     run_dir = Path(cfg.out)
-    resume_from = check_run_dir(run_dir, resume, overwrite)
+    resume_from, damaged = check_run_dir(run_dir, resume, overwrite)
     if resume_from is not None:
         check_compatible(model_cfg, ckpt_io.verify_checkpoint(resume_from), resume_from)
-    multiple = capabilities(model_cfg).seq_multiple
-    if cfg.seq_len % multiple:
-        raise ValueError(
-            f"seq-len {cfg.seq_len} must be a multiple of the {cfg.model} model's patch_size={multiple}"
-        )
     world = int(os.environ.get("WORLD_SIZE", "1")) if cfg.parallel != "none" else 1
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(
@@ -177,27 +133,50 @@ def train(
     info = init_distributed(cfg.parallel, cfg.device)
     try:
         return _run(
-            cfg, model_cfg, run_dir, resume_from, overwrite, corpus, split, sampler, val_set, info, on_step
+            cfg, model_cfg, run_dir, resume_from, damaged, overwrite, sampler, val_set, info, on_step
         )
     finally:
         shutdown()
 
 
+def _check_model_fits(cfg: TrainConfig, model_cfg) -> None:
+    """What the model config must allow of a byte-level run with ``cfg.seq_len``-byte windows."""
+    if model_cfg.vocab_size < BYTE_VOCAB:
+        raise ValueError(
+            f"vocab_size={model_cfg.vocab_size} is too small for byte-level training: every byte value is an "
+            f"input id, so it must be >= {BYTE_VOCAB}"
+        )
+    caps = capabilities(model_cfg)
+    if cfg.seq_len % caps.seq_multiple:
+        raise ValueError(
+            f"seq-len {cfg.seq_len} must be a multiple of the {cfg.model} model's patch_size={caps.seq_multiple}"
+        )
+    if caps.max_seq_len is not None and cfg.seq_len > caps.max_seq_len:
+        raise ValueError(f"seq-len {cfg.seq_len} exceeds the {cfg.model} model's max_seq_len={caps.max_seq_len}")
+
+
 def _run(
-    cfg, model_cfg, run_dir, resume_from, overwrite, corpus, split, sampler, val_set, info: DistInfo, on_step
+    cfg, model_cfg, run_dir, resume_from, damaged, overwrite, sampler, val_set, info: DistInfo, on_step
 ):
-    """Everything after the checks of :func:`train`, on every rank: set up the run directory (main rank),
-    build or restore the model and optimizer, and run the steps."""
+    """Everything after the checks of :func:`train`, on every rank: build or restore the model and optimizer,
+    set up the run directory (main rank; the damaged checkpoints newer than ``resume_from`` set aside), and
+    run the steps."""
     config = run_config(cfg, model_cfg)
-    # Both read (and so checked) before the run directory is touched.
+    # Read (and so checked), and the model built, before the run directory is touched: a failure here
+    # leaves no partial run directory behind.
     saved_state = ckpt_io.load_train_state(resume_from) if resume_from is not None else None
     saved_model = ckpt_io.load_model_state(resume_from) if resume_from is not None else None
     start_step = int(saved_state["step"]) if saved_state is not None else 0
+    setup = _build_training(cfg, model_cfg, saved_state, saved_model, sampler, info)
     if info.is_main:
-        prepare_run_dir(run_dir, config, start_step if resume_from is not None else None, overwrite)
+        moved = prepare_run_dir(
+            run_dir, config, start_step if resume_from is not None else None, overwrite, [c for c, _ in damaged]
+        )
+        for (_, err), where in zip(damaged, moved, strict=True):
+            print(f"longseq: note: {err}; resuming from the newest intact checkpoint, {resume_from} "
+                  f"(the damaged one is kept as {where})", file=sys.stderr, flush=True)
     barrier(info)
 
-    setup = _build_training(cfg, model_cfg, saved_state, saved_model, sampler, info)
     session = _Session(cfg, info, run_dir, config, sampler, val_set, setup, start_step)
     try:
         session.run(on_step)
@@ -241,7 +220,7 @@ def _build_training(cfg, model_cfg, saved_state, saved_model, sampler, info: Dis
     if saved_state is not None:
         load_full_optimizer_state(wrapped, optimizer, saved_state["optimizer"], info, names)
         sampler.load_state_dict(saved_state["sampler"])
-        _set_rng_state(saved_state["rng"], device)
+        set_rng_state(saved_state["rng"], device)
     forward = torch.compile(wrapped) if cfg.compile else wrapped
     eval_model = wrapped.module if info.parallel == "ddp" else wrapped
     return _Setup(wrapped, forward, eval_model, optimizer, names, schedule)
@@ -286,13 +265,14 @@ class _Session:
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
         self.save_every = cfg.save_every or cfg.eval_every or cfg.steps
         self.last_bpb = float("nan")
+        self.skipped_validation: set[int] = set()  # steps whose validation a signal cut short
         self.window_t0, self.window_steps = time.perf_counter(), 0
 
     def run(self, on_step: Callable[[int, float], None] | None) -> None:
         cfg = self.cfg
         self.setup.wrapped.train()
         step = self.start_step
-        with _SignalCatcher() as signals:
+        with SignalCatcher() as signals:
             while step < cfg.steps:
                 step += 1
                 lr, loss_val, grad_norm = self.train_step(step)
@@ -300,7 +280,7 @@ class _Session:
                 self.result.step = step
                 self.window_steps += 1
                 if not math.isfinite(loss_val):
-                    raise FloatingPointError(
+                    raise TrainingDiverged(
                         f"training loss is {loss_val} at step {step}; lower --lr or check the data"
                     )
                 if step % cfg.log_every == 0 or step == cfg.steps:
@@ -310,7 +290,7 @@ class _Session:
                 if on_step is not None:
                     on_step(step, loss_val)
                 if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                    self.validate(step)
+                    self.validate(step, signals)
                 if self.checkpoint(step, signals):
                     break
 
@@ -356,17 +336,25 @@ class _Session:
             self.bar.set_postfix(loss=f"{loss_val:.3f}", bpb=bpb_text, tok_s=f"{tok_s:,.0f}")
         self.window_t0, self.window_steps = time.perf_counter(), 0
 
-    def checkpoint(self, step: int, signals: _SignalCatcher) -> bool:
+    def checkpoint(self, step: int, signals: SignalCatcher) -> bool:
         """Save when due or when any rank caught a signal; returns whether to stop."""
         stop = any_rank(signals.signum is not None, self.info)
         if stop or step % self.save_every == 0 or step == self.cfg.steps:
             self.result.checkpoint = self.save(step)
         if stop:
-            self.result.interrupted = signals.signum or signal.SIGTERM
-            self.say(
-                f"interrupted at step {step}; checkpoint saved to {self.result.checkpoint}; "
-                "continue with --resume"
-            )
+            self.result.signal = signals.signum or signal.SIGTERM
+            skipped = "; its validation was skipped" if step in self.skipped_validation else ""
+            if step == self.cfg.steps:  # every step ran: the run is finished, not interrupted
+                self.say(
+                    f"training finished at step {step}; checkpoint saved to {self.result.checkpoint}{skipped}"
+                    + (f" (run `longseq eval {self.run_dir}` for it)" if skipped else "")
+                )
+            else:
+                self.result.interrupted = self.result.signal
+                self.say(
+                    f"interrupted at step {step}{skipped}; checkpoint saved to {self.result.checkpoint}; "
+                    "continue with --resume"
+                )
         return stop
 
     def say(self, message: str) -> None:
@@ -391,7 +379,7 @@ class _Session:
                 "optimizer": state_optim,
                 "schedule": setup.schedule.state_dict(),
                 "sampler": self.sampler.state_dict(),
-                "rng": _rng_state(info.device),
+                "rng": rng_state(info.device),
             }
             ckpt_cfg = {"model": self.config["model"], "train": self.config["train"]}
             path = ckpt_io.save_checkpoint(
@@ -400,18 +388,25 @@ class _Session:
         barrier(info)
         return path
 
-    def validate(self, step: int) -> None:
+    def validate(self, step: int, signals: SignalCatcher) -> None:
+        """Score the validation set; a signal (on any rank) stops it between two batches, and the step's
+        validation is then skipped, not logged."""
         # Every rank scores the same (small) validation set: FSDP needs all ranks in each forward, and
-        # the ranks then agree on the numbers without a reduction.
+        # the ranks then agree on the numbers (and on stopping) without a reduction of the results.
         if not self.val_set:
             return
-        res = evaluate_bpb(
-            self.setup.eval_model,
-            self.val_set,
-            self.cfg.seq_len,
-            batch_size=max(1, self.micro),
-            device=self.info.device,
-        )
+        try:
+            res = evaluate_bpb(
+                self.setup.eval_model,
+                self.val_set,
+                self.cfg.seq_len,
+                batch_size=max(1, self.micro),
+                device=self.info.device,
+                should_stop=lambda: any_rank(signals.signum is not None, self.info),
+            )
+        except EvaluationStopped:
+            self.skipped_validation.add(step)
+            return
         self.last_bpb = res.bpb
         self.result.evals[step] = {"val_loss": res.loss, "val_bpb": res.bpb}
         self.log({"step": step, "val_loss": res.loss, "val_bpb": res.bpb, "val_bytes": res.bytes})

@@ -63,8 +63,8 @@ def _quickstart(cfg: TrainConfig, out: str, sample_bytes: int) -> dict:
     t0 = time.perf_counter()
     run = train(cfg, overwrite=Path(out).exists())
     train_s = time.perf_counter() - t0
-    if run.interrupted is not None:
-        return {"interrupted": run.interrupted, "seconds": train_s}
+    if run.signal is not None:  # stopped by a signal (even if only during the final validation): no more work
+        return {"interrupted": run.signal, "seconds": train_s}
     model = load_model(out)
     corpus = load_corpus([builtin_corpus_path()])
     split = split_documents(corpus.names, BUILTIN_VAL_DOCS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,27 +35,50 @@ def run_config(cfg: TrainConfig, model_cfg) -> dict[str, Any]:
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """``RUN_DIR/config.json`` if it is a longseq run's, else None."""
+    """``RUN_DIR/config.json`` if it is a longseq run's, else None (whatever the reason; see
+    :func:`load_run_config` for the strict reading a resumed run needs)."""
+    try:
+        return load_run_config(run_dir)
+    except RunDirError:
+        return None
+
+
+def load_run_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """``RUN_DIR/config.json``, or None when there is no such file. A file that is there but unreadable
+    (bad JSON, not a longseq run's, no training section) raises :class:`RunDirError` naming it: resuming
+    must neither guess its settings nor overwrite the file."""
     path = Path(run_dir) / "config.json"
+    if not path.exists():
+        return None
+    fix = "fix it, or delete it to resume with the settings saved in the newest checkpoint"
     try:
         config = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return config if isinstance(config, dict) and config.get("format") == RUN_FORMAT else None
+    except (OSError, ValueError) as err:
+        raise RunDirError(f"cannot read the run config {path} ({err}); {fix}") from err
+    if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
+        raise RunDirError(f"{path} is not a longseq run config (its format is not {RUN_FORMAT!r}); {fix}")
+    if not isinstance(config.get("train"), dict) or not isinstance(config.get("model"), dict):
+        raise RunDirError(f"the run config {path} lacks its 'model' or 'train' section; {fix}")
+    return config
 
 
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
-    """Validate the run directory without touching it; returns the checkpoint to resume from, if any."""
+def check_run_dir(
+    run_dir: Path, resume: bool, overwrite: bool
+) -> tuple[Path | None, list[tuple[Path, CheckpointError]]]:
+    """Validate the run directory without touching it. Returns the checkpoint to resume from (None for a
+    new run) and the newer checkpoints that are damaged (resuming sets them aside)."""
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite contradict each other; pass one of them")
     if resume:
         if not run_dir.is_dir():
             raise RunDirError(f"nothing to resume: run directory {str(run_dir)!r} does not exist")
-        ckpts = ckpt_io.list_checkpoints(run_dir)
-        if not ckpts:
+        if not ckpt_io.list_checkpoints(run_dir):
             raise RunDirError(f"nothing to resume: {str(run_dir)!r} has no checkpoint")
-        ckpt_io.verify_checkpoint(ckpts[-1])
-        return ckpts[-1]
+        load_run_config(run_dir)  # an unreadable config.json is refused, never overwritten
+        intact, damaged = ckpt_io.find_intact(run_dir)
+        if intact is None:
+            raise CheckpointError(ckpt_io.damaged_message(run_dir, intact, damaged))
+        return intact, damaged
     if run_dir.exists():
         if not run_dir.is_dir():
             raise RunDirError(f"run directory {str(run_dir)!r} exists and is not a directory")
@@ -68,7 +92,7 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
                 raise RunDirError(
                     f"refusing to --overwrite {str(run_dir)!r}: it is not a longseq run directory"
                 )
-    return None
+    return None, []
 
 
 def check_compatible(model_cfg, saved: dict[str, Any], where: Path) -> None:
@@ -86,13 +110,17 @@ def check_compatible(model_cfg, saved: dict[str, Any], where: Path) -> None:
         raise CheckpointError(f"cannot resume {where}: incompatible model config ({shown})")
 
 
-def prepare_run_dir(run_dir: Path, config: dict[str, Any], resume_step: int | None, overwrite: bool) -> None:
-    """Create (or, with ``overwrite``, recreate) the run directory, write ``config.json`` atomically and
-    start ``metrics.jsonl`` afresh or, when resuming from ``resume_step``, cut back to that step."""
+def prepare_run_dir(
+    run_dir: Path, config: dict[str, Any], resume_step: int | None, overwrite: bool, damaged: Sequence[Path] = ()
+) -> list[Path]:
+    """Create (or, with ``overwrite``, recreate) the run directory, set the ``damaged`` checkpoints aside,
+    write ``config.json`` atomically and start ``metrics.jsonl`` afresh or, when resuming from
+    ``resume_step``, cut back to that step. Returns where the damaged checkpoints went."""
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_io.clean_partial_saves(run_dir)
+    moved = [ckpt_io.set_aside(ckpt) for ckpt in damaged]
     tmp = run_dir / "config.json.tmp"
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
     os.replace(tmp, run_dir / "config.json")
@@ -107,3 +135,4 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], resume_step: int | No
         metrics.write_text("".join(line + "\n" for line in kept))
     elif resume_step is None:
         metrics.write_text("")
+    return moved
