@@ -163,6 +163,8 @@ class TransformerConfig(ModelConfig):
     bounds: ClassVar[dict[str, Bound]] = {
         "n_heads": AT_LEAST_1, "n_kv_heads": Bound(0, note="0: n_heads"),
         "mlp_hidden": Bound(0, note="0: the SwiGLU default 8/3 * d_model"), "rope_theta": POSITIVE,
+        "head_dim": Bound(0, note="0: d_model / n_heads"), "rope_factor": POSITIVE,
+        "rope_low_freq_factor": POSITIVE, "rope_high_freq_factor": POSITIVE, "rope_original_max_len": AT_LEAST_1,
     }
 
     n_heads: int = 4
