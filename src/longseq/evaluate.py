@@ -11,6 +11,24 @@ sees at most ``seq_len`` bytes at a time:
   inference"). It costs ``seq_len / stride`` times the compute of plain evaluation.
 
 Bits per byte = total negative log-likelihood in nats / ln 2 / number of scored bytes.
+
+Tokenized models. Documents are text (``str``, ``bytes`` or a uint8 array of UTF-8 bytes) and are turned into
+ids by ``model.tokenizer`` (:mod:`longseq.tokenizer`; bytes when a model has none), with the special tokens
+the tokenizer adds by default (a BOS for Llama's). Everything above then holds with "token" for "byte":
+windows, ``seq_len`` and ``stride`` count tokens, and every token except a document's first is scored. The
+result reports the mean loss per token (nats) and its perplexity, and bits per UTF-8 byte: the same total
+NLL / ln 2 / the number of bytes the scored tokens decode to, counted per document as (see
+:func:`scored_bytes`)::
+
+    len(decode(ids)) - len(common prefix of decode(ids) and decode(ids[:1]))
+
+This is exact when the first token's text is a prefix of the document's decoded text (always when the first
+token is a BOS, which decodes to nothing, so every byte of the document is counted; and for byte-level BPE
+whenever the first token ends on a character boundary). Where it is not -- a first token holding part of a
+multi-byte character decodes alone to U+FFFD -- the bytes it shares with no prefix are counted as scored, an
+overcount of at most 3 bytes per document. Bytes are those of the decoded ids, which equal the document's
+when the tokenizer round-trips it (it may not: unknown characters, normalisation, space clean-up). For the
+byte tokenizer one token is one byte and every number is what byte-level evaluation always gave.
 """
 
 from __future__ import annotations
@@ -30,6 +48,7 @@ from .data.errors import DataError
 from .models.config import ModelConfig
 from .models.registry import capabilities
 from .precision import autocast
+from .tokenizer import BYTES, ByteTokenizer, Tokenizer
 
 LN2 = math.log(2.0)
 
@@ -40,20 +59,23 @@ class EvaluationStopped(Exception):
 
 @dataclass
 class Score:
-    """Summed next-token loss (nats) over ``tokens`` scored tokens, e.g. of one document (``name``).
+    """Summed next-token loss (nats) over ``tokens`` scored tokens that decode to ``n_bytes`` UTF-8 bytes, e.g.
+    of one document (``name``).
 
     The one score type of evaluation (:func:`evaluate_bpb`, one per document) and of the cache sweeps
-    (:mod:`longseq.sweep`). For byte-level models a token is a byte: ``nll`` and ``bytes`` read ``nats`` and
-    ``tokens`` under evaluation's names.
+    (:mod:`longseq.sweep`). For byte-level models a token is a byte (``n_bytes == tokens``); ``nll`` and
+    ``bytes`` read ``nats`` and ``n_bytes`` under evaluation's names.
     """
 
     nats: float = 0.0
     tokens: int = 0
     name: str = ""
+    n_bytes: int = 0
 
     def add(self, other: Score) -> None:
         self.nats += other.nats
         self.tokens += other.tokens
+        self.n_bytes += other.n_bytes
 
     @property
     def nll(self) -> float:
@@ -61,7 +83,7 @@ class Score:
 
     @property
     def bytes(self) -> int:
-        return self.tokens
+        return self.n_bytes
 
     @property
     def loss(self) -> float:
@@ -70,8 +92,8 @@ class Score:
 
     @property
     def bpb(self) -> float:
-        """Bits per byte (byte-level vocabulary: one token is one byte)."""
-        return self.loss / LN2
+        """Bits per UTF-8 byte of the scored tokens' text; NaN when it has no bytes."""
+        return per_byte(self.nats, self.n_bytes) / LN2
 
     @property
     def ppl(self) -> float:
@@ -79,7 +101,13 @@ class Score:
         return math.exp(self.loss)
 
     def as_dict(self) -> dict[str, float]:
-        return {"loss": self.loss, "bpb": self.bpb, "ppl": self.ppl, "tokens": self.tokens}
+        return {"loss": self.loss, "bpb": self.bpb, "ppl": self.ppl, "tokens": self.tokens, "bytes": self.n_bytes}
+
+
+def per_byte(nats: float, n_bytes: int) -> float:
+    """``nats / n_bytes`` (NaN for no bytes): divided by ln 2 after, so that for bytes (``n_bytes`` = tokens)
+    bits per byte is exactly ``loss / ln 2``."""
+    return nats / n_bytes if n_bytes else float("nan")
 
 
 @dataclass
@@ -91,8 +119,12 @@ class EvalResult:
     docs: list[Score] = field(default_factory=list)
 
     @property
-    def bytes(self) -> int:
+    def tokens(self) -> int:
         return sum(d.tokens for d in self.docs)
+
+    @property
+    def bytes(self) -> int:
+        return sum(d.n_bytes for d in self.docs)
 
     @property
     def nll(self) -> float:
@@ -100,30 +132,37 @@ class EvalResult:
 
     @property
     def loss(self) -> float:
-        """Mean negative log-likelihood per byte in nats (the training loss's unit)."""
-        return self.nll / self.bytes if self.bytes else float("nan")
+        """Mean negative log-likelihood per token in nats (the training loss's unit; per byte for bytes)."""
+        return self.nll / self.tokens if self.tokens else float("nan")
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.loss)
 
     @property
     def bpb(self) -> float:
-        return self.loss / LN2
+        return per_byte(self.nll, self.bytes) / LN2
 
     def to_dict(self) -> dict[str, Any]:
+        def row(s: Score | EvalResult) -> dict[str, Any]:
+            return {"tokens": s.tokens, "bytes": s.bytes, "loss": s.loss, "ppl": s.ppl, "bpb": s.bpb}
+
         return {
             "seq_len": self.seq_len,
             "stride": self.stride,
-            "bytes": self.bytes,
-            "loss": self.loss,
-            "bpb": self.bpb,
-            "documents": [{"name": d.name, "bytes": d.bytes, "bpb": d.bpb} for d in self.docs],
+            **row(self),
+            "documents": [{"name": d.name, **row(d)} for d in self.docs],
         }
 
     def table(self) -> str:
         """A plain-text table: one row per document and the overall row."""
         width = max([len(d.name) for d in self.docs] + [8])
-        lines = [f"{'document':<{width}}  {'bytes':>10}  {'bpb':>7}", "-" * (width + 21)]
-        lines += [f"{d.name:<{width}}  {d.bytes:>10,}  {d.bpb:>7.4f}" for d in self.docs]
-        lines += ["-" * (width + 21), f"{'overall':<{width}}  {self.bytes:>10,}  {self.bpb:>7.4f}"]
-        return "\n".join(lines)
+        rows = [(d.name, d) for d in self.docs]
+        lines = [f"{'document':<{width}}  {'tokens':>10}  {'bytes':>10}  {'nats/tok':>8}  {'bpb':>7}"]
+        rule = "-" * (width + 42)
+        body = [f"{n:<{width}}  {s.tokens:>10,}  {s.bytes:>10,}  {s.loss:>8.4f}  {s.bpb:>7.4f}"
+                for n, s in [*rows, ("overall", self)]]
+        return "\n".join([lines[0], rule, *body[:-1], rule, body[-1]])
 
 
 def plan_windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -161,10 +200,57 @@ def _seq_multiple(model: nn.Module) -> int:
     return capabilities(model).seq_multiple
 
 
+def model_tokenizer(model: nn.Module) -> Tokenizer:
+    """``model.tokenizer``, or bytes for a model without one (a test's module)."""
+    tokenizer = getattr(model, "tokenizer", None)
+    return tokenizer if isinstance(tokenizer, Tokenizer) else BYTES
+
+
+Document = str | bytes | bytearray | np.ndarray
+
+
+def tokenize(tokenizer: Tokenizer, doc: Document) -> np.ndarray:
+    """The ids of a text document: ``str``, ``bytes`` / ``bytearray`` or a 1-D uint8 array of UTF-8 bytes.
+
+    With the special tokens the tokenizer adds by default; bytes map to themselves (no copy of an array).
+    """
+    if isinstance(doc, np.ndarray):
+        if doc.dtype != np.uint8 or doc.ndim != 1:
+            raise ValueError(f"a document array must hold 1-D uint8 bytes; got {doc.dtype} of shape {doc.shape}")
+        if isinstance(tokenizer, ByteTokenizer):
+            return doc
+        doc = doc.tobytes()
+    elif not isinstance(doc, (str, bytes, bytearray)):
+        raise TypeError(f"a document must be text, bytes or a uint8 array; got {type(doc).__name__}")
+    if isinstance(tokenizer, ByteTokenizer):
+        data = doc.encode("utf-8") if isinstance(doc, str) else bytes(doc)
+        return np.frombuffer(data, dtype=np.uint8)
+    return np.asarray(tokenizer.encode(doc, special=True), dtype=np.int64)
+
+
+def scored_bytes(tokenizer: Tokenizer | None, ids: Sequence[int] | np.ndarray) -> int:
+    """The UTF-8 bytes that the scored tokens of a document (all ids but the first) decode to.
+
+    Bytes: one per scored token. Otherwise ``len(decode(ids))`` less the part of it the first token gives,
+    the common prefix of ``decode(ids)`` and ``decode(ids[:1])`` (see the module docstring for when this is
+    exact). ``tokenizer=None``: a model without a tokenizer, counted as one byte per token (bits per token).
+    """
+    n = len(ids)
+    if n < 2:
+        return 0
+    if tokenizer is None or isinstance(tokenizer, ByteTokenizer):
+        return n - 1
+    ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]  # tensor / array / list
+    full, head = tokenizer.decode(ids), tokenizer.decode(ids[:1])
+    pairs = enumerate(zip(full, head, strict=False))
+    shared = next((k for k, (a, b) in pairs if a != b), min(len(full), len(head)))
+    return len(full) - shared
+
+
 @torch.no_grad()
 def evaluate_bpb(
     model: nn.Module,
-    documents: Iterable[tuple[str, np.ndarray]],
+    documents: Iterable[tuple[str, Document]],
     seq_len: int,
     stride: int | None = None,
     batch_size: int = 8,
@@ -172,11 +258,12 @@ def evaluate_bpb(
     progress: bool = False,
     should_stop: Callable[[], bool] | None = None,
 ) -> EvalResult:
-    """Bits per byte of ``model`` on ``documents`` (``(name, [n] uint8 bytes)`` pairs).
+    """Bits per byte, loss per token and perplexity of ``model`` on ``documents`` (``(name, text)`` pairs: text
+    as ``str``, ``bytes`` or a ``[n]`` uint8 array), tokenized with ``model.tokenizer`` (bytes by default).
 
-    The model maps ``[B, T]`` ids to ``[B, T, 256]`` logits, ``logits[:, i]`` predicting byte ``i + 1``,
-    and must be causal: windows shorter than ``seq_len`` are right-padded to ``seq_len`` and the padded
-    positions are not scored. ``stride`` defaults to ``seq_len`` (plain evaluation).
+    The model maps ``[B, T]`` ids to ``[B, T, V]`` logits, ``logits[:, i]`` predicting token ``i + 1``,
+    and must be causal: windows shorter than ``seq_len`` (tokens) are right-padded to ``seq_len`` and the
+    padded positions are not scored. ``stride`` defaults to ``seq_len`` (plain evaluation).
 
     ``should_stop`` is asked before every batch; when it returns true, :class:`EvaluationStopped` is raised
     (a training run's signal handling stops validation this way within one batch).
@@ -184,13 +271,15 @@ def evaluate_bpb(
     stride = seq_len if stride is None else int(stride)
     check_seq_len(model, seq_len)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    tokenizer = model_tokenizer(model)
     was_training = model.training
     model.eval()
     result = EvalResult(seq_len=seq_len, stride=stride)
     # (doc index, start, end, first) for every window of every document, batched across documents.
     jobs: list[tuple[int, np.ndarray, int, int, int]] = []
-    for name, tokens in documents:
-        result.docs.append(Score(name=name))
+    for name, doc in documents:
+        tokens = tokenize(tokenizer, doc)
+        result.docs.append(Score(name=name, n_bytes=scored_bytes(tokenizer, tokens)))
         jobs += [
             (len(result.docs) - 1, tokens, s, e, f) for s, e, f in plan_windows(len(tokens), seq_len, stride)
         ]
@@ -198,7 +287,8 @@ def evaluate_bpb(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(e - f + 1 for _, _, _, e, f in jobs), unit="B", unit_scale=True, desc="eval")
+        unit = "B" if isinstance(tokenizer, ByteTokenizer) else "tok"
+        bar = tqdm(total=sum(e - f + 1 for _, _, _, e, f in jobs), unit=unit, unit_scale=True, desc="eval")
     try:
         for b0 in range(0, len(jobs), batch_size):
             if should_stop is not None and should_stop():

@@ -4,6 +4,11 @@ Every document is evaluated with the cache policy active from its first token: t
 through ``model.step`` in chunks on a state made by ``init_state(1, cache=policy)``, and the loss is read
 from the logits ``step`` returns (``logits[:, i]`` predicts token ``i + 1``). Because eviction is exact
 per token, the chunk size changes speed, not the numbers.
+
+Documents given as text (``str`` / ``bytes``) are tokenized with ``model.tokenizer`` (bytes for longseq's own
+models), documents given as a tensor are token ids. Scores carry the loss per token, its perplexity and bits
+per UTF-8 byte of the scored tokens, counted as :func:`longseq.evaluate.scored_bytes` does (a model without a
+tokenizer, such as an HF model behind :mod:`longseq.hf`, counts one byte per token: bits per token).
 """
 
 from __future__ import annotations
@@ -13,29 +18,36 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import jsonio
 from .cache.policies import CachePolicy, Full, parse_policy
-from .evaluate import Score
+from .evaluate import Document, Score, scored_bytes, tokenize
+from .tokenizer import BYTES, Tokenizer
 
 METRICS = ("ppl", "bpb", "loss")
 
 
-def as_document_ids(doc: Tensor | bytes | bytearray) -> Tensor:
-    """A document as 1-D int64 ids: bytes / bytearray (byte ids) or a 1-D uint8 / integer tensor."""
-    if isinstance(doc, (bytes, bytearray)):
-        ids = torch.frombuffer(bytearray(doc), dtype=torch.uint8).long()
-    elif isinstance(doc, Tensor):
+def sweep_tokenizer(model: torch.nn.Module) -> Tokenizer | None:
+    """``model.tokenizer``, or None for a model without one (scored as one byte per token)."""
+    tokenizer = getattr(model, "tokenizer", None)
+    return tokenizer if isinstance(tokenizer, Tokenizer) else None
+
+
+def as_document_ids(doc: Tensor | Document, tokenizer: Tokenizer | None = None) -> Tensor:
+    """A document as 1-D int64 ids: text (``str``, ``bytes`` / ``bytearray``, a uint8 array) tokenized with
+    ``tokenizer`` (bytes by default), or a 1-D uint8 / integer tensor of ids."""
+    if not isinstance(doc, Tensor):
+        ids = torch.from_numpy(tokenize(tokenizer or BYTES, doc).astype(np.int64))
+    else:
         if doc.dim() != 1 or doc.dtype.is_floating_point or doc.dtype == torch.bool:
             raise ValueError(
                 f"a document must be a 1-D integer tensor; got {doc.dtype} of shape {tuple(doc.shape)}"
             )
         ids = doc.long()
-    else:
-        raise TypeError(f"a document must be bytes or a 1-D tensor; got {type(doc).__name__}")
     if ids.numel() < 2:
         raise ValueError(f"a document needs at least 2 tokens to score; got {ids.numel()}")
     return ids
@@ -44,22 +56,24 @@ def as_document_ids(doc: Tensor | bytes | bytearray) -> Tensor:
 @torch.inference_mode()
 def score_document(
     model: torch.nn.Module,
-    ids: Tensor,
+    ids: Tensor | Document,
     policy: CachePolicy,
     *,
     chunk_size: int = 512,
     on_state: Callable[[Any, int], None] | None = None,
 ) -> Score:
-    """Loss of one document ``[T]`` under ``policy``, fed through ``model.step`` in chunks of ``chunk_size``.
+    """Loss of one document under ``policy`` (ids ``[T]``, or text tokenized with ``model.tokenizer``), fed
+    through ``model.step`` in chunks of ``chunk_size``; every token but the first is scored.
 
     ``on_state(state, tokens_consumed)`` is called after every chunk (e.g. to inspect kept positions).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
     device = model.device  # type: ignore[attr-defined]
-    ids = ids.to(device)
+    tokenizer = sweep_tokenizer(model)
+    ids = (ids if isinstance(ids, Tensor) else as_document_ids(ids, tokenizer)).to(device)
     state = model.init_state(1, cache=policy)  # type: ignore[attr-defined]
-    score = Score()
+    score = Score(n_bytes=scored_bytes(tokenizer, ids))
     prev_last: Tensor | None = (
         None  # logits of the previous chunk's last token: it predicts this chunk's first
     )
@@ -156,7 +170,7 @@ class SweepResult:
 
 def run_sweep(
     model: torch.nn.Module,
-    documents: Sequence[tuple[str, Tensor | bytes | bytearray]],
+    documents: Sequence[tuple[str, Tensor | Document]],
     policies: Sequence[str],
     budgets: Sequence[int],
     *,
@@ -171,17 +185,19 @@ def run_sweep(
 
     Args:
         model: a longseq language model with the state API (``init_state(1, cache=...)`` / ``step``).
-        documents: ``(name, ids)`` pairs; ids are ``bytes`` or a 1-D uint8 / integer tensor.
+        documents: ``(name, doc)`` pairs; ``doc`` is text (``str`` / ``bytes``, tokenized with
+            ``model.tokenizer``) or a 1-D uint8 / integer tensor of token ids.
         policies: policy specs *without* a budget, e.g. ``["tova", "window", "sink", "h2o", "tova_head"]``;
             options are allowed (``"sink:sinks=8"``); see :func:`longseq.cache.parse_policy`. ``"full"`` in
             this list is ignored (the full cache is the last column, see ``include_full``).
         budgets: cache budgets (tokens kept per layer), e.g. ``[64, 128, 256, 512]``.
         include_full: also evaluate the unbounded cache (the table's last column).
         chunk_size: tokens per ``model.step`` call; exact eviction makes the numbers independent of it.
-        max_tokens: truncate each document to its first ``max_tokens`` tokens.
+        max_tokens: truncate each document to its first ``max_tokens`` tokens (bytes are counted after).
         out_dir: if given, write ``sweep.md`` (table), ``sweep.json`` (all numbers, per document too)
             and ``sweep.png`` (``metric`` vs budget) there.
-        metric: the table/plot metric: ``"ppl"`` (per-byte perplexity), ``"bpb"`` or ``"loss"`` (nats).
+        metric: the table/plot metric: ``"ppl"`` (per-token perplexity), ``"bpb"`` (bits per UTF-8 byte) or
+            ``"loss"`` (nats per token).
         progress: called with a short line after each (policy, budget, document) evaluation.
     Returns:
         A :class:`SweepResult`; ``result.files`` names the files written.
@@ -195,7 +211,7 @@ def run_sweep(
         raise ValueError(f"budgets must be >= 1; got {budgets}")
     specs = [p.strip() for p in policies if p.strip().lower() != "full"]
     runs = _sweep_runs(specs, budgets, include_full)
-    docs = _sweep_documents(documents, max_tokens)
+    docs = _sweep_documents(documents, max_tokens, sweep_tokenizer(model))
 
     result = SweepResult(policies=specs, budgets=budgets, documents=[name for name, _ in docs])
     for name, ids in docs:
@@ -227,12 +243,12 @@ def _sweep_runs(
 
 
 def _sweep_documents(
-    documents: Sequence[tuple[str, Tensor | bytes | bytearray]], max_tokens: int | None
+    documents: Sequence[tuple[str, Tensor | Document]], max_tokens: int | None, tokenizer: Tokenizer | None
 ) -> list[tuple[str, Tensor]]:
     """``(name, ids [T])`` of each document, truncated to ``max_tokens``; names must be unique."""
     docs = []
     for name, doc in documents:
-        ids = as_document_ids(doc)
+        ids = as_document_ids(doc, tokenizer)
         docs.append((name, ids[:max_tokens] if max_tokens is not None else ids))
     if len({name for name, _ in docs}) != len(docs):
         raise ValueError(f"document names must be unique; got {[name for name, _ in docs]}")
@@ -310,7 +326,7 @@ def kept_positions_summary(
 
 def kept_position_stats(
     model: torch.nn.Module,
-    document: Tensor | bytes | bytearray,
+    document: Tensor | Document,
     policy: CachePolicy | str,
     *,
     recent: Sequence[int] = (1, 4, 16, 64),
@@ -326,7 +342,7 @@ def kept_position_stats(
     cache, e.g. GLA in a hybrid, are skipped).
     """
     policy = parse_policy(policy) if isinstance(policy, str) else policy
-    ids = as_document_ids(document)
+    ids = as_document_ids(document, sweep_tokenizer(model))
     if max_tokens is not None:
         ids = ids[:max_tokens]
     acc: dict[int, KeptStats] = {}

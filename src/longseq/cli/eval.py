@@ -1,5 +1,6 @@
 """``longseq eval``: bits per byte of a trained model (plain or strided windows), or a cache policy x budget
-sweep of a longseq run or of a local HF model folder."""
+sweep of a longseq run or of a local HF model folder. A pretrained source (``.gguf`` file or HF folder of a
+family :func:`longseq.load_pretrained` converts) is evaluated natively wherever a run is, on ``--data``."""
 
 from __future__ import annotations
 
@@ -13,35 +14,44 @@ from typing import Any
 
 from .common import add_device_flag, csv_list, log, write_json
 
+#: Default context (tokens) of a pretrained model, which has no training seq-len to reuse.
+PRETRAINED_SEQ_LEN = 2048
+
 
 def add_parser(sub) -> None:
     """Add ``eval`` to the ``longseq`` subcommands."""
     p = sub.add_parser(
         "eval",
-        help="bits per byte of a trained model, or a cache policy x budget sweep",
+        help="bits per byte of a trained or pretrained model, or a cache policy x budget sweep",
         description=(
-            "Bits per byte of a trained model, overall and per document (plain or strided). With --policies "
+            "Bits per byte of a trained model, overall and per document (plain or strided); a pretrained "
+            "model (.gguf file or HF folder) is converted and scored through its tokenizer on --data, with "
+            "loss and perplexity per token next to bits per UTF-8 byte. With --policies "
             "and --budgets: the bounded-cache sweep (TOVA paper, Table 3), each document decoded with the "
             "policy active from its first byte; with --hf PATH the same sweep for a local HF model folder."
         ),
     )
     p.add_argument(
         "checkpoint", metavar="RUN_DIR_OR_CKPT", nargs="?",
-        help="run directory (newest checkpoint) or checkpoint directory (omit with --hf)",
+        help="run directory (newest checkpoint), checkpoint directory, or a pretrained model: .gguf file or HF "
+        "folder (needs --data) (omit with --hf)",
     )
     _add_sweep_flags(p)
     p.add_argument(
-        "--data", nargs="+", metavar="PATH", help="documents to evaluate (default: the run's training data)"
+        "--data", nargs="+", metavar="PATH",
+        help="documents to evaluate (default: the run's training data; required for a pretrained model)"
     )
     p.add_argument(
-        "--split", choices=["val", "train", "all"], default="val",
-        help="which documents: the run's validation split, its training split, or all (default val)",
+        "--split", choices=["val", "train", "all"],
+        help="which documents: the run's validation split, its training split, or all (default val; all for "
+        "a pretrained model)",
     )
     p.add_argument("--val-docs", type=csv_list(str), metavar="NAMES", help="override the validation documents")
     p.add_argument(
         "--seq-len", type=int,
-        help="context length in bytes (default: the run's training seq-len); in a sweep, score each "
-        "document's first SEQ_LEN bytes (default: whole documents)",
+        help="context length in tokens, bytes for byte-level models (default: the run's training seq-len; "
+        f"{PRETRAINED_SEQ_LEN} for a pretrained model); in a sweep, score each document's first SEQ_LEN tokens "
+        "(default: whole documents)",
     )
     p.add_argument(
         "--stride", type=int,
@@ -54,7 +64,9 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--json", metavar="FILE",
         help="write the results here (default: RUN_DIR/eval/<checkpoint>-<split>-T<seq>-S<stride>.json, with "
-        "-B<max-bytes> and -D<tag of --data/--val-docs> added when those are given)",
+        "-B<max-bytes> and -D<tag of --data/--val-docs> added when those are given; for a pretrained model "
+        "./eval/<model file name>-<split>-T<seq>-S<stride>[-B..]-D<tag of --data/--val-docs and the model "
+        "path>.json)",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run)
@@ -94,7 +106,48 @@ def run(args: argparse.Namespace) -> int:
         return _eval_hf(args)
     if args.checkpoint is None:
         raise ValueError("eval needs RUN_DIR_OR_CKPT (or --hf PATH)")
+    _check_pretrained(args)
     return _eval_sweep(args) if sweep else _eval_bpb(args)
+
+
+def _check_pretrained(args: argparse.Namespace) -> None:
+    """Mark a pretrained source (``args.pretrained``) and resolve ``--split``; a pretrained model has no
+    training corpus, so it needs ``--data`` (checked before anything is loaded)."""
+    from ..sources import is_pretrained_source
+
+    args.pretrained = is_pretrained_source(args.checkpoint)
+    if args.pretrained and not args.data:
+        raise ValueError(f"{args.checkpoint} is a pretrained model without a training corpus: give --data "
+                         "FILE_OR_DIR with the documents to evaluate")
+    if args.split is None:
+        args.split = "all" if args.pretrained else "val"
+
+
+def _open_source(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """``(checkpoint or pretrained path, run config)``; a pretrained model's config is empty."""
+    from ..train.checkpoint import read_config, resolve_checkpoint
+
+    if args.pretrained:
+        return Path(args.checkpoint), {}
+    ckpt = resolve_checkpoint(args.checkpoint)
+    return ckpt, read_config(ckpt)
+
+
+def _load(args: argparse.Namespace, path: Path, device: Any):
+    from ..sources import open_model
+    from ..train.checkpoint import load_model
+
+    return open_model(path, device) if args.pretrained else load_model(path, device)
+
+
+def _result_dir(args: argparse.Namespace, path: Path) -> Path:
+    """Where default result files go: RUN_DIR/eval, or ./eval for a pretrained model."""
+    return Path("eval") if args.pretrained else path.parent.parent / "eval"
+
+
+def _model_setting(args: argparse.Namespace, path: Path) -> dict[str, Any]:
+    """The pretrained model's absolute path as a naming setting (runs name their files by their folder)."""
+    return {"model": str(path.absolute())} if args.pretrained else {}
 
 
 def _check_ranges(args: argparse.Namespace) -> None:
@@ -142,24 +195,24 @@ def _print_sweep(result, metric: str) -> None:
 def _eval_sweep(args: argparse.Namespace) -> int:
     from ..models import capabilities
     from ..sweep import run_sweep
-    from ..train.checkpoint import load_model, model_config_from, read_config, resolve_checkpoint
+    from ..train.checkpoint import model_config_from
     from ..train.distributed import pick_device
 
-    ckpt = resolve_checkpoint(args.checkpoint)
-    config = read_config(ckpt)
-    model_cfg = model_config_from(config)  # read before the weights: a model without KV caches fails at once
-    if not capabilities(model_cfg).cache_policies:
+    ckpt, config = _open_source(args)
+    # read before the weights: a model without KV caches fails at once (a converted model is a Transformer)
+    model_cfg = None if args.pretrained else model_config_from(config)
+    if model_cfg is not None and not capabilities(model_cfg).cache_policies:
         raise ValueError(
             f"{ckpt} is a {model_cfg.kind} model without softmax-attention caches to bound: a policy sweep needs a "
             "transformer (or a megabyte model with global_backbone=transformer)"
         )
     docs = [(name, bytes(ids)) for name, ids in _eval_documents(args, config.get("train", {}))]
-    model = load_model(ckpt, pick_device(args.device)).eval()
+    model = _load(args, ckpt, pick_device(args.device)).eval()
     # The default folder is named by every setting that changes what the sweep writes, so sweeps with other
     # settings never overwrite each other.
     tag = _settings_tag(**_document_settings(args), seq_len=args.seq_len, policies=args.policies,
-                        budgets=args.budgets, metric=args.metric)
-    default_dir = ckpt.parent.parent / "eval" / f"sweep-{ckpt.name}-{args.split}-{tag}"
+                        budgets=args.budgets, metric=args.metric, **_model_setting(args, ckpt))
+    default_dir = _result_dir(args, ckpt) / f"sweep-{ckpt.name}-{args.split}-{tag}"
     out_dir = Path(args.out_dir) if args.out_dir else default_dir
     result = run_sweep(
         model, docs, args.policies, args.budgets, max_tokens=args.seq_len, out_dir=out_dir, metric=args.metric,
@@ -214,33 +267,36 @@ def _eval_documents(args: argparse.Namespace, train_cfg: dict[str, Any]):
 
 def _eval_bpb(args: argparse.Namespace) -> int:
     from ..evaluate import check_seq_len, evaluate_bpb
-    from ..train.checkpoint import load_model, read_config, resolve_checkpoint
     from ..train.distributed import pick_device
 
-    ckpt = resolve_checkpoint(args.checkpoint)
-    config = read_config(ckpt)
+    ckpt, config = _open_source(args)
     train_cfg = config.get("train", {})
-    seq_len = args.seq_len if args.seq_len is not None else int(train_cfg.get("seq_len", 256))
+    default_seq_len = PRETRAINED_SEQ_LEN if args.pretrained else int(train_cfg.get("seq_len", 256))
+    seq_len = args.seq_len if args.seq_len is not None else default_seq_len
     stride = args.stride if args.stride is not None else seq_len
     if not 1 <= stride <= seq_len:
         raise ValueError(f"--stride must be in [1, seq-len={seq_len}]; got {stride}")
     device = pick_device(args.device)
-    model = load_model(ckpt, device)
+    docs = _eval_documents(args, train_cfg) if args.pretrained else None  # bad --data fails before the weights
+    model = _load(args, ckpt, device)
     check_seq_len(model, seq_len)
-    docs = _eval_documents(args, train_cfg)
+    docs = docs if docs is not None else _eval_documents(args, train_cfg)
     result = evaluate_bpb(
         model, docs, seq_len, stride, batch_size=args.batch_size, device=device, progress=args.progress
     )
-    if not result.bytes:
-        raise ValueError("nothing to score: every document chosen has fewer than 2 bytes")
-    print(f"checkpoint {ckpt} (step {config.get('step')}), split {args.split}, seq_len {seq_len}, stride {stride}")
+    if not result.tokens or not result.bytes:
+        raise ValueError("nothing to score: every document chosen has fewer than 2 "
+                         + ("tokens" if args.pretrained else "bytes"))
+    what = f"model {ckpt} ({model.tokenizer!r})" if args.pretrained else f"checkpoint {ckpt}"
+    what += "" if args.pretrained else f" (step {config.get('step')})"
+    print(f"{what}, split {args.split}, seq_len {seq_len}, stride {stride}")
     print(result.table())
     if not math.isfinite(result.bpb):
         raise ValueError(f"the model's bits per byte is {result.bpb}: its outputs are not finite; no result written")
     out = write_json(
-        args.json or ckpt.parent.parent / "eval" / f"{_bpb_file_stem(ckpt, args, seq_len, stride)}.json",
-        {"checkpoint": str(ckpt), "step": config.get("step"), "split": args.split, **_document_settings(args),
-         **result.to_dict()},
+        args.json or _result_dir(args, ckpt) / f"{_bpb_file_stem(ckpt, args, seq_len, stride)}.json",
+        {"checkpoint": str(ckpt), "step": config.get("step"), "tokenizer": model.tokenizer.kind,
+         "split": args.split, **_document_settings(args), **result.to_dict()},
     )
     print(f"wrote {out}", file=sys.stderr)
     return 0
@@ -248,11 +304,13 @@ def _eval_bpb(args: argparse.Namespace) -> int:
 
 def _bpb_file_stem(ckpt: Path, args: argparse.Namespace, seq_len: int, stride: int) -> str:
     """``<checkpoint>-<split>-T<seq>-S<stride>``, then ``-B<max bytes>`` and ``-D<tag of --data and
-    --val-docs>`` when given: evaluations with other settings never overwrite each other's results."""
+    --val-docs>`` when given: evaluations with other settings never overwrite each other's results. For a
+    pretrained model ``<checkpoint>`` is its file (or folder) name and the tag also covers its absolute path."""
     stem = f"{ckpt.name}-{args.split}-T{seq_len}-S{stride}"
     if args.max_bytes is not None:
         stem += f"-B{args.max_bytes}"
     if args.data is not None or args.val_docs is not None:
         settings = _document_settings(args)
-        stem += f"-D{_settings_tag(data=settings['data'], val_docs=settings['val_docs'])}"
+        tag = _settings_tag(data=settings["data"], val_docs=settings["val_docs"], **_model_setting(args, ckpt))
+        stem += f"-D{tag}"
     return stem
