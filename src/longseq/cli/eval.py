@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import add_device_flag, csv_list, log, write_json
+from .task import add_task_flags, run_task, uses_task
 
 #: Default context (tokens) of a pretrained model, which has no training seq-len to reuse.
 PRETRAINED_SEQ_LEN = 2048
@@ -69,6 +70,7 @@ def add_parser(sub) -> None:
         "path>.json)",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_task_flags(p)  # --task passkey (longseq.cli.task)
     p.set_defaults(func=run)
 
 
@@ -96,6 +98,8 @@ def _add_sweep_flags(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to bits per byte, the policy sweep of a run, or the policy sweep of an HF folder."""
+    if uses_task(args):  # --task passkey: longseq.cli.task
+        return run_task(args)
     _check_ranges(args)
     sweep = _check_sweep_args(args)
     if args.hf:
