@@ -174,3 +174,28 @@ def test_smollm2_gguf_converts_exactly_and_generates_as_hf_does():
         ref = hf.generate(x, max_new_tokens=16, do_sample=False, attention_mask=torch.ones_like(x))
     assert torch.equal(generate(native, prompt, 16, temperature=0), ref)
     assert b"Paris" in native.tokenizer.decode(ref[0].tolist())
+
+
+def test_a_converted_model_saved_with_save_hf_keeps_its_tokenizer(tmp_path, capsys):
+    """save_hf writes the converted model and its tokenizer; open_model (and so the CLI) reads both back."""
+    from longseq.cli import main
+    from longseq.hf import save_hf
+    from longseq.sources import open_model
+    from longseq.tokenizer import HFTokenizer
+
+    hf, tok = hf_model("qwen3"), byte_level_tokenizer()
+    hf.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    native = load_pretrained(tmp_path / "src")
+    save_hf(native, tmp_path / "saved")
+    again = open_model(tmp_path / "saved")
+    assert isinstance(again.tokenizer, HFTokenizer)
+    assert again.tokenizer.encode("To be") == native.tokenizer.encode("To be")
+    x = ids(1, 16)
+    with torch.no_grad():
+        assert_close(again(x), hf(x).logits, rtol=1e-5, name="saved and reloaded")
+    argv = ["--prompt", "To be", "--max-new-tokens", "5", "--temperature", "0", "--no-echo"]
+    assert main(["generate", str(tmp_path / "src"), *argv]) == 0
+    from_source = capsys.readouterr().out
+    assert main(["generate", str(tmp_path / "saved"), *argv]) == 0
+    assert capsys.readouterr().out == from_source

@@ -31,13 +31,30 @@ def is_pretrained_source(path: str | os.PathLike) -> bool:
     return isinstance(fields, dict) and fields.get("model_type") in FAMILIES and "longseq_kind" not in fields
 
 
+def is_saved_longseq_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder written by :func:`longseq.hf.save_hf` (``config.json`` with ``longseq_kind``)."""
+    config = Path(path) / "config.json"
+    if not config.is_file() or (Path(path) / "checkpoints").exists():
+        return False
+    try:
+        fields = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(fields, dict) and "longseq_kind" in fields
+
+
 def open_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> LanguageModel:
     """The model at ``path``, in eval mode on ``device``: a converted pretrained model (``.gguf`` file or HF
-    folder of the Llama family), else a longseq run or checkpoint directory."""
+    folder of the Llama family), a folder written by ``longseq.hf.save_hf`` (with its tokenizer), else a
+    longseq run or checkpoint directory."""
     if is_pretrained_source(path):
         from .pretrained import load_pretrained
 
         return load_pretrained(path, device=device)
+    if is_saved_longseq_folder(path):
+        from .hf.io import load_hf
+
+        return load_hf(path, device=device)
     from .train.checkpoint import load_model
 
     return load_model(path, device)

@@ -29,11 +29,13 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..models import MODELS, LanguageModel, config_class, model_from_config
+from ..tokenizer import BYTES, load_tokenizer
 
 MODEL_TYPE = "longseq"
 ARCHITECTURE = "LongseqForCausalLM"
 PREFIX = "lm."  # LongseqForCausalLM holds the longseq model as `.lm`
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+TOKENIZER_DIR = "tokenizer"  # a non-byte tokenizer's own files, in a folder of their own
 _REMOTE_CODE = {
     "configuration_longseq.py": '"""Loads the longseq config class (trust_remote_code)."""\n\n'
     'from longseq.hf.modeling import LongseqHFConfig\n\n__all__ = ["LongseqHFConfig"]\n',
@@ -41,7 +43,7 @@ _REMOTE_CODE = {
     "from longseq.hf.modeling import LongseqForCausalLM, LongseqHFConfig\n\n"
     '__all__ = ["LongseqForCausalLM", "LongseqHFConfig"]\n',
 }
-FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, *_REMOTE_CODE})
+FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR, *_REMOTE_CODE})
 
 
 def _unwrap(model: Any) -> LanguageModel:
@@ -83,6 +85,7 @@ def hf_config_dict(model: LanguageModel) -> dict[str, Any]:
         "longseq_version": __version__,
         "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": bool(cfg.tie_embeddings),
+        "longseq_tokenizer": model.tokenizer.kind,
         "dtype": str(dtype).removeprefix("torch."),
     }
 
@@ -114,6 +117,9 @@ def save_hf(model: Any, folder: str | os.PathLike[str]) -> Path:
         }
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config_dict(lm), indent=2, sort_keys=True) + "\n")
+        if lm.tokenizer.kind != BYTES.kind:  # a converted model's tokenizer travels with it
+            (tmp / TOKENIZER_DIR).mkdir()
+            lm.tokenizer.save(tmp / TOKENIZER_DIR)
         for name, text in _REMOTE_CODE.items():
             (tmp / name).write_text(text)
         if folder.exists():
@@ -199,5 +205,8 @@ def load_hf(
     for alias, source in aliases.items():  # assign made two Parameters; one, as at construction
         owner, _, leaf = alias.rpartition(".")
         setattr(model.get_submodule(owner), leaf, model.get_parameter(source))
+    tokenizer_kind = config.get("longseq_tokenizer", BYTES.kind)
+    if tokenizer_kind != BYTES.kind:
+        model.tokenizer = load_tokenizer(tokenizer_kind, folder / TOKENIZER_DIR)
     model = model.to(device=device)
     return (model if dtype is None else model.to(dtype)).eval()
