@@ -199,3 +199,99 @@ def test_a_converted_model_saved_with_save_hf_keeps_its_tokenizer(tmp_path, caps
     from_source = capsys.readouterr().out
     assert main(["generate", str(tmp_path / "saved"), *argv]) == 0
     assert capsys.readouterr().out == from_source
+
+
+def sentencepiece_style_tokenizer():
+    """A Llama-2/Mistral-style tokenizer (SentencePiece conventions: a "▁" for every space and in front of
+    the text, byte fallback, BOS added, the decoder strips the text's first space), built offline."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    merges = []
+    for word in ("▁Hello", "▁world"):
+        for ch in word:
+            vocab.setdefault(ch, len(vocab))
+        for i in range(2, len(word) + 1):
+            merges.append((word[: i - 1], word[i - 1]))
+            vocab.setdefault(word[:i], len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_text_stops_match_inside_text_for_sentencepiece_tokenizers():
+    """Encoded alone, "\\n" is [▁, <0x0A>]; inside a text a newline is just <0x0A>: a text stop must match
+    the decoded text, not the ids of the stop on its own."""
+    from longseq.generate.sampling import Stops
+    from longseq.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(sentencepiece_style_tokenizer())
+    prompt = tok.encode("Hello")
+    generated = tok.encode("Hello world\nHello")[len(prompt) :]  # " world", "\n", " Hello"
+    newline = generated.index(tok.encode("\n", special=False)[-1])
+    stops = Stops("\n", tok)
+    assert not stops.hit(generated[:newline])
+    assert stops.hit(generated[: newline + 1])
+    assert Stops("world", tok).hit(generated[:1])
+    assert not Stops(None, tok) and Stops(None, tok, eos=True).hit([5, tok.eos_id])
+
+
+def test_generation_ends_at_the_tokenizers_eos():
+    from longseq.models import build_model
+    from longseq.tokenizer import HFTokenizer
+
+    model = build_model("transformer", "tiny", vocab_size=300).eval()
+    model.tokenizer = HFTokenizer(sentencepiece_style_tokenizer())
+    eos = model.tokenizer.eos_id
+    head = torch.nn.Linear(model.config.d_model, model.config.vocab_size)
+    with torch.no_grad():  # every step's most likely token is the EOS
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[eos] = 1.0
+    model.head = head
+    out = generate(model, "Hello", 6, temperature=0, pad_id=0)
+    n = len(model.tokenizer.encode("Hello"))
+    assert out[0, n].item() == eos and out[0, n + 1 :].eq(0).all()
+    assert generate(model, "Hello", 6, temperature=0, stop_at_eos=False)[0, n:].eq(eos).all()
+
+
+def test_streamed_continuation_keeps_its_first_space():
+    import io
+
+    from longseq.cli.generate import _Stream
+    from longseq.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(sentencepiece_style_tokenizer())
+    prompt = tok.encode("Hello")
+    out = io.StringIO()
+    stream = _Stream(tok, out, prompt)
+    stream.write_bytes(b"Hello")
+    for token in tok.encode("Hello world")[len(prompt) :]:
+        stream.add(token)
+    stream.close()
+    assert out.getvalue() == "Hello world\n"
+
+
+def test_eval_opens_save_hf_folders(tmp_path):
+    from longseq.cli import main
+    from longseq.hf import save_hf
+
+    hf, tok = hf_model("llama"), byte_level_tokenizer()
+    hf.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    save_hf(load_pretrained(tmp_path / "src"), tmp_path / "saved")
+    (tmp_path / "doc.txt").write_text("To be, or not to be, that is the question. " * 8)
+    argv = ["--data", str(tmp_path / "doc.txt"), "--seq-len", "64", "--no-progress"]
+    assert main(["eval", str(tmp_path / "saved"), *argv]) == 0
+    assert main(["eval", str(tmp_path / "saved"), "--seq-len", "64"]) == 2  # no --data: no corpus to score
+
+
+def test_family_defaults_for_missing_keys():
+    qwen3 = config_from_hf({**BASE, "model_type": "qwen3"})
+    assert qwen3.head_dim == 128  # HF's Qwen3Config default, not hidden_size / heads
+    with pytest.raises(UnsupportedModelError, match="sliding_window=4096"):
+        config_from_hf({**BASE, "model_type": "mistral", "max_position_embeddings": 32768})

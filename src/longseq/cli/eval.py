@@ -117,11 +117,12 @@ def run(args: argparse.Namespace) -> int:
 def _check_pretrained(args: argparse.Namespace) -> None:
     """Mark a pretrained source (``args.pretrained``) and resolve ``--split``; a pretrained model has no
     training corpus, so it needs ``--data`` (checked before anything is loaded)."""
-    from ..sources import is_pretrained_source
+    from ..sources import is_pretrained_source, is_saved_longseq_folder
 
-    args.pretrained = is_pretrained_source(args.checkpoint)
+    # A pretrained source or a save_hf folder: opened by open_model, and without a training corpus.
+    args.pretrained = is_pretrained_source(args.checkpoint) or is_saved_longseq_folder(args.checkpoint)
     if args.pretrained and not args.data:
-        raise ValueError(f"{args.checkpoint} is a pretrained model without a training corpus: give --data "
+        raise ValueError(f"{args.checkpoint} is a model folder or file without a training corpus: give --data "
                          "FILE_OR_DIR with the documents to evaluate")
     if args.split is None:
         args.split = "all" if args.pretrained else "val"

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     ids = [torch.tensor(tok.encode(p), dtype=torch.long) for p in prompts]
     out = sys.stdout
     batch = len(prompts) > 1
-    stream = _Stream(tok, out)
+    stream = _Stream(tok, out, ids[0].tolist())
     if args.echo and not batch:
         stream.write_bytes(prompts[0])
     counted = [0]
@@ -142,10 +142,12 @@ class _Stream:
     the one before) and the new text is printed unless it ends in an incomplete character (U+FFFD), which
     waits for the next token."""
 
-    def __init__(self, tokenizer, out) -> None:
+    def __init__(self, tokenizer, out, prompt_ids: list[int]) -> None:
         self.tokenizer, self.out = tokenizer, out
-        self.ids: list[int] = []
-        self.sent = 0  # characters of the decoded continuation already printed (subword tokenizers)
+        # The continuation is decoded after the prompt, not on its own: a SentencePiece decoder drops the
+        # leading space of a text's first token, which inside the text is a real space.
+        self.ids = list(prompt_ids)
+        self.sent = len(tokenizer.decode(self.ids).decode("utf-8", errors="replace"))  # characters printed
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def write_bytes(self, data: bytes) -> None:

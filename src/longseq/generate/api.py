@@ -14,7 +14,7 @@ from ..models.base import LanguageModel
 from ..tokenizer import Tokenizer
 from .decoder import Decoder, compile_mode, decode_cache
 from .prefill import prefill, prefill_rows
-from .sampling import as_token_ids, check_sampling, normalise_stop
+from .sampling import Stops, as_token_ids, check_sampling
 
 _warned_cpu_compile = False
 
@@ -48,6 +48,7 @@ def generate(
     static: bool | None = None,
     prefill_chunk: int | None = None,
     pad_id: int = 0,
+    stop_at_eos: bool = True,
 ) -> Tensor | list[Tensor]:
     """Continue ``prompt`` by up to ``max_new_tokens`` tokens.
 
@@ -63,9 +64,9 @@ def generate(
         seed: seeds a private generator, so sampling does not touch the global RNG.
         on_token: called with each new ``[B]`` token batch (on the CPU) as it is produced (streaming);
             rows that have stopped carry ``pad_id``.
-        stop: a token id, a str / bytes (matched as UTF-8 bytes), or a list of those; a row ends after
-            the first generated token that completes one (the stop sequence is kept in the output), and
-            generation ends when every row has.
+        stop: a token id, a str / bytes (matched on the decoded UTF-8 text), or a list of those; a row
+            ends after the first generated token that completes one (the stop is kept in the output),
+            and generation ends when every row has (see :class:`~longseq.generate.sampling.Stops`).
         compile: capture the decode step (model step + sampling) as a CUDA graph, once per batch size,
             and replay it; prefill stays eager and chunked. ``"fused"``: compile the step with
             ``torch.compile`` before capturing it (fewer, fused kernels per step; the first call per
@@ -75,13 +76,15 @@ def generate(
             the prompts differ in length.
         prefill_chunk: prefill in chunks of this many tokens (default: the whole prompt in one step).
         pad_id: fills the places of a tensor result after a row's stop.
+        stop_at_eos: also end a row at the tokenizer's end-of-sequence id (pretrained models; byte
+            models have none), as HF ``generate`` does.
     Returns:
         For a tensor / str / bytes prompt: ``[B, T + max_new_tokens]`` ids, the prompt followed by the
         continuation (``pad_id`` after a row stopped). For a list of prompts: a list of ``[T_i + n_i]``
         tensors, each row's prompt and its continuation up to and including its stop.
     """
     mode = _check_args(max_new_tokens, compile, temperature, top_k, top_p, prefill_chunk)
-    stops = normalise_stop(stop, model.tokenizer)
+    stops = Stops(stop, model.tokenizer, eos=stop_at_eos)
     device = model.device
     as_list = isinstance(prompt, (list, tuple))
     rows = _prompt_rows(prompt, device, model.tokenizer)
@@ -170,7 +173,7 @@ def _static_decoder(
 
 def _decode(
     decoder: Decoder, first_logits: Tensor, max_new_tokens: int, generator: torch.Generator | None,
-    stops: list[list[int]], on_token: Callable[[Tensor], None] | None, pad_id: int,
+    stops: Stops, on_token: Callable[[Tensor], None] | None, pad_id: int,
 ) -> list[list[int]]:
     """The decode loop: each row's new tokens (up to and including its stop), ``on_token`` called per step.
 
@@ -197,7 +200,7 @@ def _decode(
                 continue
             host_rows[b].append(value)
             emitted.append(value)
-            done[b] = any(len(host_rows[b]) >= len(s) and host_rows[b][-len(s) :] == s for s in stops)
+            done[b] = stops.hit(host_rows[b])
         if on_token is not None:
             on_token(torch.tensor(emitted, dtype=torch.long))
 

@@ -117,20 +117,50 @@ def sample_race(
     return (logits - noise.clamp_min(1e-30).log()).argmax(-1)
 
 
-def normalise_stop(stop: Any, tokenizer: Tokenizer = BYTES) -> list[list[int]]:
-    """``stop``: a token id, bytes, str, or a sequence of those -> list of id sequences (text through
-    ``tokenizer``, without special tokens; a subword tokenizer may split the same text differently inside
-    a longer one, so text stops are matched on the ids the text has on its own)."""
-    if stop is None:
-        return []
-    if isinstance(stop, (int, str, bytes, bytearray)):
-        stop = [stop]
-    out = []
-    for s in stop:
-        if isinstance(s, bool) or not isinstance(s, (int, str, bytes, bytearray)):
-            raise TypeError(f"stop entries must be int token ids, str or bytes; got {type(s).__name__}")
-        ids = [s] if isinstance(s, int) else tokenizer.encode(s, special=False)
-        if not ids:
-            raise ValueError("an empty stop string never matches")
-        out.append(ids)
-    return out
+class Stops:
+    """When a generated row ends: after an id sequence (``int`` stops, and the tokenizer's EOS id when
+    ``eos``), or after a text (``str`` / ``bytes`` stops). The stop itself is kept in the output.
+
+    With a byte-wise tokenizer a text is its id sequence. With a subword tokenizer a text is matched on the
+    decoded bytes of the row's last tokens, not on the ids the text has on its own: encoded alone,
+    ``"\\n"`` may carry a space token that it never has inside a text.
+    """
+
+    def __init__(self, stop: Any, tokenizer: Tokenizer = BYTES, eos: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[list[int]] = []
+        self.texts: list[bytes] = []
+        if stop is None:
+            stop = []
+        elif isinstance(stop, (int, str, bytes, bytearray)):
+            stop = [stop]
+        for s in stop:
+            if isinstance(s, bool) or not isinstance(s, (int, str, bytes, bytearray)):
+                raise TypeError(f"stop entries must be int token ids, str or bytes; got {type(s).__name__}")
+            if isinstance(s, int):
+                self.ids.append([s])
+                continue
+            text = s.encode("utf-8") if isinstance(s, str) else bytes(s)
+            if not text:
+                raise ValueError("an empty stop string never matches")
+            if tokenizer.bytewise:
+                self.ids.append(tokenizer.encode(text, special=False))
+            else:
+                self.texts.append(text)
+        if eos and tokenizer.eos_id is not None:
+            self.ids.append([tokenizer.eos_id])
+        # Tokens whose text can hold the longest stop (a token decodes to at least one byte, special tokens
+        # aside: a few more for those).
+        self._tail = max((len(t) for t in self.texts), default=0) + 4
+
+    def __bool__(self) -> bool:
+        return bool(self.ids or self.texts)
+
+    def hit(self, row: list[int]) -> bool:
+        """Whether ``row`` (a row's generated ids so far) ends with a stop."""
+        if any(len(row) >= len(s) and row[-len(s) :] == s for s in self.ids):
+            return True
+        if not self.texts:
+            return False
+        tail = self.tokenizer.decode(row[-self._tail :])
+        return any(tail.endswith(t) for t in self.texts)

@@ -50,7 +50,8 @@ def _check_unsupported(hf: dict[str, Any], family: str) -> None:
     act = _field(hf, "hidden_act", "silu")
     if act != "silu":
         raise UnsupportedModelError(f"hidden_act={act!r} is not supported (longseq's MLP is SwiGLU: 'silu')")
-    window = hf.get("sliding_window")
+    # A Mistral config without the key gets HF's MistralConfig default (a 4,096-token window).
+    window = hf.get("sliding_window", 4096 if family == "mistral" else None)
     uses_window = hf.get("use_sliding_window", family == "mistral")  # Qwen configs carry a flag; Mistral does not
     max_len = hf.get("max_position_embeddings")
     if window is not None and uses_window and (max_len is None or window < max_len):
@@ -78,11 +79,12 @@ def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
         raise UnsupportedModelError(f"model_type={family!r} is not supported; longseq converts {list(FAMILIES)}")
     _check_unsupported(hf, family)
     d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    default_head_dim = 128 if family == "qwen3" else d // heads  # HF's Qwen3Config default is 128
     attention_bias = bool(_field(hf, "attention_bias", False))
     fields: dict[str, Any] = dict(
         vocab_size=int(hf["vocab_size"]), d_model=d, n_layers=int(hf["num_hidden_layers"]), n_heads=heads,
         n_kv_heads=int(_field(hf, "num_key_value_heads", heads)), mlp_hidden=int(hf["intermediate_size"]),
-        norm_eps=float(_field(hf, "rms_norm_eps", 1e-6)), head_dim=int(_field(hf, "head_dim", d // heads)),
+        norm_eps=float(_field(hf, "rms_norm_eps", 1e-6)), head_dim=int(_field(hf, "head_dim", default_head_dim)),
         tie_embeddings=bool(_field(hf, "tie_word_embeddings", False)),
         init_std=float(_field(hf, "initializer_range", 0.02)),
         qkv_bias=attention_bias or family == "qwen2", out_bias=attention_bias,

@@ -16,19 +16,19 @@ def _strip_prefix(names: list[str]) -> str:
     for name in names:
         if name.endswith("embed_tokens.weight"):
             return name[: -len("embed_tokens.weight")]
-    raise KeyError("no embed_tokens.weight among the checkpoint's tensors: not a Llama-family checkpoint")
+    raise ValueError("no embed_tokens.weight among the checkpoint's tensors: not a Llama-family checkpoint")
 
 
 def native_state_dict(cfg: TransformerConfig, get: Callable[[str], Tensor], names: list[str]) -> dict[str, Tensor]:
     """The native ``state_dict`` from a checkpoint whose tensors ``get(name)`` returns (``names``: all of them).
 
-    Raises ``KeyError`` naming the first missing tensor."""
+    Raises ``ValueError`` naming the first missing tensor."""
     p = _strip_prefix(names)
     available = set(names)
 
     def take(name: str) -> Tensor:
         if name not in available:
-            raise KeyError(f"the checkpoint has no tensor {name!r}")
+            raise ValueError(f"the checkpoint has no tensor {name!r} (not a complete {cfg.n_layers}-layer model?)")
         return get(name)
 
     out: dict[str, Tensor] = {"embed.weight": take(f"{p}embed_tokens.weight"), "norm.weight": take(f"{p}norm.weight")}
