@@ -295,3 +295,10 @@ def test_family_defaults_for_missing_keys():
     assert qwen3.head_dim == 128  # HF's Qwen3Config default, not hidden_size / heads
     with pytest.raises(UnsupportedModelError, match="sliding_window=4096"):
         config_from_hf({**BASE, "model_type": "mistral", "max_position_embeddings": 32768})
+
+
+def test_bad_load_arguments_fail_before_reading(tmp_path):
+    with pytest.raises(TypeError, match="floating torch.dtype"):
+        load_pretrained(tmp_path / "nope", dtype="bf16")
+    with pytest.raises(RuntimeError, match="device"):
+        load_pretrained(tmp_path / "nope", device="gpu0")

@@ -13,34 +13,34 @@ import torch
 from .models.base import LanguageModel
 
 
+def _folder_config(path: str | os.PathLike) -> dict | None:
+    """The ``config.json`` of a model folder (not a training run, which also has one), or None."""
+    p = Path(path)
+    config = p / "config.json"
+    if not p.is_dir() or not config.is_file() or (p / "checkpoints").exists():
+        return None
+    try:
+        fields = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return fields if isinstance(fields, dict) else None
+
+
 def is_pretrained_source(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a ``.gguf`` file or an HF folder whose ``config.json`` names a family
     :func:`~longseq.load_pretrained` converts (rather than a longseq run, checkpoint or ``save_hf`` folder)."""
     from .pretrained import FAMILIES
 
-    p = Path(path)
-    if p.is_file():
-        return p.suffix == ".gguf"
-    config = p / "config.json"
-    if not config.is_file() or (p / "checkpoints").exists():
-        return False
-    try:
-        fields = json.loads(config.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(fields, dict) and fields.get("model_type") in FAMILIES and "longseq_kind" not in fields
+    if Path(path).is_file():
+        return Path(path).suffix == ".gguf"
+    fields = _folder_config(path)
+    return fields is not None and fields.get("model_type") in FAMILIES and "longseq_kind" not in fields
 
 
 def is_saved_longseq_folder(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a folder written by :func:`longseq.hf.save_hf` (``config.json`` with ``longseq_kind``)."""
-    config = Path(path) / "config.json"
-    if not config.is_file() or (Path(path) / "checkpoints").exists():
-        return False
-    try:
-        fields = json.loads(config.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(fields, dict) and "longseq_kind" in fields
+    fields = _folder_config(path)
+    return fields is not None and "longseq_kind" in fields
 
 
 def open_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> LanguageModel:

@@ -31,11 +31,11 @@ BATCH_RESERVE_BYTES = 4 * 2**30
 
 def resolve_policy(spec: str, context: int):
     """A cache policy spec whose budget may be written relative to the context: ``tova:ctx/8``."""
-    from ..cache import parse_policy
+    from ..cache.policies import parse_policy, resolve_budget
 
     parts = spec.split(":")
     if len(parts) > 1 and parts[1].startswith("ctx/"):
-        parts[1] = str(max(1, context // int(parts[1][4:])))
+        parts[1] = str(resolve_budget(parts[1], context))
     return parse_policy(":".join(parts))
 
 

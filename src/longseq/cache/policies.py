@@ -28,6 +28,7 @@ a deterministic function of the scores and positions.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -339,3 +340,25 @@ def parse_policy(spec: str, budget: int | None = None) -> CachePolicy:
             )
         options[key] = _coerce_option(name, key, value if eq else "true", fields[key])
     return cls(spec_budget, **options)
+
+
+def parse_budget(spec: int | str) -> int | str:
+    """A budget: tokens kept per layer (an int >= 1), or ``"ctx/K"``: the context length divided by K
+    (the benchmarks' ``tova:ctx/8``, a task's ``--budgets ctx/8``; :func:`resolve_budget` makes it a number)."""
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        if spec < 1:
+            raise ValueError(f"a cache budget must be >= 1; got {spec}")
+        return spec
+    text = str(spec).strip().lower().replace(" ", "")
+    if text.lstrip("-").isdigit():
+        return parse_budget(int(text))
+    match = re.fullmatch(r"ctx/(\d+)", text)
+    if not match or int(match.group(1)) < 1:
+        raise ValueError(f"a budget is an integer >= 1 or a fraction of the context such as 'ctx/8'; got {spec!r}")
+    return f"ctx/{int(match.group(1))}"
+
+
+def resolve_budget(budget: int | str, length: int) -> int:
+    """Tokens kept per layer for a prompt of ``length`` tokens."""
+    budget = parse_budget(budget)
+    return budget if isinstance(budget, int) else max(1, length // int(budget.split("/")[1]))

@@ -61,12 +61,15 @@ class RecurrentState(LayerState):
             self.matrix.copy_(new)
 
     def select_rows(self, index: Sequence[int] | Tensor) -> RecurrentState:
-        return RecurrentState(self.matrix.index_select(0, row_index(index, self.matrix.device)))
+        rows = self.matrix.index_select(0, row_index(index, self.matrix.device))
+        return RecurrentState(rows, static=self.static)  # the same mode, as KVCache.select_rows
 
     @classmethod
     def concat(cls, states: Sequence[LayerState]) -> RecurrentState:
         same_kind(states)
-        return cls(torch.cat([s.matrix for s in states]))  # type: ignore[attr-defined]
+        if len({s.static for s in states}) > 1:
+            raise ValueError("cannot concatenate static and dynamic recurrent states")
+        return cls(torch.cat([s.matrix for s in states]), static=states[0].static)  # type: ignore[attr-defined]
 
     def restart_rows_(self, rows: Tensor) -> None:
         self.matrix.masked_fill_(rows.view(-1, *([1] * (self.matrix.dim() - 1))), 0.0)

@@ -34,6 +34,11 @@ def csv_list(kind: Callable[[str], T]) -> Callable[[str], list[T]]:
     return parse
 
 
+def int_or_text(text: str) -> int | str:
+    """An integer, or the text as given (checked later by whoever reads it, e.g. a ``ctx/8`` budget)."""
+    return int(text) if text.strip().lstrip("-").isdigit() else text.strip()
+
+
 def int_or_max(text: str) -> int | str:
     """A batch size: an integer, or ``"max"`` for the largest that fits. (Its name appears in the error
     for a bad ``--batch-sizes`` list.)"""

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import add_device_flag, csv_list, log, write_json
+from .common import add_device_flag, csv_list, int_or_text, log, write_json
 from .task import add_task_flags, run_task, uses_task
 
 #: Default context (tokens) of a pretrained model, which has no training seq-len to reuse.
@@ -80,7 +80,8 @@ def _add_sweep_flags(p: argparse.ArgumentParser) -> None:
         help="sweep these cache policies, e.g. tova,tova_head,h2o,window,sink (options: sink:sinks=8); "
         "the full cache is always the last column",
     )
-    p.add_argument("--budgets", type=csv_list(int), metavar="N,...", help="sweep budgets (tokens kept per layer)")
+    p.add_argument("--budgets", type=csv_list(int_or_text), metavar="N,...",
+                   help="sweep budgets (tokens kept per layer); with --task also ctx/K (the prompt length / K)")
     p.add_argument(
         "--metric", choices=["ppl", "bpb", "loss"], default="bpb", help="sweep table/plot metric (default bpb)"
     )

@@ -25,7 +25,7 @@ _TASK_ONLY = ("lengths", "depths", "trials", "seed", "task_out", "filler", "max_
 
 
 def add_task_flags(p: argparse.ArgumentParser) -> None:
-    """Add ``--task`` and its flags to ``eval``; ``--budgets`` then also takes ``ctx/K`` items (a task's)."""
+    """Add ``--task`` and its flags to ``eval`` (which declares ``--budgets``, ``ctx/K`` items included)."""
     p.add_argument("--task", metavar="NAME", help=f"run a task instead of scoring text: {', '.join(TASKS)} "
                    "(passkey: a 5-digit key hidden in filler, asked for at the end, under each cache policy)")
     p.add_argument("--lengths", metavar="N,...", help="task: prompt lengths in the model's tokens, e.g. 2048,4096")
@@ -37,15 +37,6 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", metavar="N", help="task: tokens generated per answer (default 10)")
     p.add_argument("--out", dest="task_out", metavar="DIR",
                    help="task: folder for passkey.md/.json/.png (default ./passkey-<model>-<settings tag>)")
-    for action in p._actions:  # a passkey budget may be a fraction of the context: ctx/8
-        if "--budgets" in action.option_strings:
-            action.type = _int_or_text_list
-            action.help = (action.help or "") + "; with --task also ctx/K (the prompt length / K)"
-
-
-def _int_or_text_list(text: str) -> list[int | str]:
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    return [int(x) if x.lstrip("-").isdigit() else x for x in items]
 
 
 def uses_task(args: argparse.Namespace) -> bool:

@@ -28,6 +28,9 @@ def load_pretrained(
     Llama 3 RoPE scaling), Mistral, Qwen2, Qwen3. Anything the native model cannot represent raises one
     ``ValueError`` naming the config field, before any weight is read. Nothing is downloaded.
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype such as torch.bfloat16; got {dtype!r}")
+    device = torch.device(device)  # a bad device string fails here, before anything is read
     if isinstance(source, nn.Module):
         hf_config = _hf_config_dict(getattr(source, "config", None), "the model")
         cfg = config_from_hf(hf_config)

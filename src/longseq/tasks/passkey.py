@@ -32,6 +32,7 @@ from functools import lru_cache
 import torch
 
 from ..cache import parse_policy
+from ..cache.policies import parse_budget, resolve_budget
 from ..generate import generate
 from ..tokenizer import Tokenizer
 from .report import PasskeyResult, Row
@@ -151,27 +152,6 @@ def answer(model, prompts: Sequence[PasskeyPrompt], policy=None, max_new_tokens:
     out = generate(model, ids, max_new_tokens, temperature=0, cache=policy)
     width = ids.shape[1]
     return [model.tokenizer.decode(row[width:].tolist()).decode("utf-8", "replace") for row in out]
-
-
-def parse_budget(spec: int | str) -> int | str:
-    """A budget: tokens kept per layer (an int >= 1), or ``"ctx/K"``: the prompt length divided by K."""
-    if isinstance(spec, int) and not isinstance(spec, bool):
-        if spec < 1:
-            raise ValueError(f"a cache budget must be >= 1; got {spec}")
-        return spec
-    text = str(spec).strip().lower().replace(" ", "")
-    if text.lstrip("-").isdigit():
-        return parse_budget(int(text))
-    match = re.fullmatch(r"ctx/(\d+)", text)
-    if not match or int(match.group(1)) < 1:
-        raise ValueError(f"a budget is an integer >= 1 or a fraction of the context such as 'ctx/8'; got {spec!r}")
-    return f"ctx/{int(match.group(1))}"
-
-
-def resolve_budget(budget: int | str, length: int) -> int:
-    """Tokens kept per layer for a prompt of ``length`` tokens."""
-    budget = parse_budget(budget)
-    return budget if isinstance(budget, int) else max(1, length // int(budget.split("/")[1]))
 
 
 def plan_rows(policies: Sequence[str], budgets: Sequence[int | str]) -> list[Row]:
