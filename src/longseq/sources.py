@@ -47,6 +47,9 @@ def open_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> L
     """The model at ``path``, in eval mode on ``device``: a converted pretrained model (``.gguf`` file or HF
     folder of the Llama family), a folder written by ``longseq.hf.save_hf`` (with its tokenizer), else a
     longseq run or checkpoint directory."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} does not exist (expected a run or checkpoint directory, a .gguf file or "
+                                "a model folder)")
     if is_pretrained_source(path):
         from .pretrained import load_pretrained
 
