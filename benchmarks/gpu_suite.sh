@@ -3,7 +3,8 @@
 # step under $OUT (default ./gpu-out). Each step has its own time limit so one hang cannot eat the rest.
 #   bash benchmarks/gpu_suite.sh [step ...]
 #   steps: env tests gla triton triton2 triton-decode bench decode decode-b1 decode-smollm2 decode-fused megabyte megabyte-fused megabyte-compile cache hf
-#          profile triton-profile
+#          profile triton-profile prefill
+#   with GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf also: prefill-smollm2 passkey-smollm2 sweep-smollm2
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -13,6 +14,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
+# The built-in corpus's works as files (the pretrained-model steps take --data files).
+WORKS=${WORKS:-/tmp/works}
+SWEEP_WORKS=${SWEEP_WORKS:-"hamlet tempest sonnets macbeth lear othello romeo_and_juliet twelfth_night julius_caesar midsummer_nights_dream merchant_of_venice richard_iii"}
+if [ ! -d "$WORKS" ]; then mkdir -p "$WORKS" && tar -xJf src/longseq/data/corpus/shakespeare.tar.xz -C "$WORKS"; fi
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(env tests gla triton bench megabyte cache hf)
 run() {  # run NAME SECONDS CMD...
@@ -42,6 +47,10 @@ for s in "${steps[@]}"; do
     megabyte-compile) run megabyte-compile 300 python3 benchmarks/bench_megabyte.py --device cuda --compile --gen-bytes 0 --ref-gen-bytes 0 --json "$OUT/megabyte_compile.json" ;;
     cache) run cache 300 python3 benchmarks/bench_cache_decode.py --json "$OUT/cache_decode.json" ;;
     hf) run hf 420 python3 benchmarks/bench_hf_cache.py --memory-limit-gib 40 --out "$OUT/hf_cache" ;;
+    prefill) run prefill 200 python3 benchmarks/bench_prefill.py --contexts 2048 4096 --batch-sizes 1 16 --out "$OUT/prefill.jsonl" ;;
+    prefill-smollm2) run prefill-smollm2 120 python3 benchmarks/bench_prefill.py --model "$GGUF" --text "$WORKS/hamlet.txt" --contexts 2048 4096 --batch-sizes 1 16 --out "$OUT/prefill_smollm2.jsonl" ;;
+    passkey-smollm2) run passkey-smollm2 240 python3 -m longseq eval "$GGUF" --task passkey --lengths 2048,4096 --policies full,window,sink,h2o,tova --budgets ctx/16,ctx/8,ctx/4,ctx/2 --trials 5 --filler repeat --batch-size 25 --out "$OUT/passkey_repeat" ;;
+    sweep-smollm2) for L in 2048 4096; do run sweep-smollm2-$L 150 python3 -m longseq eval "$GGUF" --data $(printf "$WORKS/%s.txt " $SWEEP_WORKS) --seq-len $L --policies window,sink,h2o,tova,tova_head --budgets $((L / 16)),$((L / 8)),$((L / 4)),$((L / 2)) --no-progress --out-dir "$OUT/sweep_$L"; done ;;
     *) echo "unknown step $s" ;;
   esac
 done

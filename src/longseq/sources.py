@@ -11,6 +11,10 @@ from pathlib import Path
 import torch
 
 from .models.base import LanguageModel
+from .tokenizer import TOKENIZER_DIR, Tokenizer
+
+#: Files that make a folder an HF tokenizer.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 def _folder_config(path: str | os.PathLike) -> dict | None:
@@ -61,3 +65,31 @@ def open_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> L
     from .train.checkpoint import load_model
 
     return load_model(path, device)
+
+
+def open_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer at ``path``: a ``.gguf`` file's, an HF folder with tokenizer files, or the one saved with
+    a longseq model (a ``save_hf`` folder, a run or a checkpoint of a run trained with ``--tokenizer``)."""
+    from .tokenizer import HFTokenizer
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"tokenizer path {path} does not exist (expected a .gguf file, a folder with "
+                                "tokenizer files, or a longseq model saved with one)")
+    if p.is_file() and p.suffix == ".gguf":
+        return HFTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    if p.is_dir() and any((p / f).exists() for f in HF_TOKENIZER_FILES):
+        return HFTokenizer.from_pretrained(p)
+    if p.is_dir() and (p / TOKENIZER_DIR).is_dir():  # save_hf folder or checkpoint
+        return HFTokenizer.from_pretrained(p / TOKENIZER_DIR)
+    if p.is_dir():
+        from .train.checkpoint import CheckpointError, resolve_checkpoint
+
+        try:
+            ckpt = resolve_checkpoint(p)
+        except CheckpointError:
+            ckpt = None
+        if ckpt is not None and (ckpt / TOKENIZER_DIR).is_dir():
+            return HFTokenizer.from_pretrained(ckpt / TOKENIZER_DIR)
+    raise ValueError(f"{path} holds no tokenizer: expected a .gguf file, a folder with one of "
+                     f"{', '.join(HF_TOKENIZER_FILES)}, or a longseq model saved with a {TOKENIZER_DIR}/ folder")

@@ -9,10 +9,16 @@ UTF-8 survives intact.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+#: Where a model saved with a non-byte tokenizer keeps the tokenizer's own files (``save_hf`` folders and
+#: training checkpoints alike).
+TOKENIZER_DIR = "tokenizer"
 
 
 class Tokenizer(ABC):
@@ -46,6 +52,10 @@ class Tokenizer(ABC):
     def save(self, folder: str | Path) -> None:  # noqa: B027  (bytes need no files)
         """Write the files :func:`load_tokenizer` needs into ``folder`` (nothing for bytes)."""
 
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """A hex digest that changes whenever the ids of some text would (caches of tokenized data key on it)."""
+
 
 class ByteTokenizer(Tokenizer):
     """Text is its UTF-8 bytes; id ``i`` is byte ``i``."""
@@ -62,6 +72,9 @@ class ByteTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> bytes:
         return bytes(int(i) for i in ids)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(b"longseq-bytes").hexdigest()
 
     def __repr__(self) -> str:
         return "ByteTokenizer()"
@@ -104,6 +117,17 @@ class HFTokenizer(Tokenizer):
 
     def save(self, folder: str | Path) -> None:
         self.hf.save_pretrained(str(folder))
+
+    def fingerprint(self) -> str:
+        # A fast tokenizer serialises its whole pipeline (normaliser, pre-tokenizer, model, post-processor);
+        # a slow one is described by its class, vocabulary and special tokens.
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        if backend is not None:
+            text = backend.to_str()
+        else:
+            text = json.dumps([type(self.hf).__name__, sorted(self.hf.get_vocab().items()),
+                               self.hf.special_tokens_map], default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def __repr__(self) -> str:
         return f"HFTokenizer({type(self.hf).__name__}, vocab={self.vocab_size})"

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..ops.attention import attention_over_cache
-from ..ops.eviction_replay import MAX_ENTRIES, replay_evictions, replay_evictions_reference
+from ..ops.eviction_replay import MAX_ENTRIES, replay_evictions, replay_evictions_host, replay_evictions_reference
 from .buffers import CacheBuffers
 
 LONG_MAX = torch.iinfo(torch.long).max
@@ -70,7 +70,7 @@ class _Eviction(CacheBuffers):
         replay kernel can hold all ``capacity + sub-chunk`` entries of a row. 1 means token by token."""
         C = self.capacity
         per_token = batch * n_heads * (C + 256)
-        step = min(256, EVICT_CHUNK_SCORES // per_token)
+        step = min(128, EVICT_CHUNK_SCORES // per_token)
         if self.k is not None and self.k.is_cuda and C < MAX_ENTRIES:
             step = min(step, MAX_ENTRIES - C)
         return max(1, step)
@@ -80,14 +80,12 @@ class _Eviction(CacheBuffers):
         :meth:`_evict_step` would do it (bit for bit in float64; in lower precision the batched products
         round differently, so a near-tie can be decided the other way).
 
-        The cache's ``C`` slots and the ``c`` new tokens form ``S = C + c`` candidate entries. Two products
+        The cache's ``C`` slots and the ``c`` new tokens form ``S = C + c`` candidate entries. One product
         give every new query's scores against all of them; a loop over the tokens then replays the
         policy (:mod:`longseq.ops.eviction_replay`): token ``t`` joins the alive set, its attention over
         the alive entries (softmax, then the mean over the query heads of each group) scores them, and
         the policy's victim leaves. The alive set each query saw is recorded, so the outputs are one
-        masked attention. The surviving new tokens then move into the cache slots that died (slot order
-        carries no meaning), and the one dead slot left over becomes the free slot; the cache is never
-        copied.
+        masked attention. The kept entries are then written back in position order, the free slot last.
 
         q: ``[B, H, c, D]``; k, v: ``[B, H_kv, c, D]``; pos: ``[B, c]``. Returns ``[B, H, c, D]``.
         """
@@ -97,10 +95,13 @@ class _Eviction(CacheBuffers):
         Hkv, G, C = k.shape[1], self.slot_pos.shape[1], self.capacity
         S, heads = C + c, H // G
         key_pos = torch.cat([self.slot_pos, pos[:, None].expand(B, G, c)], dim=2)  # [B, G, S]
-        # The arithmetic of attention_over_cache's weights path, for all c queries at once.
+        # The arithmetic of attention_over_cache's weights path, for all c queries at once; the cache and the
+        # chunk side by side (a copy of the cache's keys is far smaller than the c x S scores), and the
+        # elementwise steps in place: on the CPU a fresh c x S buffer costs page faults.
         qg = q.reshape(B, Hkv, H // Hkv * c, D)
         sdt = torch.promote_types(q.dtype, torch.float32)
-        scores = torch.cat([qg @ self.k.transpose(-1, -2), qg @ k.transpose(-1, -2)], dim=-1).to(sdt) * D**-0.5
+        keys, values = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)  # [B, H_kv, S, D]
+        scores = (qg @ keys.transpose(-1, -2)).to(sdt).mul_(D**-0.5)
         scores = scores.view(B, H, c, S)
         alive = key_pos >= 0  # the cache's kept tokens (the free slot holds position -1)
         alive[..., C:] = False
@@ -109,41 +110,42 @@ class _Eviction(CacheBuffers):
             acc = torch.cat([self.score, self.score.new_zeros(B, G, c)], dim=2)
         seen, alive, acc = self._replay(scores, key_pos, pos, alive, acc)
         visible = seen.repeat_interleave(heads, dim=1) if G > 1 else seen.expand(B, H, c, S)
-        w = scores.masked_fill(~visible, float("-inf")).softmax(-1).to(self.v.dtype)
+        w = scores.masked_fill_(~visible, float("-inf")).softmax(-1).to(self.v.dtype)
         w = w.view(B, Hkv, H // Hkv * c, S)
-        o = (w[..., :C] @ self.v + w[..., C:] @ v).view(B, H, c, D)
+        o = (w @ values).view(B, H, c, D)
 
-        # Survivor j of the new tokens (in order) takes the j-th dead cache slot (in slot order); the
-        # next dead slot is the free one, and the evicted new tokens are written there (it is unused).
-        dead = ~alive[..., :C]  # [B, G, C]; exactly (surviving new tokens + 1) per row and group
-        dead_slots = (~dead).to(torch.int8).argsort(dim=-1, stable=True)  # dead slots first, in order
-        survive = alive[..., C:]  # [B, G, c]
-        n_survive = survive.sum(-1, keepdim=True)  # [B, G, 1]
-        rank = torch.where(survive, survive.cumsum(-1) - 1, n_survive)
-        dest = dead_slots.gather(-1, rank)  # [B, G, c]
-        free = dead_slots.gather(-1, n_survive)  # [B, G, 1]
-        kv_dest = (dest.expand(B, Hkv, c) if G == 1 else dest)[..., None].expand(B, Hkv, c, D)
-        self.k.scatter_(2, kv_dest, k)
-        self.v.scatter_(2, kv_dest, v)
-        self.slot_pos.masked_fill_(dead, -1)
-        self.slot_pos.scatter_(2, dest, torch.where(survive, key_pos[..., C:], -1))
+        # The kept set goes into slots [0, budget) in position order, the spare slot last (as _banded leaves
+        # it): the next chunk's replay then finds its entries sorted (ties go to the oldest, so sorted
+        # entries spare the CPU replay a pass over the scores).
+        budget = self.budget
+        keep = key_pos.masked_fill(~alive, LONG_MAX).argsort(dim=-1)[..., :budget]  # [B, G, budget]
+        idx = (keep.expand(B, Hkv, budget) if G == 1 else keep)[..., None].expand(B, Hkv, budget, D)
+        self.k[:, :, :budget] = keys.gather(2, idx)
+        self.v[:, :, :budget] = values.gather(2, idx)
+        self.slot_pos[..., :budget] = key_pos.gather(-1, keep)
+        self.slot_pos[..., budget:] = -1
         if acc is not None:
             assert self.score is not None
-            self.score.copy_(acc[..., :C].masked_fill(dead, 0.0))
-            self.score.scatter_(2, dest, torch.where(survive, acc[..., C:], 0.0))
-        self._free.copy_(free[..., 0])
+            self.score[..., :budget] = acc.gather(-1, keep)
+            self.score[..., budget:] = 0.0
+        self._free.fill_(budget)
         return o
 
     def _replay(
         self, scores: Tensor, key_pos: Tensor, pos: Tensor, alive: Tensor, acc: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """The per-token decisions of :meth:`_evict_chunk` (see :mod:`longseq.ops.eviction_replay`): one
-        Triton launch on CUDA for policies with the kernel's rule (``replay_recent``), the PyTorch loop
-        otherwise (or if the kernel cannot be compiled here, said once)."""
+        """The per-token decisions of :meth:`_evict_chunk` (see :mod:`longseq.ops.eviction_replay`) for policies
+        with the kernels' rule (``replay_recent``): one Triton launch on CUDA, the NumPy loop on the CPU; the
+        PyTorch loop for other rules (or if the Triton kernel cannot be compiled here, said once, or if the
+        scores' range is too wide for the NumPy loop's exponentials)."""
         global _replay_kernel_error
         policy = self.policy
         recent = policy.replay_recent
-        if scores.is_cuda and recent is not None and _replay_kernel_error is None and scores.shape[-1] <= MAX_ENTRIES:
+        if recent is not None and scores.device.type == "cpu":
+            done = replay_evictions_host(scores, key_pos, pos, alive, acc, recent)
+            if done is not None:
+                return done
+        elif scores.is_cuda and recent is not None and _replay_kernel_error is None and scores.shape[-1] <= MAX_ENTRIES:
             try:
                 return replay_evictions(scores, key_pos, pos, alive, acc, recent)
             except torch.OutOfMemoryError:
@@ -180,7 +182,10 @@ class _Eviction(CacheBuffers):
         values = torch.cat([self.v.gather(2, idx), v], dim=2)
         key_pos = torch.cat([self.slot_pos.gather(2, order), pos[:, None]], dim=2)  # [B, 1, budget + T]
         outs = []
-        block = 1024
+        # Queries per block: each block attends over sinks + window + block keys, so smaller blocks waste
+        # less of the band on masked keys (window + block vs the window each query needs); half the window
+        # balances that against the number of calls.
+        block = min(1024, max(64, window // 2))
         for a in range(0, T, block):
             b = min(T, a + block)
             lo, hi = sinks + a, budget + b  # run entries for queries [a, b): [a, b + window) after the sinks

@@ -33,7 +33,8 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
                    f"(default {DEFAULT_DEPTHS})")
     p.add_argument("--trials", metavar="N", help="task: keys per length and depth (default 5)")
     p.add_argument("--seed", metavar="N", help="task: seed of the keys and filler (default 0)")
-    p.add_argument("--filler", metavar="FILE", help="task: text to hide the key in (default: the built-in corpus)")
+    p.add_argument("--filler", metavar="FILE", help="task: text to hide the key in: a file, or a built-in: corpus "
+                   "(Shakespeare, the default) or repeat (a few sentences over and over, the classic passkey setup)")
     p.add_argument("--max-new-tokens", metavar="N", help="task: tokens generated per answer (default 10)")
     p.add_argument("--out", dest="task_out", metavar="DIR",
                    help="task: folder for passkey.md/.json/.png (default ./passkey-<model>-<settings tag>)")
@@ -82,7 +83,7 @@ def _one_int(flag: str, text: str | None, default: int, low: int) -> int:
 
 def check_task_args(args: argparse.Namespace) -> dict[str, Any]:
     """Every task flag checked and converted, before anything is opened; returns ``run_passkey``'s settings."""
-    from ..tasks.passkey import KEY_DIGITS, parse_budget, plan_rows
+    from ..tasks.passkey import FILLER_NAMES, KEY_DIGITS, named_filler, parse_budget, plan_rows
 
     if args.task not in TASKS:
         raise ValueError(f"--task: unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
@@ -110,9 +111,12 @@ def check_task_args(args: argparse.Namespace) -> dict[str, Any]:
                     batch_size=args.batch_size)
     if args.filler is not None:
         path = Path(args.filler)
-        if not path.is_file():
-            raise FileNotFoundError(f"--filler: no such file: {path}")
-        settings["filler"] = path.read_text(encoding="utf-8", errors="replace")
+        if path.is_file():
+            settings["filler"] = path.read_text(encoding="utf-8", errors="replace")
+        elif args.filler in FILLER_NAMES:
+            settings["filler"] = named_filler(args.filler)
+        else:
+            raise FileNotFoundError(f"--filler: no such file: {path} (built-in fillers: {', '.join(FILLER_NAMES)})")
     return settings
 
 
@@ -120,7 +124,8 @@ def _out_dir(args: argparse.Namespace, settings: dict[str, Any]) -> Path:
     if args.task_out or args.out_dir:
         return Path(args.task_out or args.out_dir)
     named = {k: v for k, v in settings.items() if k != "filler"}
-    named["filler"] = None if args.filler is None else str(Path(args.filler).absolute())
+    named["filler"] = args.filler if args.filler is None or not Path(args.filler).is_file() \
+        else str(Path(args.filler).absolute())  # a built-in filler by its name
     tag = hashlib.sha256(json.dumps(named, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return Path(f"passkey-{Path(args.checkpoint).name}-{tag}")
 

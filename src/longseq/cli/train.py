@@ -22,8 +22,8 @@ def add_parser(sub) -> None:
         "train",
         help="train a model (torchrun-compatible)",
         description=(
-            "Train a byte-level language model. Flags left out take their defaults, or on --resume the "
-            "values saved in RUN_DIR/config.json."
+            "Train a language model on bytes (or, with --tokenizer, on a tokenizer's ids). Flags left out take "
+            "their defaults, or on --resume the values saved in RUN_DIR/config.json."
         ),
     )
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (config, metrics, checkpoints)")
@@ -57,7 +57,13 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache-dir", metavar="DIR", help="where corpora are cached (default: $LONGSEQ_CACHE or ~/.cache/longseq)"
     )
-    p.add_argument("--seq-len", type=int, help="bytes per training sequence (default 256)")
+    p.add_argument(
+        "--tokenizer", metavar="PATH",
+        help="train on this tokenizer's ids instead of bytes: a .gguf file, an HF folder with tokenizer files, "
+        "or a model saved with one (the corpus is tokenized once and cached; not for megabyte)",
+    )
+    p.add_argument("--seq-len", type=int, help="ids (bytes, or tokens with --tokenizer) per training sequence "
+                   "(default 256)")
     p.add_argument("--batch-size", type=int, help="global batch in sequences per optimizer step (default 16)")
 
 

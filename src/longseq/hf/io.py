@@ -29,13 +29,12 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..models import MODELS, LanguageModel, config_class, model_from_config
-from ..tokenizer import BYTES, load_tokenizer
+from ..tokenizer import BYTES, TOKENIZER_DIR, load_tokenizer
 
 MODEL_TYPE = "longseq"
 ARCHITECTURE = "LongseqForCausalLM"
 PREFIX = "lm."  # LongseqForCausalLM holds the longseq model as `.lm`
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
-TOKENIZER_DIR = "tokenizer"  # a non-byte tokenizer's own files, in a folder of their own
 _REMOTE_CODE = {
     "configuration_longseq.py": '"""Loads the longseq config class (trust_remote_code)."""\n\n'
     'from longseq.hf.modeling import LongseqHFConfig\n\n__all__ = ["LongseqHFConfig"]\n',

@@ -58,6 +58,26 @@ class PasskeyPrompt:
     trial: int
 
 
+#: The other built-in filler: a few plain sentences over and over, as in the passkey test of Mohtashami and
+#: Jaggi (2023) (the idea, in our own words). The key is then the only line that is not repetition, so
+#: retrieval tests what the cache kept rather than how well a small model reads prose: SmolLM2-135M finds
+#: the key at every depth of 2,048 tokens of it, against a third of the time in Shakespeare.
+REPEATED_SENTENCES = ("The river runs to the sea. The hills are quiet and green. The wind is cold today. "
+                      "We walk on, and then we go back home again.\n")
+
+
+def named_filler(name: str) -> str:
+    """A built-in filler by name: ``"corpus"`` (Shakespeare's works, the default) or ``"repeat"``."""
+    if name == "corpus":
+        return builtin_filler()
+    if name == "repeat":
+        return REPEATED_SENTENCES * 200
+    raise ValueError(f"unknown built-in filler {name!r}; expected 'corpus' or 'repeat' (or a text file)")
+
+
+FILLER_NAMES = ("corpus", "repeat")
+
+
 @lru_cache(maxsize=1)
 def builtin_filler() -> str:
     """The built-in corpus (Shakespeare's works) as one text, documents in order."""

@@ -8,6 +8,7 @@ Layout of a run directory::
         model.safetensors             full (unsharded) weights
         train_state.pt                optimizer (keyed by parameter name), schedule, sampler, RNG states
         config.json                   {"format": "longseq-checkpoint", "step", "model", "train"}
+        tokenizer/                    the tokenizer's files (runs trained with --tokenizer only)
         manifest.json                 size and sha256 of each file above; written last
 
 Loading checks each file's size and checksum against the manifest, so a damaged file (truncated, or
@@ -35,6 +36,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from ..tokenizer import BYTES, TOKENIZER_DIR, Tokenizer, load_tokenizer
 
 FORMAT = "longseq-checkpoint"
 VERSION = 1
@@ -136,6 +139,7 @@ def save_checkpoint(
     train_state: dict[str, Any],
     config: dict[str, Any],
     keep: int | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> Path:
     """Write checkpoint ``step`` of ``run_dir`` atomically and keep only the newest ``keep`` (None: all).
 
@@ -144,6 +148,8 @@ def save_checkpoint(
         train_state: picklable with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists,
             dicts (optimizer, schedule, sampler and RNG states).
         config: ``{"model": {"kind", "config"}, "train": {...}}``; ``format`` and ``step`` are added.
+        tokenizer: a non-byte tokenizer's files go into ``tokenizer/`` (in the manifest too), so the
+            checkpoint opens on its own with the tokenizer it was trained with.
     Returns the checkpoint directory. An existing checkpoint of the same step is left as it is.
     """
     final = checkpoint_dir(run_dir, step)
@@ -155,9 +161,14 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         digests = _write_files(tmp, step, model_state, train_state, config)
-        for name in FILES:
+        if tokenizer is not None and tokenizer.kind != BYTES.kind:
+            tokenizer.save(tmp / TOKENIZER_DIR)
+            for f in sorted((tmp / TOKENIZER_DIR).rglob("*")):
+                if f.is_file():
+                    digests[f.relative_to(tmp).as_posix()] = _sha256_file(f)
+        for name in digests:
             _fsync_file(tmp / name)
-        files = {name: {"size": (tmp / name).stat().st_size, "sha256": digests[name]} for name in FILES}
+        files = {name: {"size": (tmp / name).stat().st_size, "sha256": digest} for name, digest in digests.items()}
         manifest = {"format": FORMAT, "version": MANIFEST_VERSION, "files": files}
         (tmp / "manifest.json").write_text(json.dumps(manifest))
         _fsync_file(tmp / "manifest.json")
@@ -233,7 +244,8 @@ def verify_checkpoint(ckpt: Path, hashed: tuple[str, ...] = FILES) -> dict[str, 
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt} is not a longseq checkpoint (manifest format is not {FORMAT!r})")
     for name, entry in manifest.get("files", {}).items():
-        _check_file(ckpt, name, entry, name in hashed)
+        # The tokenizer's files are small and part of the model: always checksummed.
+        _check_file(ckpt, name, entry, name in hashed or name.startswith(f"{TOKENIZER_DIR}/"))
     try:
         config = json.loads((ckpt / "config.json").read_text())
     except (ValueError, OSError) as err:
@@ -372,10 +384,14 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"):
     from ..models import model_from_config
 
     ckpt = resolve_checkpoint(path)
-    model = model_from_config(model_config_from(verify_checkpoint(ckpt, MODEL_FILES)))
+    config = verify_checkpoint(ckpt, MODEL_FILES)
+    model = model_from_config(model_config_from(config))
     state = load_model_state(ckpt)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"weights in {ckpt} do not fit the model its config describes: {err}") from err
+    tokenizer = (config["model"].get("tokenizer") or {}).get("kind", BYTES.kind)
+    if tokenizer != BYTES.kind:  # trained with --tokenizer: its files are in the checkpoint
+        model.tokenizer = load_tokenizer(tokenizer, ckpt / TOKENIZER_DIR)
     return model.to(device).eval()

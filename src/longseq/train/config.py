@@ -21,6 +21,7 @@ class TrainConfig:
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields (``--set k=v``)
     data: list[str] | None = None  # None: the built-in corpus
+    tokenizer: str | None = None  # None: bytes; else a tokenizer path (.gguf, HF folder, a model saved with one)
     val_docs: list[str] | None = None  # None: the built-in split, else val_fraction
     val_fraction: float | None = None
     within_docs: bool = False

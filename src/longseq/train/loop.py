@@ -28,10 +28,13 @@ from ..data import (
     load_corpus,
     split_documents,
 )
-from ..evaluate import EvaluationStopped, check_seq_len, corpus_documents, evaluate_bpb
+from ..data.tokens import tokenize_corpus
+from ..evaluate import EvaluationStopped, check_seq_len, corpus_documents, evaluate_bpb, model_tokenizer
 from ..models import config_class, model_from_config
 from ..models.registry import capabilities
 from ..precision import autocast
+from ..sources import open_tokenizer
+from ..tokenizer import Tokenizer
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
 from .distributed import (
@@ -78,11 +81,15 @@ class TrainResult:
     signal: int | None = None  # the signal caught, if any (after the last step it cuts only validation short)
 
 
-def resolve_model_config(cfg: TrainConfig):
-    """The model config of a run: ``cfg.preset`` of ``cfg.model`` with ``cfg.overrides``.
+def resolve_model_config(cfg: TrainConfig, tokenizer: Tokenizer | None = None):
+    """The model config of a run: ``cfg.preset`` of ``cfg.model`` with ``cfg.overrides``; with a
+    ``tokenizer`` (``--tokenizer``), its vocabulary unless ``vocab_size`` is overridden.
 
     Raises ``ValueError`` for an unknown kind, preset or field, or a wrongly typed value."""
-    return config_class(cfg.model).from_preset(cfg.preset, **cfg.overrides)
+    overrides = dict(cfg.overrides)
+    if tokenizer is not None:
+        overrides.setdefault("vocab_size", tokenizer.vocab_size)
+    return config_class(cfg.model).from_preset(cfg.preset, **overrides)
 
 
 def train(
@@ -103,12 +110,13 @@ def train(
         :class:`TrainingDiverged` (a ``ValueError`` too) when the loss becomes NaN or infinite.
     """
     check_parallel(cfg.parallel)
-    model_cfg = resolve_model_config(cfg)
-    _check_model_fits(cfg, model_cfg)
+    tokenizer = open_tokenizer(cfg.tokenizer) if cfg.tokenizer is not None else None
+    model_cfg = resolve_model_config(cfg, tokenizer)
+    _check_model_fits(cfg, model_cfg, tokenizer)
     run_dir = Path(cfg.out)
     resume_from, damaged = check_run_dir(run_dir, resume, overwrite)
     if resume_from is not None:
-        check_compatible(model_cfg, ckpt_io.verify_checkpoint(resume_from), resume_from)
+        check_compatible(model_cfg, ckpt_io.verify_checkpoint(resume_from), resume_from, tokenizer)
     world = int(os.environ.get("WORLD_SIZE", "1")) if cfg.parallel != "none" else 1
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(
@@ -125,7 +133,10 @@ def train(
     )
     val_fraction = cfg.val_fraction if cfg.val_fraction is not None else 0.1
     split = split_documents(corpus.names, val_docs, val_fraction)
-    sampler = WindowSampler(corpus, split.train, cfg.seq_len + 1, seed=cfg.seed, within_docs=cfg.within_docs)
+    # Training windows are drawn from the ids (bytes, or the corpus tokenized once and cached); validation
+    # scores the documents' text, which the model's tokenizer turns into ids (bits per UTF-8 byte either way).
+    ids = corpus if tokenizer is None else tokenize_corpus(corpus, tokenizer, progress=cfg.progress)
+    sampler = WindowSampler(ids, split.train, cfg.seq_len + 1, seed=cfg.seed, within_docs=cfg.within_docs)
     val_set = corpus_documents(corpus, split.val, cfg.eval_tokens) if split.val else []
     if split.val and sum(len(t) for _, t in val_set) - len(val_set) < 1:
         raise DataError("the validation documents hold no byte to score (each needs at least 2 bytes)")
@@ -133,20 +144,21 @@ def train(
     info = init_distributed(cfg.parallel, cfg.device)
     try:
         return _run(
-            cfg, model_cfg, run_dir, resume_from, damaged, overwrite, sampler, val_set, info, on_step
+            cfg, model_cfg, run_dir, resume_from, damaged, overwrite, sampler, val_set, info, on_step, tokenizer
         )
     finally:
         shutdown()
 
 
-def _check_model_fits(cfg: TrainConfig, model_cfg) -> None:
-    """What the model config must allow of a byte-level run with ``cfg.seq_len``-byte windows."""
-    if model_cfg.vocab_size < BYTE_VOCAB:
-        raise ValueError(
-            f"vocab_size={model_cfg.vocab_size} is too small for byte-level training: every byte value is an "
-            f"input id, so it must be >= {BYTE_VOCAB}"
-        )
+def _check_model_fits(cfg: TrainConfig, model_cfg, tokenizer: Tokenizer | None) -> None:
+    """What the model config must allow of a run with ``cfg.seq_len``-id windows of bytes or ``tokenizer``'s ids."""
     caps = capabilities(model_cfg)
+    if tokenizer is not None and caps.byte_level:
+        raise ValueError(f"a {cfg.model} model is byte-level by design: train it without --tokenizer")
+    needed, what = (BYTE_VOCAB, "byte-level training: every byte value is an input id") if tokenizer is None else (
+        tokenizer.vocab_size, f"the tokenizer {cfg.tokenizer}, which has {tokenizer.vocab_size} ids")
+    if model_cfg.vocab_size < needed:
+        raise ValueError(f"vocab_size={model_cfg.vocab_size} is too small for {what}, so it must be >= {needed}")
     if cfg.seq_len % caps.seq_multiple:
         raise ValueError(
             f"seq-len {cfg.seq_len} must be a multiple of the {cfg.model} model's patch_size={caps.seq_multiple}"
@@ -156,18 +168,18 @@ def _check_model_fits(cfg: TrainConfig, model_cfg) -> None:
 
 
 def _run(
-    cfg, model_cfg, run_dir, resume_from, damaged, overwrite, sampler, val_set, info: DistInfo, on_step
+    cfg, model_cfg, run_dir, resume_from, damaged, overwrite, sampler, val_set, info: DistInfo, on_step, tokenizer
 ):
     """Everything after the checks of :func:`train`, on every rank: build or restore the model and optimizer,
     set up the run directory (main rank; the damaged checkpoints newer than ``resume_from`` set aside), and
     run the steps."""
-    config = run_config(cfg, model_cfg)
+    config = run_config(cfg, model_cfg, tokenizer)
     # Read (and so checked), and the model built, before the run directory is touched: a failure here
     # leaves no partial run directory behind.
     saved_state = ckpt_io.load_train_state(resume_from) if resume_from is not None else None
     saved_model = ckpt_io.load_model_state(resume_from) if resume_from is not None else None
     start_step = int(saved_state["step"]) if saved_state is not None else 0
-    setup = _build_training(cfg, model_cfg, saved_state, saved_model, sampler, info)
+    setup = _build_training(cfg, model_cfg, saved_state, saved_model, sampler, info, tokenizer)
     if info.is_main:
         moved = prepare_run_dir(
             run_dir, config, start_step if resume_from is not None else None, overwrite, [c for c, _ in damaged]
@@ -198,12 +210,14 @@ class _Setup:
     schedule: WarmupCosine
 
 
-def _build_training(cfg, model_cfg, saved_state, saved_model, sampler, info: DistInfo) -> _Setup:
+def _build_training(cfg, model_cfg, saved_state, saved_model, sampler, info: DistInfo, tokenizer) -> _Setup:
     """Build (or restore) the model, its parallel wrapper and the optimizer; when resuming, also restore the
     sampler's position and the RNGs, so the run continues exactly."""
     device = info.device
     torch.manual_seed(cfg.seed)
     model = model_from_config(model_cfg)
+    if tokenizer is not None:
+        model.tokenizer = tokenizer  # validation and checkpoints take it from the model
     if saved_model is not None:
         model.load_state_dict(saved_model, strict=True)  # before sharding: FSDP shards what is loaded
     model.to(device)
@@ -383,7 +397,8 @@ class _Session:
             }
             ckpt_cfg = {"model": self.config["model"], "train": self.config["train"]}
             path = ckpt_io.save_checkpoint(
-                self.run_dir, step, state_model, train_state, ckpt_cfg, keep=self.cfg.keep
+                self.run_dir, step, state_model, train_state, ckpt_cfg, keep=self.cfg.keep,
+                tokenizer=model_tokenizer(setup.eval_model),
             )
         barrier(info)
         return path

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..tokenizer import BYTES, Tokenizer
 from . import checkpoint as ckpt_io
 from .checkpoint import CheckpointError
 from .config import TrainConfig
@@ -25,13 +26,13 @@ class RunDirError(ValueError):
     resume, ...)."""
 
 
-def run_config(cfg: TrainConfig, model_cfg) -> dict[str, Any]:
-    """What ``config.json`` holds: the format tag, the model (kind, preset, full config) and the training config."""
-    return {
-        "format": RUN_FORMAT,
-        "model": {"kind": cfg.model, "preset": cfg.preset, "config": model_cfg.to_dict()},
-        "train": cfg.to_dict(),
-    }
+def run_config(cfg: TrainConfig, model_cfg, tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+    """What ``config.json`` holds: the format tag, the model (kind, preset, full config, and a non-byte
+    tokenizer's kind and fingerprint) and the training config."""
+    model: dict[str, Any] = {"kind": cfg.model, "preset": cfg.preset, "config": model_cfg.to_dict()}
+    if tokenizer is not None and tokenizer.kind != BYTES.kind:
+        model["tokenizer"] = {"kind": tokenizer.kind, "fingerprint": tokenizer.fingerprint()}
+    return {"format": RUN_FORMAT, "model": model, "train": cfg.to_dict()}
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -95,9 +96,15 @@ def check_run_dir(
     return None, []
 
 
-def check_compatible(model_cfg, saved: dict[str, Any], where: Path) -> None:
-    """Raise when the requested model config differs from the checkpoint's."""
+def check_compatible(model_cfg, saved: dict[str, Any], where: Path, tokenizer: Tokenizer | None = None) -> None:
+    """Raise when the requested model config or tokenizer differs from the checkpoint's."""
     theirs = saved["model"]
+    saved_tok = (theirs.get("tokenizer") or {}).get("fingerprint")
+    ours_tok = tokenizer.fingerprint() if tokenizer is not None and tokenizer.kind != BYTES.kind else None
+    if saved_tok != ours_tok:
+        have = "was trained on bytes" if saved_tok is None else "was trained with another tokenizer"
+        want = "bytes" if ours_tok is None else "this --tokenizer"
+        raise CheckpointError(f"cannot resume {where}: it {have}, not {want}")
     ours = model_cfg.to_dict()
     if theirs["kind"] != model_cfg.kind:
         raise CheckpointError(

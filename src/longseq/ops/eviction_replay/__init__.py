@@ -4,9 +4,11 @@ Why: TOVA and H2O decide token by token (each eviction changes what the next tok
 prefill of a long prompt is a loop over its tokens. With the scores of every new query against the cache
 and the chunk computed up front (one product), what remains sequential is cheap -- per token a softmax
 over the entries alive at that moment, a mean over the query heads, and a selection -- but as PyTorch ops
-it is still ~10 kernel launches per token and layer. :func:`replay_evictions` runs the whole loop in one
-Triton program per (row, head group) (``kernel.py``); :func:`replay_evictions_reference` is the PyTorch
-loop it is tested against, and the path on CPU (``reference.py``).
+it is still ~12 operator dispatches per token and layer. :func:`replay_evictions` runs the whole loop in
+one Triton program per (row, head group) on CUDA (``kernel.py``); :func:`replay_evictions_host` is the CPU
+path, the exponentials once per chunk and two small products and an argmin per token in NumPy
+(``host.py``); :func:`replay_evictions_reference` is the PyTorch loop both are tested against, and the path
+for any other eviction rule (``reference.py``).
 
 Layouts (``S`` = cache slots + ``c`` new tokens; entries ``[S - c, S)`` are the new tokens in order):
 
@@ -27,9 +29,16 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .host import replay_evictions_host
 from .reference import check_replay_inputs, replay_evictions_reference
 
-__all__ = ["MAX_ENTRIES", "check_replay_inputs", "replay_evictions", "replay_evictions_reference"]
+__all__ = [
+    "MAX_ENTRIES",
+    "check_replay_inputs",
+    "replay_evictions",
+    "replay_evictions_host",
+    "replay_evictions_reference",
+]
 
 MAX_ENTRIES = 8192  # entries (S) per row: the kernel holds their flags, positions and scores in registers
 
