@@ -9,9 +9,11 @@ set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-# Optional anchors (MEGABYTE-pytorch, fla) travel as wheels in .whl/ (see the device README).
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+# Optional anchors (MEGABYTE-pytorch, fla) and the .gguf readers (gguf, accelerate) travel as wheels in .whl/
+# (carried) or gpu_wheels/ (untracked; see the device README).
+wheels=$(ls .whl/*.whl gpu_wheels/*.whl 2>/dev/null)
+if [ -n "$wheels" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 # The built-in corpus's works as files (the pretrained-model steps take --data files).

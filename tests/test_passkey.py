@@ -13,6 +13,7 @@ from longseq import build_model
 from longseq.cli import main
 from longseq.tasks import extract_key, make_prompts, parse_budget, resolve_budget, run_passkey, score_answer
 from longseq.tasks import passkey as passkey_module
+from longseq.tasks.passkey import named_filler
 from longseq.tokenizer import BYTES, HFTokenizer
 from longseq.train import TrainConfig, train
 from test_train import make_corpus  # tests/ is on sys.path
@@ -187,6 +188,17 @@ def test_cli_passkey_without_matplotlib_skips_the_plot(native_run, tmp_path, mon
     assert sorted(p.name for p in out.iterdir()) == ["passkey.json", "passkey.md"]
 
 
+def test_cli_passkey_takes_a_builtin_filler_by_name(native_run, tmp_path):
+    """``--filler repeat``: the key sits in the repeated sentences, nothing of the corpus around it."""
+    out = tmp_path / "pk"
+    assert main(["eval", str(native_run), "--task", "passkey", "--lengths", "300", "--depths", "0.5", "--trials", "1",
+                 "--filler", "repeat", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    prompt = make_prompts(BYTES, 300, [0.5], filler=named_filler("repeat"))[0]
+    text = bytes(prompt.ids).decode()
+    assert "The river runs to the sea." in text and "Hamlet" not in text and text.count(prompt.key) == 2
+    assert json.loads((out / "passkey.json").read_text())["trials"][0]["key"] == prompt.key
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--task", "needle"], "unknown task 'needle'"),
     (["--task", "passkey"], "needs --lengths"),
@@ -199,6 +211,7 @@ def test_cli_passkey_without_matplotlib_skips_the_plot(native_run, tmp_path, mon
     (["--task", "passkey", "--lengths", "512", "--trials", "0"], "--trials must be >= 1"),
     (["--task", "passkey", "--lengths", "512", "--max-new-tokens", "3"], "--max-new-tokens must be >= 5"),
     (["--task", "passkey", "--lengths", "512", "--filler", "/nonexistent/f.txt"], "--filler: no such file"),
+    (["--task", "passkey", "--lengths", "512", "--filler", "repeats"], "built-in fillers: corpus, repeat"),
     (["--task", "passkey", "--lengths", "512", "--stride", "4"], "--stride does not apply"),
     (["--task", "passkey", "--lengths", "512", "--device", "tpu9"], "--device"),
     (["--lengths", "512"], "--lengths applies to --task passkey only"),

@@ -70,6 +70,10 @@ def test_quick_run_writes_the_report(tmp_path):
     # Experiment 2 and 3 tables.
     assert "| MEGABYTE (`megabyte-8k`) |" in text and "bpb strided" in text
     assert "| GLA (`gla-2k`) |" in text and "state @ 8192" in text
+    # Experiment 4 (a tiny random Llama folder stands in for the pretrained model): sweeps, kept positions, passkey.
+    assert "| policy | 16 (1/16) | 32 (1/8) | 64 (1/4) | 128 (1/2) | full (256) |" in text
+    assert "| layer | first token kept, TOVA(16) |" in text
+    assert "| policy | length | full cache | ctx/16 | ctx/8 | ctx/4 | ctx/2 |" in text and "| TOVA | 512 |" in text
     assert "not run" not in text
     for name in ("tova", "megabyte", "gla"):
         assert (out_dir / "img" / f"repro-quick-{name}.png").stat().st_size > 1000
@@ -81,5 +85,5 @@ def test_quick_run_writes_the_report(tmp_path):
     # Idempotent: a second run skips every stage and only rebuilds the report.
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert again.returncode == 0
-    assert again.stdout.count("skipped") == 5
+    assert again.stdout.count("skipped") == 6
     assert report.read_text() == text

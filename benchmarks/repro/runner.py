@@ -15,6 +15,7 @@ from .common import REPO, SCRIPT, environment, read_json, say, write_json
 from .config import Ctx, pick_device
 from .eval_gla import stage_eval_gla
 from .eval_megabyte import stage_eval_megabyte
+from .eval_pretrained import stage_eval_pretrained
 from .eval_tova import stage_eval_tova
 from .report import stage_report
 from .train import stage_train
@@ -25,9 +26,10 @@ STAGE_FNS = {
     "eval-tova": stage_eval_tova,
     "eval-megabyte": stage_eval_megabyte,
     "eval-gla": stage_eval_gla,
+    "eval-pretrained": stage_eval_pretrained,
     "report": stage_report,
 }
-OUTPUT = {"eval-tova": "tova", "eval-megabyte": "megabyte", "eval-gla": "gla"}  # results/<name>.json
+OUTPUT = {"eval-tova": "tova", "eval-megabyte": "megabyte", "eval-gla": "gla", "eval-pretrained": "pretrained"}  # results/<name>.json
 
 
 def stage_done(ctx: Ctx, name: str) -> bool:

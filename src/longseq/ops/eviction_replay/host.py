@@ -37,6 +37,7 @@ SPAN_FP32 = 80.0
 SPAN_FP64 = 700.0
 
 
+@torch.no_grad()  # decisions are discrete: nothing here is differentiated (an HF forward may track grads)
 def replay_evictions_host(
     scores: Tensor, key_pos: Tensor, pos: Tensor, alive: Tensor, acc: Tensor | None, recent: int
 ) -> tuple[Tensor, Tensor, Tensor | None] | None:
