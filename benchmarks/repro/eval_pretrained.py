@@ -9,6 +9,7 @@ kept (``--force`` redoes them), so the stage resumes where a time limit cut it.
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import tarfile
 from dataclasses import dataclass
@@ -122,6 +123,10 @@ def stage_eval_pretrained(ctx: Ctx) -> dict[str, Any]:
     from longseq.sources import open_model
 
     sizes = QUICK if ctx.setup.quick else FULL
+    args = ctx.args
+    if args.pretrained_works or args.passkey_trials:  # a smaller run (on a CPU, say)
+        sizes = dataclasses.replace(sizes, works=sizes.works[: args.pretrained_works or len(sizes.works)],
+                                    trials=args.passkey_trials or sizes.trials)
     model = ctx.args.pretrained
     if model is None and not ctx.setup.quick:
         raise SystemExit("reproduce: --stage eval-pretrained needs --pretrained PATH (a .gguf file or HF folder)")

@@ -29,7 +29,8 @@ STAGE_FNS = {
     "eval-pretrained": stage_eval_pretrained,
     "report": stage_report,
 }
-OUTPUT = {"eval-tova": "tova", "eval-megabyte": "megabyte", "eval-gla": "gla", "eval-pretrained": "pretrained"}  # results/<name>.json
+# results/<name>.json of each evaluation stage
+OUTPUT = {"eval-tova": "tova", "eval-megabyte": "megabyte", "eval-gla": "gla", "eval-pretrained": "pretrained"}
 
 
 def stage_done(ctx: Ctx, name: str) -> bool:

@@ -69,15 +69,15 @@ def replay_evictions_host(
     e = e.exp_().view(c, R, heads, S).numpy()
 
     live0 = alive_in.reshape(R, S).numpy()
-    penalty = None
-    if recent:  # H2O: entries newer than pos_t - recent are no candidates at token t
-        limit = (pos - recent).repeat_interleave(G, 0).numpy()  # [R, c]
-        kp = key_pos.reshape(R, S).numpy()
-        penalty = np.where(kp[None] <= limit.T[:, :, None], 0.0, np.inf).astype(e.dtype)  # [c, R, S]
+    # H2O's candidates at token t are the entries at positions <= pos_t - recent: with the entries in position
+    # order, a prefix [0, k_t) (dead entries, at any position, are never candidates; they count as -1).
+    kp = np.maximum.accumulate(np.where(live0 | (np.arange(S) >= C), key_pos.reshape(R, S).numpy(), -1), axis=1)
+    limit = (pos - recent).repeat_interleave(G, 0).numpy()  # [R, c]
+    ends = np.stack([np.searchsorted(kp[r], limit[r], side="right") for r in range(R)], axis=1)  # [c, R]
     total = None
     if acc is not None:
         total = (acc if order is None else acc.gather(-1, order)).reshape(R, S).to(dtype).numpy().copy()
-    victims = (_decide_one_row if R == 1 else _decide)(e, live0, C, penalty, total)  # [c, R]
+    victims = (_decide_one_row if R == 1 else _decide)(e, live0, C, ends if recent else None, total)  # [c, R]
 
     # Entry j was seen by query t if it was kept or is a new token <= t, and had not left before t.
     left = np.full((R, S), c, dtype=np.int64)
@@ -109,56 +109,69 @@ def _position_order(key_pos: Tensor, alive: Tensor, C: int) -> Tensor | None:
     return torch.cat([kept, key_pos[..., C:]], dim=-1).argsort(dim=-1, stable=True)
 
 
-def _decide_one_row(e: np.ndarray, live0: np.ndarray, C: int, penalty: np.ndarray | None,
+def _decide_one_row(e: np.ndarray, live0: np.ndarray, C: int, ends: np.ndarray | None,
                     total: np.ndarray | None) -> np.ndarray:
-    """The per-token decisions for a single (row, group): scalar indexing, no batch axis."""
+    """The per-token decisions for a single (row, group) (scalar indexing, no batch axis); see :func:`_decide`.
+
+    Token ``t`` works on the ``C + t + 1`` entries that have joined so far only. Its attention is added to
+    the running totals (H2O) of all of them, dead ones included, which is cheaper than masking; the dead
+    ones' totals are put back afterwards (the reference adds them nothing once they are gone)."""
     c, _, heads, S = e.shape
     live = live0[0].astype(e.dtype)
     dead = np.where(live0[0], 0.0, np.inf).astype(e.dtype)
     acc = None if total is None else total[0]
+    before = None if acc is None else acc.copy()
+    frozen = np.empty(c, dtype=e.dtype)
+    scale = 1.0 if acc is None else 1.0 / heads  # TOVA's argmin needs no mean; H2O accumulates the mean
     victims = np.empty((c, 1), dtype=np.int64)
     for t in range(c):
-        live[C + t] = 1.0
-        dead[C + t] = 0.0
-        et = e[t, 0]  # [heads, S]
-        w = (1.0 / (et @ live)) @ et  # the sum over heads of each head's softmax over the alive entries
-        if acc is not None:  # H2O accumulates the head mean; entries not alive get no attention
-            w *= live
-            w *= 1.0 / heads
-            acc += w
-            w = acc
-        score = w + dead
-        if penalty is not None:
-            score += penalty[t, 0]
-        v = int(score.argmin())
+        n = C + t + 1
+        live[n - 1] = 1.0
+        dead[n - 1] = 0.0
+        et = e[t, 0, :, :n]  # [heads, n]
+        w = (scale / (et @ live[:n])) @ et  # each head's softmax over the alive entries, summed over heads
+        if acc is not None:
+            w = acc[:n].__iadd__(w)
+        k = n if ends is None else ends[t, 0]
+        v = int((w[:k] + dead[:k]).argmin())
         live[v] = 0.0
         dead[v] = np.inf
         victims[t, 0] = v
+        if acc is not None:
+            frozen[t] = acc[v]
+    if acc is not None:
+        assert before is not None
+        gone = ~live0[0] & (np.arange(S) < C)  # cache entries dead from the start (new tokens start dead too)
+        acc[gone] = before[gone]
+        acc[victims[:, 0]] = frozen
     return victims
 
 
-def _decide(e: np.ndarray, live0: np.ndarray, C: int, penalty: np.ndarray | None,
+def _decide(e: np.ndarray, live0: np.ndarray, C: int, ends: np.ndarray | None,
             total: np.ndarray | None) -> np.ndarray:
-    """The per-token decisions for ``R`` (row, group) pairs at once: ``[c, R]`` entry indices."""
+    """The per-token decisions for ``R`` (row, group) pairs at once: ``[c, R]`` entry indices. ``ends[t, r]``:
+    row ``r``'s candidates at token ``t`` are its alive entries before that index (H2O); None: all alive."""
     c, R, heads, S = e.shape
     live = live0.astype(e.dtype)
     dead = np.where(live0, 0.0, np.inf).astype(e.dtype)
     flat = np.arange(R) * S
     victims = np.empty((c, R), dtype=np.int64)
+    late = None if ends is None else np.where(np.arange(S)[None, None] < ends[:, :, None], 0.0, np.inf)  # [c, R, S]
     for t in range(c):
-        live[:, C + t] = 1.0
-        dead[:, C + t] = 0.0
-        et = e[t]  # [R, heads, S]
-        inv_z = 1.0 / np.matmul(et, live[:, :, None])  # [R, heads, 1]
-        w = np.matmul(inv_z.transpose(0, 2, 1), et)[:, 0]  # [R, S]
+        n = C + t + 1
+        live[:, n - 1] = 1.0
+        dead[:, n - 1] = 0.0
+        et = e[t, :, :, :n]  # [R, heads, n]
+        inv_z = 1.0 / np.matmul(et, live[:, :n, None])  # [R, heads, 1]
+        w = np.matmul(inv_z.transpose(0, 2, 1), et)[:, 0]  # [R, n]
         if total is not None:
-            w *= live
+            w *= live[:, :n]
             w *= 1.0 / heads
-            total += w
-            w = total
-        score = w + dead
-        if penalty is not None:
-            score += penalty[t]
+            total[:, :n] += w
+            w = total[:, :n]
+        score = w + dead[:, :n]
+        if late is not None:
+            score += late[t, :, :n]
         v = score.argmin(axis=1)
         np.put(live, flat + v, 0.0)
         np.put(dead, flat + v, np.inf)
