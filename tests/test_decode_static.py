@@ -29,6 +29,7 @@ CASES = [
     ("gla", {}, None),
     ("megabyte", {}, "tova:16"),
     ("megabyte", {"global_backbone": "gla", "local_backbone": "gla"}, None),
+    ("hybrid", {"n_layers": 3, "attn_layers": "1", "attn_kv_heads": 1}, "tova:16"),
 ]
 IDS = [f"{k}-{p or 'full'}-{'-'.join(f'{a}={b}' for a, b in o.items())}".rstrip("-") for k, o, p in CASES]
 

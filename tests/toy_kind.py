@@ -63,7 +63,7 @@ class EMABlock(nn.Module):
 
 class ToyLM(StackLM):
     def __init__(self, config: ToyConfig) -> None:
-        super().__init__(config, lambda cfg: EMABlock(cfg.d_model, cfg.norm_eps))
+        super().__init__(config, lambda cfg, layer: EMABlock(cfg.d_model, cfg.norm_eps))
 
 
 SPEC = register_model(ModelSpec(

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from .base import LanguageModel
-from .config import GLAConfig, MegabyteConfig, ModelConfig, TransformerConfig
+from .config import GLAConfig, HybridConfig, MegabyteConfig, ModelConfig, TransformerConfig
 from .gla import GLALM
+from .hybrid import HybridLM
 from .megabyte import MegabyteLM, MegabyteState
 from .registry import MODELS, Capabilities, ModelSpec, capabilities, model_spec, register_model
 from .stack import BlockStack, StackLM
@@ -20,6 +21,13 @@ register_model(ModelSpec(
 register_model(ModelSpec(
     "gla", GLAConfig, GLALM, "Gated Linear Attention Transformer; one fixed-size matrix state per layer",
     lambda cfg: Capabilities(frozenset({"recurrent"})),
+))
+register_model(ModelSpec(
+    "hybrid", HybridConfig, HybridLM,
+    "GLA with softmax-attention layers (attn_every / attn_layers); matrix states plus KV caches a policy bounds",
+    lambda cfg: Capabilities(
+        frozenset({"kv"} | ({"recurrent"} if len(cfg.attention_layers()) < cfg.n_layers else set()))
+    ),
 ))
 register_model(ModelSpec(
     "megabyte", MegabyteConfig, MegabyteLM, "MEGABYTE: a global model over byte patches, a local model per patch",
@@ -53,7 +61,8 @@ def model_from_config(cfg: ModelConfig) -> LanguageModel:
 
 __all__ = [
     "BlockStack", "Capabilities", "ModelSpec", "StackLM", "capabilities", "model_spec", "register_model",
-    "GLAConfig", "GLALM", "LanguageModel", "MODELS", "MegabyteConfig", "MegabyteLM", "MegabyteState",
+    "GLAConfig", "GLALM", "HybridConfig", "HybridLM", "LanguageModel", "MODELS", "MegabyteConfig", "MegabyteLM",
+    "MegabyteState",
     "ModelConfig", "ModelState", "TransformerConfig",
     "TransformerLM", "build_model", "config_class", "model_from_config",
 ]

@@ -3,16 +3,18 @@
 Parameter counts of the presets at vocabulary 256 (embeddings are negligible at byte level, so the
 presets are deeper than their token-level namesakes to reach the same size):
 
-============  =======  ========  ======  ===========  ==========
-preset        d_model  n_layers  heads   Transformer  GLA
-============  =======  ========  ======  ===========  ==========
-tiny          64       2         2/2     0.14M        0.14M
-small         512      8         8/4     25.6M        25.7M
-85m           768      12        12/4    85.3M        85.6M
-base          768      18        12/4    127.8M       128.2M
-medium        1024     28        16/4    354.7M       355.5M
-1.3b          2048     26        16/4    1.311B       1.313B
-============  =======  ========  ======  ===========  ==========
+============  =======  ========  ======  ===========  ==========  ==========
+preset        d_model  n_layers  heads   Transformer  GLA         Hybrid
+============  =======  ========  ======  ===========  ==========  ==========
+tiny          64       2         2/2     0.14M        0.14M       0.14M
+small         512      8         8/4     25.6M        25.7M       25.6M
+85m           768      12        12/4    85.3M        85.6M       85.5M
+base          768      18        12/4    127.8M       128.2M      128.1M
+medium        1024     28        16/4    354.7M       355.5M      355.3M
+1.3b          2048     26        16/4    1.311B       1.313B      1.313B
+============  =======  ========  ======  ===========  ==========  ==========
+
+(Hybrid: GLA with one softmax-attention layer in four, the attention layers with the Transformer's heads.)
 """
 
 from __future__ import annotations
@@ -251,6 +253,75 @@ class GLAConfig(ModelConfig):
 
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown GLA backend {self.backend!r}; choose one of {BACKENDS}")
+
+
+@dataclass
+class HybridConfig(GLAConfig):
+    """GLA blocks with softmax-attention (Transformer++) blocks at chosen layers, as in the GLA paper's hybrid
+    ablations, Samba and Jamba: the GLA layers keep a fixed matrix state, the attention layers a KV cache that
+    any cache policy bounds, so ``init_state(B, cache=TOVA(512))`` bounds the whole state.
+
+    The attention layers are ``attn_layers`` (comma-separated indices, e.g. ``"3,7"``) or, when that is
+    empty, every ``attn_every``-th layer (layers ``attn_every - 1``, ``2 * attn_every - 1``, ...). They have
+    ``attn_heads`` query heads (0: ``d_model / 64``) and ``attn_kv_heads`` KV heads (0: ``attn_heads``);
+    the GLA fields are :class:`GLAConfig`'s. The presets put one attention layer in four, with the
+    Transformer presets' heads, and match the other kinds' parameter counts (0.14M ... 1.31B).
+    """
+
+    kind: ClassVar[str] = "hybrid"
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": dict(d_model=64, n_layers=2, n_heads=2, attn_heads=2, attn_every=2),
+        "small": dict(d_model=512, n_layers=8, n_heads=4, attn_heads=8),
+        "85m": dict(d_model=768, n_layers=12, n_heads=4, attn_heads=12),
+        "base": dict(d_model=768, n_layers=18, n_heads=4, attn_heads=12),
+        "medium": dict(d_model=1024, n_layers=28, n_heads=4, attn_heads=16),
+        "1.3b": dict(d_model=2048, n_layers=26, n_heads=4, attn_heads=16),
+    }
+    bounds: ClassVar[dict[str, Bound]] = {
+        "attn_every": Bound(0, note="0: only the layers of attn_layers"),
+        "attn_heads": Bound(0, note="0: d_model / 64"), "attn_kv_heads": Bound(0, note="0: attn_heads"),
+        "rope_theta": POSITIVE,
+    }
+
+    attn_every: int = 4
+    attn_layers: str = ""
+    attn_heads: int = 0
+    attn_kv_heads: int = 0
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.attn_heads = self.attn_heads or max(1, self.d_model // 64)
+        self.attn_kv_heads = self.attn_kv_heads or self.attn_heads
+        layers = self.attention_layers()  # checks attn_layers now, not at build time
+        if not layers:
+            raise ValueError(f"a hybrid needs at least one attention layer: attn_every={self.attn_every} and no "
+                             f"attn_layers give none of n_layers={self.n_layers} (a model without any is kind 'gla')")
+        # The attention blocks' own checks (head divisibility, even head dim for RoPE), now.
+        self.attention_config()
+
+    def attention_layers(self) -> list[int]:
+        """The indices of the softmax-attention layers, in order."""
+        text = str(self.attn_layers).replace(" ", "")
+        if text:
+            try:
+                layers = sorted({int(x) for x in text.split(",") if x})
+            except ValueError:
+                raise ValueError(
+                    f"attn_layers must be comma-separated layer indices; got {self.attn_layers!r}"
+                ) from None
+            bad = [i for i in layers if not 0 <= i < self.n_layers]
+            if bad:
+                raise ValueError(f"attn_layers {bad} are not layers of a {self.n_layers}-layer model (0 ... "
+                                 f"{self.n_layers - 1})")
+            return layers
+        return [i for i in range(self.n_layers) if self.attn_every and (i + 1) % self.attn_every == 0]
+
+    def attention_config(self) -> TransformerConfig:
+        """The :class:`TransformerConfig` the attention blocks are built from."""
+        return TransformerConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
+                                 n_heads=self.attn_heads, n_kv_heads=self.attn_kv_heads, mlp_hidden=self.mlp_hidden,
+                                 rope_theta=self.rope_theta, norm_eps=self.norm_eps, init_std=self.init_std)
 
 
 @dataclass

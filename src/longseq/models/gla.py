@@ -21,4 +21,4 @@ class GLALM(StackLM):
     config: GLAConfig
 
     def __init__(self, config: GLAConfig) -> None:
-        super().__init__(config, gla_block)
+        super().__init__(config, lambda cfg, layer: gla_block(cfg))

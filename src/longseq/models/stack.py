@@ -1,12 +1,13 @@
 """A stack of residual blocks and the language model made of one: embedding -> blocks -> norm -> head.
 
-The Transformer and GLA models are :class:`StackLM` s that differ only in their block; MEGABYTE composes
-two :class:`BlockStack` s (see :mod:`longseq.models.megabyte`).
+The Transformer and GLA models are :class:`StackLM` s that differ only in their block, and the hybrid one
+that mixes the two blocks by layer; MEGABYTE composes two :class:`BlockStack` s (see
+:mod:`longseq.models.megabyte`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -42,21 +43,27 @@ class BlockStack(nn.ModuleList):
         return h
 
     def init_states(self, batch_size: int, *, cache: Any = None, device: torch.device | None = None,
-                    static_len: int | None = None) -> list[LayerState]:
-        """One fresh state per block (see the blocks' ``init_state``)."""
-        return [b.init_state(batch_size, cache=cache, device=device, static_len=static_len) for b in self]
+                    static_len: int | None = None, policy_layers: Collection[int] | None = None) -> list[LayerState]:
+        """One fresh state per block (see the blocks' ``init_state``); the cache policy goes to the blocks in
+        ``policy_layers`` (default: all, so a block without a KV cache refuses it), the others get None."""
+        return [b.init_state(batch_size, cache=cache if policy_layers is None or i in policy_layers else None,
+                             device=device, static_len=static_len) for i, b in enumerate(self)]
 
 
 class StackLM(LanguageModel):
-    """Token embedding, a :class:`BlockStack` of ``config.n_layers`` blocks made by ``make_block(config)``,
-    a final RMSNorm and the output head (tied to the embedding with ``tie_embeddings``). Its state is one
-    layer state per block."""
+    """Token embedding, a :class:`BlockStack` of ``config.n_layers`` blocks, block ``i`` made by
+    ``make_block(config, i)``, a final RMSNorm and the output head (tied to the embedding with
+    ``tie_embeddings``). Its state is one layer state per block; a cache policy goes to the blocks in
+    ``policy_layers`` (None: every block)."""
 
-    def __init__(self, config: ModelConfig, make_block: Callable[[Any], nn.Module]) -> None:
+    #: The layers whose states a cache policy bounds (None: all of them).
+    policy_layers: frozenset[int] | None = None
+
+    def __init__(self, config: ModelConfig, make_block: Callable[[Any, int], nn.Module]) -> None:
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = BlockStack(make_block(config) for _ in range(config.n_layers))
+        self.blocks = BlockStack(make_block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         init_weights(self, config.init_std, {"blocks.": config.n_layers})
@@ -75,7 +82,8 @@ class StackLM(LanguageModel):
                    max_len: int | None = None) -> ModelState:
         check_state_args(batch_size, max_len)
         device = torch.device(device) if device is not None else self.device
-        layers = self.blocks.init_states(batch_size, cache=cache, device=device, static_len=max_len)
+        layers = self.blocks.init_states(batch_size, cache=cache, device=device, static_len=max_len,
+                                         policy_layers=self.policy_layers)
         state = ModelState(layers=layers, batch_size=batch_size)
         if max_len is not None:
             state.make_static_(max_len, device)

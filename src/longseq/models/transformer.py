@@ -22,4 +22,4 @@ class TransformerLM(StackLM):
     config: TransformerConfig
 
     def __init__(self, config: TransformerConfig) -> None:
-        super().__init__(config, transformer_block)
+        super().__init__(config, lambda cfg, layer: transformer_block(cfg))
