@@ -87,6 +87,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--pretrained-works", type=int, metavar="N",
                    help="eval-pretrained: sweep the first N of its 12 works only (default all)")
     p.add_argument("--passkey-trials", type=int, metavar="N", help="eval-pretrained: passkey keys per cell (default 5)")
+    p.add_argument("--passkey-budgets", metavar="LIST", help="eval-pretrained: passkey budgets (default "
+                   "ctx/16,ctx/8,ctx/4,ctx/2)")
+    p.add_argument("--pretrained-only", metavar="NAMES", help="eval-pretrained: produce only these outputs "
+                   "(sweep_2048, sweep_4096, passkey_2048, passkey_4096), e.g. to give each its own settings")
     p.add_argument("--export", metavar="DIR", help="afterwards copy results/ and logs/ (no checkpoints) to DIR")
     p.add_argument("--jobs", type=int, help="with --stage eval/all: run the three eval stages as parallel "
                                             "processes when > 1 (default 3; 1 with --quick)")

@@ -301,7 +301,8 @@ def test_gpu_64k_tokens_strong_and_weak_gates(gate_lo):
     for name, x in [("o", o), ("state", s)] + [(f"grad {i}", t.grad) for i, t in enumerate(leaves)]:
         assert torch.isfinite(x).all(), name
     with torch.no_grad():  # the reference in float64, never another fp32 computation of 64K steps
-        o_ref, s_ref = gla_chunk(*(x.double() for x in (q, k, v, g, s0)), K**-0.5)
+        qd, kd, vd, gd, sd = (x.double() for x in (q, k, v, g, s0))
+        o_ref, s_ref = gla_chunk(qd, kd, vd, gd, K**-0.5, initial_state=sd)
     assert relative_rms_error(o, o_ref) <= 4e-3
     assert relative_rms_error(s, s_ref) <= 4e-3
 

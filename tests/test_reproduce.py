@@ -54,6 +54,19 @@ def test_report_without_results_says_not_run(tmp_path):
     assert "| `train-2k` | not run |" in text
 
 
+def test_the_committed_report_is_what_the_committed_results_give(tmp_path):
+    """docs/reproductions.md is generated: rebuilt from benchmarks/results/repro-2026-11-26 it must come out the
+    same, so the page never drifts from the numbers beside it."""
+    pytest.importorskip("matplotlib")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "results").symlink_to(ROOT / "benchmarks" / "results" / "repro-2026-11-26")
+    report = tmp_path / "docs" / "reproductions.md"
+    out = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "o"), "--stage", "report",
+                          "--report", str(report)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert report.read_text() == (ROOT / "docs" / "reproductions.md").read_text()
+
+
 @pytest.mark.slow
 def test_quick_run_writes_the_report(tmp_path):
     out_dir = tmp_path / "repro"

@@ -76,19 +76,20 @@ def works_dir(ctx: Ctx, sizes: Sizes) -> Path:
     return out
 
 
-def commands(model: str, works: Path, out: Path, sizes: Sizes) -> dict[str, list[str]]:
-    """The ``longseq`` argv of every output of the stage, by output folder name."""
+def commands(model: str, works: Path, out: Path, sizes: Sizes, budgets: str) -> dict[str, list[str]]:
+    """The ``longseq`` argv of every output of the stage, by output folder name; ``budgets`` those of the
+    passkey test (``ctx/K`` items)."""
     files = [str(works / f"{w}.txt") for w in sizes.works]
     policies = ",".join(p for p, _ in POLICIES)
     cmds = {}
     for T in sizes.contexts:
-        budgets = ",".join(str(T // k) for k in FRACTIONS)
         cmds[f"sweep_{T}"] = ["eval", model, "--data", *files, "--seq-len", str(T), "--policies", policies,
-                              "--budgets", budgets, "--no-progress", "--out-dir", str(out / f"sweep_{T}")]
-    cmds["passkey"] = ["eval", model, "--task", "passkey", "--lengths", ",".join(map(str, sizes.contexts)),
-                       "--policies", PASSKEY_POLICIES, "--budgets", ",".join(f"ctx/{k}" for k in FRACTIONS),
-                       "--trials", str(sizes.trials), "--filler", "repeat", "--batch-size", "25",
-                       "--out", str(out / "passkey")]
+                              "--budgets", ",".join(str(T // k) for k in FRACTIONS), "--no-progress",
+                              "--out-dir", str(out / f"sweep_{T}")]
+    for T in sizes.contexts:
+        cmds[f"passkey_{T}"] = ["eval", model, "--task", "passkey", "--lengths", str(T), "--policies", PASSKEY_POLICIES,
+                                "--budgets", budgets, "--trials", str(sizes.trials), "--filler", "repeat",
+                                "--batch-size", "25", "--out", str(out / f"passkey_{T}")]
     return cmds
 
 
@@ -132,15 +133,21 @@ def stage_eval_pretrained(ctx: Ctx) -> dict[str, Any]:
         raise SystemExit("reproduce: --stage eval-pretrained needs --pretrained PATH (a .gguf file or HF folder)")
     model = str(Path(model).resolve() if model is not None else quick_model(ctx))
     out, works = ctx.results / "pretrained", works_dir(ctx, sizes)
-    cmds = commands(model, works, out, sizes)
-    for name, argv in cmds.items():
-        done = out / name / ("passkey.json" if name == "passkey" else "sweep.json")
+    budgets = args.passkey_budgets or ",".join(f"ctx/{k}" for k in FRACTIONS)
+    cmds = commands(model, works, out, sizes, budgets)
+    only = args.pretrained_only.split(",") if args.pretrained_only else list(cmds)
+    for name in only:
+        if name not in cmds:
+            raise SystemExit(f"reproduce: --pretrained-only {name!r}: the outputs are {', '.join(cmds)}")
+        done = out / name / ("passkey.json" if name.startswith("passkey") else "sweep.json")
         if done.exists() and not ctx.args.force:
             say(f"eval-pretrained: {name} exists, kept")
             continue
         say(f"eval-pretrained: {name}")
-        if longseq_main(argv) != 0:
-            raise SystemExit(f"reproduce: `longseq {shlex.join(argv)}` failed")
+        if longseq_main(cmds[name]) != 0:
+            raise SystemExit(f"reproduce: `longseq {shlex.join(cmds[name])}` failed")
+        # The command beside its output: the report prints what made each output, whatever a later call asks.
+        (out / name / "command.txt").write_text(portable(cmds[name], model, works, out) + "\n")
     dev = pick_device(ctx)
     lm = open_model(model, dev)
     if read_json(out / "kept.json") is None or ctx.args.force:
@@ -150,6 +157,7 @@ def stage_eval_pretrained(ctx: Ctx) -> dict[str, Any]:
             "d_model": c.d_model, "vocab_size": c.vocab_size}
     result = {"model": Path(model).name, "arch": arch, "contexts": list(sizes.contexts), "fractions": list(FRACTIONS),
               "works": list(sizes.works), "kept_budgets": list(sizes.kept_budgets), "kept_works": list(sizes.works[:3]),
-              "commands": {n: portable(a, model, works, out) for n, a in cmds.items()}, "env": environment(dev)}
+              "commands": {n: (out / n / "command.txt").read_text().strip() for n in cmds
+                           if (out / n / "command.txt").is_file()}, "env": environment(dev)}
     write_json(ctx.result("pretrained"), result)
     return {}

@@ -63,7 +63,7 @@ def _passkey(w: Write, pk: dict[str, Any]) -> dict[tuple[str, int], float]:
     lengths, out = pk["lengths"], {}
     budgets = sorted({r["budget"] for r in pk["results"] if r["budget"]}, key=lambda b: -int(b.split("/")[1]))
     w("Greedy exact-match accuracy over "
-      f"{pk['n_trials']} keys x {len(pk['depths'])} depths ({', '.join(str(d) for d in pk['depths'])}) per cell:")
+      f"{pk['n_trials']} key{'s' if pk['n_trials'] > 1 else ''} x {len(pk['depths'])} depths ({', '.join(str(d) for d in pk['depths'])}) per cell:")
     w("")
     w("| policy | length | full cache | " + " | ".join(f"{b}" for b in budgets) + " |")
     w("|---|---:|---:|" + "---:|" * len(budgets))
@@ -121,9 +121,9 @@ def report_pretrained(res: dict[str, Any] | None, folder: Path, w: Write, figs: 
     sink_layers: list[int] = []
     if kept is not None:
         sink_layers = _kept(w, kept, res["kept_budgets"], res["kept_works"], res["contexts"][0])
-    pk = read_json(folder / "passkey" / "passkey.json")
     acc: dict[tuple[str, int], float] = {}
-    if pk is not None:
+    tests = [(T, read_json(folder / f"passkey_{T}" / "passkey.json")) for T in res["contexts"]]
+    if any(pk is not None for _, pk in tests):
         w("### Passkey retrieval")
         w("")
         w("A random 5-digit key hidden at a depth of a prompt of exactly L tokens of filler (`--filler repeat`: a "
@@ -131,13 +131,20 @@ def report_pretrained(res: dict[str, Any] | None, folder: Path, w: Write, figs: 
           "key only near the start even with the full cache, see [pretrained.md](pretrained.md)), and the question "
           "at the end; greedy decoding, exact match.")
         w("")
-        acc = _passkey(w, pk)
-        _copy_plot(folder / "passkey" / "passkey.png", figs, "pretrained-passkey", w,
-                   "passkey accuracy: policy x budget x depth")
-    _verdict(w, wins, gaps, sink_layers, acc)
+        for T, pk in tests:
+            if pk is None:
+                w(f"{T:,} tokens: not run.")
+                w("")
+                continue
+            w(f"{T:,} tokens:")
+            w("")
+            acc.update(_passkey(w, pk))
+            _copy_plot(folder / f"passkey_{T}" / "passkey.png", figs, f"pretrained-passkey-{T}", w,
+                       f"passkey accuracy at {T} tokens: policy x budget x depth")
+    _verdict(w, wins, gaps, sink_layers, acc, a["n_layers"])
 
 
-def _verdict(w: Write, wins: dict, gaps: dict, sink_layers: list[int], acc: dict) -> None:
+def _verdict(w: Write, wins: dict, gaps: dict, sink_layers: list[int], acc: dict, n_layers: int) -> None:
     w("Verdict:")
     w("")
     for T, best in wins.items():
@@ -149,12 +156,20 @@ def _verdict(w: Write, wins: dict, gaps: dict, sink_layers: list[int], acc: dict
           + (f"; elsewhere {others}" if others else "")
           + f". At 1/8 it is {gap:+.3f} bits per byte from the full cache ({gap / full:+.1%}).")
     if sink_layers:
-        w(f"- TOVA keeps the first token in {len(sink_layers)} of the layers at the smallest budget: the attention "
+        w(f"- TOVA keeps the first token in {len(sink_layers)} of {n_layers} layers at the smallest budget: the attention "
           "sink a window drops, which is why the plain window is far the worst policy here while it was the best on "
           "the byte model of section 1 (which never learned a sink).")
     if acc:
         full = {L: v for (p, L), v in acc.items() if p == "full"}
-        w("- Passkey: the full cache scores " + ", ".join(f"{v:.2f} at {L}" for L, v in full.items())
-          + ". Every bounded policy keeps at most half of the prompt, so a key that was evicted is lost: the table "
-          "shows how often each policy kept the key's tokens until the question.")
+        w("- Passkey: the full cache scores " + ", ".join(f"{v:.2f} at {L:,} tokens" for L, v in full.items())
+          + "; a bounded policy finds a key only if it kept the key's tokens until the question. Best bounded "
+          "policy per budget:")
+        for L in full:
+            cells = {}
+            for (p, length), v in acc.items():
+                if length == L and "@" in p:
+                    policy, budget = p.split("@")
+                    cells.setdefault(budget, []).append((v, LABELS.get(policy, policy)))
+            best = [f"{b} {max(c)[0]:.2f} ({', '.join(n for v, n in c if v == max(c)[0])})" for b, c in cells.items()]
+            w(f"  - {L:,} tokens: " + "; ".join(best) + ".")
     w("")

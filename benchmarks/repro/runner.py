@@ -90,7 +90,8 @@ def _portable_argv(argv: list[str], stage: str, keep_export: bool = True) -> lis
             continue
         if a.split("=", 1)[0] in drop:
             continue
-        out.append(a)
+        # A pretrained model's path is this machine's; the report calls it MODEL.
+        out.append("MODEL" if out and out[-1] == "--pretrained" else a)
     return [*out, "--stage", stage]
 
 

@@ -24,6 +24,11 @@ from .buffers import CacheBuffers
 LONG_MAX = torch.iinfo(torch.long).max
 # Bound on the fp32 scores one _evict_chunk call holds (B x H x sub-chunk x (capacity + sub-chunk)).
 EVICT_CHUNK_SCORES = 1 << 26
+# Most tokens per _evict_chunk call. Every call scores its tokens against the cache plus the whole sub-chunk,
+# so a longer one does more arithmetic per token; a shorter one pays its fixed cost (a few dozen operator
+# calls) more often. On 2 CPU cores 128 and 256 time alike (SmolLM2, 2K tokens, budget 256); the GPU figures
+# in benchmarks/RESULTS.md were measured with 128.
+EVICT_CHUNK_TOKENS = 128
 _replay_kernel_error: str | None = None  # set once if the Triton replay kernel fails on this machine
 
 
@@ -65,12 +70,12 @@ class _Eviction(CacheBuffers):
         return o
 
     def _evict_chunk_size(self, batch: int, n_heads: int) -> int:
-        """Tokens per :meth:`_evict_chunk` call: at most 256, few enough that the scores of the sub-chunk
-        against the cache plus itself stay within EVICT_CHUNK_SCORES elements, and (on CUDA) that the
-        replay kernel can hold all ``capacity + sub-chunk`` entries of a row. 1 means token by token."""
-        C = self.capacity
-        per_token = batch * n_heads * (C + 256)
-        step = min(128, EVICT_CHUNK_SCORES // per_token)
+        """Tokens per :meth:`_evict_chunk` call: at most :data:`EVICT_CHUNK_TOKENS`, few
+        enough that the scores of the sub-chunk against the cache plus itself stay within EVICT_CHUNK_SCORES
+        elements, and (on CUDA) that the replay kernel can hold all ``capacity + sub-chunk`` entries of a row.
+        1 means token by token."""
+        C, most = self.capacity, EVICT_CHUNK_TOKENS
+        step = min(most, EVICT_CHUNK_SCORES // (batch * n_heads * (C + most)))
         if self.k is not None and self.k.is_cuda and C < MAX_ENTRIES:
             step = min(step, MAX_ENTRIES - C)
         return max(1, step)
