@@ -62,8 +62,9 @@ def _passkey(w: Write, pk: dict[str, Any]) -> dict[tuple[str, int], float]:
     """Mean accuracy per policy, budget and length; returns {(label, length): mean} for the verdict."""
     lengths, out = pk["lengths"], {}
     budgets = sorted({r["budget"] for r in pk["results"] if r["budget"]}, key=lambda b: -int(b.split("/")[1]))
-    w("Greedy exact-match accuracy over "
-      f"{pk['n_trials']} key{'s' if pk['n_trials'] > 1 else ''} x {len(pk['depths'])} depths ({', '.join(str(d) for d in pk['depths'])}) per cell:")
+    keys, depths = pk["n_trials"], ", ".join(str(d) for d in pk["depths"])
+    w(f"Greedy exact-match accuracy over {keys} key{'s' if keys > 1 else ''} x {len(pk['depths'])} depths "
+      f"({depths}) per cell:")
     w("")
     w("| policy | length | full cache | " + " | ".join(f"{b}" for b in budgets) + " |")
     w("|---|---:|---:|" + "---:|" * len(budgets))
@@ -156,9 +157,9 @@ def _verdict(w: Write, wins: dict, gaps: dict, sink_layers: list[int], acc: dict
           + (f"; elsewhere {others}" if others else "")
           + f". At 1/8 it is {gap:+.3f} bits per byte from the full cache ({gap / full:+.1%}).")
     if sink_layers:
-        w(f"- TOVA keeps the first token in {len(sink_layers)} of {n_layers} layers at the smallest budget: the attention "
-          "sink a window drops, which is why the plain window is far the worst policy here while it was the best on "
-          "the byte model of section 1 (which never learned a sink).")
+        w(f"- TOVA keeps the first token in {len(sink_layers)} of {n_layers} layers at the smallest budget: the "
+          "attention sink a window drops, which is why the plain window is far the worst policy here while it was "
+          "the best on the byte model of section 1 (which never learned a sink).")
     if acc:
         full = {L: v for (p, L), v in acc.items() if p == "full"}
         w("- Passkey: the full cache scores " + ", ".join(f"{v:.2f} at {L:,} tokens" for L, v in full.items())
