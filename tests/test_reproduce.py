@@ -87,6 +87,9 @@ def test_quick_run_writes_the_report(tmp_path):
     assert "| policy | 16 (1/16) | 32 (1/8) | 64 (1/4) | 128 (1/2) | full (256) |" in text
     assert "| layer | first token kept, TOVA(16) |" in text
     assert "| policy | length | full cache | ctx/16 | ctx/8 | ctx/4 | ctx/2 |" in text and "| TOVA | 512 |" in text
+    # Experiment 5: every kind trained on MQAR, scored with and without bounded caches, state bytes at 16K.
+    assert "| model | cache | params | state @ 16K | L=64, 2 pairs | L=64, 4 pairs |" in text
+    assert "| Hybrid (GLA + 1 attention layer in 4) | tova:ctx/8 |" in text and "| GLA | own state |" in text
     assert "not run" not in text
     for name in ("tova", "megabyte", "gla"):
         assert (out_dir / "img" / f"repro-quick-{name}.png").stat().st_size > 1000
@@ -98,5 +101,5 @@ def test_quick_run_writes_the_report(tmp_path):
     # Idempotent: a second run skips every stage and only rebuilds the report.
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert again.returncode == 0
-    assert again.stdout.count("skipped") == 6
+    assert again.stdout.count("skipped") == 7
     assert report.read_text() == text

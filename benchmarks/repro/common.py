@@ -23,7 +23,8 @@ DEFAULT_MINUTES = {"2k": 2.5, "8k": 1.75}
 EVAL_TOKENS = 262_144  # validation bytes `longseq train` scores at each evaluation (its default)
 
 # Stages in the order `--stage all` runs them. `train` and `eval` are the groups of the stages below them.
-STAGES = ["train-2k", "train-8k", "eval-tova", "eval-megabyte", "eval-gla", "eval-pretrained", "report"]
+STAGES = ["train-2k", "train-8k", "eval-tova", "eval-megabyte", "eval-gla", "eval-pretrained", "eval-recall",
+          "report"]
 META_STAGES = {"all": STAGES, "train": ["train-2k", "train-8k"], "eval": ["eval-tova", "eval-megabyte", "eval-gla"]}
 POLICIES = [  # (sweep spec, label in the report)
     ("window", "Window"),

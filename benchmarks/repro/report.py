@@ -14,6 +14,7 @@ from .report_format import Figures, Write
 from .report_gla import report_gla
 from .report_megabyte import report_megabyte
 from .report_pretrained import report_pretrained
+from .report_recall import report_recall
 from .report_tova import report_tova
 
 
@@ -136,6 +137,7 @@ def stage_report(ctx: Ctx) -> dict[str, Any]:
     report_megabyte(mb, trains, w, figs)
     report_gla(gla, w, figs)
     report_pretrained(read_json(ctx.result("pretrained")), ctx.results / "pretrained", w, figs)
+    report_recall(read_json(ctx.result("recall")), w, figs)
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text("\n".join(lines) + "\n")
     say(f"wrote {report} and plots under {img}")

@@ -16,6 +16,7 @@ from .config import Ctx, pick_device
 from .eval_gla import stage_eval_gla
 from .eval_megabyte import stage_eval_megabyte
 from .eval_pretrained import stage_eval_pretrained
+from .eval_recall import stage_eval_recall
 from .eval_tova import stage_eval_tova
 from .report import stage_report
 from .train import stage_train
@@ -27,10 +28,12 @@ STAGE_FNS = {
     "eval-megabyte": stage_eval_megabyte,
     "eval-gla": stage_eval_gla,
     "eval-pretrained": stage_eval_pretrained,
+    "eval-recall": stage_eval_recall,
     "report": stage_report,
 }
 # results/<name>.json of each evaluation stage
-OUTPUT = {"eval-tova": "tova", "eval-megabyte": "megabyte", "eval-gla": "gla", "eval-pretrained": "pretrained"}
+OUTPUT = {"eval-tova": "tova", "eval-megabyte": "megabyte", "eval-gla": "gla", "eval-pretrained": "pretrained",
+          "eval-recall": "recall"}
 
 
 def stage_done(ctx: Ctx, name: str) -> bool:

@@ -19,7 +19,7 @@ model's loss and accuracy on the task are those of the ``N`` recalls, nothing el
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,18 +83,22 @@ def mqar_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def train_mqar(
-    model: torch.nn.Module, seq_len: int, n_pairs: int, steps: int, *, batch_size: int = 64, lr: float = 1e-3,
+    model: torch.nn.Module, seq_len: int, n_pairs: int | Sequence[int], steps: int, *, batch_size: int = 64,
+    lr: float = 1e-3,
     weight_decay: float = 0.1, warmup: int = 100, seed: int = 0, device: torch.device | str | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train ``model`` on fresh MQAR batches (longseq's AdamW and warmup-cosine schedule, gradients clipped at 1,
-    bf16 autocast on CUDA); returns the loss of every step. The loss is on the recall positions only."""
+    bf16 autocast on CUDA); returns the loss of every step. The loss is on the recall positions only.
+    ``n_pairs``: pairs per row, or several, one drawn per batch (one model for a range of difficulties)."""
     from ..precision import autocast
     from ..train.schedule import WarmupCosine, build_optimizer
 
-    check_mqar_shape(seq_len, n_pairs)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1; got {steps}")
+    choices = [n_pairs] if isinstance(n_pairs, int) else list(n_pairs)
+    for n in choices:
+        check_mqar_shape(seq_len, n)
+    if not choices or steps < 1:
+        raise ValueError(f"need at least one n_pairs and steps >= 1; got {n_pairs}, {steps}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device).train()
     opt, _ = build_optimizer(model, lr, weight_decay, (0.9, 0.95), device)
@@ -104,7 +108,8 @@ def train_mqar(
     for step in range(1, steps + 1):
         for group in opt.param_groups:
             group["lr"] = schedule(step)
-        b = mqar_batch(batch_size, seq_len, n_pairs, g)
+        pick = int(torch.randint(len(choices), (1,), generator=g)) if len(choices) > 1 else 0
+        b = mqar_batch(batch_size, seq_len, choices[pick], g)
         with autocast(device):
             loss = mqar_loss(model(b.inputs.to(device)), b.targets.to(device))
         opt.zero_grad(set_to_none=True)
