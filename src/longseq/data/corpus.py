@@ -23,6 +23,7 @@ import os
 import shutil
 import tarfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,28 +163,29 @@ def _copy(src, dst) -> int:
     return n
 
 
-class ByteCorpus:
-    """Documents as one memory-mapped ``uint8`` array.
+class MappedCorpus:
+    """Documents as one memory-mapped array of ids, read from a cache directory holding ``index.json`` (names
+    and offsets) and the ids back to back in ``file`` (``dtype``); see :class:`ByteCorpus` and
+    :class:`~longseq.data.tokens.TokenCorpus`.
 
     Attributes:
-        data: ``[N]`` uint8 memmap of all documents back to back.
+        data: ``[N]`` memmap of all documents' ids back to back.
         offsets: ``[D + 1]`` int64; document ``i`` is ``data[offsets[i]:offsets[i + 1]]``.
         names: the ``D`` document names.
-        path: the cache directory holding ``data.bin`` and ``index.json``.
+        path: the cache directory.
     """
 
-    unit = "bytes"  # what one id of ``data`` is, for messages
+    unit = "ids"  # what one id of ``data`` is, for messages
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, file: str, dtype: np.dtype) -> None:
         self.path = Path(path)
-        index = json.loads((self.path / "index.json").read_text())
-        self.names: list[str] = list(index["names"])
-        self.offsets = np.asarray(index["offsets"], dtype=np.int64)
-        self.sources: list[str] = list(index["sources"])
+        self.index = json.loads((self.path / "index.json").read_text())
+        self.names: list[str] = list(self.index["names"])
+        self.offsets = np.asarray(self.index["offsets"], dtype=np.int64)
         total = int(self.offsets[-1])
-        if (self.path / "data.bin").stat().st_size != total:
-            raise DataError(f"corpus cache {self.path} is inconsistent (data.bin size != index); delete it")
-        self.data = np.memmap(self.path / "data.bin", dtype=np.uint8, mode="r", shape=(total,))
+        if (self.path / file).stat().st_size != total * dtype.itemsize:
+            raise DataError(f"corpus cache {self.path} is inconsistent ({file} size != index); delete it")
+        self.data = np.memmap(self.path / file, dtype=dtype, mode="r", shape=(total,))
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -193,14 +195,45 @@ class ByteCorpus:
         return len(self.names)
 
     def doc(self, i: int) -> np.ndarray:
-        """The bytes of document ``i`` as a ``[len]`` uint8 view (no copy)."""
+        """The ids of document ``i`` as a ``[len]`` view (no copy)."""
         return self.data[self.offsets[i] : self.offsets[i + 1]]
 
     def doc_len(self, i: int) -> int:
         return int(self.offsets[i + 1] - self.offsets[i])
 
     def __repr__(self) -> str:
-        return f"ByteCorpus({self.num_docs} documents, {len(self):,} bytes, cache={str(self.path)!r})"
+        return (f"{type(self).__name__}({self.num_docs} documents, {len(self):,} {self.unit}, "
+                f"cache={str(self.path)!r})")
+
+
+class ByteCorpus(MappedCorpus):
+    """Documents as one memory-mapped ``uint8`` array (``data.bin``): the ids are the bytes. ``sources``: the
+    files the corpus was built from."""
+
+    unit = "bytes"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, "data.bin", np.dtype(np.uint8))
+        self.sources: list[str] = list(self.index["sources"])
+
+
+def build_cache_dir(target: Path, write: Callable[[Path], None]) -> None:
+    """Make the cache directory ``target`` with ``write(folder)``, atomically: it writes into a private
+    sibling folder that is then renamed into place, so a crash or a concurrent builder never leaves a
+    half-written cache under the final name (a builder that loses the race keeps the winner's)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "index.json").is_file():  # not a lost race with another builder
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_corpus(paths: list[str | os.PathLike], cache_dir: str | os.PathLike | None = None) -> ByteCorpus:
@@ -219,12 +252,8 @@ def load_corpus(paths: list[str | os.PathLike], cache_dir: str | os.PathLike | N
     if sum(size for _, size in docs) == 0:
         shown = ", ".join(os.fspath(p) for p in paths)
         raise DataError(f"the corpus of {shown} is empty ({len(docs)} documents, 0 bytes)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Built in a private directory and renamed into place: a crash or a concurrent builder never
-    # leaves a half-written corpus under the final name.
-    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp / "data.bin", "wb") as out:
             sizes = _write_documents(sources, out)
         if len(sizes) != len(docs):
@@ -237,12 +266,6 @@ def load_corpus(paths: list[str | os.PathLike], cache_dir: str | os.PathLike | N
             "sources": [str(s.path.resolve()) for s in sources],
         }
         (tmp / "index.json").write_text(json.dumps(index))
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "index.json").is_file():  # not a lost race with another builder
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    build_cache_dir(target, write)
     return ByteCorpus(target)

@@ -9,14 +9,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .corpus import ByteCorpus
+from .corpus import MappedCorpus
 from .errors import DataError
-from .tokens import TokenCorpus
 
 
 class WindowSampler:
     """Draws windows of ``window`` consecutive ids (``seq_len + 1``: inputs and shifted targets): bytes of a
-    :class:`ByteCorpus`, or tokens of a :class:`~longseq.data.tokens.TokenCorpus`.
+    :class:`~longseq.data.corpus.ByteCorpus`, or tokens of a :class:`~longseq.data.tokens.TokenCorpus`.
 
     Start positions are uniform over every valid start in the training documents. By default a window
     may cross from one training document into the next one stored after it (never into a validation
@@ -29,7 +28,7 @@ class WindowSampler:
 
     def __init__(
         self,
-        corpus: ByteCorpus | TokenCorpus,
+        corpus: MappedCorpus,
         doc_ids: Sequence[int],
         window: int,
         seed: int = 0,
@@ -56,7 +55,7 @@ class WindowSampler:
         self.batches_drawn = 0
 
     @staticmethod
-    def _segments(corpus: ByteCorpus | TokenCorpus, doc_ids: list[int], within_docs: bool) -> list[tuple[int, int]]:
+    def _segments(corpus: MappedCorpus, doc_ids: list[int], within_docs: bool) -> list[tuple[int, int]]:
         """[start, end) byte ranges windows may span: documents, or runs of adjacent documents."""
         segments: list[tuple[int, int]] = []
         for i in doc_ids:

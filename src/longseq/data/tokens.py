@@ -12,15 +12,12 @@ windows of bytes. Validation keeps scoring the documents' text (bits per UTF-8 b
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from ..tokenizer import Tokenizer
-from .corpus import ByteCorpus
+from .corpus import ByteCorpus, MappedCorpus, build_cache_dir
 from .errors import DataError
 
 FORMAT_VERSION = 1
@@ -31,48 +28,17 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-class TokenCorpus:
-    """A byte corpus's documents as token ids, memory-mapped.
-
-    Attributes:
-        data: ``[N]`` uint16/uint32 memmap of all documents' ids back to back.
-        offsets: ``[D + 1]`` int64; document ``i`` is ``data[offsets[i]:offsets[i + 1]]``.
-        names: the ``D`` document names (those of the byte corpus, in its order).
-        fingerprint: the tokenizer's :meth:`~longseq.tokenizer.Tokenizer.fingerprint`.
-        path: the cache directory holding ``tokens.bin`` and ``index.json``.
-    """
+class TokenCorpus(MappedCorpus):
+    """A byte corpus's documents as token ids (``tokens.bin``, uint16 or uint32), memory-mapped, with the
+    tokenizer's ``fingerprint`` and ``vocab_size``; the rest as :class:`~longseq.data.corpus.MappedCorpus`."""
 
     unit = "tokens"
 
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        index = json.loads((self.path / "index.json").read_text())
-        self.names: list[str] = list(index["names"])
-        self.offsets = np.asarray(index["offsets"], dtype=np.int64)
-        self.fingerprint: str = index["fingerprint"]
-        self.vocab_size = int(index["vocab_size"])
-        dtype = np.dtype(index["dtype"])
-        total = int(self.offsets[-1])
-        if (self.path / "tokens.bin").stat().st_size != total * dtype.itemsize:
-            raise DataError(f"token cache {self.path} is inconsistent (tokens.bin size != index); delete it")
-        self.data = np.memmap(self.path / "tokens.bin", dtype=dtype, mode="r", shape=(total,))
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    @property
-    def num_docs(self) -> int:
-        return len(self.names)
-
-    def doc(self, i: int) -> np.ndarray:
-        """The ids of document ``i`` as a ``[len]`` view (no copy)."""
-        return self.data[self.offsets[i] : self.offsets[i + 1]]
-
-    def doc_len(self, i: int) -> int:
-        return int(self.offsets[i + 1] - self.offsets[i])
-
-    def __repr__(self) -> str:
-        return f"TokenCorpus({self.num_docs} documents, {len(self):,} tokens, cache={str(self.path)!r})"
+        index = json.loads((Path(path) / "index.json").read_text())
+        super().__init__(path, "tokens.bin", np.dtype(index["dtype"]))
+        self.fingerprint: str = self.index["fingerprint"]
+        self.vocab_size = int(self.index["vocab_size"])
 
 
 def tokenize_corpus(corpus: ByteCorpus, tokenizer: Tokenizer, progress: bool = False) -> TokenCorpus:
@@ -86,10 +52,8 @@ def tokenize_corpus(corpus: ByteCorpus, tokenizer: Tokenizer, progress: bool = F
     if (target / "index.json").is_file():
         return TokenCorpus(target)
     dtype = token_dtype(tokenizer.vocab_size)
-    # Built in a private directory and renamed into place, as the byte corpus is.
-    tmp = corpus.path / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+
+    def write(tmp: Path) -> None:
         offsets = [0]
         docs = range(corpus.num_docs)
         if progress:
@@ -109,12 +73,6 @@ def tokenize_corpus(corpus: ByteCorpus, tokenizer: Tokenizer, progress: bool = F
         index = {"format": FORMAT_VERSION, "names": corpus.names, "offsets": offsets, "fingerprint": fingerprint,
                  "vocab_size": tokenizer.vocab_size, "dtype": dtype.name}
         (tmp / "index.json").write_text(json.dumps(index))
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "index.json").is_file():  # not a lost race with another builder
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    build_cache_dir(target, write)
     return TokenCorpus(target)

@@ -131,7 +131,8 @@ def _decide_one_row(e: np.ndarray, live0: np.ndarray, C: int, ends: np.ndarray |
         et = e[t, 0, :, :n]  # [heads, n]
         w = (scale / (et @ live[:n])) @ et  # each head's softmax over the alive entries, summed over heads
         if acc is not None:
-            w = acc[:n].__iadd__(w)
+            acc[:n] += w
+            w = acc[:n]
         k = n if ends is None else ends[t, 0]
         v = int((w[:k] + dead[:k]).argmin())
         live[v] = 0.0
