@@ -2,7 +2,7 @@
 # Runs every GPU benchmark (and the GPU-marked tests) in one go on the device machine, one log per
 # step under $OUT (default ./gpu-out). Each step has its own time limit so one hang cannot eat the rest.
 #   bash benchmarks/gpu_suite.sh [step ...]
-#   steps: env tests gla triton triton2 triton-decode bench decode decode-b1 decode-smollm2 decode-fused megabyte megabyte-fused megabyte-compile cache hf
+#   steps: env tests gla triton triton2 triton-decode bench decode decode-b1 decode-smollm2 decode-fused decode-hybrid megabyte megabyte-fused megabyte-compile cache hf recall
 #          profile triton-profile prefill
 #   with GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf also: prefill-smollm2 passkey-smollm2 sweep-smollm2
 set -u
@@ -49,6 +49,11 @@ for s in "${steps[@]}"; do
     megabyte-compile) run megabyte-compile 300 python3 benchmarks/bench_megabyte.py --device cuda --compile --gen-bytes 0 --ref-gen-bytes 0 --json "$OUT/megabyte_compile.json" ;;
     cache) run cache 300 python3 benchmarks/bench_cache_decode.py --json "$OUT/cache_decode.json" ;;
     hf) run hf 420 python3 benchmarks/bench_hf_cache.py --memory-limit-gib 40 --out "$OUT/hf_cache" ;;
+    decode-hybrid) run decode-hybrid 330 python3 -m longseq bench decode --models hybrid,transformer,gla --presets 85m --contexts 4096,16384 --batch-sizes 1,max --max-batch 512 --policies full,tova:ctx/8 --gen-tokens 64 --compile --memory-limit-gib 40 --jsonl "$OUT/decode_hybrid.jsonl" ;;
+    recall)  # reproduce.py's eval-recall stage (RECALL_ARGS: e.g. --recall-parts mqar), resuming from the committed results
+      mkdir -p /tmp/repro/results && cp -n benchmarks/results/repro-2026-11-26/recall.json /tmp/repro/results/ 2>/dev/null
+      run recall 570 python3 benchmarks/reproduce.py --out /tmp/repro --stage eval-recall ${RECALL_ARGS:-}
+      cp -r /tmp/repro/results/recall.json /tmp/repro/results/stage-eval-recall.json /tmp/repro/results/recall_passkey "$OUT/" 2>/dev/null ;;
     prefill) run prefill 200 python3 benchmarks/bench_prefill.py --contexts 2048 4096 --batch-sizes 1 16 --out "$OUT/prefill.jsonl" ;;
     prefill-smollm2) run prefill-smollm2 120 python3 benchmarks/bench_prefill.py --model "$GGUF" --text "$WORKS/hamlet.txt" --contexts 2048 4096 --batch-sizes 1 16 --out "$OUT/prefill_smollm2.jsonl" ;;
     passkey-smollm2) run passkey-smollm2 240 python3 -m longseq eval "$GGUF" --task passkey --lengths 2048,4096 --policies full,window,sink,h2o,tova --budgets ctx/16,ctx/8,ctx/4,ctx/2 --trials 5 --filler repeat --batch-size 25 --out "$OUT/passkey_repeat" ;;

@@ -91,6 +91,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "ctx/16,ctx/8,ctx/4,ctx/2)")
     p.add_argument("--pretrained-only", metavar="NAMES", help="eval-pretrained: produce only these outputs "
                    "(sweep_2048, sweep_4096, passkey_2048, passkey_4096), e.g. to give each its own settings")
+    p.add_argument("--recall-kinds", metavar="KINDS", help="eval-recall: only these model kinds (gla, transformer, "
+                   "hybrid, megabyte; default all), to spread the stage over several calls")
+    p.add_argument("--recall-parts", metavar="PARTS",
+                   help="eval-recall: only these parts (mqar, passkey; default both)")
     p.add_argument("--export", metavar="DIR", help="afterwards copy results/ and logs/ (no checkpoints) to DIR")
     p.add_argument("--jobs", type=int, help="with --stage eval/all: run the three eval stages as parallel "
                                             "processes when > 1 (default 3; 1 with --quick)")

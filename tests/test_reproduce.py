@@ -90,6 +90,13 @@ def test_quick_run_writes_the_report(tmp_path):
     # Experiment 5: every kind trained on MQAR, scored with and without bounded caches, state bytes at 16K.
     assert "| model | cache | params | state @ 16K | L=64, 2 pairs | L=64, 4 pairs |" in text
     assert "| Hybrid (GLA + 1 attention layer in 4) | tova:ctx/8 |" in text and "| GLA | own state |" in text
+    # ... and trained on the corpus with passkey examples mixed in: held-out bpb and passkey accuracy.
+    assert "| model | cache | params | held-out bpb | state @ 16K | passkey @ 240 |" in text
+    assert "longseq train --out OUT/runs/recall-hybrid --model hybrid" in text and "--passkey-mix 0.5" in text
+    recall = json.loads((out_dir / "results" / "recall.json").read_text())
+    assert set(recall["mqar"]) == set(recall["passkey"]) == {"gla", "transformer", "hybrid", "megabyte"}
+    for kind, m in recall["passkey"].items():
+        assert 0 < m["val_bpb"] < 9, kind  # bits per byte of barely trained byte models
     assert "not run" not in text
     for name in ("tova", "megabyte", "gla"):
         assert (out_dir / "img" / f"repro-quick-{name}.png").stat().st_size > 1000

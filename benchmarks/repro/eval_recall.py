@@ -1,26 +1,37 @@
-"""Stage ``eval-recall`` (issue 20): multi-query associative recall for every model kind at equal size.
+"""Stage ``eval-recall`` (issue 20): recall for every model kind at equal size, in two parts.
 
-Each kind is trained from scratch on MQAR (``longseq.tasks.mqar``: key-value pairs, then each key asked again,
-on bytes) at one sequence length with a range of pair counts, then scored on a grid of pair counts and
-lengths -- the attention models also with bounded caches at 1/8 of the length -- and its state size at
-16K tokens is read from a static state of that length. Writes ``results/recall.json``.
+* ``mqar``: each kind is trained from scratch on multi-query associative recall (``longseq.tasks.mqar``:
+  key-value pairs, then each key asked again, on bytes) at one sequence length with a range of pair counts,
+  then scored on a grid of pair counts and lengths -- the attention models also with bounded caches at 1/8
+  of the length.
+* ``passkey``: each kind is trained on the built-in corpus with passkey examples mixed in (``longseq train
+  --passkey-mix``), then scored by ``longseq eval --task passkey`` with the held-out works as filler, under
+  the same caches; the run's last validation gives its bits per byte on the held-out works.
+
+Both record the state size at 16K tokens, read from a static state of that length. Results accumulate in
+``results/recall.json`` per part and kind, so ``--recall-kinds`` / ``--recall-parts`` can spread the stage
+over several calls; the stage is complete when every kind has both parts.
 """
 
 from __future__ import annotations
 
+import os
+import shlex
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from .common import environment, free_gpu_memory, say, write_json
+from .common import REPO, VAL_DOCS, environment, free_gpu_memory, read_json, say, write_json
 from .config import Ctx, pick_device
 
 STATE_LEN = 16384  # the context at which the state bytes are compared
+PARTS = ("mqar", "passkey")
 
 
 @dataclass(frozen=True)
 class RecallSetup:
-    """What the stage trains and scores (full run, or the --quick smoke run on a CPU)."""
+    """What the MQAR part trains and scores (full run, or the --quick smoke run on a CPU)."""
 
     preset: str
     train_len: int
@@ -33,8 +44,24 @@ class RecallSetup:
     eval_rows: int
 
 
-FULL = RecallSetup("small", 512, (8, 16, 32, 64), (256, 512), (8, 16, 32, 64), 3000, 64, 1e-3, 512)
+@dataclass(frozen=True)
+class PasskeySetup:
+    """What the passkey part trains (``longseq train --passkey-mix``) and scores (``longseq eval --task passkey``)."""
+
+    seq_len: int
+    batch_size: int
+    steps: int
+    mix: float
+    lr: float
+    lengths: tuple[int, ...]  # prompt lengths; the answer's 10 bytes stay inside the trained length
+    trials: int
+    eval_tokens: int  # validation bytes of the held-out works (0: all of them)
+
+
+FULL = RecallSetup("small", 512, (8, 16, 32, 64), (256, 512), (8, 16, 32, 64), 2000, 64, 1e-3, 512)
 QUICK = RecallSetup("tiny", 64, (2, 4), (64,), (2, 4), 30, 16, 3e-3, 32)
+PASSKEY_FULL = PasskeySetup(1024, 32, 1500, 0.5, 1e-3, (512, 1008), 10, 0)
+PASSKEY_QUICK = PasskeySetup(256, 4, 8, 0.5, 3e-3, (240,), 1, 4096)
 # (kind, config overrides, cache policies scored; "-": the model's own state / the plain forward)
 KINDS = [
     ("gla", {}, ["-"]),
@@ -58,35 +85,158 @@ def _state_bytes(model, spec: str, dev) -> int:
     return int(model.init_state(1, cache=_policy(spec, STATE_LEN), device=dev, max_len=STATE_LEN).nbytes())
 
 
-def stage_eval_recall(ctx: Ctx) -> dict[str, Any]:
-    """Train and score every kind (see the module docstring); write ``results/recall.json``."""
+def _mqar(ctx: Ctx, kind: str, overrides: dict[str, Any], policies: list[str], dev) -> dict[str, Any]:
+    """Train one kind on MQAR and score it under each cache (see the module docstring)."""
     import torch
 
     from longseq.models import build_model
     from longseq.tasks.mqar import mqar_accuracy, train_mqar
 
     rs = QUICK if ctx.setup.quick else FULL
+    torch.manual_seed(0)
+    model = build_model(kind, rs.preset, **overrides).to(dev)
+    t0 = time.perf_counter()
+    losses = train_mqar(model, rs.train_len, rs.train_pairs, rs.steps, batch_size=rs.batch_size, lr=rs.lr,
+                        warmup=max(1, rs.steps // 20), device=dev)
+    train_s = time.perf_counter() - t0
+    acc = {spec: {str(L): {str(n): mqar_accuracy(model, L, n, n_rows=rs.eval_rows, cache=_policy(spec, L), device=dev)
+                           for n in rs.eval_pairs if 4 * n <= L}
+                  for L in rs.eval_lens}
+           for spec in policies}
+    entry = {"params": model.num_params(), "train_s": train_s, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+             "accuracy": acc, "state_bytes": {s: _state_bytes(model, s, dev) for s in policies},
+             "env": environment(dev)}
+    say(f"recall mqar {kind}: {model.num_params() / 1e6:.2f}M params, trained in {train_s:.0f} s, "
+        + ", ".join(f"{s}: {acc[s]}" for s in policies))
+    return entry
+
+
+def passkey_commands(ctx: Ctx, kind: str, overrides: dict[str, Any], policies: list[str], filler: Path,
+                     out: Path) -> dict[str, list[str]]:
+    """The ``longseq train`` and ``longseq eval --task passkey`` argv of one kind's passkey part."""
+    ps = PASSKEY_QUICK if ctx.setup.quick else PASSKEY_FULL
+    preset = (QUICK if ctx.setup.quick else FULL).preset
+    run = ctx.run_dir(f"recall-{kind}")
+    train = ["train", "--out", str(run), "--model", kind, "--preset", preset]
+    for k, v in overrides.items():
+        train += ["--set", f"{k}={v}"]
+    if ctx.data is not None:
+        train += ["--data", *ctx.data]
+    train += ["--val-docs", ",".join(VAL_DOCS), "--seq-len", str(ps.seq_len), "--batch-size", str(ps.batch_size),
+              "--steps", str(ps.steps), "--lr", str(ps.lr), "--warmup", str(max(1, min(100, ps.steps // 10))),
+              "--passkey-mix", str(ps.mix), "--eval-every", "0", "--eval-tokens", str(ps.eval_tokens), "--keep", "1",
+              "--log-every", str(max(1, min(10, ps.steps // 20))), "--seed", "0", "--no-progress", "--overwrite"]
+    names = ["full" if p == "-" else p.split(":")[0] for p in policies]
+    evaluate = ["eval", str(run), "--task", "passkey", "--lengths", ",".join(map(str, ps.lengths)),
+                "--policies", ",".join(names), "--trials", str(ps.trials), "--filler", str(filler),
+                "--batch-size", "50", "--out", str(out / kind)]
+    budgets = sorted({p.split(":")[1] for p in policies if p != "-"})
+    if budgets:
+        evaluate[evaluate.index("--trials"):evaluate.index("--trials")] = ["--budgets", ",".join(budgets)]
+    if ctx.device:
+        train += ["--device", ctx.device]
+        evaluate += ["--device", ctx.device]
+    return {"train": train, "eval": evaluate}
+
+
+def heldout_text(ctx: Ctx) -> Path:
+    """The held-out works (the validation documents of training) as one file: the passkey filler, text none
+    of the models trained on."""
+    import tarfile
+
+    from longseq.data import builtin_corpus_path
+
+    path = ctx.out / "works" / "heldout.txt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(builtin_corpus_path()) as tar:
+            texts = [tar.extractfile(m).read().decode("utf-8") for m in tar.getmembers()
+                     if m.isfile() and Path(m.name).name in VAL_DOCS]
+        if len(texts) != len(VAL_DOCS):
+            raise SystemExit(f"reproduce: the built-in corpus lacks some of {VAL_DOCS}")
+        path.write_text("\n".join(texts), encoding="utf-8")
+    return path
+
+
+def _passkey(ctx: Ctx, kind: str, overrides: dict[str, Any], policies: list[str], dev) -> dict[str, Any]:
+    """Train one kind on the corpus with passkey examples, then score its held-out bpb and passkey accuracy."""
+    from longseq.cli import main as longseq_main
+    from longseq.sources import open_model
+
+    out = ctx.results / "recall_passkey"
+    cmds = passkey_commands(ctx, kind, overrides, policies, heldout_text(ctx), out)
+    t0 = time.perf_counter()
+    for step in ("train", "eval"):
+        if longseq_main(cmds[step]) != 0:
+            raise SystemExit(f"reproduce: `longseq {shlex.join(cmds[step])}` failed")
+        if step == "train":
+            train_s = time.perf_counter() - t0
+    run = Path(cmds["train"][cmds["train"].index("--out") + 1])
+    val = [rec for rec in map(_json_line, (run / "metrics.jsonl").read_text().splitlines()) if "val_bpb" in rec]
+    speed = [rec["tok_s"] for rec in map(_json_line, (run / "metrics.jsonl").read_text().splitlines())
+             if rec.get("tok_s")]
+    table = read_json(out / kind / "passkey.json")["results"]
+    acc: dict[str, dict[str, float]] = {}
+    for rec in table:
+        spec = "-" if rec["budget"] is None else f"{rec['policy']}:{rec['budget']}"
+        acc.setdefault(spec, {})[str(rec["length"])] = rec["mean"]
+    model = open_model(str(run), dev)
+    entry = {"params": model.num_params(), "train_s": train_s, "val_bpb": val[-1]["val_bpb"],
+             "train_tok_s": speed[-1] if speed else None, "accuracy": acc,
+             "state_bytes": {s: _state_bytes(model, s, dev) for s in policies},
+             "commands": {k: _portable(v, ctx) for k, v in cmds.items()}, "env": environment(dev)}
+    say(f"recall passkey {kind}: val bpb {entry['val_bpb']:.3f}, accuracy {acc}")
+    return entry
+
+
+def _json_line(line: str) -> dict[str, Any]:
+    import json
+
+    return json.loads(line) if line.strip() else {}
+
+
+def _portable(argv: list[str], ctx: Ctx) -> str:
+    """``longseq ...`` as the report prints it: paths under the output folder relative (OUT/...)."""
+    text = shlex.join(["longseq", *argv]).replace(str(ctx.out) + "/", "OUT/")
+    for path in ctx.data or []:  # the shared Shakespeare folder, as seen from the checkout
+        text = text.replace(path, os.path.relpath(path, REPO))
+    return text.replace(" --device cpu", "").replace(" --overwrite", "")
+
+
+def _selected(value: str | None, allowed: tuple[str, ...] | list[str], flag: str) -> list[str]:
+    if value is None:
+        return list(allowed)
+    picked = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in picked if v not in allowed]
+    if bad or not picked:
+        raise SystemExit(f"reproduce: {flag} {value!r}: choose from {', '.join(allowed)}")
+    return picked
+
+
+def recall_complete(result: dict[str, Any] | None) -> bool:
+    """Whether ``results/recall.json`` holds both parts for every kind."""
+    return result is not None and all(kind in result.get(part, {}) for part in PARTS for kind, _, _ in KINDS)
+
+
+def stage_eval_recall(ctx: Ctx) -> dict[str, Any]:
+    """Run the parts and kinds asked for (``--recall-parts``, ``--recall-kinds``; default all) and merge them
+    into ``results/recall.json``; kinds already there are kept unless ``--force``."""
+    kinds = _selected(ctx.args.recall_kinds, [k for k, _, _ in KINDS], "--recall-kinds")
+    parts = _selected(ctx.args.recall_parts, PARTS, "--recall-parts")
     dev = pick_device(ctx)
-    models: dict[str, Any] = {}
-    for kind, overrides, policies in KINDS:
-        torch.manual_seed(0)
-        model = build_model(kind, rs.preset, **overrides).to(dev)
-        t0 = time.perf_counter()
-        losses = train_mqar(model, rs.train_len, rs.train_pairs, rs.steps, batch_size=rs.batch_size, lr=rs.lr,
-                            warmup=max(1, rs.steps // 20), device=dev)
-        train_s = time.perf_counter() - t0
-        acc: dict[str, Any] = {}
-        for spec in policies:
-            acc[spec] = {str(L): {str(n): mqar_accuracy(model, L, n, n_rows=rs.eval_rows, cache=_policy(spec, L),
-                                                       device=dev)
-                                  for n in rs.eval_pairs if 4 * n <= L}
-                         for L in rs.eval_lens}
-        models[kind] = {"params": model.num_params(), "train_s": train_s, "final_loss": sum(losses[-20:]) / len(
-            losses[-20:]), "accuracy": acc, "state_bytes": {s: _state_bytes(model, s, dev) for s in policies}}
-        say(f"recall {kind}: {model.num_params() / 1e6:.2f}M params, trained in {train_s:.0f} s, "
-            + ", ".join(f"{s}: {acc[s]}" for s in policies))
-        del model
-        free_gpu_memory(dev)
-    write_json(ctx.result("recall"), {"setup": rs.__dict__, "state_len": STATE_LEN, "models": models,
-                                      "env": environment(dev)})
-    return {}
+    result = read_json(ctx.result("recall")) or {}
+    result.update({"setup": (QUICK if ctx.setup.quick else FULL).__dict__,
+                   "passkey_setup": (PASSKEY_QUICK if ctx.setup.quick else PASSKEY_FULL).__dict__,
+                   "state_len": STATE_LEN})
+    run = {"mqar": _mqar, "passkey": _passkey}
+    for part in parts:
+        done = result.setdefault(part, {})
+        for kind, overrides, policies in KINDS:
+            if kind not in kinds or (kind in done and not ctx.args.force):
+                continue
+            done[kind] = run[part](ctx, kind, overrides, policies, dev)
+            write_json(ctx.result("recall"), result)  # after each kind: a cut call keeps what it finished
+            free_gpu_memory(dev)
+    write_json(ctx.result("recall"), result)
+    missing = [f"{part} {kind}" for part in PARTS for kind, _, _ in KINDS if kind not in result.get(part, {})]
+    return {"complete": not missing, "missing": "still to run: " + ", ".join(missing)}

@@ -1,4 +1,5 @@
-"""Section 5 of the report: associative recall against state size (``results/recall.json``, issue 20)."""
+"""Section 5 of the report: recall against state size (``results/recall.json``, issue 20): MQAR trained from
+scratch, and passkey retrieval by models trained on the corpus with passkey examples mixed in."""
 
 from __future__ import annotations
 
@@ -10,48 +11,110 @@ CLAIM = ("Claim tested (issue 20): a hybrid whose attention layers keep a TOVA c
          "like the Transformer and holds memory like GLA.")
 LABELS = {"gla": "GLA", "transformer": "Transformer++", "hybrid": "Hybrid (GLA + 1 attention layer in 4)",
           "megabyte": "MEGABYTE"}
+HYBRID, TRANSFORMER, GLA = ("hybrid", "tova:ctx/8"), ("transformer", "-"), ("gla", "-")
 
 
-def _rows(r: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    return [(kind, spec, m) for kind, m in r["models"].items() for spec in m["accuracy"]]
+def _rows(part: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [(kind, spec, m) for kind, m in part.items() for spec in m["accuracy"]]
 
 
-def report_recall(r: dict[str, Any] | None, w: Write, figs: Figures) -> None:
-    """Section 5: the accuracy grid per model and cache, the state bytes at 16K, a plot, a verdict."""
-    if not open_section(w, "## 5. Associative recall against state size", CLAIM, r, "eval-recall"):
-        return
-    assert r is not None
-    s = r["setup"]
-    w(f"Setup: every kind at the `{s['preset']}` preset, trained from scratch on MQAR "
-      f"(`longseq.tasks.train_mqar`: {s['steps']} steps of {s['batch_size']} rows of {s['train_len']} bytes, "
+def _label(kind: str, spec: str) -> str:
+    return f"{LABELS.get(kind, kind)} | {'own state' if spec == '-' else spec}"
+
+
+def _mqar_table(r: dict[str, Any], w: Write) -> tuple[int, int] | None:
+    """The MQAR grid; returns the hardest cell ``(L, pairs)`` (the plot's and the verdict's)."""
+    part, s = r.get("mqar") or {}, r["setup"]
+    w("### MQAR (trained from scratch)")
+    w("")
+    if not part:
+        w("Result: not run (`--stage eval-recall --recall-parts mqar`).")
+        w("")
+        return None
+    w(f"Every kind at the `{s['preset']}` preset, trained from scratch on MQAR (`longseq.tasks.train_mqar`: "
+      f"{s['steps']} steps of {s['batch_size']} rows of {s['train_len']} bytes, "
       f"{', '.join(map(str, s['train_pairs']))} pairs per row drawn per batch, loss at the recalls only), then "
       f"scored on {s['eval_rows']} fresh rows per cell (`longseq.tasks.mqar_accuracy`: the arg-max at each query "
       "key must be its value). The attention models are also decoded through `model.step` with a cache of 1/8 "
       f"of the row. State: the bytes of a static state of {r['state_len']:,} tokens (`init_state(..., max_len)`).")
     w("")
-    cells = [(L, n) for L, by_n in next(iter(r["models"].values()))["accuracy"]["-"].items() for n in by_n]
+    cells = [(L, n) for L, by_n in next(iter(part.values()))["accuracy"]["-"].items() for n in by_n]
     w("| model | cache | params | state @ 16K | " + " | ".join(f"L={L}, {n} pairs" for L, n in cells) + " |")
     w("|---|---|---:|---:|" + "---:|" * len(cells))
-    for kind, spec, m in _rows(r):
+    for kind, spec, m in _rows(part):
         acc = [m["accuracy"][spec][L].get(n) for L, n in cells]
-        w(f"| {LABELS.get(kind, kind)} | {'own state' if spec == '-' else spec} | {m['params'] / 1e6:.2f}M | "
+        w(f"| {_label(kind, spec)} | {m['params'] / 1e6:.2f}M | {fmt_bytes(m['state_bytes'][spec])} | "
+          + " | ".join("-" if a is None else f"{a:.2f}" for a in acc) + " |")
+    w("")
+    return cells[-1]
+
+
+def _passkey_table(r: dict[str, Any], w: Write) -> int | None:
+    """The passkey table (accuracy per prompt length, held-out bpb, state); returns the longest length."""
+    part, s = r.get("passkey") or {}, r.get("passkey_setup")
+    w("### Passkey retrieval (trained on the corpus with passkey examples mixed in)")
+    w("")
+    if not part or s is None:
+        w("Result: not run (`--stage eval-recall --recall-parts passkey`).")
+        w("")
+        return None
+    w(f"Every kind at the same preset, trained on the built-in corpus for {s['steps']} steps of {s['batch_size']} "
+      f"rows of {s['seq_len']} bytes, a fraction {s['mix']} of the rows made passkey examples of their own text "
+      "(`longseq train --passkey-mix`). Scored by `longseq eval --task passkey` with the held-out works (Hamlet, "
+      f"The Tempest, the Sonnets) as filler, {s['trials']} keys at each of 5 depths per cell; bpb: the run's last "
+      "validation on the held-out works (all of their bytes)." if s["eval_tokens"] == 0 else
+      f"Smoke-test sizes: {s['steps']} steps of {s['batch_size']} rows of {s['seq_len']} bytes, passkey mix "
+      f"{s['mix']}, {s['trials']} key per depth.")
+    w("")
+    lengths = sorted({int(L) for m in part.values() for acc in m["accuracy"].values() for L in acc})
+    w("| model | cache | params | held-out bpb | state @ 16K | " + " | ".join(f"passkey @ {L}" for L in lengths) + " |")
+    w("|---|---|---:|---:|---:|" + "---:|" * len(lengths))
+    for kind, spec, m in _rows(part):
+        acc = [m["accuracy"][spec].get(str(L)) for L in lengths]
+        w(f"| {_label(kind, spec)} | {m['params'] / 1e6:.2f}M | {m['val_bpb']:.3f} | "
           f"{fmt_bytes(m['state_bytes'][spec])} | " + " | ".join("-" if a is None else f"{a:.2f}" for a in acc) + " |")
     w("")
-    L, n = cells[-1]
+    w("Commands (OUT: the output folder; each kind its own run):")
+    w("")
+    w("```")
+    for m in part.values():
+        w(m["commands"]["train"])
+        w(m["commands"]["eval"])
+    w("```")
+    w("")
+    return lengths[-1]
+
+
+def report_recall(r: dict[str, Any] | None, w: Write, figs: Figures) -> None:
+    """Section 5: both parts' tables, recall against state bytes in one figure, a verdict."""
+    if not open_section(w, "## 5. Recall against state size", CLAIM, r, "eval-recall"):
+        return
+    assert r is not None
+    cell = _mqar_table(r, w)
+    longest = _passkey_table(r, w)
+    panels = [(name, part, get) for name, part, get, ok in (
+        ("MQAR", r.get("mqar"), lambda m, sp: m["accuracy"][sp][cell[0]][cell[1]], cell is not None),
+        ("passkey", r.get("passkey"), lambda m, sp: m["accuracy"][sp].get(str(longest)), longest is not None)) if ok]
+    if not panels:
+        return
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, spec, m in _rows(r):
-        ax.scatter(m["state_bytes"][spec], m["accuracy"][spec][L][n], label=f"{LABELS.get(kind, kind)} {spec}")
-    ax.set_xscale("log")
-    ax.set_xlabel(f"state bytes at {r['state_len']:,} tokens")
-    ax.set_ylabel(f"MQAR accuracy (L={L}, {n} pairs)")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (name, part, get) in zip(axes[0], panels, strict=True):
+        for kind, spec, m in _rows(part):
+            ax.scatter(m["state_bytes"][spec], get(m, spec), label=_label(kind, spec).replace(" | ", " "))
+        ax.set_xscale("log")
+        ax.set_xlabel(f"state bytes at {r['state_len']:,} tokens")
+        where = f"L={cell[0]}, {cell[1]} pairs" if name == "MQAR" else f"prompt of {longest} bytes"
+        ax.set_ylabel(f"{name} accuracy ({where})")
+        ax.set_ylim(-0.05, 1.05)
+        ax.legend(fontsize=7)
     figs.embed(fig, w, "recall", "recall against state bytes")
-    by = {(k, sp): m["accuracy"][sp][L][n] for k, sp, m in _rows(r)}
-    size = {(k, sp): m["state_bytes"][sp] for k, sp, m in _rows(r)}
-    hyb, tr, gla = ("hybrid", "tova:ctx/8"), ("transformer", "-"), ("gla", "-")
-    if all(x in by for x in (hyb, tr, gla)):
-        w(f"Verdict (L={L}, {n} pairs): the hybrid with TOVA at 1/8 recalls {by[hyb]:.2f} against the full "
-          f"Transformer's {by[tr]:.2f} and GLA's {by[gla]:.2f}, with a state of {fmt_bytes(size[hyb])} at 16K against "
-          f"{fmt_bytes(size[tr])} and {fmt_bytes(size[gla])}.")
-        w("")
+    w("")
+    for name, part, get in panels:
+        if all(k in part and sp in part[k]["accuracy"] for k, sp in (HYBRID, TRANSFORMER, GLA)):
+            acc = {x: get(part[x[0]], x[1]) for x in (HYBRID, TRANSFORMER, GLA)}
+            size = {x: part[x[0]]["state_bytes"][x[1]] for x in (HYBRID, TRANSFORMER, GLA)}
+            w(f"Verdict, {name}: the hybrid with TOVA at 1/8 recalls {acc[HYBRID]:.2f} against the full "
+              f"Transformer's {acc[TRANSFORMER]:.2f} and GLA's {acc[GLA]:.2f}, with a state of "
+              f"{fmt_bytes(size[HYBRID])} at 16K against {fmt_bytes(size[TRANSFORMER])} and {fmt_bytes(size[GLA])}.")
+            w("")

@@ -16,7 +16,7 @@ from .config import Ctx, pick_device
 from .eval_gla import stage_eval_gla
 from .eval_megabyte import stage_eval_megabyte
 from .eval_pretrained import stage_eval_pretrained
-from .eval_recall import stage_eval_recall
+from .eval_recall import recall_complete, stage_eval_recall
 from .eval_tova import stage_eval_tova
 from .report import stage_report
 from .train import stage_train
@@ -44,6 +44,8 @@ def stage_done(ctx: Ctx, name: str) -> bool:
         group = name.split("-")[1]
         recs = [read_json(ctx.result(f"train-{n}")) for n, s in ctx.setup.runs.items() if s.group == group]
         return all(r is not None and r.get("complete") for r in recs)
+    if name == "eval-recall":  # filled in per part and kind, possibly over several calls
+        return recall_complete(read_json(ctx.result("recall")))
     return ctx.result(OUTPUT[name]).exists()
 
 
@@ -62,7 +64,8 @@ def run_stage(ctx: Ctx, name: str, argv: list[str]) -> None:
     if complete:
         say(f"stage {name}: done in {wall / 60:.2f} min; results in {ctx.results}")
     else:
-        say(f"stage {name}: INCOMPLETE after {wall / 60:.2f} min (deadline); run the same command again to resume")
+        say(f"stage {name}: INCOMPLETE after {wall / 60:.2f} min; "
+            + extra.get("missing", "(deadline) run the same command again to resume"))
 
 
 def _record_stage(ctx: Ctx, name: str, argv: list[str], wall: float, complete: bool,

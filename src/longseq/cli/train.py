@@ -62,6 +62,11 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
         help="train on this tokenizer's ids instead of bytes: a .gguf file, an HF folder with tokenizer files, "
         "or a model saved with one (the corpus is tokenized once and cached; not for megabyte)",
     )
+    p.add_argument(
+        "--passkey-mix", type=float, metavar="F",
+        help="make this fraction of training rows passkey examples (a key hidden in the row's text, asked for "
+        "at its end), so the model learns the passkey task (default 0)",
+    )
     p.add_argument("--seq-len", type=int, help="ids (bytes, or tokens with --tokenizer) per training sequence "
                    "(default 256)")
     p.add_argument("--batch-size", type=int, help="global batch in sequences per optimizer step (default 16)")

@@ -25,6 +25,7 @@ class TrainConfig:
     val_docs: list[str] | None = None  # None: the built-in split, else val_fraction
     val_fraction: float | None = None
     within_docs: bool = False
+    passkey_mix: float = 0.0  # fraction of training rows made passkey examples (``longseq.tasks.passkey_mix``)
     cache_dir: str | None = None
     seq_len: int = 256
     batch_size: int = 16
@@ -61,6 +62,7 @@ class TrainConfig:
             _check(name, getattr(self, name), 0 <= getattr(self, name) < 1, "in [0, 1)")
         _check("grad_clip", self.grad_clip, math.isfinite(self.grad_clip) and self.grad_clip >= 0,
                ">= 0 (0 disables it)")
+        _check("passkey_mix", self.passkey_mix, 0 <= self.passkey_mix <= 1, "in [0, 1]")
         if self.val_fraction is not None:
             _check("val_fraction", self.val_fraction, 0 <= self.val_fraction < 1, "in [0, 1)")
         if self.eval_tokens is not None:

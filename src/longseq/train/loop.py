@@ -34,7 +34,8 @@ from ..models import config_class, model_from_config
 from ..models.registry import capabilities
 from ..precision import autocast
 from ..sources import open_tokenizer
-from ..tokenizer import Tokenizer
+from ..tasks.passkey_mix import PasskeyMixSampler
+from ..tokenizer import ByteTokenizer, Tokenizer
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
 from .distributed import (
@@ -137,6 +138,8 @@ def train(
     # scores the documents' text, which the model's tokenizer turns into ids (bits per UTF-8 byte either way).
     ids = corpus if tokenizer is None else tokenize_corpus(corpus, tokenizer, progress=cfg.progress)
     sampler = WindowSampler(ids, split.train, cfg.seq_len + 1, seed=cfg.seed, within_docs=cfg.within_docs)
+    if cfg.passkey_mix:
+        sampler = PasskeyMixSampler(sampler, tokenizer or ByteTokenizer(), cfg.passkey_mix, seed=cfg.seed)
     val_set = corpus_documents(corpus, split.val, cfg.eval_tokens) if split.val else []
     if split.val and sum(len(t) for _, t in val_set) - len(val_set) < 1:
         raise DataError("the validation documents hold no byte to score (each needs at least 2 bytes)")
@@ -264,7 +267,7 @@ class _Session:
         info: DistInfo,
         run_dir: Path,
         config: dict[str, Any],
-        sampler: WindowSampler,
+        sampler: WindowSampler | PasskeyMixSampler,
         val_set: list,
         setup: _Setup,
         start_step: int,

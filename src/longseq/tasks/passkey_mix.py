@@ -1,0 +1,106 @@
+"""Passkey examples mixed into training batches (``longseq train --passkey-mix F``; issue 20).
+
+A model trained on documents alone has never been asked to read a number back from far away, so a passkey
+test of it measures the task's novelty as much as the model's memory. With ``--passkey-mix F``, each row of
+a training batch becomes, with probability ``F``, a passkey example built from that row's own window of the
+corpus -- the same prompt layout as the test (:func:`longseq.tasks.passkey.make_prompts`), followed by the
+answer::
+
+    [prefix] instruction  filler[:cut]  key sentence  filler[cut:]  question  " 12345."
+
+The filler is the window's first ids (so the example's text is the corpus's, the row keeps its length), the
+key is a fresh random 5-digit number and the depth is uniform over the filler. The loss stays the plain
+next-token loss over the whole row: the answer's few ids are where retrieval is learned.
+
+Which rows are mixed, and their keys and depths, come from a generator seeded by ``(seed, batch index)``
+for the whole global batch, so every rank agrees, any world size sees the same global batches, and a resumed
+run draws exactly the rows it would have.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..data.errors import DataError
+from ..data.sampler import WindowSampler
+from ..tokenizer import Tokenizer
+from .passkey import INSTRUCTION, KEY_DIGITS, KEY_SENTENCE, QUESTION, special_prefix
+
+ANSWER = " {key}."  # what follows the question in a training example
+MIN_FILLER = 16  # ids of corpus text an example must keep at least
+
+
+class PasskeyMixSampler:
+    """A :class:`~longseq.data.sampler.WindowSampler` whose rows are passkey examples with probability
+    ``fraction`` (see the module docstring). Same interface: ``next_batch`` returns this rank's
+    ``[global_batch / world_size, window]`` int64 ids; ``state_dict`` is the wrapped sampler's (the mixing
+    is a function of its batch counter)."""
+
+    def __init__(self, sampler: WindowSampler, tokenizer: Tokenizer, fraction: float, seed: int = 0) -> None:
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"passkey-mix must be in (0, 1] (the fraction of training rows); got {fraction}")
+        self.sampler, self.tokenizer, self.fraction, self.seed = sampler, tokenizer, float(fraction), int(seed)
+        self.head = special_prefix(tokenizer) + tokenizer.encode(INSTRUCTION, special=False)
+        self.question = tokenizer.encode(QUESTION, special=False)
+        widest = "9" * KEY_DIGITS
+        room = sampler.window - self._fixed_len(widest)
+        if room < MIN_FILLER:
+            raise DataError(
+                f"seq-len {sampler.window - 1} is too short for passkey examples: the instruction, key sentence, "
+                f"question and answer take {self._fixed_len(widest)} {sampler.corpus.unit}, leaving {room} of "
+                f"filler (at least {MIN_FILLER} needed)"
+            )
+
+    @property
+    def window(self) -> int:
+        return self.sampler.window
+
+    def _parts(self, key: str) -> tuple[list[int], list[int]]:
+        """The key sentence's ids and the question-and-answer ids for ``key``."""
+        enc = self.tokenizer.encode
+        return enc(KEY_SENTENCE.format(key=key), special=False), self.question + enc(ANSWER.format(key=key),
+                                                                                     special=False)
+
+    def _fixed_len(self, key: str) -> int:
+        needle, tail = self._parts(key)
+        return len(self.head) + len(needle) + len(tail)
+
+    def example(self, window: Tensor, key: str, depth: float) -> Tensor:
+        """The passkey example made from one ``[window]`` row of corpus ids: same length, ``key`` hidden at
+        ``depth`` (a fraction of the filler), the question and answer last."""
+        needle, tail = self._parts(key)
+        n_filler = self.window - len(self.head) - len(needle) - len(tail)
+        cut = round(depth * n_filler)
+        filler = window[:n_filler].tolist()
+        ids = self.head + filler[:cut] + needle + filler[cut:] + tail
+        return torch.tensor(ids, dtype=window.dtype)
+
+    def plan(self, batch_index: int, global_batch: int) -> list[tuple[str, float] | None]:
+        """For each row of global batch ``batch_index``: ``(key, depth)`` if it becomes an example, else None."""
+        rng = random.Random(f"passkey-mix:{self.seed}:{batch_index}")
+        out: list[tuple[str, float] | None] = []
+        for _ in range(global_batch):  # three draws per row whatever is kept: rows do not shift each other
+            mixed = rng.random() < self.fraction
+            key, depth = str(rng.randrange(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS)), rng.random()
+            out.append((key, depth) if mixed else None)
+        return out
+
+    def next_batch(self, global_batch: int, rank: int = 0, world_size: int = 1) -> Tensor:
+        """This rank's share of the next global batch, its passkey rows built in place."""
+        index = self.sampler.batches_drawn
+        batch = self.sampler.next_batch(global_batch, rank, world_size)
+        per = batch.shape[0]
+        for i, row in enumerate(self.plan(index, global_batch)[rank * per : (rank + 1) * per]):
+            if row is not None:
+                batch[i] = self.example(batch[i], *row)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)

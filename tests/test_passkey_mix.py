@@ -1,0 +1,171 @@
+"""``train --passkey-mix``: rows of a training batch turned into passkey examples made of their own corpus text.
+
+Each mixed row is checked against the plain sampler's row (same seed) by taking the text apart: the instruction
+first, one key sentence somewhere, the question and the same key last, and in between exactly the window's
+first ids. Unmixed rows must be the plain rows, untouched."""
+
+from __future__ import annotations
+
+import re
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from longseq.data import load_corpus
+from longseq.data.errors import DataError
+from longseq.data.sampler import WindowSampler
+from longseq.tasks.passkey import INSTRUCTION, QUESTION
+from longseq.tasks.passkey_mix import PasskeyMixSampler
+from longseq.tokenizer import ByteTokenizer
+from longseq.train import TrainConfig, train
+from longseq.train.rundir import load_run_config
+
+NEEDLE = re.compile(rb"\nThe pass key is (\d{5})\. Remember it\. (\d{5}) is the pass key\.\n")
+WINDOW = 400
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mix")
+    rng = np.random.default_rng(0)
+    words = "the wind is cold and we walk on by the sea while seven lords argue".split()
+    for i in range(3):
+        (root / "docs").mkdir(exist_ok=True)
+        text = " ".join(words[j] for j in rng.integers(0, len(words), 1500))
+        (root / "docs" / f"doc{i}.txt").write_text(text + "\n")
+    return root, load_corpus([root / "docs"], root / "cache")
+
+
+def samplers(corpus, fraction: float, seed: int = 3) -> tuple[WindowSampler, PasskeyMixSampler]:
+    plain = WindowSampler(corpus, [0, 1, 2], WINDOW, seed=seed)
+    mixed = PasskeyMixSampler(WindowSampler(corpus, [0, 1, 2], WINDOW, seed=seed), ByteTokenizer(), fraction, seed)
+    return plain, mixed
+
+
+def take_apart(row: bytes) -> tuple[str, bytes, int]:
+    """``(key, filler, cut)`` of a byte passkey example, asserting its layout."""
+    head, question = INSTRUCTION.encode(), QUESTION.encode()
+    assert row.startswith(head)
+    found = list(NEEDLE.finditer(row))
+    assert len(found) == 1, row
+    key = found[0].group(1).decode()
+    assert found[0].group(2).decode() == key
+    tail = question + f" {key}.".encode()
+    assert row.endswith(tail)
+    start, end = found[0].span()
+    filler = row[len(head) : start] + row[end : len(row) - len(tail)]
+    return key, filler, start - len(head)
+
+
+def test_every_row_becomes_an_example_of_its_own_text(corpus):
+    _, data = corpus
+    plain, mixed = samplers(data, 1.0)
+    keys, cuts = set(), []
+    for _ in range(4):
+        want, got = plain.next_batch(8), mixed.next_batch(8)
+        assert got.shape == want.shape == (8, WINDOW)
+        for w, g in zip(want, got, strict=True):
+            key, filler, cut = take_apart(bytes(g.tolist()))
+            assert filler == bytes(w.tolist())[: len(filler)]  # the window's own first bytes, in order
+            keys.add(key)
+            cuts.append(cut / len(filler))
+    assert len(keys) == 32  # a fresh key per row
+    assert min(cuts) < 0.2 and max(cuts) > 0.8  # depths spread over the filler
+
+
+def test_unmixed_rows_are_untouched_and_the_fraction_holds(corpus):
+    _, data = corpus
+    plain, mixed = samplers(data, 0.25)
+    n_mixed = n_rows = 0
+    for _ in range(40):
+        want, got = plain.next_batch(16), mixed.next_batch(16)
+        for w, g in zip(want, got, strict=True):
+            n_rows += 1
+            if bytes(g.tolist()).startswith(INSTRUCTION.encode()):
+                n_mixed += 1
+                take_apart(bytes(g.tolist()))
+            else:
+                assert bytes(g.tolist()) == bytes(w.tolist())
+    # 640 rows at p = 0.25: mean 160, standard deviation 11; 5 sigma either side.
+    assert 105 <= n_mixed <= 215, n_mixed
+
+
+def test_ranks_split_one_global_batch_and_resume_continues_it(corpus):
+    _, data = corpus
+    _, whole = samplers(data, 0.5)
+    _, rank0 = samplers(data, 0.5)
+    _, rank1 = samplers(data, 0.5)
+    for _ in range(3):
+        full = whole.next_batch(8)
+        assert (rank0.next_batch(8, 0, 2) == full[:4]).all()
+        assert (rank1.next_batch(8, 1, 2) == full[4:]).all()
+    state = whole.state_dict()
+    expected = whole.next_batch(8)
+    _, resumed = samplers(data, 0.5)
+    resumed.load_state_dict(state)
+    assert (resumed.next_batch(8) == expected).all()
+
+
+def test_examples_in_a_tokenizers_ids(corpus, tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from longseq.data import tokenize_corpus
+    from longseq.sources import open_tokenizer
+    from test_train_tokenizer import make_corpus, make_tokenizer
+
+    docs = make_corpus(tmp_path / "docs")
+    tok = open_tokenizer(make_tokenizer(tmp_path / "tok", docs))
+    ids = tokenize_corpus(load_corpus([docs], tmp_path / "cache"), tok)
+    mixed = PasskeyMixSampler(WindowSampler(ids, [0, 1, 2], 200, seed=0), tok, 1.0)
+    bos = tok.encode("x")[0]
+    for row in mixed.next_batch(4):
+        assert row.shape == (200,) and int(row[0]) == bos
+        text = tok.decode(row.tolist())
+        key, _, _ = take_apart(text)
+        assert text.endswith(f"{QUESTION} {key}.".encode())
+
+
+def test_bad_mix_settings_are_refused(corpus):
+    _, data = corpus
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="passkey-mix"):
+            PasskeyMixSampler(WindowSampler(data, [0], WINDOW), ByteTokenizer(), bad)
+    with pytest.raises(DataError, match="seq-len 149 is too short for passkey examples"):
+        PasskeyMixSampler(WindowSampler(data, [0], 150), ByteTokenizer(), 0.5)
+    for bad in (1.01, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="passkey-mix must be in"):
+            TrainConfig(passkey_mix=bad)
+
+
+def cfg_for(root: Path, name: str, **kw) -> TrainConfig:
+    base = dict(out=str(root / name), model="transformer", preset="tiny", overrides={"n_layers": 1},
+                data=[str(root / "docs")], val_docs=["doc2"], seq_len=WINDOW - 1, batch_size=4, steps=6, lr=3e-3,
+                warmup=1, eval_every=3, eval_tokens=2048, log_every=1, keep=2, progress=False, device="cpu", seed=1,
+                cache_dir=str(root / "cache"), passkey_mix=0.5)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_training_with_the_mix_records_it_and_resumes_exactly(corpus):
+    root, _ = corpus
+    straight = train(cfg_for(root, "straight"))
+    assert load_run_config(root / "straight")["train"]["passkey_mix"] == 0.5
+    plain = train(cfg_for(root, "plain", passkey_mix=0.0))
+    assert plain.losses[1] != straight.losses[1]  # the mix changed what the first step saw
+
+    def interrupt(step: int, loss: float) -> None:
+        if step == 3:
+            signal.raise_signal(signal.SIGINT)
+
+    cfg = cfg_for(root, "resumed")
+    train(cfg, on_step=interrupt)
+    second = train(cfg, resume=True)
+    assert second.losses == {k: v for k, v in straight.losses.items() if k > 3}
+
+
+def test_a_row_too_short_for_the_mix_fails_before_any_write(corpus):
+    root, _ = corpus
+    with pytest.raises(DataError, match="too short for passkey examples"):
+        train(cfg_for(root, "short", seq_len=100))
+    assert not (root / "short").exists()
