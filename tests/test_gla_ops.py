@@ -313,3 +313,51 @@ def test_bad_initial_state_and_backend():
         gated_linear_attention(q, k, v, g, initial_state=s0[:, :, :, :2])
     with pytest.raises(ValueError, match="unknown GLA backend 'fast'"):
         gated_linear_attention(q, k, v, g, backend="fast")
+
+
+def _step_inputs(B=3, T=5, H=2, K=8, V=12, dtype=torch.float64, seed=4):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen)
+    v = torch.randn(B, T, H, V, generator=gen)
+    g = F.logsigmoid(torch.randn(B, T, H, K, generator=gen) * 2 + 1)
+    s0 = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
+    return [x.to(dtype) for x in (q, k, v, g)], s0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_decode_step_op_equals_the_recurrence_token_by_token(dtype):
+    from longseq.ops.gla import gla_decode_step
+
+    (q, k, v, g), s0 = _step_inputs(dtype=dtype)
+    o_ref, s_ref = gla_recurrent(*(x.double() for x in (q, k, v, g)), 0.3, s0)
+    state = s0.to(torch.float64 if dtype == torch.float64 else torch.float32).clone()
+    ptr = state.data_ptr()
+    outs = [gla_decode_step(q[:, t], k[:, t], v[:, t], g[:, t], state, scale=0.3, backend="torch")
+            for t in range(q.shape[1])]
+    assert state.data_ptr() == ptr and outs[0].dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_close(torch.stack(outs, 1), o_ref, rtol=tol, name="o")
+    assert_close(state, s_ref, rtol=tol, name="state (in place)")
+
+
+def test_decode_step_op_rejects_bad_input(monkeypatch):
+    from longseq.ops.gla import gla_decode_step
+
+    (q, k, v, g), s0 = _step_inputs(dtype=torch.float32)
+    q, k, v, g = q[:, 0], k[:, 0], v[:, 0], g[:, 0]
+    s = s0.float()
+    with pytest.raises(ValueError, match=r"q, k and g must share one shape \[B, H, K\]"):
+        gla_decode_step(q[:, None], k, v, g, s)
+    with pytest.raises(ValueError, match=r"v must be \[B, H, V\]"):
+        gla_decode_step(q, k, v[:2], g, s)
+    with pytest.raises(ValueError, match=r"state must be \[B, H, K, V\] = \(3, 2, 8, 12\)"):
+        gla_decode_step(q, k, v, g, s[:, :, :4])
+    with pytest.raises(ValueError, match="state must be torch.float32 for torch.float32 inputs"):
+        gla_decode_step(q, k, v, g, s0)
+    with pytest.raises(ValueError, match="state must be contiguous"):
+        gla_decode_step(q, k, v, g, s.transpose(-1, -2).contiguous().transpose(-1, -2))
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        gla_decode_step(q, k, v, g, s, backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend 'triton' cannot run these inputs"):
+        gla_decode_step(q, k, v, g, s, backend="triton")

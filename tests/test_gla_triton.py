@@ -191,6 +191,19 @@ def test_decode_kernel_matches_recurrent(poison, T):
     assert_close(s, s_ref, rtol=1e-5, name="final_state")
 
 
+def test_public_decode_step_op_runs_the_kernel_in_place(poison):
+    from longseq.ops.gla import gla_decode_step
+
+    q, k, v, g, s0 = make_inputs(3, 4, 2, 16, 48, seed=11)
+    o_ref, s_ref = gla_recurrent(q.double(), k.double(), v.double(), g.double(), 0.25, s0.double())
+    state = s0.clone()
+    with torch.no_grad():
+        outs = [gla_decode_step(q[:, t], k[:, t], v[:, t], g[:, t], state, scale=0.25, backend="triton")
+                for t in range(4)]
+    assert_close(torch.stack(outs, 1), o_ref, rtol=1e-5, name="o")
+    assert_close(state, s_ref, rtol=1e-5, name="state (in place)")
+
+
 def test_decode_kernel_in_place_and_varlen():
     q, k, v, g, s0 = make_inputs(1, 7, 2, 16, 16, n_states=2, seed=10)
     cu = torch.tensor([0, 3, 7], device=DEVICE)

@@ -25,8 +25,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .chunk import gla_chunk
 from .reference import gla_recurrent
+from .step import gla_decode_step
 
-__all__ = ["gated_linear_attention", "gla_chunk", "gla_recurrent", "BACKENDS"]
+__all__ = ["gated_linear_attention", "gla_chunk", "gla_decode_step", "gla_recurrent", "BACKENDS"]
 
 BACKENDS = ("auto", "recurrent", "chunk", "triton")
 # Below this many new tokens a plain loop beats padding a 64-token chunk (decode, short prefills).

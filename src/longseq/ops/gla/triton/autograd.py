@@ -120,10 +120,27 @@ def recurrent_gla(
     B, T, H, K = q.shape
     V = v.shape[-1]
     if cu_seqlens is None:
-        cu = torch.arange(B + 1, device=q.device, dtype=torch.int32) * T
+        cu = _dense_offsets(B, T, q.device)
     else:
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     flat = [x.reshape(B * T, H, x.shape[-1]).contiguous() for x in (q, k, v, g)]
     h0 = initial_state.contiguous() if initial_state is not None else None
     o, ht = fused_recurrent(*flat, scale, cu, h0, out_state)
     return o.view(B, T, H, V), ht
+
+
+_OFFSETS: dict[tuple[int, int, torch.device], Tensor] = {}
+
+
+def _dense_offsets(B: int, T: int, device: torch.device) -> Tensor:
+    """``[B + 1]`` int32 offsets of B rows of T tokens, kept per shape: a decode step then launches no
+    kernel to make them. Never kept when made during CUDA-graph capture (the graph's pool owns that memory)."""
+    key = (B, T, device)
+    cu = _OFFSETS.get(key)
+    if cu is None:
+        cu = torch.arange(B + 1, device=device, dtype=torch.int32) * T
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            if len(_OFFSETS) >= 64:
+                _OFFSETS.clear()
+            _OFFSETS[key] = cu
+    return cu
