@@ -35,6 +35,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..ops.decode_block.reference import KEY_ACCUMULATED, KEY_ATTENTION, KEY_POSITION
+
 
 def select_evictions(
     scores: Tensor, n_evict: int = 1, positions: Tensor | None = None, candidates: Tensor | None = None
@@ -103,6 +105,15 @@ class CachePolicy:
     def per_head(self) -> bool:
         """True when every kv head evicts independently (kept positions ``[B, H_kv, n]``)."""
         return False
+
+    @property
+    def decode_rule(self) -> tuple[int, int, int] | None:
+        """``(key, sinks, recent)`` when :meth:`select_victim` evicts the lowest ``key`` (a
+        ``longseq.ops.decode_block.KEY_*``: position, current or accumulated head-averaged attention) among
+        the positions in ``[sinks, current - recent]``, oldest first on ties: then a static cache's decode
+        step evicts in one fused kernel (:func:`longseq.ops.decode_block.evict`). None for any other rule
+        (a policy of one's own keeps the PyTorch path)."""
+        return None
 
     @property
     def band(self) -> tuple[int, int] | None:
@@ -178,6 +189,10 @@ class Window(BoundedPolicy):
     def band(self) -> tuple[int, int]:
         return self.budget, 0
 
+    @property
+    def decode_rule(self) -> tuple[int, int, int]:
+        return KEY_POSITION, 0, 0
+
     def select_victim(self, positions: Tensor, current: Tensor, scores: Tensor | None) -> Tensor:
         return select_evictions(positions, 1, positions)
 
@@ -197,6 +212,10 @@ class Sink(BoundedPolicy):
     @property
     def band(self) -> tuple[int, int]:
         return self.budget - self.sinks, self.sinks
+
+    @property
+    def decode_rule(self) -> tuple[int, int, int]:
+        return KEY_POSITION, self.sinks, 0
 
     def select_victim(self, positions: Tensor, current: Tensor, scores: Tensor | None) -> Tensor:
         return select_evictions(positions, 1, positions, candidates=positions >= self.sinks)
@@ -241,6 +260,11 @@ class H2O(BoundedPolicy):
     def replay_recent(self) -> int | None:
         return self.recent
 
+    @property
+    def decode_rule(self) -> tuple[int, int, int]:
+        assert self.recent is not None
+        return KEY_ACCUMULATED, 0, self.recent
+
     def select_victim(self, positions: Tensor, current: Tensor, scores: Tensor | None) -> Tensor:
         assert scores is not None
         # The `recent` most recent positions (the current token included) are protected.
@@ -268,6 +292,10 @@ class TOVA(BoundedPolicy):
     @property
     def replay_recent(self) -> int | None:
         return 0  # every kept token is a candidate
+
+    @property
+    def decode_rule(self) -> tuple[int, int, int]:
+        return KEY_ATTENTION, 0, 0
 
     def select_victim(self, positions: Tensor, current: Tensor, scores: Tensor | None) -> Tensor:
         assert scores is not None

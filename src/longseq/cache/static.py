@@ -27,18 +27,43 @@ if TYPE_CHECKING:
 #: Static ``Full`` caches of at most this many slots (MEGABYTE's patch-local caches) take RoPE, the cache
 #: write and the attention in one kernel (all slots fit one program); larger ones the split-KV kernel.
 PATCH_KERNEL_MAX_SLOTS = 32
+#: Evict with the fused kernel on CPU tensors too (the tests, through Triton's interpreter); on CUDA it always
+#: does where the policy has a ``decode_rule``.
+FUSED_EVICTION_ON_CPU = False
 
 
 class _StaticMode(CacheBuffers):
     """Mixin of :class:`~longseq.cache.KVCache` (its buffers are described there)."""
 
     def can_attend_packed(self, qkv: Tensor, positions: Tensor) -> bool:
-        """Whether :meth:`attend_packed` applies: a static ``Full`` cache in ``qkv``'s dtype with a power-of-two
-        head dim, one token per row (``positions`` ``[B, 1]``)."""
-        if not (self.static and self.budget is None and self.k is not None and self.k.dtype == qkv.dtype):
+        """Whether :meth:`attend_packed` applies: a static cache in ``qkv``'s dtype with a power-of-two head
+        dim, one token per row (``positions`` ``[B, 1]``); ``Full``, or a bounded policy with a
+        :attr:`~longseq.cache.policies.CachePolicy.decode_rule` where the kernels run."""
+        if not (self.static and self.k is not None and self.k.dtype == qkv.dtype):
             return False
         D = self.k.shape[3]
-        return D & (D - 1) == 0 and positions.shape == (qkv.shape[0], 1)
+        if D & (D - 1) or positions.shape != (qkv.shape[0], 1):
+            return False
+        return self.budget is None or self._fused_eviction(qkv)
+
+    def _fused_eviction(self, x: Tensor) -> bool:
+        """Whether this static bounded cache evicts with :func:`~longseq.ops.decode_block.evict`."""
+        from ..ops import decode_block
+
+        assert self.slot_pos is not None and self.k is not None
+        # fp32 attention averages: a float64 cache (the exactness tests) keeps the float64 PyTorch path.
+        return (self.policy.decode_rule is not None and self.k.dtype != torch.float64 and self.slot_pos.shape[2] <= decode_block.EVICT_MAX_SLOTS
+                and (x.is_cuda or FUSED_EVICTION_ON_CPU) and decode_block._use_kernels(x))
+
+    def _evict_fused(self, pos: Tensor, weights: Tensor | None, row_mask: Tensor | None) -> None:
+        """The step's eviction in one kernel (``pos`` ``[B]``, ``weights`` ``[B, H, 1, C]`` or None)."""
+        from ..ops import decode_block
+
+        assert self.slot_pos is not None and self.budget is not None
+        key, sinks, recent = self.policy.decode_rule
+        w = weights[:, :, 0] if weights is not None else None
+        decode_block.evict(self.slot_pos, pos, key, sinks, recent, w, self.score, row_mask)
+        self._n = min(self._n + 1, self.budget)
 
     def attend_packed(
         self, qkv: Tensor, positions: Tensor, n_heads: int, inv_freq: Tensor, row_mask: Tensor | None = None
@@ -57,6 +82,13 @@ class _StaticMode(CacheBuffers):
         assert self.k is not None and self.v is not None
         B, Hkv, S, D = self.k.shape
         pos = positions[:, 0]
+        if self.budget is not None:  # bounded: write into the first empty slot, attend, evict: three kernels
+            q = decode_block.rope_write(qkv, pos, row_mask, self.k, self.v, self.slot_pos, n_heads, Hkv, inv_freq,
+                                        first_empty=True)
+            o, w = attention_over_cache(q, self.k, self.v, positions, self.slot_pos,
+                                        return_weights=self.policy.needs_attention_weights)
+            self._evict_fused(pos, w, row_mask)
+            return o
         self._n += 1
         if row_mask is None and S <= PATCH_KERNEL_MAX_SLOTS:
             o = decode_block.patch_attention(qkv, pos, self.k, self.v, self.slot_pos, n_heads, Hkv, inv_freq)
@@ -163,6 +195,11 @@ class _StaticMode(CacheBuffers):
             new_pos = torch.where(active[:, None, None], new_pos, -1)
         self.slot_pos.scatter_(2, slot, new_pos)
         scores = None
+        if self.budget is not None and self._fused_eviction(q):  # scores, choice and release in one kernel
+            o, w = attention_over_cache(q, self.k, self.v, pos, self.slot_pos,
+                                        return_weights=self.policy.needs_attention_weights)
+            self._evict_fused(pos[:, 0], w, active)
+            return o.to(out_dtype)
         if self.policy.needs_attention_weights:
             o, w = attention_over_cache(q, self.k, self.v, pos, self.slot_pos, return_weights=True)
             assert w is not None

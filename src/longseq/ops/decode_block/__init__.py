@@ -30,6 +30,10 @@ import torch
 from torch import Tensor
 
 from .reference import (
+    KEY_ACCUMULATED,
+    KEY_ATTENTION,
+    KEY_POSITION,
+    evict_reference,
     linear_residual_reference,
     norm_linear_reference,
     norm_swiglu_reference,
@@ -38,6 +42,11 @@ from .reference import (
 )
 
 __all__ = [
+    "KEY_ACCUMULATED",
+    "KEY_ATTENTION",
+    "KEY_POSITION",
+    "evict",
+    "evict_reference",
     "kernels_available",
     "linear_residual",
     "norm_linear",
@@ -172,20 +181,26 @@ def rope_write(
     n_heads: int,
     n_kv_heads: int,
     inv_freq: Tensor,
+    first_empty: bool = False,
 ) -> Tensor:
-    """RoPE of one token per row and its key/value write into a static ``Full`` cache; returns the rotated
-    query ``[B, H, 1, D]``. See :func:`.reference.rope_write_reference`. ``pos`` ``[B]`` must lie in
-    ``[0, S)`` (not checked: that would read the device tensor back, which a captured step cannot do)."""
+    """RoPE of one token per row and its key/value write into a static ``Full`` cache (or, with
+    ``first_empty``, into the first empty slot of each group of a static bounded cache); returns the rotated
+    query ``[B, H, 1, D]``. See :func:`.reference.rope_write_reference`. ``pos`` ``[B]`` must lie in ``[0, S)``
+    for a ``Full`` cache, and a bounded one must have an empty slot (neither is checked: that would read the
+    device tensor back, which a captured step cannot do)."""
     _check_cache(qkv, k_cache, v_cache, slot_pos, n_heads, n_kv_heads)
     _check_positions("pos", pos, qkv.shape[0])
+    if first_empty and slot_pos is None:
+        raise ValueError("first_empty needs slot_pos (it says which slots are empty)")
     if row_mask is not None and (row_mask.shape != (qkv.shape[0],) or row_mask.dtype != torch.bool):
         raise ValueError(f"row_mask must be a [B={qkv.shape[0]}] bool tensor; got {tuple(row_mask.shape)} "
                          f"{row_mask.dtype}")
     if not _use_kernels(qkv):
-        return rope_write_reference(qkv, pos, row_mask, k_cache, v_cache, slot_pos, n_heads, n_kv_heads, inv_freq)
+        return rope_write_reference(qkv, pos, row_mask, k_cache, v_cache, slot_pos, n_heads, n_kv_heads, inv_freq,
+                                    first_empty)
     from .kernels import rope_write as kernel
 
-    return kernel(qkv, pos, row_mask, k_cache, v_cache, slot_pos, n_heads, n_kv_heads, inv_freq)
+    return kernel(qkv, pos, row_mask, k_cache, v_cache, slot_pos, n_heads, n_kv_heads, inv_freq, first_empty)
 
 
 def patch_attention(
@@ -212,3 +227,35 @@ def patch_attention(
     from .kernels import patch_attention as kernel
 
     return kernel(qkv, p, k_cache, v_cache, slot_pos, n_heads, n_kv_heads, inv_freq)
+
+
+#: The largest bounded cache (slots) :func:`evict` takes: its kernel holds a row of slots in one tile.
+EVICT_MAX_SLOTS = 16384
+
+
+def evict(
+    slot_pos: Tensor, pos: Tensor, key: int, sinks: int = 0, recent: int = 0, weights: Tensor | None = None,
+    score: Tensor | None = None, row_mask: Tensor | None = None,
+) -> None:
+    """The eviction of one decode step of a static bounded cache, in place: one kernel for the key, the
+    choice among the candidates and the slot's release. See :func:`.reference.evict_reference` for the
+    definition and layouts (``slot_pos`` ``[B, G, C]``, ``weights`` ``[B, H, C]`` fp32, ``score`` ``[B, G, C]``)."""
+    B, G, C = slot_pos.shape
+    if slot_pos.dtype != torch.int64 or slot_pos.stride(-1) != 1:
+        raise ValueError(f"slot_pos must be int64 with unit stride along the slots; got {slot_pos.dtype}")
+    _check_positions("pos", pos, B)
+    if key not in (KEY_POSITION, KEY_ATTENTION, KEY_ACCUMULATED):
+        raise ValueError(f"unknown eviction key {key}")
+    if key != KEY_POSITION and (weights is None or weights.dim() != 3 or weights.shape[0] != B
+                                or weights.shape[2] != C or weights.shape[1] % G or weights.stride(-1) != 1):
+        raise ValueError(f"weights must be [B={B}, H (a multiple of G={G}), C={C}] with unit stride; got "
+                         f"{None if weights is None else tuple(weights.shape)}")
+    if key == KEY_ACCUMULATED and (score is None or score.shape != slot_pos.shape or score.stride(-1) != 1):
+        raise ValueError(f"score must be [B, G, C] = {tuple(slot_pos.shape)} with unit stride")
+    if C > EVICT_MAX_SLOTS:
+        raise ValueError(f"evict takes caches of at most {EVICT_MAX_SLOTS} slots; got {C}")
+    if not _use_kernels(slot_pos):
+        return evict_reference(slot_pos, pos, key, sinks, recent, weights, score, row_mask)
+    from .kernels import evict as kernel
+
+    kernel(slot_pos, pos, key, sinks, recent, weights, score, row_mask)

@@ -277,6 +277,19 @@ def patch_attention(qkv: Tensor, p: Tensor, k_cache: Tensor, v_cache: Tensor, sl
 
 
 @triton.jit
+def _first_slot(sp_row, pos, S, BLOCK_S: tl.constexpr):
+    """The first of ``S`` slots of ``sp_row`` that is empty (``< 0``) or holds ``pos`` (int64; ``S`` if none).
+    Unchanged by a concurrent write of ``pos`` or ``-1`` into that very slot, so programs of one launch agree."""
+    best = S.to(tl.int64)
+    for start in range(0, S, BLOCK_S):
+        offs = start + tl.arange(0, BLOCK_S)
+        sp = tl.load(sp_row + offs, mask=offs < S, other=0)
+        hit = (offs < S) & ((sp < 0) | (sp == pos))
+        best = tl.minimum(best, tl.min(tl.where(hit, offs, S).to(tl.int64), axis=0))
+    return best
+
+
+@triton.jit
 def rope_write_kernel(
     qkv_ptr,
     pos_ptr,
@@ -296,15 +309,19 @@ def rope_write_kernel(
     stride_spb,
     stride_spg,
     stride_qo,
+    S,
     H: tl.constexpr,
     HKV: tl.constexpr,
     D: tl.constexpr,
     SP_GROUPS: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    FIRST_EMPTY: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     """Programs ``i < H`` rotate query head ``i`` into ``q_out``; programs ``H + j`` rotate kv head ``j``'s key
-    and write it and the value to slot ``pos`` (slot ``i`` holds position ``i``), and the slot's position
-    (``-1`` for rows outside the mask: the write stays invisible)."""
+    and write it and the value to slot ``pos`` (slot ``i`` holds position ``i``; with ``FIRST_EMPTY``, to the
+    first slot of its group that is empty or holds ``pos``, see :func:`.reference.write_slots`), and the
+    slot's position (``-1`` for rows outside the mask: the write stays invisible)."""
     i, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     pos = tl.load(pos_ptr + b).to(tl.int64)
     offs, partner, sign, cos, sin = _rope_table(pos, inv_freq_ptr, D)
@@ -314,22 +331,25 @@ def rope_write_kernel(
         tl.store(q_out_ptr + b * stride_qo + i * D + offs, q.to(q_out_ptr.dtype.element_ty))
     else:
         kvh = i - H
+        group = kvh if SP_GROUPS > 1 else 0
+        at = pos
+        if FIRST_EMPTY:
+            at = _first_slot(sp_ptr + b * stride_spb + group * stride_spg, pos, S, BLOCK_S)
         k = _rope(row + (H + kvh) * D, offs, partner, sign, cos, sin)
         v = tl.load(row + (H + HKV + kvh) * D + offs)
-        tl.store(k_ptr + b * stride_kb + kvh * stride_kh + pos * stride_ks + offs, k.to(k_ptr.dtype.element_ty))
-        tl.store(v_ptr + b * stride_vb + kvh * stride_vh + pos * stride_vs + offs, v.to(v_ptr.dtype.element_ty))
+        tl.store(k_ptr + b * stride_kb + kvh * stride_kh + at * stride_ks + offs, k.to(k_ptr.dtype.element_ty))
+        tl.store(v_ptr + b * stride_vb + kvh * stride_vh + at * stride_vs + offs, v.to(v_ptr.dtype.element_ty))
         if SP_GROUPS > 0:
             new_pos = pos
             if HAS_MASK:
                 new_pos = tl.where(tl.load(mask_ptr + b).to(tl.int32) != 0, pos, -1)
-            if SP_GROUPS > 1:
-                tl.store(sp_ptr + b * stride_spb + kvh * stride_spg + pos, new_pos.to(sp_ptr.dtype.element_ty))
-            elif kvh == 0:
-                tl.store(sp_ptr + b * stride_spb + pos, new_pos.to(sp_ptr.dtype.element_ty))
+            if SP_GROUPS > 1 or kvh == 0:
+                tl.store(sp_ptr + b * stride_spb + group * stride_spg + at, new_pos.to(sp_ptr.dtype.element_ty))
 
 
 def rope_write(qkv: Tensor, pos: Tensor, row_mask: Tensor | None, k_cache: Tensor, v_cache: Tensor,
-               slot_pos: Tensor | None, n_heads: int, n_kv_heads: int, inv_freq: Tensor) -> Tensor:
+               slot_pos: Tensor | None, n_heads: int, n_kv_heads: int, inv_freq: Tensor,
+               first_empty: bool = False) -> Tensor:
     """Launch :func:`rope_write_kernel` (see :func:`.reference.rope_write_reference`)."""
     B = qkv.shape[0]
     D = k_cache.shape[3]
@@ -351,11 +371,84 @@ def rope_write(qkv: Tensor, pos: Tensor, row_mask: Tensor | None, k_cache: Tenso
         slot_pos.stride(0) if slot_pos is not None else 0,
         slot_pos.stride(1) if slot_pos is not None else 0,
         q.stride(0),
+        k_cache.shape[2],
         H=n_heads,
         HKV=n_kv_heads,
         D=D,
         SP_GROUPS=0 if slot_pos is None else slot_pos.shape[1],
         HAS_MASK=row_mask is not None,
+        FIRST_EMPTY=first_empty,
+        BLOCK_S=min(1024, triton.next_power_of_2(k_cache.shape[2])) if first_empty else 16,
         num_warps=1,
     )
     return q
+
+
+@triton.jit
+def evict_kernel(
+    sp_ptr,
+    pos_ptr,
+    w_ptr,
+    score_ptr,
+    mask_ptr,
+    stride_spb,
+    stride_spg,
+    stride_wb,
+    stride_wh,
+    stride_scb,
+    stride_scg,
+    C,
+    sinks,
+    recent,
+    KEY: tl.constexpr,
+    HPG: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """One program per (row, group): the group's key per slot, the lowest among the candidates (ties to the
+    oldest position), and its slot emptied if the group holds ``C`` tokens (see
+    :func:`.reference.evict_reference`). The whole row of ``C`` slots is one tile."""
+    b, g = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    offs = tl.arange(0, BLOCK_C)
+    inside = offs < C
+    sp_row = sp_ptr + b * stride_spb + g * stride_spg
+    sp = tl.load(sp_row + offs, mask=inside, other=-1)
+    pos = tl.load(pos_ptr + b).to(tl.int64)
+    if KEY == 0:
+        keys = sp.to(tl.float64)  # positions, exact in float64
+    else:
+        total = tl.zeros((BLOCK_C,), tl.float32)
+        for h in range(HPG):
+            total += tl.load(w_ptr + b * stride_wb + (g * HPG + h) * stride_wh + offs, mask=inside, other=0.0)
+        mean = total * (1.0 / HPG)
+        if KEY == 2:
+            sc_row = score_ptr + b * stride_scb + g * stride_scg
+            written = tl.min(tl.where(inside & ((sp < 0) | (sp == pos)), offs, BLOCK_C), axis=0)
+            if HAS_MASK:
+                mean = tl.where(tl.load(mask_ptr + b).to(tl.int32) != 0, mean, 0.0)
+            sc = tl.where(offs == written, 0.0, tl.load(sc_row + offs, mask=inside, other=0.0)) + mean
+            tl.store(sc_row + offs, sc, mask=inside)
+            mean = sc
+        keys = mean.to(tl.float64)
+    candidate = inside & (sp >= sinks) & (sp <= pos - recent)
+    lowest_key = tl.min(tl.where(candidate, keys, float("inf")), axis=0)
+    lowest = candidate & (keys == lowest_key)
+    oldest = tl.min(tl.where(lowest, sp, 9223372036854775807), axis=0)
+    if tl.min(tl.where(inside, sp, 0), axis=0) >= 0:  # the group holds C tokens: release the victim's slot
+        tl.store(sp_row + offs, tl.full((BLOCK_C,), -1, sp.dtype), mask=lowest & (sp == oldest))
+
+
+def evict(slot_pos: Tensor, pos: Tensor, key: int, sinks: int, recent: int, weights: Tensor | None,
+          score: Tensor | None, row_mask: Tensor | None) -> None:
+    """Launch :func:`evict_kernel` (arguments as :func:`.reference.evict_reference`)."""
+    B, G, C = slot_pos.shape
+    w = weights if weights is not None else slot_pos
+    sc = score if score is not None else slot_pos
+    evict_kernel[(B, G)](
+        slot_pos, pos.contiguous(), w, sc, row_mask if row_mask is not None else pos,
+        slot_pos.stride(0), slot_pos.stride(1), w.stride(0) if weights is not None else 0,
+        w.stride(1) if weights is not None else 0, sc.stride(0) if score is not None else 0,
+        sc.stride(1) if score is not None else 0, C, sinks, recent,
+        KEY=key, HPG=weights.shape[1] // G if weights is not None else 1, HAS_MASK=row_mask is not None,
+        BLOCK_C=triton.next_power_of_2(C), num_warps=4 if C <= 2048 else 8,
+    )

@@ -45,16 +45,28 @@ def rope_rotate(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
 
 
 def _write_rotated(qkv: Tensor, pos: Tensor, k_cache: Tensor, v_cache: Tensor, n_heads: int, n_kv_heads: int,
-                   inv_freq: Tensor) -> Tensor:
-    """Rotate one token per row at ``pos`` ``[B]``, write its key and value to slot ``pos`` of the caches;
-    returns the rotated query ``[B, H, D]``."""
+                   inv_freq: Tensor, slot: Tensor | None = None) -> Tensor:
+    """Rotate one token per row at ``pos`` ``[B]``, write its key and value to slot ``pos`` of the caches
+    (or, with ``slot`` ``[B, G]``, to slot ``slot[b, g]`` of each kv head of group ``g``); returns the rotated
+    query ``[B, H, D]``."""
     B = qkv.shape[0]
     H, Hkv, D = n_heads, n_kv_heads, k_cache.shape[-1]
     q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
-    rows = torch.arange(B, device=qkv.device)
-    k_cache[rows, :, pos] = rope_rotate(k.view(B, Hkv, D), pos, inv_freq).to(k_cache.dtype)
-    v_cache[rows, :, pos] = v.view(B, Hkv, D).to(v_cache.dtype)
+    rows = torch.arange(B, device=qkv.device)[:, None]
+    where = pos[:, None].expand(B, Hkv) if slot is None else slot.expand(B, Hkv)  # [B, H_kv]
+    heads = torch.arange(Hkv, device=qkv.device)[None, :]
+    k_cache[rows, heads, where] = rope_rotate(k.view(B, Hkv, D), pos, inv_freq).to(k_cache.dtype)
+    v_cache[rows, heads, where] = v.view(B, Hkv, D).to(v_cache.dtype)
     return rope_rotate(q.view(B, H, D), pos, inv_freq)
+
+
+def write_slots(slot_pos: Tensor, pos: Tensor) -> Tensor:
+    """``[B, G]`` the slot a bounded cache writes position ``pos`` ``[B]`` to: the first that is empty (``< 0``)
+    or already holds ``pos``. Before the write that is the first empty slot; after it, the same slot (it now
+    holds ``pos``, or ``-1`` for a masked row), which is why a kernel may compute it while another program of
+    the same launch writes there."""
+    hit = (slot_pos < 0) | (slot_pos == pos[:, None, None])
+    return hit.to(torch.int32).argmax(-1)
 
 
 def patch_attention_reference(
@@ -102,13 +114,65 @@ def rope_write_reference(
     n_heads: int,
     n_kv_heads: int,
     inv_freq: Tensor,
+    first_empty: bool = False,
 ) -> Tensor:
     """One token per row at position ``pos`` ``[B]`` into a cache where slot ``i`` holds position ``i``
     (a static ``Full`` cache): writes the rotated key and the value to slot ``pos``, and ``pos`` to
     ``slot_pos`` ``[B, G, S]`` (``-1`` for rows where ``row_mask`` ``[B]`` is False, so the write stays
-    invisible); returns the rotated query ``[B, H, 1, D]``. ``qkv`` ``[B, (H + 2 H_kv) D]``."""
-    q = _write_rotated(qkv, pos, k_cache, v_cache, n_heads, n_kv_heads, inv_freq)
+    invisible); returns the rotated query ``[B, H, 1, D]``. ``qkv`` ``[B, (H + 2 H_kv) D]``.
+
+    ``first_empty`` (a static bounded cache): write instead to :func:`write_slots` -- the first empty slot
+    of each row and group (group ``g`` holds kv head ``g`` when ``G = H_kv``, every kv head when ``G = 1``)."""
+    slot = write_slots(slot_pos, pos) if first_empty else None
+    q = _write_rotated(qkv, pos, k_cache, v_cache, n_heads, n_kv_heads, inv_freq, slot)
     if slot_pos is not None:
+        B, G = slot_pos.shape[:2]
         new = pos if row_mask is None else torch.where(row_mask, pos, -1)
-        slot_pos[torch.arange(qkv.shape[0], device=qkv.device), :, pos] = new[:, None].to(slot_pos.dtype)
+        where = pos[:, None].expand(B, G) if slot is None else slot
+        rows, groups = torch.arange(B, device=qkv.device)[:, None], torch.arange(G, device=qkv.device)[None, :]
+        slot_pos[rows, groups, where] = new[:, None].expand(B, G).to(slot_pos.dtype)
     return q[:, :, None]
+
+
+#: What a bounded policy's decode-step eviction keys on (:func:`evict_reference`).
+KEY_POSITION, KEY_ATTENTION, KEY_ACCUMULATED = 0, 1, 2
+
+
+def evict_reference(
+    slot_pos: Tensor, pos: Tensor, key: int, sinks: int = 0, recent: int = 0, weights: Tensor | None = None,
+    score: Tensor | None = None, row_mask: Tensor | None = None,
+) -> None:
+    """The eviction of one decode step of a static bounded cache, after the new token's write and attention;
+    updates ``slot_pos`` (and ``score``) in place.
+
+    Args:
+        slot_pos: ``[B, G, C]`` int64 positions per slot (``-1``: empty), the new token already written.
+        pos: ``[B]`` the new token's position.
+        key: what the lowest value of is evicted: :data:`KEY_POSITION` (the oldest: Window, Sink),
+            :data:`KEY_ATTENTION` (the new query's attention averaged over the query heads of each group:
+            TOVA) or :data:`KEY_ACCUMULATED` (``score`` after adding that average: H2O).
+        sinks, recent: candidates are the slots with ``sinks <= position <= pos - recent``; ties go to the
+            oldest position.
+        weights: ``[B, H, C]`` fp32 attention of the new query (for the attention keys).
+        score: ``[B, G, C]`` accumulated attention (:data:`KEY_ACCUMULATED`): the written slot's restarts at
+            0, then every slot adds the average (rows outside ``row_mask`` add 0).
+    Only rows (and groups) holding ``C`` tokens evict: their victim's slot becomes empty.
+    """
+    from ...cache.policies import select_evictions
+
+    B, G, C = slot_pos.shape
+    keys = slot_pos
+    if key != KEY_POSITION:
+        assert weights is not None
+        mean = weights.reshape(B, G, weights.shape[1] // G, C).mean(2)
+        keys = mean
+        if key == KEY_ACCUMULATED:
+            assert score is not None
+            score.scatter_(2, write_slots(slot_pos, pos)[..., None].to(torch.int64), 0.0)
+            score += mean if row_mask is None else torch.where(row_mask[:, None, None], mean, 0.0)
+            keys = score
+    current = pos[:, None, None]
+    candidates = (slot_pos >= sinks) & (slot_pos <= current - recent)
+    victim = select_evictions(keys, 1, slot_pos, candidates)
+    full = (slot_pos >= 0).all(-1, keepdim=True)
+    slot_pos.scatter_(2, victim, torch.where(full, -1, slot_pos.gather(2, victim)))
