@@ -52,8 +52,9 @@ class _StaticMode(CacheBuffers):
 
         assert self.slot_pos is not None and self.k is not None
         # fp32 attention averages: a float64 cache (the exactness tests) keeps the float64 PyTorch path.
-        return (self.policy.decode_rule is not None and self.k.dtype != torch.float64 and self.slot_pos.shape[2] <= decode_block.EVICT_MAX_SLOTS
-                and (x.is_cuda or FUSED_EVICTION_ON_CPU) and decode_block._use_kernels(x))
+        return (self.policy.decode_rule is not None and self.k.dtype != torch.float64
+                and self.slot_pos.shape[2] <= decode_block.EVICT_MAX_SLOTS
+                and (x.is_cuda or FUSED_EVICTION_ON_CPU) and decode_block.use_kernels(x))
 
     def _evict_fused(self, pos: Tensor, weights: Tensor | None, row_mask: Tensor | None) -> None:
         """The step's eviction in one kernel (``pos`` ``[B]``, ``weights`` ``[B, H, 1, C]`` or None)."""

@@ -48,6 +48,7 @@ __all__ = [
     "evict",
     "evict_reference",
     "kernels_available",
+    "use_kernels",
     "linear_residual",
     "norm_linear",
     "norm_swiglu",
@@ -78,7 +79,8 @@ def kernels_available() -> bool:
     return _IMPORT_ERROR is None
 
 
-def _use_kernels(x: Tensor) -> bool:
+def use_kernels(x: Tensor) -> bool:
+    """Whether the ops run their Triton kernels on ``x``'s device (CUDA, or any under ``TRITON_INTERPRET=1``)."""
     return (x.is_cuda or _INTERPRET) and kernels_available()
 
 
@@ -109,7 +111,7 @@ def norm_linear(x: Tensor, weight: Tensor, norm_weight: Tensor | None = None, ep
     _check_weight(weight, x)
     _check_rows("x", x, weight.shape[1], "the weight's input width")
     _check_norm(norm_weight, x.shape[1])
-    if not _use_kernels(x):
+    if not use_kernels(x):
         return norm_linear_reference(x, weight, norm_weight, eps)
     from .kernels import gemv
 
@@ -123,7 +125,7 @@ def linear_residual(a: Tensor, weight: Tensor, residual: Tensor) -> Tensor:
     if residual.shape != (a.shape[0], weight.shape[0]) or residual.dtype != a.dtype or residual.stride(1) != 1:
         raise ValueError(f"residual must be [B, {weight.shape[0]}] in {a.dtype} with unit stride along it; got "
                          f"{tuple(residual.shape)} {residual.dtype}")
-    if not _use_kernels(a):
+    if not use_kernels(a):
         return linear_residual_reference(a, weight, residual)
     from .kernels import gemv
 
@@ -138,7 +140,7 @@ def norm_swiglu(x: Tensor, norm_weight: Tensor, eps: float, gate_up: Tensor) -> 
     if gate_up.shape[0] % 2:
         raise ValueError(f"gate_up must have an even number of rows [2F, D]; got {tuple(gate_up.shape)}")
     _check_norm(norm_weight, x.shape[1])
-    if not _use_kernels(x):
+    if not use_kernels(x):
         return norm_swiglu_reference(x, norm_weight, eps, gate_up)
     from .kernels import gemv
 
@@ -195,7 +197,7 @@ def rope_write(
     if row_mask is not None and (row_mask.shape != (qkv.shape[0],) or row_mask.dtype != torch.bool):
         raise ValueError(f"row_mask must be a [B={qkv.shape[0]}] bool tensor; got {tuple(row_mask.shape)} "
                          f"{row_mask.dtype}")
-    if not _use_kernels(qkv):
+    if not use_kernels(qkv):
         return rope_write_reference(qkv, pos, row_mask, k_cache, v_cache, slot_pos, n_heads, n_kv_heads, inv_freq,
                                     first_empty)
     from .kernels import rope_write as kernel
@@ -222,7 +224,7 @@ def patch_attention(
     """
     _check_cache(qkv, k_cache, v_cache, slot_pos, n_heads, n_kv_heads)
     _check_positions("p", p, qkv.shape[0])
-    if not _use_kernels(qkv):
+    if not use_kernels(qkv):
         return patch_attention_reference(qkv, p, k_cache, v_cache, slot_pos, n_heads, n_kv_heads, inv_freq)
     from .kernels import patch_attention as kernel
 
@@ -254,7 +256,7 @@ def evict(
         raise ValueError(f"score must be [B, G, C] = {tuple(slot_pos.shape)} with unit stride")
     if C > EVICT_MAX_SLOTS:
         raise ValueError(f"evict takes caches of at most {EVICT_MAX_SLOTS} slots; got {C}")
-    if not _use_kernels(slot_pos):
+    if not use_kernels(slot_pos):
         return evict_reference(slot_pos, pos, key, sinks, recent, weights, score, row_mask)
     from .kernels import evict as kernel
 
