@@ -2,7 +2,7 @@
 # Runs every GPU benchmark (and the GPU-marked tests) in one go on the device machine, one log per
 # step under $OUT (default ./gpu-out). Each step has its own time limit so one hang cannot eat the rest.
 #   bash benchmarks/gpu_suite.sh [step ...]
-#   steps: env tests gla triton triton2 triton-decode bench decode decode-b1 decode-smollm2 decode-fused decode-hybrid megabyte megabyte-fused megabyte-compile cache hf recall
+#   steps: env tests gla triton triton2 triton-decode bench decode decode-b1 decode-smollm2 decode-fused decode-bounded decode-hybrid megabyte megabyte-fused megabyte-compile cache hf recall
 #          profile triton-profile prefill
 #   with GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf also: prefill-smollm2 passkey-smollm2 sweep-smollm2
 set -u
@@ -36,7 +36,7 @@ for s in "${steps[@]}"; do
     profile) run profile 200 python3 benchmarks/profile_decode.py --device cuda ;;
     gla) run gla 120 python3 benchmarks/bench_gla_op.py --device cuda --dtype bfloat16 --B 4 --T 2048 8192 --H 4 --K 128 --V 256 --backends chunk ;;
     triton) run triton 440 python3 benchmarks/bench_gla_triton.py --sdpa cudnn --shapes 16x128x128 --out "$OUT/gla_triton.jsonl" ;;
-    triton-decode) run triton-decode 200 python3 benchmarks/bench_gla_triton.py --decode-only --out "$OUT/gla_decode.jsonl" ;;
+    triton-decode) run triton-decode 120 python3 benchmarks/bench_gla_triton.py --decode-only --out "$OUT/gla_decode.jsonl" ;;
     triton2) run triton2 570 python3 benchmarks/bench_gla_triton.py --no-sdpa --no-check --shapes 4x256x512 --out "$OUT/gla_triton2.jsonl" ;;
     triton-profile) run triton-profile 120 python3 benchmarks/profile_gla_triton.py --no-fla ;;
     decode) run decode 570 python3 -m longseq bench decode --models gla,transformer,megabyte:paper95m --presets 85m --contexts 4096,16384 --batch-sizes 1,32,max --max-batch 512 --policies full,tova:ctx/8 --gen-tokens 64 --compile --against hf --memory-limit-gib 40 --jsonl "$OUT/decode.jsonl" ;;
@@ -49,6 +49,7 @@ for s in "${steps[@]}"; do
     megabyte-compile) run megabyte-compile 300 python3 benchmarks/bench_megabyte.py --device cuda --compile --gen-bytes 0 --ref-gen-bytes 0 --json "$OUT/megabyte_compile.json" ;;
     cache) run cache 300 python3 benchmarks/bench_cache_decode.py --json "$OUT/cache_decode.json" ;;
     hf) run hf 420 python3 benchmarks/bench_hf_cache.py --memory-limit-gib 40 --out "$OUT/hf_cache" ;;
+    decode-bounded) run decode-bounded 240 python3 -m longseq bench decode --models transformer --presets 85m --contexts 4096 --batch-sizes 1,max --max-batch 512 --policies full,window:ctx/8,h2o:ctx/8,tova:ctx/8 --gen-tokens 64 --compile --memory-limit-gib 40 --jsonl "$OUT/decode_bounded.jsonl" ;;
     decode-hybrid) run decode-hybrid 330 python3 -m longseq bench decode --models hybrid,transformer,gla --presets 85m --contexts 4096,16384 --batch-sizes 1,max --max-batch 512 --policies full,tova:ctx/8 --gen-tokens 64 --compile --memory-limit-gib 40 --jsonl "$OUT/decode_hybrid.jsonl" ;;
     recall)  # reproduce.py's eval-recall stage (RECALL_ARGS: e.g. --recall-parts mqar), resuming from the committed results
       mkdir -p /tmp/repro/results && cp -n benchmarks/results/repro-2026-11-26/recall.json /tmp/repro/results/ 2>/dev/null
