@@ -280,7 +280,7 @@ def patch_attention(qkv: Tensor, p: Tensor, k_cache: Tensor, v_cache: Tensor, sl
 def _first_slot(sp_row, pos, S, BLOCK_S: tl.constexpr):
     """The first of ``S`` slots of ``sp_row`` that is empty (``< 0``) or holds ``pos`` (int64; ``S`` if none).
     Unchanged by a concurrent write of ``pos`` or ``-1`` into that very slot, so programs of one launch agree."""
-    best = S.to(tl.int64)
+    best = pos * 0 + S  # an int64 scalar whether S came as a value or (S == 1) as a constant
     for start in range(0, S, BLOCK_S):
         offs = start + tl.arange(0, BLOCK_S)
         sp = tl.load(sp_row + offs, mask=offs < S, other=0)
