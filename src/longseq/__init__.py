@@ -26,7 +26,7 @@ from .models import (
     model_from_config,
     register_model,
 )
-from .ops.gla import gated_linear_attention
+from .ops.gla import gated_linear_attention, gla_decode_step
 from .pretrained import load_pretrained
 
 __version__ = "0.1.0"
@@ -34,6 +34,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CachePolicy", "Full", "GLAConfig", "GLALM", "H2O", "KVCache", "LanguageModel", "LayerState", "MegabyteConfig",
     "MegabyteLM", "MegabyteState", "ModelState", "RecurrentState", "Sink", "TOVA", "TransformerConfig",
-    "TransformerLM", "Window", "__version__", "build_model", "capabilities", "gated_linear_attention", "generate",
+    "TransformerLM", "Window", "__version__", "build_model", "capabilities", "gated_linear_attention", "generate", "gla_decode_step",
     "load_pretrained", "model_from_config", "parse_policy", "register_model", "sample_next",
 ]
