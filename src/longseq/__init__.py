@@ -34,6 +34,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CachePolicy", "Full", "GLAConfig", "GLALM", "H2O", "KVCache", "LanguageModel", "LayerState", "MegabyteConfig",
     "MegabyteLM", "MegabyteState", "ModelState", "RecurrentState", "Sink", "TOVA", "TransformerConfig",
-    "TransformerLM", "Window", "__version__", "build_model", "capabilities", "gated_linear_attention", "generate", "gla_decode_step",
-    "load_pretrained", "model_from_config", "parse_policy", "register_model", "sample_next",
+    "TransformerLM", "Window", "__version__", "build_model", "capabilities", "gated_linear_attention", "generate",
+    "gla_decode_step", "load_pretrained", "model_from_config", "parse_policy", "register_model", "sample_next",
 ]
