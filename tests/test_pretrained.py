@@ -285,8 +285,9 @@ def test_eval_opens_save_hf_folders(tmp_path):
     tok.save_pretrained(tmp_path / "src")
     save_hf(load_pretrained(tmp_path / "src"), tmp_path / "saved")
     (tmp_path / "doc.txt").write_text("To be, or not to be, that is the question. " * 8)
-    argv = ["--data", str(tmp_path / "doc.txt"), "--seq-len", "64", "--no-progress"]
+    argv = ["--data", str(tmp_path / "doc.txt"), "--seq-len", "64", "--no-progress", "--json", str(tmp_path / "e.json")]
     assert main(["eval", str(tmp_path / "saved"), *argv]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["tokens"] == 343  # the result, where it was asked to go
     assert main(["eval", str(tmp_path / "saved"), "--seq-len", "64"]) == 2  # no --data: no corpus to score
 
 
