@@ -20,6 +20,10 @@ from longseq.testing import triton_interpreter_problem  # noqa: E402
 
 _problem = triton_interpreter_problem(decode_kernels.evict_kernel)
 pytestmark = pytest.mark.skipif(_problem is not None, reason=str(_problem))
+HAS_CUDA = torch.cuda.is_available()
+# On a GPU machine the same tests run compiled on CUDA (and are marked gpu, so the GPU suite runs them).
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+on_device = pytest.mark.gpu if HAS_CUDA else (lambda test: test)
 
 
 def random_cache(B, G, C, H, n_kept, seed, empty_first=False):
@@ -37,9 +41,10 @@ def random_cache(B, G, C, H, n_kept, seed, empty_first=False):
             slot_pos[b, g, first] = pos[b]
     weights = torch.softmax(torch.randn(B, H, C, generator=gen), -1) * (slot_pos.repeat_interleave(H // G, 1) >= 0)
     score = torch.rand(B, G, C, generator=gen)
-    return slot_pos, pos, weights.contiguous(), score
+    return tuple(x.contiguous().to(DEVICE) for x in (slot_pos, pos, weights, score))
 
 
+@on_device
 @pytest.mark.parametrize("key, sinks, recent", [(KEY_POSITION, 0, 0), (KEY_POSITION, 3, 0), (KEY_ATTENTION, 0, 0),
                                                 (KEY_ACCUMULATED, 0, 4), (KEY_ACCUMULATED, 0, 0)])
 @pytest.mark.parametrize("G", [1, 2])
@@ -47,7 +52,7 @@ def test_evict_kernel_equals_its_definition(key, sinks, recent, G):
     B, C, H = 3, 19, 4
     for seed, n_kept in ((0, C - 1), (1, C - 1), (2, 7)):  # full rows evict; a row with room does not
         slot_pos, pos, w, score = random_cache(B, G, C, H, n_kept, seed)
-        mask = torch.tensor([True, False, True])
+        mask = torch.tensor([True, False, True], device=DEVICE)
         want_sp, want_sc = slot_pos.clone(), score.clone()
         evict_reference(want_sp, pos, key, sinks, recent, w, want_sc, mask)
         got_sp, got_sc = slot_pos.clone(), score.clone()
@@ -86,6 +91,7 @@ FUSED_BLOCK_CASES = [("transformer", {"n_kv_heads": 2, "n_layers": 1}, "tova:12"
                      ("transformer", {"n_kv_heads": 1, "n_layers": 1}, "h2o:12", 20)]
 
 
+@on_device
 @pytest.mark.parametrize("kind, overrides, spec, n_tokens, fuse_block",
                          [(*c, 48, False) for c in CASES] + [(*c, True) for c in FUSED_BLOCK_CASES],
                          ids=[c[2] + "-" + c[0] + "-module-step" for c in CASES]
@@ -95,15 +101,15 @@ def test_decode_with_fused_eviction_keeps_what_select_victim_keeps(kind, overrid
     """Token by token past a budget of 12 (an eviction every step once full): the same logits and the same
     kept positions, per layer and step, as the static state evicting in PyTorch."""
     torch.manual_seed(0)
-    model = build_model(kind, "tiny", **overrides).eval()
+    model = build_model(kind, "tiny", **overrides).to(DEVICE).eval()
     policy = parse_policy(spec)
-    tokens = torch.randint(0, 256, (2, n_tokens), generator=torch.Generator().manual_seed(3))
+    tokens = torch.randint(0, 256, (2, n_tokens), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     states = {flag: model.init_state(2, cache=policy, max_len=n_tokens) for flag in (False, True)}
     with torch.no_grad():
         for j in range(tokens.shape[1]):
             logits = {}
             for fused, state in states.items():
-                monkeypatch.setattr(static_mode, "FUSED_EVICTION_ON_CPU", fused)
+                monkeypatch.setattr(static_mode, "FUSED_EVICTION", fused)
                 monkeypatch.setattr(fused_step, "FORCE_FUSED_STEP", fused and fuse_block)
                 logits[fused], _ = model.step(tokens[:, j : j + 1], state)
             torch.testing.assert_close(logits[True], logits[False], rtol=2e-4, atol=2e-4,

@@ -27,9 +27,10 @@ if TYPE_CHECKING:
 #: Static ``Full`` caches of at most this many slots (MEGABYTE's patch-local caches) take RoPE, the cache
 #: write and the attention in one kernel (all slots fit one program); larger ones the split-KV kernel.
 PATCH_KERNEL_MAX_SLOTS = 32
-#: Evict with the fused kernel on CPU tensors too (the tests, through Triton's interpreter); on CUDA it always
-#: does where the policy has a ``decode_rule``.
-FUSED_EVICTION_ON_CPU = False
+#: Whether a static bounded cache evicts with the fused kernel where its policy has a ``decode_rule``: None
+#: (default) on CUDA tensors; True on CPU ones too (the tests, through Triton's interpreter); False never
+#: (the tests' PyTorch reference).
+FUSED_EVICTION: bool | None = None
 
 
 class _StaticMode(CacheBuffers):
@@ -54,7 +55,7 @@ class _StaticMode(CacheBuffers):
         # fp32 attention averages: a float64 cache (the exactness tests) keeps the float64 PyTorch path.
         return (self.policy.decode_rule is not None and self.k.dtype != torch.float64
                 and self.slot_pos.shape[2] <= decode_block.EVICT_MAX_SLOTS
-                and (x.is_cuda or FUSED_EVICTION_ON_CPU) and decode_block.use_kernels(x))
+                and (x.is_cuda if FUSED_EVICTION is None else FUSED_EVICTION) and decode_block.use_kernels(x))
 
     def _evict_fused(self, pos: Tensor, weights: Tensor | None, row_mask: Tensor | None) -> None:
         """The step's eviction in one kernel (``pos`` ``[B]``, ``weights`` ``[B, H, 1, C]`` or None)."""
