@@ -45,7 +45,7 @@ def random_cache(B, G, C, H, n_kept, seed, empty_first=False):
 
 
 @on_device
-@pytest.mark.parametrize("key, sinks, recent", [(KEY_POSITION, 0, 0), (KEY_POSITION, 3, 0), (KEY_ATTENTION, 0, 0),
+@pytest.mark.parametrize("key, sinks, recent", [(KEY_POSITION, 0, -1), (KEY_POSITION, 3, -1), (KEY_ATTENTION, 0, -1),
                                                 (KEY_ACCUMULATED, 0, 4), (KEY_ACCUMULATED, 0, 0)])
 @pytest.mark.parametrize("G", [1, 2])
 def test_evict_kernel_equals_its_definition(key, sinks, recent, G):
@@ -61,6 +61,54 @@ def test_evict_kernel_equals_its_definition(key, sinks, recent, G):
         torch.testing.assert_close(got_sc, want_sc, rtol=1e-6, atol=1e-7)
         evicted = (slot_pos >= 0) & (got_sp < 0)
         assert int(evicted.sum()) == (B * G if n_kept == C - 1 else 0)
+
+
+@on_device
+@pytest.mark.parametrize("key, recent", [(KEY_POSITION, -1), (KEY_ACCUMULATED, 0)])
+def test_evict_kernel_on_odd_states_equals_its_definition(key, recent):
+    """States no healthy decode reaches, where only the definition says what happens: duplicate positions
+    (only the first slot of the oldest goes), a full group with no candidate (positions after ``pos``: slot 0
+    goes, as ``argmin`` of nothing gives), and a masked row whose position is already kept (its kept token's
+    score is not the one restarted)."""
+    slot_pos = torch.tensor([[[3, 3, 4, 5, 6]], [[9, 8, 7, 12, 11]], [[0, 1, 2, 3, -1]]], device=DEVICE)
+    pos = torch.tensor([6, 6, 3], device=DEVICE)
+    mask = torch.tensor([True, True, False], device=DEVICE)
+    w = torch.full((3, 2, 5), 0.2, device=DEVICE)
+    score = torch.arange(15.0, device=DEVICE).view(3, 1, 5)
+    want_sp, want_sc = slot_pos.clone(), score.clone()
+    evict_reference(want_sp, pos, key, 0, recent, w, want_sc, mask)
+    got_sp, got_sc = slot_pos.clone(), score.clone()
+    decode_kernels.evict(got_sp, pos, key, 0, recent, w, got_sc, mask)
+    assert torch.equal(got_sp, want_sp), (got_sp, want_sp)
+    torch.testing.assert_close(got_sc, want_sc)
+    assert int((got_sp[0] < 0).sum()) == 1 and int((got_sp[1] < 0).sum()) == 1
+    if key == KEY_ACCUMULATED:
+        assert float(got_sc[2, 0, 3]) == 13.0  # the kept position 3 of the masked row keeps its score
+
+
+@on_device
+def test_masked_row_writes_into_an_empty_slot_even_when_its_position_is_kept():
+    """``rope_write(first_empty=True)``: a row outside the mask whose position is already in the cache writes
+    (invisibly) into its first empty slot, never over the kept token."""
+    B, H, Hkv, D, S = 2, 2, 1, 8, 5
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, (H + 2 * Hkv) * D, generator=gen).to(DEVICE)
+    k, v = (torch.randn(B, Hkv, S, D, generator=gen).to(DEVICE) for _ in range(2))
+    slot_pos = torch.tensor([[[0, 1, 2, -1, -1]], [[0, 1, 2, -1, -1]]], device=DEVICE)
+    pos, mask = torch.tensor([3, 2], device=DEVICE), torch.tensor([True, False], device=DEVICE)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)).to(DEVICE)
+    outs = []
+    for use_kernel in (False, True):
+        kk, vv, sp = k.clone(), v.clone(), slot_pos.clone()
+        write = decode_kernels.rope_write if use_kernel else decode_block.rope_write_reference
+        q = write(qkv, pos, mask, kk, vv, sp, H, Hkv, inv_freq, first_empty=True)
+        outs.append((q, kk, vv, sp))
+    (q0, k0, v0, sp0), (q1, k1, v1, sp1) = outs
+    assert sp0.tolist() == sp1.tolist() == [[[0, 1, 2, 3, -1]], [[0, 1, 2, -1, -1]]]
+    assert torch.equal(k1[1, :, 2], k[1, :, 2]) and torch.equal(v1[1, :, 2], v[1, :, 2])  # kept token untouched
+    torch.testing.assert_close(k1, k0)
+    torch.testing.assert_close(v1, v0)
+    torch.testing.assert_close(q1, q0)
 
 
 def test_evict_rejects_bad_input():

@@ -110,7 +110,8 @@ class CachePolicy:
     def decode_rule(self) -> tuple[int, int, int] | None:
         """``(key, sinks, recent)`` when :meth:`select_victim` evicts the lowest ``key`` (a
         ``longseq.ops.decode_block.KEY_*``: position, current or accumulated head-averaged attention) among
-        the positions in ``[sinks, current - recent]``, oldest first on ties: then a static cache's decode
+        the positions in ``[sinks, current - recent]`` (``recent = -1``: no upper bound), oldest first on
+        ties: then a static cache's decode
         step evicts in one fused kernel (:func:`longseq.ops.decode_block.evict`). None for any other rule
         (a policy of one's own keeps the PyTorch path)."""
         return None
@@ -191,7 +192,7 @@ class Window(BoundedPolicy):
 
     @property
     def decode_rule(self) -> tuple[int, int, int]:
-        return KEY_POSITION, 0, 0
+        return KEY_POSITION, 0, -1
 
     def select_victim(self, positions: Tensor, current: Tensor, scores: Tensor | None) -> Tensor:
         return select_evictions(positions, 1, positions)
@@ -215,7 +216,7 @@ class Sink(BoundedPolicy):
 
     @property
     def decode_rule(self) -> tuple[int, int, int]:
-        return KEY_POSITION, self.sinks, 0
+        return KEY_POSITION, self.sinks, -1
 
     def select_victim(self, positions: Tensor, current: Tensor, scores: Tensor | None) -> Tensor:
         return select_evictions(positions, 1, positions, candidates=positions >= self.sinks)
@@ -295,7 +296,7 @@ class TOVA(BoundedPolicy):
 
     @property
     def decode_rule(self) -> tuple[int, int, int]:
-        return KEY_ATTENTION, 0, 0
+        return KEY_ATTENTION, 0, -1
 
     def select_victim(self, positions: Tensor, current: Tensor, scores: Tensor | None) -> Tensor:
         assert scores is not None

@@ -277,16 +277,17 @@ def patch_attention(qkv: Tensor, p: Tensor, k_cache: Tensor, v_cache: Tensor, sl
 
 
 @triton.jit
-def _first_slot(sp_row, pos, S, BLOCK_S: tl.constexpr):
-    """The first of ``S`` slots of ``sp_row`` that is empty (``< 0``) or holds ``pos`` (int64; ``S`` if none).
-    Unchanged by a concurrent write of ``pos`` or ``-1`` into that very slot, so programs of one launch agree."""
-    best = pos * 0 + S  # an int64 scalar whether S came as a value or (S == 1) as a constant
+def _first_slot(sp_row, value, S, BLOCK_S: tl.constexpr):
+    """The first of ``S`` slots of ``sp_row`` that is empty (``< 0``) or holds ``value`` (int64; 0 if none, as
+    ``argmax`` of no hit gives). Unchanged by a concurrent write of ``value`` (the new position, or ``-1`` for a
+    masked row) into that very slot, so the programs of one launch agree."""
+    best = value * 0 + S  # an int64 scalar whether S came as a value or (S == 1) as a constant
     for start in range(0, S, BLOCK_S):
         offs = start + tl.arange(0, BLOCK_S)
         sp = tl.load(sp_row + offs, mask=offs < S, other=0)
-        hit = (offs < S) & ((sp < 0) | (sp == pos))
+        hit = (offs < S) & ((sp < 0) | (sp == value))
         best = tl.minimum(best, tl.min(tl.where(hit, offs, S).to(tl.int64), axis=0))
-    return best
+    return tl.where(best == S, 0, best)
 
 
 @triton.jit
@@ -332,17 +333,17 @@ def rope_write_kernel(
     else:
         kvh = i - H
         group = kvh if SP_GROUPS > 1 else 0
+        new_pos = pos
+        if HAS_MASK:  # a masked row's write stays invisible: its slot keeps (or gets) position -1
+            new_pos = tl.where(tl.load(mask_ptr + b).to(tl.int32) != 0, pos, -1)
         at = pos
         if FIRST_EMPTY:
-            at = _first_slot(sp_ptr + b * stride_spb + group * stride_spg, pos, S, BLOCK_S)
+            at = _first_slot(sp_ptr + b * stride_spb + group * stride_spg, new_pos, S, BLOCK_S)
         k = _rope(row + (H + kvh) * D, offs, partner, sign, cos, sin)
         v = tl.load(row + (H + HKV + kvh) * D + offs)
         tl.store(k_ptr + b * stride_kb + kvh * stride_kh + at * stride_ks + offs, k.to(k_ptr.dtype.element_ty))
         tl.store(v_ptr + b * stride_vb + kvh * stride_vh + at * stride_vs + offs, v.to(v_ptr.dtype.element_ty))
         if SP_GROUPS > 0:
-            new_pos = pos
-            if HAS_MASK:
-                new_pos = tl.where(tl.load(mask_ptr + b).to(tl.int32) != 0, pos, -1)
             if SP_GROUPS > 1 or kvh == 0:
                 tl.store(sp_ptr + b * stride_spb + group * stride_spg + at, new_pos.to(sp_ptr.dtype.element_ty))
 
@@ -414,28 +415,36 @@ def evict_kernel(
     sp_row = sp_ptr + b * stride_spb + g * stride_spg
     sp = tl.load(sp_row + offs, mask=inside, other=-1)
     pos = tl.load(pos_ptr + b).to(tl.int64)
+    active = pos == pos  # every row, unless masked
+    if HAS_MASK:
+        active = tl.load(mask_ptr + b).to(tl.int32) != 0
     if KEY == 0:
         keys = sp.to(tl.float64)  # positions, exact in float64
     else:
         total = tl.zeros((BLOCK_C,), tl.float32)
-        for h in range(HPG):
+        for h in range(HPG):  # heads in order, then a division: PyTorch's mean over the group's heads
             total += tl.load(w_ptr + b * stride_wb + (g * HPG + h) * stride_wh + offs, mask=inside, other=0.0)
-        mean = total * (1.0 / HPG)
+        mean = total / HPG
         if KEY == 2:
             sc_row = score_ptr + b * stride_scb + g * stride_scg
-            written = tl.min(tl.where(inside & ((sp < 0) | (sp == pos)), offs, BLOCK_C), axis=0)
-            if HAS_MASK:
-                mean = tl.where(tl.load(mask_ptr + b).to(tl.int32) != 0, mean, 0.0)
+            # The slot this step wrote (write_slots: empty, or holding the value written), 0 if none.
+            value = tl.where(active, pos, -1)
+            written = tl.min(tl.where(inside & ((sp < 0) | (sp == value)), offs, BLOCK_C), axis=0)
+            written = tl.where(written == BLOCK_C, 0, written)
+            mean = tl.where(active, mean, 0.0)
             sc = tl.where(offs == written, 0.0, tl.load(sc_row + offs, mask=inside, other=0.0)) + mean
             tl.store(sc_row + offs, sc, mask=inside)
             mean = sc
         keys = mean.to(tl.float64)
-    candidate = inside & (sp >= sinks) & (sp <= pos - recent)
+    candidate = inside & (sp >= sinks) & ((recent < 0) | (sp <= pos - recent))
     lowest_key = tl.min(tl.where(candidate, keys, float("inf")), axis=0)
     lowest = candidate & (keys == lowest_key)
     oldest = tl.min(tl.where(lowest, sp, 9223372036854775807), axis=0)
+    # The first slot holding the oldest of the lowest; slot 0 when nothing is a candidate (as argmin gives).
+    victim = tl.min(tl.where(lowest & (sp == oldest), offs, BLOCK_C), axis=0)
+    victim = tl.where(victim == BLOCK_C, 0, victim)
     if tl.min(tl.where(inside, sp, 0), axis=0) >= 0:  # the group holds C tokens: release the victim's slot
-        tl.store(sp_row + offs, tl.full((BLOCK_C,), -1, sp.dtype), mask=lowest & (sp == oldest))
+        tl.store(sp_row + offs, tl.full((BLOCK_C,), -1, sp.dtype), mask=offs == victim)
 
 
 def evict(slot_pos: Tensor, pos: Tensor, key: int, sinks: int, recent: int, weights: Tensor | None,

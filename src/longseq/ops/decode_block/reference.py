@@ -60,12 +60,13 @@ def _write_rotated(qkv: Tensor, pos: Tensor, k_cache: Tensor, v_cache: Tensor, n
     return rope_rotate(q.view(B, H, D), pos, inv_freq)
 
 
-def write_slots(slot_pos: Tensor, pos: Tensor) -> Tensor:
+def write_slots(slot_pos: Tensor, pos: Tensor, row_mask: Tensor | None = None) -> Tensor:
     """``[B, G]`` the slot a bounded cache writes position ``pos`` ``[B]`` to: the first that is empty (``< 0``)
-    or already holds ``pos``. Before the write that is the first empty slot; after it, the same slot (it now
-    holds ``pos``, or ``-1`` for a masked row), which is why a kernel may compute it while another program of
-    the same launch writes there."""
-    hit = (slot_pos < 0) | (slot_pos == pos[:, None, None])
+    or already holds the value written (``pos``; ``-1`` for rows outside ``row_mask``, whose write stays
+    invisible). Before the write that is the first empty slot; after it, the same slot, which is why a kernel
+    may compute it while another program of the same launch writes there. 0 if there is none."""
+    value = pos if row_mask is None else torch.where(row_mask, pos, -1)
+    hit = (slot_pos < 0) | (slot_pos == value[:, None, None])
     return hit.to(torch.int32).argmax(-1)
 
 
@@ -123,7 +124,7 @@ def rope_write_reference(
 
     ``first_empty`` (a static bounded cache): write instead to :func:`write_slots` -- the first empty slot
     of each row and group (group ``g`` holds kv head ``g`` when ``G = H_kv``, every kv head when ``G = 1``)."""
-    slot = write_slots(slot_pos, pos) if first_empty else None
+    slot = write_slots(slot_pos, pos, row_mask) if first_empty else None
     q = _write_rotated(qkv, pos, k_cache, v_cache, n_heads, n_kv_heads, inv_freq, slot)
     if slot_pos is not None:
         B, G = slot_pos.shape[:2]
@@ -151,8 +152,8 @@ def evict_reference(
         key: what the lowest value of is evicted: :data:`KEY_POSITION` (the oldest: Window, Sink),
             :data:`KEY_ATTENTION` (the new query's attention averaged over the query heads of each group:
             TOVA) or :data:`KEY_ACCUMULATED` (``score`` after adding that average: H2O).
-        sinks, recent: candidates are the slots with ``sinks <= position <= pos - recent``; ties go to the
-            oldest position.
+        sinks, recent: candidates are the slots with ``sinks <= position <= pos - recent`` (no upper bound
+            when ``recent < 0``); ties go to the oldest position, then the first slot.
         weights: ``[B, H, C]`` fp32 attention of the new query (for the attention keys).
         score: ``[B, G, C]`` accumulated attention (:data:`KEY_ACCUMULATED`): the written slot's restarts at
             0, then every slot adds the average (rows outside ``row_mask`` add 0).
@@ -168,11 +169,13 @@ def evict_reference(
         keys = mean
         if key == KEY_ACCUMULATED:
             assert score is not None
-            score.scatter_(2, write_slots(slot_pos, pos)[..., None].to(torch.int64), 0.0)
+            score.scatter_(2, write_slots(slot_pos, pos, row_mask)[..., None].to(torch.int64), 0.0)
             score += mean if row_mask is None else torch.where(row_mask[:, None, None], mean, 0.0)
             keys = score
     current = pos[:, None, None]
-    candidates = (slot_pos >= sinks) & (slot_pos <= current - recent)
+    candidates = slot_pos >= sinks
+    if recent >= 0:
+        candidates = candidates & (slot_pos <= current - recent)
     victim = select_evictions(keys, 1, slot_pos, candidates)
     full = (slot_pos >= 0).all(-1, keepdim=True)
     slot_pos.scatter_(2, victim, torch.where(full, -1, slot_pos.gather(2, victim)))

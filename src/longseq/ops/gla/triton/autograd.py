@@ -133,14 +133,14 @@ _OFFSETS: dict[tuple[int, int, torch.device], Tensor] = {}
 
 
 def _dense_offsets(B: int, T: int, device: torch.device) -> Tensor:
-    """``[B + 1]`` int32 offsets of B rows of T tokens, kept per shape: a decode step then launches no
-    kernel to make them. Never kept when made during CUDA-graph capture (the graph's pool owns that memory)."""
+    """``[B + 1]`` int32 offsets of B rows of T tokens, kept per shape for the life of the process: a decode
+    step then launches no kernel to make them, and a CUDA graph captured with one can replay forever (never
+    freed; a few bytes per batch size and T <= 16). Never kept when made during capture: the graph's pool
+    owns that memory."""
     key = (B, T, device)
     cu = _OFFSETS.get(key)
     if cu is None:
         cu = torch.arange(B + 1, device=device, dtype=torch.int32) * T
         if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            if len(_OFFSETS) >= 64:
-                _OFFSETS.clear()
             _OFFSETS[key] = cu
     return cu
