@@ -130,6 +130,7 @@ CASES = [
     ("transformer", {"n_kv_heads": 2}, "tova:12"),
     ("transformer", {}, "tova:12:per_head"),
     ("hybrid", {"n_layers": 3, "attn_layers": "1", "attn_kv_heads": 1}, "tova:12"),
+    ("megabyte", {}, "h2o:4"),  # the global cache, over patches; rows between patch ends are masked
 ]
 
 
@@ -162,5 +163,10 @@ def test_decode_with_fused_eviction_keeps_what_select_victim_keeps(kind, overrid
                 logits[fused], _ = model.step(tokens[:, j : j + 1], state)
             torch.testing.assert_close(logits[True], logits[False], rtol=2e-4, atol=2e-4,
                                        msg=lambda m, j=j: f"step {j}: {m}")
-            for layer in getattr(model, "policy_layers", None) or range(len(states[True].layers)):
+            if kind == "megabyte":
+                layers = range(states[True].n_global_layers)
+            else:
+                layers = getattr(model, "policy_layers", None) or range(len(states[True].layers))
+            for layer in layers:
                 assert torch.equal(states[True].kept_positions(layer), states[False].kept_positions(layer)), (j, layer)
+    assert all(states[True].kept_positions(layer).shape[-1] == policy.budget for layer in layers)  # it evicted
