@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -72,6 +72,28 @@ def select_evictions(
     return by_pos.gather(-1, by_score)[..., :n_evict]
 
 
+class EvictionRule(NamedTuple):
+    """How a bounded policy picks its victim: the lowest ``key`` (a ``longseq.ops.decode_block.KEY_*``: the
+    position, i.e. the oldest; the current query's head-averaged attention; or that attention accumulated
+    over every query since the token came) among the kept positions in ``[sinks, current - recent]`` (no
+    upper bound when ``recent`` is None), oldest first on ties. The built-in policies declare one, and every
+    path derives from it: :meth:`BoundedPolicy.select_victim`, the eviction replay of a prefill, and the
+    fused eviction kernel of a static cache's decode step."""
+
+    key: int
+    sinks: int = 0
+    recent: int | None = None
+
+
+def select_by_rule(rule: EvictionRule, positions: Tensor, current: Tensor, keys: Tensor) -> Tensor:
+    """``[B, G, 1]`` the slot ``rule`` evicts, given the slots' ``positions`` ``[B, G, C]`` (``-1``: empty),
+    the new token's position ``current`` ``[B, 1, 1]`` and the key per slot ``keys`` ``[B, G, C]``."""
+    candidates = positions >= rule.sinks  # also excludes the empty slots
+    if rule.recent is not None:
+        candidates = candidates & (positions <= current - rule.recent)
+    return select_evictions(keys, 1, positions, candidates)
+
+
 @dataclass(frozen=True)
 class CachePolicy:
     """Base class of cache policies. Subclasses define ``budget`` (tokens kept per layer; None: unbounded).
@@ -84,14 +106,23 @@ class CachePolicy:
     budget: ClassVar[int | None]
 
     @property
+    def eviction_rule(self) -> EvictionRule | None:
+        """The policy's victim rule when it is an :class:`EvictionRule` (every built-in bounded policy); the
+        properties below and :meth:`select_victim` derive from it. None: a policy of one's own overrides
+        them and :meth:`select_victim` instead (and keeps the PyTorch paths)."""
+        return None
+
+    @property
     def needs_attention_weights(self) -> bool:
         """True when the policy scores tokens by the attention rows of the current query."""
-        return False
+        rule = self.eviction_rule
+        return rule is not None and rule.key != KEY_POSITION
 
     @property
     def accumulates_scores(self) -> bool:
         """True when the policy keeps a running score per kept token (H2O's accumulated attention)."""
-        return False
+        rule = self.eviction_rule
+        return rule is not None and rule.key == KEY_ACCUMULATED
 
     @property
     def replay_recent(self) -> int | None:
@@ -99,22 +130,15 @@ class CachePolicy:
         one with the lowest current (or, with ``accumulates_scores``, accumulated) head-averaged
         attention, oldest first on ties -- the rule the eviction-replay kernel runs
         (:mod:`longseq.ops.eviction_replay`). None for any other rule."""
-        return None
+        rule = self.eviction_rule
+        if rule is None or rule.key == KEY_POSITION or rule.sinks:
+            return None
+        return rule.recent or 0
 
     @property
     def per_head(self) -> bool:
         """True when every kv head evicts independently (kept positions ``[B, H_kv, n]``)."""
         return False
-
-    @property
-    def decode_rule(self) -> tuple[int, int, int] | None:
-        """``(key, sinks, recent)`` when :meth:`select_victim` evicts the lowest ``key`` (a
-        ``longseq.ops.decode_block.KEY_*``: position, current or accumulated head-averaged attention) among
-        the positions in ``[sinks, current - recent]`` (``recent = -1``: no upper bound), oldest first on
-        ties: then a static cache's decode
-        step evicts in one fused kernel (:func:`longseq.ops.decode_block.evict`). None for any other rule
-        (a policy of one's own keeps the PyTorch path)."""
-        return None
 
     @property
     def band(self) -> tuple[int, int] | None:
@@ -133,7 +157,12 @@ class CachePolicy:
         Returns:
             ``[B, G, 1]`` slot indices.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not evict")
+        rule = self.eviction_rule
+        if rule is None:
+            raise NotImplementedError(f"{type(self).__name__} does not evict")
+        if rule.key != KEY_POSITION and scores is None:
+            raise ValueError(f"{type(self).__name__} scores tokens by attention: select_victim needs scores")
+        return select_by_rule(rule, positions, current, positions if rule.key == KEY_POSITION else scores)
 
     @property
     def spec(self) -> str:
@@ -191,11 +220,8 @@ class Window(BoundedPolicy):
         return self.budget, 0
 
     @property
-    def decode_rule(self) -> tuple[int, int, int]:
-        return KEY_POSITION, 0, -1
-
-    def select_victim(self, positions: Tensor, current: Tensor, scores: Tensor | None) -> Tensor:
-        return select_evictions(positions, 1, positions)
+    def eviction_rule(self) -> EvictionRule:
+        return EvictionRule(KEY_POSITION)  # the oldest
 
 
 @dataclass(frozen=True)
@@ -215,11 +241,8 @@ class Sink(BoundedPolicy):
         return self.budget - self.sinks, self.sinks
 
     @property
-    def decode_rule(self) -> tuple[int, int, int]:
-        return KEY_POSITION, self.sinks, -1
-
-    def select_victim(self, positions: Tensor, current: Tensor, scores: Tensor | None) -> Tensor:
-        return select_evictions(positions, 1, positions, candidates=positions >= self.sinks)
+    def eviction_rule(self) -> EvictionRule:
+        return EvictionRule(KEY_POSITION, sinks=self.sinks)  # the oldest after the sinks
 
 
 @dataclass(frozen=True)
@@ -250,28 +273,9 @@ class H2O(BoundedPolicy):
         return self.budget // 2 if field == "recent" else super()._default(field)
 
     @property
-    def needs_attention_weights(self) -> bool:
-        return True
-
-    @property
-    def accumulates_scores(self) -> bool:
-        return True
-
-    @property
-    def replay_recent(self) -> int | None:
-        return self.recent
-
-    @property
-    def decode_rule(self) -> tuple[int, int, int]:
-        assert self.recent is not None
-        return KEY_ACCUMULATED, 0, self.recent
-
-    def select_victim(self, positions: Tensor, current: Tensor, scores: Tensor | None) -> Tensor:
-        assert scores is not None
+    def eviction_rule(self) -> EvictionRule:
         # The `recent` most recent positions (the current token included) are protected.
-        return select_evictions(
-            scores, 1, positions, candidates=(positions >= 0) & (positions <= current - self.recent)
-        )
+        return EvictionRule(KEY_ACCUMULATED, recent=self.recent)
 
 
 @dataclass(frozen=True)
@@ -287,20 +291,8 @@ class TOVA(BoundedPolicy):
     per_head: bool = False  # type: ignore[assignment]  # a field here, a property on the base
 
     @property
-    def needs_attention_weights(self) -> bool:
-        return True
-
-    @property
-    def replay_recent(self) -> int | None:
-        return 0  # every kept token is a candidate
-
-    @property
-    def decode_rule(self) -> tuple[int, int, int]:
-        return KEY_ATTENTION, 0, -1
-
-    def select_victim(self, positions: Tensor, current: Tensor, scores: Tensor | None) -> Tensor:
-        assert scores is not None
-        return select_evictions(scores, 1, positions, candidates=positions >= 0)
+    def eviction_rule(self) -> EvictionRule:
+        return EvictionRule(KEY_ATTENTION)  # every kept token is a candidate
 
 
 # name -> policy class; bounded policies register here so ``parse_policy`` and the CLI know them.

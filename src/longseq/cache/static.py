@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 #: Static ``Full`` caches of at most this many slots (MEGABYTE's patch-local caches) take RoPE, the cache
 #: write and the attention in one kernel (all slots fit one program); larger ones the split-KV kernel.
 PATCH_KERNEL_MAX_SLOTS = 32
-#: Whether a static bounded cache evicts with the fused kernel where its policy has a ``decode_rule``: None
+#: Whether a static bounded cache evicts with the fused kernel where its policy has an ``eviction_rule``: None
 #: (default) on CUDA tensors; True on CPU ones too (the tests, through Triton's interpreter); False never
 #: (the tests' PyTorch reference).
 FUSED_EVICTION: bool | None = None
@@ -39,7 +39,7 @@ class _StaticMode(CacheBuffers):
     def can_attend_packed(self, qkv: Tensor, positions: Tensor) -> bool:
         """Whether :meth:`attend_packed` applies: a static cache in ``qkv``'s dtype with a power-of-two head
         dim, one token per row (``positions`` ``[B, 1]``); ``Full``, or a bounded policy with a
-        :attr:`~longseq.cache.policies.CachePolicy.decode_rule` where the kernels run."""
+        :attr:`~longseq.cache.policies.CachePolicy.eviction_rule` where the kernels run."""
         if not (self.static and self.k is not None and self.k.dtype == qkv.dtype):
             return False
         D = self.k.shape[3]
@@ -53,7 +53,7 @@ class _StaticMode(CacheBuffers):
 
         assert self.slot_pos is not None and self.k is not None
         # fp32 attention averages: a float64 cache (the exactness tests) keeps the float64 PyTorch path.
-        return (self.policy.decode_rule is not None and self.k.dtype != torch.float64
+        return (self.policy.eviction_rule is not None and self.k.dtype != torch.float64
                 and self.slot_pos.shape[2] <= decode_block.EVICT_MAX_SLOTS
                 and (x.is_cuda if FUSED_EVICTION is None else FUSED_EVICTION) and decode_block.use_kernels(x))
 
@@ -62,9 +62,11 @@ class _StaticMode(CacheBuffers):
         from ..ops import decode_block
 
         assert self.slot_pos is not None and self.budget is not None
-        key, sinks, recent = self.policy.decode_rule
+        rule = self.policy.eviction_rule
+        assert rule is not None
         w = weights[:, :, 0] if weights is not None else None
-        decode_block.evict(self.slot_pos, pos, key, sinks, recent, w, self.score, row_mask)
+        recent = -1 if rule.recent is None else rule.recent
+        decode_block.evict(self.slot_pos, pos, rule.key, rule.sinks, recent, w, self.score, row_mask)
         self._n = min(self._n + 1, self.budget)
 
     def attend_packed(

@@ -135,7 +135,7 @@ def rope_write_reference(
     return q[:, :, None]
 
 
-#: What a bounded policy's decode-step eviction keys on (:func:`evict_reference`).
+#: What a bounded policy evicts the lowest of (``longseq.cache.policies.EvictionRule``, :func:`evict_reference`).
 KEY_POSITION, KEY_ATTENTION, KEY_ACCUMULATED = 0, 1, 2
 
 
@@ -159,7 +159,7 @@ def evict_reference(
             0, then every slot adds the average (rows outside ``row_mask`` add 0).
     Only rows (and groups) holding ``C`` tokens evict: their victim's slot becomes empty.
     """
-    from ...cache.policies import select_evictions
+    from ...cache.policies import EvictionRule, select_by_rule
 
     B, G, C = slot_pos.shape
     keys = slot_pos
@@ -172,10 +172,7 @@ def evict_reference(
             score.scatter_(2, write_slots(slot_pos, pos, row_mask)[..., None].to(torch.int64), 0.0)
             score += mean if row_mask is None else torch.where(row_mask[:, None, None], mean, 0.0)
             keys = score
-    current = pos[:, None, None]
-    candidates = slot_pos >= sinks
-    if recent >= 0:
-        candidates = candidates & (slot_pos <= current - recent)
-    victim = select_evictions(keys, 1, slot_pos, candidates)
+    rule = EvictionRule(key, sinks, None if recent < 0 else recent)
+    victim = select_by_rule(rule, slot_pos, pos[:, None, None], keys)
     full = (slot_pos >= 0).all(-1, keepdim=True)
     slot_pos.scatter_(2, victim, torch.where(full, -1, slot_pos.gather(2, victim)))
