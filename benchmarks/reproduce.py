@@ -100,6 +100,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                             "processes when > 1 (default 3; 1 with --quick)")
     p.add_argument("--force", action="store_true", help="redo stages whose results exist (retrains from scratch)")
     args = p.parse_args(argv)
+    _check_stage_flags(p, args)
     if args.minutes is None and args.quick:
         args.minutes = 0.05
     if args.jobs is None:
@@ -108,6 +109,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.steps = args.steps or 12
         args.max_windows = args.max_windows or 4
     return args
+
+
+def _check_stage_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The stage flags, checked before any stage runs (a typo must not cost a training stage first)."""
+    from repro.eval_pretrained import FULL as PRETRAINED_FULL
+    from repro.eval_pretrained import QUICK as PRETRAINED_QUICK
+    from repro.eval_pretrained import output_names
+    from repro.eval_recall import KIND_NAMES, PARTS, selected
+
+    selected(args.recall_kinds, KIND_NAMES, "--recall-kinds")
+    selected(args.recall_parts, PARTS, "--recall-parts")
+    selected(args.pretrained_only, output_names(PRETRAINED_QUICK if args.quick else PRETRAINED_FULL),
+             "--pretrained-only")
+    for flag in ("pretrained_works", "passkey_trials"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1; got {value}")
+    if args.pretrained is not None and not Path(args.pretrained).exists():
+        p.error(f"--pretrained {args.pretrained}: no such file or folder")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,7 +48,7 @@ def test_attention_layers_are_where_the_config_puts_them(overrides, layers):
     ({"attn_layers": "1,4"}, r"attn_layers \[4\] are not layers of a 4-layer model"),
     ({"attn_layers": "one"}, "comma-separated layer indices"),
     ({"attn_every": -1}, "attn_every"),
-    ({"attn_heads": 3}, "divisible by n_heads=3"),
+    ({"attn_heads": 3}, r"attention layers \(attn_heads=3, attn_kv_heads=3\) are not valid: .*divisible"),
 ])
 def test_bad_layouts_are_refused_with_the_field_named(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -58,10 +58,31 @@ def test_accuracy_is_one_for_an_oracle_and_chance_for_a_constant_guess():
     assert mqar_loss(Oracle(5)(b.inputs) * 50, b.targets) < 1e-6
 
 
-def test_a_full_cache_scores_as_the_forward_does():
+class StepOracle(Oracle):
+    """Recalls through ``step`` (what a cache policy decodes with) and guesses wrong through ``forward``."""
+
+    def init_state(self, batch_size, cache=None, device=None):
+        return cache
+
+    def step(self, x, state):
+        return Oracle.forward(self, x), state
+
+    def forward(self, x):
+        return Oracle(self.n, right=False)(x)
+
+
+def test_a_cache_scores_through_step_and_a_full_cache_as_the_forward_does():
+    assert mqar_accuracy(StepOracle(4), 48, 4, n_rows=32, cache=Full()) == 1.0  # the cache path is step's
+    assert mqar_accuracy(StepOracle(4), 48, 4, n_rows=32) < 0.1  # no cache: the forward's
+    # A real model: the full cache's decode predicts, at every recall, what the forward predicts.
     torch.manual_seed(0)
-    model = build_model("transformer", "tiny").double()
-    assert mqar_accuracy(model, 48, 4, n_rows=32) == mqar_accuracy(model, 48, 4, n_rows=32, cache=Full())
+    model = build_model("transformer", "tiny").double().eval()
+    b = mqar_batch(8, 48, 4, torch.Generator().manual_seed(1))
+    rows = torch.arange(8)[:, None]
+    with torch.no_grad():
+        want = model(b.inputs)[rows, b.answers]
+        got = model.step(b.inputs, model.init_state(8, cache=Full()))[0][rows, b.answers]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_training_on_the_task_learns_to_recall():

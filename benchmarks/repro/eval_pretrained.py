@@ -18,6 +18,7 @@ from typing import Any
 
 from .common import POLICIES, environment, read_json, say, write_json
 from .config import Ctx, pick_device
+from .eval_recall import selected
 
 FRACTIONS = (16, 8, 4, 2)  # budgets = context / these
 PASSKEY_POLICIES = "full,window,sink,h2o,tova"
@@ -76,7 +77,13 @@ def works_dir(ctx: Ctx, sizes: Sizes) -> Path:
     return out
 
 
-def commands(model: str, works: Path, out: Path, sizes: Sizes, budgets: str) -> dict[str, list[str]]:
+def output_names(sizes: Sizes) -> list[str]:
+    """The stage's outputs (``--pretrained-only`` picks among them): a sweep and a passkey test per context."""
+    return [f"{what}_{T}" for what in ("sweep", "passkey") for T in sizes.contexts]
+
+
+def commands(model: str, works: Path, out: Path, sizes: Sizes, budgets: str,
+             device: str | None = None) -> dict[str, list[str]]:
     """The ``longseq`` argv of every output of the stage, by output folder name; ``budgets`` those of the
     passkey test (``ctx/K`` items)."""
     files = [str(works / f"{w}.txt") for w in sizes.works]
@@ -90,6 +97,9 @@ def commands(model: str, works: Path, out: Path, sizes: Sizes, budgets: str) -> 
         cmds[f"passkey_{T}"] = ["eval", model, "--task", "passkey", "--lengths", str(T), "--policies", PASSKEY_POLICIES,
                                 "--budgets", budgets, "--trials", str(sizes.trials), "--filler", "repeat",
                                 "--batch-size", "25", "--out", str(out / f"passkey_{T}")]
+    if device is not None:  # the sweeps and the passkey test run where the rest of the stage runs
+        for argv in cmds.values():
+            argv += ["--device", device]
     return cmds
 
 
@@ -134,11 +144,8 @@ def stage_eval_pretrained(ctx: Ctx) -> dict[str, Any]:
     model = str(Path(model).resolve() if model is not None else quick_model(ctx))
     out, works = ctx.results / "pretrained", works_dir(ctx, sizes)
     budgets = args.passkey_budgets or ",".join(f"ctx/{k}" for k in FRACTIONS)
-    cmds = commands(model, works, out, sizes, budgets)
-    only = args.pretrained_only.split(",") if args.pretrained_only else list(cmds)
-    for name in only:
-        if name not in cmds:
-            raise SystemExit(f"reproduce: --pretrained-only {name!r}: the outputs are {', '.join(cmds)}")
+    cmds = commands(model, works, out, sizes, budgets, ctx.device)
+    for name in selected(args.pretrained_only, list(cmds), "--pretrained-only"):
         done = out / name / ("passkey.json" if name.startswith("passkey") else "sweep.json")
         if done.exists() and not ctx.args.force:
             say(f"eval-pretrained: {name} exists, kept")

@@ -72,12 +72,10 @@ KINDS = [
 
 
 def _policy(spec: str, length: int):
-    from longseq.cache.policies import parse_policy, resolve_budget
+    """The cache policy of ``spec`` at ``length`` tokens (``"-"``: None, the model's own state)."""
+    from longseq.bench.decode import resolve_policy
 
-    if spec == "-":
-        return None
-    name, budget = spec.split(":")
-    return parse_policy(name, budget=resolve_budget(budget, length))
+    return None if spec == "-" else resolve_policy(spec, length)
 
 
 def _state_bytes(model, spec: str, dev) -> int:
@@ -203,7 +201,16 @@ def _portable(argv: list[str], ctx: Ctx) -> str:
     return text.replace(" --device cpu", "").replace(" --overwrite", "")
 
 
-def _selected(value: str | None, allowed: tuple[str, ...] | list[str], flag: str) -> list[str]:
+def json_form(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), so stored and current setups compare."""
+    import json
+
+    return json.loads(json.dumps(value))
+
+
+def selected(value: str | None, allowed: tuple[str, ...] | list[str], flag: str) -> list[str]:
+    """The comma-separated names of ``value`` (all of ``allowed`` when None); ``SystemExit`` naming the flag
+    for an unknown or empty one (``reproduce.py`` checks its flags with this before any stage runs)."""
     if value is None:
         return list(allowed)
     picked = [v.strip() for v in value.split(",") if v.strip()]
@@ -213,21 +220,35 @@ def _selected(value: str | None, allowed: tuple[str, ...] | list[str], flag: str
     return picked
 
 
-def recall_complete(result: dict[str, Any] | None) -> bool:
-    """Whether ``results/recall.json`` holds both parts for every kind."""
-    return result is not None and all(kind in result.get(part, {}) for part in PARTS for kind, _, _ in KINDS)
+KIND_NAMES = [k for k, _, _ in KINDS]
+
+
+def recall_complete(result: dict[str, Any] | None, quick: bool) -> bool:
+    """Whether ``results/recall.json`` holds both parts for every kind, under this mode's setups."""
+    if result is None:
+        return False
+    setups = {"setup": QUICK if quick else FULL, "passkey_setup": PASSKEY_QUICK if quick else PASSKEY_FULL}
+    if any(json_form(result.get(key)) != json_form(value.__dict__) for key, value in setups.items()):
+        return False
+    return all(kind in result.get(part, {}) for part in PARTS for kind in KIND_NAMES)
 
 
 def stage_eval_recall(ctx: Ctx) -> dict[str, Any]:
     """Run the parts and kinds asked for (``--recall-parts``, ``--recall-kinds``; default all) and merge them
     into ``results/recall.json``; kinds already there are kept unless ``--force``."""
-    kinds = _selected(ctx.args.recall_kinds, [k for k, _, _ in KINDS], "--recall-kinds")
-    parts = _selected(ctx.args.recall_parts, PARTS, "--recall-parts")
+    kinds = selected(ctx.args.recall_kinds, KIND_NAMES, "--recall-kinds")
+    parts = selected(ctx.args.recall_parts, PARTS, "--recall-parts")
     dev = pick_device(ctx)
     result = read_json(ctx.result("recall")) or {}
-    result.update({"setup": (QUICK if ctx.setup.quick else FULL).__dict__,
-                   "passkey_setup": (PASSKEY_QUICK if ctx.setup.quick else PASSKEY_FULL).__dict__,
-                   "state_len": STATE_LEN})
+    setups = {"mqar": (QUICK if ctx.setup.quick else FULL).__dict__,
+              "passkey": (PASSKEY_QUICK if ctx.setup.quick else PASSKEY_FULL).__dict__}
+    for part, key in (("mqar", "setup"), ("passkey", "passkey_setup")):
+        # Kinds measured under another setup (--quick, or an older one) are not this setup's: redo them.
+        if part in result and json_form(result.get(key)) != json_form(setups[part]):
+            say(f"eval-recall: the {part} results in {ctx.result('recall')} used another setup; redoing them")
+            result[part] = {}
+        result[key] = setups[part]
+    result["state_len"] = STATE_LEN
     run = {"mqar": _mqar, "passkey": _passkey}
     for part in parts:
         done = result.setdefault(part, {})
@@ -239,4 +260,4 @@ def stage_eval_recall(ctx: Ctx) -> dict[str, Any]:
             free_gpu_memory(dev)
     write_json(ctx.result("recall"), result)
     missing = [f"{part} {kind}" for part in PARTS for kind, _, _ in KINDS if kind not in result.get(part, {})]
-    return {"complete": not missing, "missing": "still to run: " + ", ".join(missing)}
+    return {"complete": False, "missing": "still to run: " + ", ".join(missing)} if missing else {}

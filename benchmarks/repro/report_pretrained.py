@@ -60,8 +60,12 @@ def _kept(w: Write, kept: dict[str, Any], budgets: list[int], works: list[str], 
 
 def _passkey(w: Write, pk: dict[str, Any]) -> dict[tuple[str, int], float]:
     """Mean accuracy per policy, budget and length; returns {(label, length): mean} for the verdict."""
+    from longseq.cache.policies import resolve_budget
+
     lengths, out = pk["lengths"], {}
-    budgets = sorted({r["budget"] for r in pk["results"] if r["budget"]}, key=lambda b: -int(b.split("/")[1]))
+    # Smallest first, in tokens at the longest length ("ctx/16" before "ctx/8"; plain counts too).
+    budgets = sorted({r["budget"] for r in pk["results"] if r["budget"]},
+                     key=lambda b: resolve_budget(b, max(lengths)))
     keys, depths = pk["n_trials"], ", ".join(str(d) for d in pk["depths"])
     w(f"Greedy exact-match accuracy over {keys} key{'s' if keys > 1 else ''} x {len(pk['depths'])} depths "
       f"({depths}) per cell:")

@@ -45,7 +45,7 @@ def stage_done(ctx: Ctx, name: str) -> bool:
         recs = [read_json(ctx.result(f"train-{n}")) for n, s in ctx.setup.runs.items() if s.group == group]
         return all(r is not None and r.get("complete") for r in recs)
     if name == "eval-recall":  # filled in per part and kind, possibly over several calls
-        return recall_complete(read_json(ctx.result("recall")))
+        return recall_complete(read_json(ctx.result("recall")), ctx.setup.quick)
     return ctx.result(OUTPUT[name]).exists()
 
 
@@ -97,6 +97,8 @@ def _portable_argv(argv: list[str], stage: str, keep_export: bool = True) -> lis
         if a.split("=", 1)[0] in drop:
             continue
         # A pretrained model's path is this machine's; the report calls it MODEL.
+        if a.startswith("--pretrained="):
+            a = "--pretrained=MODEL"
         out.append("MODEL" if out and out[-1] == "--pretrained" else a)
     return [*out, "--stage", stage]
 

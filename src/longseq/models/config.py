@@ -297,8 +297,13 @@ class HybridConfig(GLAConfig):
         if not layers:
             raise ValueError(f"a hybrid needs at least one attention layer: attn_every={self.attn_every} and no "
                              f"attn_layers give none of n_layers={self.n_layers} (a model without any is kind 'gla')")
-        # The attention blocks' own checks (head divisibility, even head dim for RoPE), now.
-        self.attention_config()
+        # The attention blocks' own checks (head divisibility, even head dim for RoPE), now, under this
+        # config's field names (the attention blocks call them n_heads / n_kv_heads).
+        try:
+            self.attention_config()
+        except ValueError as err:
+            raise ValueError(f"the attention layers (attn_heads={self.attn_heads}, attn_kv_heads="
+                             f"{self.attn_kv_heads}) are not valid: {err}") from err
 
     def attention_layers(self) -> list[int]:
         """The indices of the softmax-attention layers, in order."""
