@@ -188,15 +188,27 @@ def test_cli_passkey_without_matplotlib_skips_the_plot(native_run, tmp_path, mon
     assert sorted(p.name for p in out.iterdir()) == ["passkey.json", "passkey.md"]
 
 
-def test_cli_passkey_takes_a_builtin_filler_by_name(native_run, tmp_path):
-    """``--filler repeat``: the key sits in the repeated sentences, nothing of the corpus around it."""
+def test_cli_passkey_takes_a_builtin_filler_by_name(native_run, tmp_path, monkeypatch):
+    """``--filler repeat``: the prompts the CLI asks with are those of the repeated sentences, nothing of the
+    corpus around the key."""
+    import longseq.tasks.passkey as passkey_module
+
+    asked = []
+
+    def recording(*args, **kwargs):
+        prompts = make_prompts(*args, **kwargs)
+        asked.extend(prompts)
+        return prompts
+
+    monkeypatch.setattr(passkey_module, "make_prompts", recording)
     out = tmp_path / "pk"
     assert main(["eval", str(native_run), "--task", "passkey", "--lengths", "300", "--depths", "0.5", "--trials", "1",
                  "--filler", "repeat", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
-    prompt = make_prompts(BYTES, 300, [0.5], filler=named_filler("repeat"))[0]
-    text = bytes(prompt.ids).decode()
-    assert "The river runs to the sea." in text and "Hamlet" not in text and text.count(prompt.key) == 2
-    assert json.loads((out / "passkey.json").read_text())["trials"][0]["key"] == prompt.key
+    want = make_prompts(BYTES, 300, [0.5], filler=named_filler("repeat"))[0]
+    assert [p.ids for p in asked] == [want.ids]
+    text = bytes(asked[0].ids).decode()
+    assert "The river runs to the sea." in text and "Hamlet" not in text and text.count(want.key) == 2
+    assert json.loads((out / "passkey.json").read_text())["trials"][0]["key"] == want.key
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -134,6 +134,10 @@ def test_bad_mix_settings_are_refused(corpus):
             PasskeyMixSampler(WindowSampler(data, [0], WINDOW), ByteTokenizer(), bad)
     with pytest.raises(DataError, match="seq-len 149 is too short for passkey examples"):
         PasskeyMixSampler(WindowSampler(data, [0], 150), ByteTokenizer(), 0.5)
+    # The room is the widest key's parts (176 bytes) plus one per digit of its three occurrences, plus 16.
+    PasskeyMixSampler(WindowSampler(data, [0], 207), ByteTokenizer(), 0.5)
+    with pytest.raises(DataError, match="leaving 15 of filler"):
+        PasskeyMixSampler(WindowSampler(data, [0], 206), ByteTokenizer(), 0.5)
     for bad in (1.01, -1.0, float("nan")):
         with pytest.raises(ValueError, match="passkey-mix must be in"):
             TrainConfig(passkey_mix=bad)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -19,6 +20,7 @@ from longseq.cli import main  # noqa: E402
 from longseq.data import load_corpus, tokenize_corpus  # noqa: E402
 from longseq.data.sampler import WindowSampler  # noqa: E402
 from longseq.data.tokens import token_dtype  # noqa: E402
+from longseq.generate import generate  # noqa: E402
 from longseq.sources import open_model, open_tokenizer  # noqa: E402
 from longseq.tokenizer import HFTokenizer  # noqa: E402
 from longseq.train import CheckpointError, TrainConfig, train  # noqa: E402
@@ -123,10 +125,16 @@ def test_cli_trains_on_tokens_and_generates_text(setup, capsys):
                  "--batch-size", "2", "--steps", "2", "--eval-every", "0", "--device", "cpu", "--no-progress",
                  "--cache-dir", str(root / "cache")]) == 0
     capsys.readouterr()
-    assert main(["generate", str(out), "--prompt", "the quick", "--max-new-tokens", "5", "--temperature", "0"]) == 0
-    assert capsys.readouterr().out.startswith("the quick")
-    model = open_model(out)
-    assert model.config.vocab_size == open_tokenizer(tok_dir).vocab_size
+    assert main(["generate", str(out), "--prompt", "the quick", "--max-new-tokens", "5", "--temperature", "0",
+                 "--no-echo", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    # The continuation is the tokenizer's text of the model's greedy ids, computed here through the API.
+    tok = open_tokenizer(tok_dir)
+    model = open_model(out, "cpu")
+    assert model.config.vocab_size == tok.vocab_size == 320
+    prompt = torch.tensor([tok.encode("the quick")])
+    ids = generate(model, prompt, 5, temperature=0)[0, prompt.shape[1]:].tolist()
+    assert printed.rstrip("\n") == tok.decode(ids).decode("utf-8", "replace").rstrip("\n")
 
 
 def test_resume_continues_on_tokens_exactly(setup):

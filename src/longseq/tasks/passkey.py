@@ -120,6 +120,14 @@ def _filler_ids(tokenizer: Tokenizer, text: str, n: int, rng: random.Random) -> 
         chars *= 2
 
 
+def prompt_parts(tokenizer: Tokenizer, key: str) -> tuple[list[int], list[int], list[int]]:
+    """The ids around the filler of a prompt hiding ``key``: ``(head, needle, question)`` -- the special prefix
+    and the instruction; the key sentence; the question. Each part is encoded on its own."""
+    head = special_prefix(tokenizer) + tokenizer.encode(INSTRUCTION, special=False)
+    needle = tokenizer.encode(KEY_SENTENCE.format(key=key), special=False)
+    return head, needle, tokenizer.encode(QUESTION, special=False)
+
+
 def make_prompts(
     tokenizer: Tokenizer, length: int, depths: Sequence[float], trial: int = 0, seed: int = 0,
     filler: str | None = None,
@@ -132,9 +140,7 @@ def make_prompts(
             raise ValueError(f"a depth is a fraction of the context in [0, 1]; got {depth}")
     rng = random.Random(f"passkey:{seed}:{length}:{trial}")
     key = str(rng.randrange(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS))
-    head = special_prefix(tokenizer) + tokenizer.encode(INSTRUCTION, special=False)
-    needle = tokenizer.encode(KEY_SENTENCE.format(key=key), special=False)
-    question = tokenizer.encode(QUESTION, special=False)
+    head, needle, question = prompt_parts(tokenizer, key)
     n_filler = length - len(head) - len(needle) - len(question)
     if n_filler < 1:
         raise ValueError(

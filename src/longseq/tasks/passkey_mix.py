@@ -28,10 +28,31 @@ from torch import Tensor
 from ..data.errors import DataError
 from ..data.sampler import WindowSampler
 from ..tokenizer import Tokenizer
-from .passkey import INSTRUCTION, KEY_DIGITS, KEY_SENTENCE, QUESTION, special_prefix
+from .passkey import KEY_DIGITS, prompt_parts
 
 ANSWER = " {key}."  # what follows the question in a training example
 MIN_FILLER = 16  # ids of corpus text an example must keep at least
+
+
+def example_overhead(tokenizer: Tokenizer) -> int:
+    """The most ids an example's fixed parts (prefix, instruction, key sentence, question, answer) can take
+    with ``tokenizer``: measured with the key ``99999``, plus one id per digit of each of the key's three
+    occurrences (a BPE may split another key into more pieces than ``99999``)."""
+    head, needle, question = prompt_parts(tokenizer, "9" * KEY_DIGITS)
+    answer = tokenizer.encode(ANSWER.format(key="9" * KEY_DIGITS), special=False)
+    return len(head) + len(needle) + len(question) + len(answer) + 3 * KEY_DIGITS
+
+
+def check_room(tokenizer: Tokenizer, window: int, unit: str = "ids") -> None:
+    """``DataError`` unless windows of ``window`` ids leave :data:`MIN_FILLER` ids of text in an example (run
+    before the corpus is tokenized: it needs only the tokenizer)."""
+    overhead = example_overhead(tokenizer)
+    if window - overhead < MIN_FILLER:
+        raise DataError(
+            f"seq-len {window - 1} is too short for passkey examples: the instruction, key sentence, question "
+            f"and answer take up to {overhead} {unit}, leaving {window - overhead} of filler (at least "
+            f"{MIN_FILLER} needed)"
+        )
 
 
 class PasskeyMixSampler:
@@ -43,41 +64,23 @@ class PasskeyMixSampler:
     def __init__(self, sampler: WindowSampler, tokenizer: Tokenizer, fraction: float, seed: int = 0) -> None:
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"passkey-mix must be in (0, 1] (the fraction of training rows); got {fraction}")
+        check_room(tokenizer, sampler.window, sampler.corpus.unit)
         self.sampler, self.tokenizer, self.fraction, self.seed = sampler, tokenizer, float(fraction), int(seed)
-        self.head = special_prefix(tokenizer) + tokenizer.encode(INSTRUCTION, special=False)
-        self.question = tokenizer.encode(QUESTION, special=False)
-        widest = "9" * KEY_DIGITS
-        room = sampler.window - self._fixed_len(widest)
-        if room < MIN_FILLER:
-            raise DataError(
-                f"seq-len {sampler.window - 1} is too short for passkey examples: the instruction, key sentence, "
-                f"question and answer take {self._fixed_len(widest)} {sampler.corpus.unit}, leaving {room} of "
-                f"filler (at least {MIN_FILLER} needed)"
-            )
 
     @property
     def window(self) -> int:
         return self.sampler.window
 
-    def _parts(self, key: str) -> tuple[list[int], list[int]]:
-        """The key sentence's ids and the question-and-answer ids for ``key``."""
-        enc = self.tokenizer.encode
-        return enc(KEY_SENTENCE.format(key=key), special=False), self.question + enc(ANSWER.format(key=key),
-                                                                                     special=False)
-
-    def _fixed_len(self, key: str) -> int:
-        needle, tail = self._parts(key)
-        return len(self.head) + len(needle) + len(tail)
-
     def example(self, window: Tensor, key: str, depth: float) -> Tensor:
-        """The passkey example made from one ``[window]`` row of corpus ids: same length, ``key`` hidden at
-        ``depth`` (a fraction of the filler), the question and answer last."""
-        needle, tail = self._parts(key)
-        n_filler = self.window - len(self.head) - len(needle) - len(tail)
+        """The passkey example made from one ``[window]`` row of corpus ids: same length, the prompt layout of
+        :func:`~longseq.tasks.passkey.make_prompts` with ``key`` hidden at ``depth`` (a fraction of the
+        filler), then the answer."""
+        head, needle, question = prompt_parts(self.tokenizer, key)
+        tail = question + self.tokenizer.encode(ANSWER.format(key=key), special=False)
+        n_filler = self.window - len(head) - len(needle) - len(tail)  # >= MIN_FILLER by check_room
         cut = round(depth * n_filler)
         filler = window[:n_filler].tolist()
-        ids = self.head + filler[:cut] + needle + filler[cut:] + tail
-        return torch.tensor(ids, dtype=window.dtype)
+        return torch.tensor(head + filler[:cut] + needle + filler[cut:] + tail, dtype=window.dtype)
 
     def plan(self, batch_index: int, global_batch: int) -> list[tuple[str, float] | None]:
         """For each row of global batch ``batch_index``: ``(key, depth)`` if it becomes an example, else None."""

@@ -34,8 +34,8 @@ from ..models import config_class, model_from_config
 from ..models.registry import capabilities
 from ..precision import autocast
 from ..sources import open_tokenizer
-from ..tasks.passkey_mix import PasskeyMixSampler
-from ..tokenizer import ByteTokenizer, Tokenizer
+from ..tasks.passkey_mix import PasskeyMixSampler, check_room
+from ..tokenizer import BYTES, Tokenizer
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
 from .distributed import (
@@ -114,6 +114,8 @@ def train(
     tokenizer = open_tokenizer(cfg.tokenizer) if cfg.tokenizer is not None else None
     model_cfg = resolve_model_config(cfg, tokenizer)
     _check_model_fits(cfg, model_cfg, tokenizer)
+    if cfg.passkey_mix:  # before the corpus is read or tokenized: it needs only the tokenizer
+        check_room(tokenizer or BYTES, cfg.seq_len + 1, "bytes" if tokenizer is None else "tokens")
     run_dir = Path(cfg.out)
     resume_from, damaged = check_run_dir(run_dir, resume, overwrite)
     if resume_from is not None:
@@ -139,7 +141,7 @@ def train(
     ids = corpus if tokenizer is None else tokenize_corpus(corpus, tokenizer, progress=cfg.progress)
     sampler = WindowSampler(ids, split.train, cfg.seq_len + 1, seed=cfg.seed, within_docs=cfg.within_docs)
     if cfg.passkey_mix:
-        sampler = PasskeyMixSampler(sampler, tokenizer or ByteTokenizer(), cfg.passkey_mix, seed=cfg.seed)
+        sampler = PasskeyMixSampler(sampler, tokenizer or BYTES, cfg.passkey_mix, seed=cfg.seed)
     val_set = corpus_documents(corpus, split.val, cfg.eval_tokens) if split.val else []
     if split.val and sum(len(t) for _, t in val_set) - len(val_set) < 1:
         raise DataError("the validation documents hold no byte to score (each needs at least 2 bytes)")
