@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.fraction < 1 or args.repeats < 1:
         p.error("--fraction and --repeats must be >= 1")
-    for path in (args.model, args.text):
+    for flag, path in (("--model", args.model), ("--text", args.text)):
         if path is not None and not Path(path).exists():
-            p.error(f"no such file: {path}")
+            p.error(f"{flag}: no such file: {path}")
     device = pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
