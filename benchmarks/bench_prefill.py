@@ -60,8 +60,8 @@ def time_policies(model, ids: torch.Tensor, specs: dict[str, str | None], repeat
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kind", default="transformer")
-    p.add_argument("--preset", default="smollm2-135m")
+    p.add_argument("--kind", default=None, help="model kind built with random weights (default transformer)")
+    p.add_argument("--preset", default=None, help="its preset (default smollm2-135m)")
     p.add_argument("--model", default=None, help="a model path (.gguf, HF folder, run) instead of --kind/--preset")
     p.add_argument("--text", default=None, help="a UTF-8 file whose first tokens make the prompts")
     p.add_argument("--contexts", type=int, nargs="+", default=[2048])
@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.fraction < 1 or args.repeats < 1:
         p.error("--fraction and --repeats must be >= 1")
+    if args.model is not None and (args.kind is not None or args.preset is not None):
+        p.error("--kind/--preset build a random model; --model opens one: give one or the other")
+    args.kind, args.preset = args.kind or "transformer", args.preset or "smollm2-135m"
     for flag, path in (("--model", args.model), ("--text", args.text)):
         if path is not None and not Path(path).exists():
             p.error(f"{flag}: no such file: {path}")

@@ -160,3 +160,17 @@ def test_cache_prefill_on_cpu_equals_token_by_token_and_stays_in_position_order(
     for key_pos in calls:  # the cache part of every sub-chunk: kept entries first, increasing, free slot last
         cache = key_pos[..., :13]
         assert (cache[..., :12].diff(dim=-1) > 0).all() and (cache[..., 12] == -1).all()
+
+
+@pytest.mark.parametrize("B", [1, 3], ids=["one-row", "batched"])
+def test_a_recent_window_that_protects_every_entry_is_a_clear_error(B):
+    """With ``recent`` above the number of alive entries nothing may be evicted: a ValueError that says so
+    (not NumPy's argmin of an empty sequence, nor a dead entry evicted again), and nothing changed."""
+    scores, key_pos, pos, alive, acc = _case(B, 2, 1, 6, 5, torch.float64, seed=4)
+    before_alive, before_acc = alive.clone(), acc.clone()
+    with pytest.raises(ValueError, match="no alive entry outside the protected recent window"):
+        replay_evictions_host(scores, key_pos, pos, alive, acc, recent=10_000)
+    with pytest.raises(ValueError, match="no alive entry outside the protected recent window"):
+        # limit -1 for the first token: only the dead entry (position -1) falls below it
+        replay_evictions_host(scores, key_pos, pos, alive, acc, recent=1001)
+    assert torch.equal(alive, before_alive) and torch.equal(acc, before_acc)

@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from longseq.cli import main  # noqa: E402
-from longseq.data import load_corpus, tokenize_corpus  # noqa: E402
+from longseq.data import DataError, load_corpus, tokenize_corpus  # noqa: E402
 from longseq.data.sampler import WindowSampler  # noqa: E402
 from longseq.data.tokens import token_dtype  # noqa: E402
 from longseq.generate import generate  # noqa: E402
@@ -82,6 +82,12 @@ def test_token_corpus_holds_each_documents_ids_and_is_built_once(setup, tmp_path
     stamp = (tokens.path / "tokens.bin").stat().st_mtime_ns
     again = tokenize_corpus(corpus, tokenizer)
     assert again.path == tokens.path and (again.path / "tokens.bin").stat().st_mtime_ns == stamp
+    # A cache of another format under this name is refused, naming it, rather than read as this one.
+    index = json.loads((tokens.path / "index.json").read_text())
+    (tokens.path / "index.json").write_text(json.dumps({**index, "format": index["format"] + 1}))
+    with pytest.raises(DataError, match=str(tokens.path)):
+        tokenize_corpus(corpus, tokenizer)
+    (tokens.path / "index.json").write_text(json.dumps(index))
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
     # The sampler draws windows of ids from it: every window is a slice of the concatenated documents.
     sampler = WindowSampler(tokens, [0, 1, 2], 33, seed=0)
@@ -115,6 +121,11 @@ def test_training_on_tokens_learns_and_checkpoints_carry_the_tokenizer(setup):
     tok_file.write_text(tok_file.read_text().replace("wizards", "wizardz"))
     with pytest.raises(CheckpointError, match="tokenizer/tokenizer.json"):
         verify_checkpoint(ckpt)
+    # ... and opening the run's tokenizer says which file is damaged, not that the run has no tokenizer.
+    tok_file.write_text(tok_file.read_text()[:100])
+    for path in (result.run_dir, ckpt):
+        with pytest.raises(CheckpointError, match="tokenizer/tokenizer.json"):
+            open_tokenizer(path)
 
 
 def test_cli_trains_on_tokens_and_generates_text(setup, capsys):

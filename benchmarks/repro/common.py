@@ -6,7 +6,9 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -111,3 +113,26 @@ def free_gpu_memory(device) -> None:
 
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def builtin_works(folder: Path) -> Path:
+    """The built-in corpus's works as ``folder/<name>.txt``, extracted once (the pretrained-model stage takes
+    them as ``--data`` files, the recall stage its passkey filler)."""
+    from longseq.data import builtin_corpus_path
+
+    done = folder / ".extracted"
+    if not done.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(builtin_corpus_path()) as tar:
+            tar.extractall(folder, filter="data")
+        done.touch()
+    return folder
+
+
+def portable_command(argv: list[str], replace: list[tuple[str, str]]) -> str:
+    """``longseq ARGV`` as the report prints it: each machine-specific string of ``replace`` (a path, a model
+    file) swapped for its placeholder, in order."""
+    text = shlex.join(["longseq", *argv])
+    for old, new in replace:
+        text = text.replace(old, new)
+    return text

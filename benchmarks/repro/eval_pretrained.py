@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import POLICIES, environment, read_json, say, write_json
+from .common import POLICIES, builtin_works, environment, portable_command, read_json, say, write_json
 from .config import Ctx, pick_device
 from .eval_recall import selected
 
@@ -66,15 +65,8 @@ def quick_model(ctx: Ctx) -> Path:
 
 
 def works_dir(ctx: Ctx, sizes: Sizes) -> Path:
-    """The built-in corpus's works as ``OUT/works/<name>.txt`` (extracted once)."""
-    from longseq.data import builtin_corpus_path
-
-    out = ctx.out / "works"
-    if not all((out / f"{w}.txt").is_file() for w in sizes.works):
-        out.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(builtin_corpus_path()) as tar:
-            tar.extractall(out, filter="data")
-    return out
+    """The built-in corpus's works as ``OUT/works/<name>.txt``."""
+    return builtin_works(ctx.out / "works")
 
 
 def output_names(sizes: Sizes) -> list[str]:
@@ -105,8 +97,7 @@ def commands(model: str, works: Path, out: Path, sizes: Sizes, budgets: str,
 
 def portable(argv: list[str], model: str, works: Path, out: Path) -> str:
     """``longseq ...`` as the report prints it: the model as MODEL, the works and outputs relative."""
-    text = shlex.join(["longseq", *argv]).replace(model, "MODEL")
-    return text.replace(str(works) + "/", "WORKS/").replace(str(out) + "/", "OUT/")
+    return portable_command(argv, [(model, "MODEL"), (str(works) + "/", "WORKS/"), (str(out) + "/", "OUT/")])
 
 
 def _kept_positions(model, works: Path, sizes: Sizes) -> dict[str, Any]:

@@ -22,7 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import REPO, VAL_DOCS, environment, free_gpu_memory, read_json, say, write_json
+from .common import (
+    REPO,
+    VAL_DOCS,
+    builtin_works,
+    environment,
+    free_gpu_memory,
+    portable_command,
+    read_json,
+    say,
+    write_json,
+)
 from .config import Ctx, pick_device
 
 STATE_LEN = 16384  # the context at which the state bytes are compared
@@ -140,19 +150,14 @@ def passkey_commands(ctx: Ctx, kind: str, overrides: dict[str, Any], policies: l
 def heldout_text(ctx: Ctx) -> Path:
     """The held-out works (the validation documents of training) as one file: the passkey filler, text none
     of the models trained on."""
-    import tarfile
-
-    from longseq.data import builtin_corpus_path
-
     path = ctx.out / "works" / "heldout.txt"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(builtin_corpus_path()) as tar:
-            texts = [tar.extractfile(m).read().decode("utf-8") for m in tar.getmembers()
-                     if m.isfile() and Path(m.name).name in VAL_DOCS]
-        if len(texts) != len(VAL_DOCS):
-            raise SystemExit(f"reproduce: the built-in corpus lacks some of {VAL_DOCS}")
-        path.write_text("\n".join(texts), encoding="utf-8")
+        works = builtin_works(ctx.out / "works")
+        missing = [d for d in VAL_DOCS if not (works / d).is_file()]
+        if missing:
+            raise SystemExit(f"reproduce: the built-in corpus lacks {missing}")
+        # in the archive's (alphabetical) order
+        path.write_text("\n".join((works / d).read_text(encoding="utf-8") for d in sorted(VAL_DOCS)), encoding="utf-8")
     return path
 
 
@@ -194,11 +199,11 @@ def _json_line(line: str) -> dict[str, Any]:
 
 
 def _portable(argv: list[str], ctx: Ctx) -> str:
-    """``longseq ...`` as the report prints it: paths under the output folder relative (OUT/...)."""
-    text = shlex.join(["longseq", *argv]).replace(str(ctx.out) + "/", "OUT/")
-    for path in ctx.data or []:  # the shared Shakespeare folder, as seen from the checkout
-        text = text.replace(path, os.path.relpath(path, REPO))
-    return text.replace(" --device cpu", "").replace(" --overwrite", "")
+    """``longseq ...`` as the report prints it: paths under the output folder relative (OUT/...), the shared
+    Shakespeare folder as seen from the checkout."""
+    subs = [(str(ctx.out) + "/", "OUT/"), *((p, os.path.relpath(p, REPO)) for p in ctx.data or []),
+            (" --device cpu", ""), (" --overwrite", "")]
+    return portable_command(argv, subs)
 
 
 def json_form(value: Any) -> Any:

@@ -80,16 +80,14 @@ def open_tokenizer(path: str | os.PathLike) -> Tokenizer:
         return HFTokenizer.from_pretrained(p.parent, gguf_file=p.name)
     if p.is_dir() and any((p / f).exists() for f in HF_TOKENIZER_FILES):
         return HFTokenizer.from_pretrained(p)
-    if p.is_dir() and (p / TOKENIZER_DIR).is_dir():  # save_hf folder or checkpoint
-        return HFTokenizer.from_pretrained(p / TOKENIZER_DIR)
     if p.is_dir():
-        from .train.checkpoint import CheckpointError, resolve_checkpoint
+        from .train.checkpoint import list_checkpoints, resolve_checkpoint
 
-        try:
-            ckpt = resolve_checkpoint(p)
-        except CheckpointError:
-            ckpt = None
-        if ckpt is not None and (ckpt / TOKENIZER_DIR).is_dir():
-            return HFTokenizer.from_pretrained(ckpt / TOKENIZER_DIR)
+        if (p / "manifest.json").exists() or list_checkpoints(p):  # a checkpoint or a run
+            ckpt = resolve_checkpoint(p)  # a damaged one raises CheckpointError, naming the damaged file
+            if (ckpt / TOKENIZER_DIR).is_dir():
+                return HFTokenizer.from_pretrained(ckpt / TOKENIZER_DIR)
+        elif (p / TOKENIZER_DIR).is_dir():  # a save_hf folder
+            return HFTokenizer.from_pretrained(p / TOKENIZER_DIR)
     raise ValueError(f"{path} holds no tokenizer: expected a .gguf file, a folder with one of "
                      f"{', '.join(HF_TOKENIZER_FILES)}, or a longseq model saved with a {TOKENIZER_DIR}/ folder")

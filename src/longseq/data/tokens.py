@@ -43,14 +43,18 @@ class TokenCorpus(MappedCorpus):
 
 def tokenize_corpus(corpus: ByteCorpus, tokenizer: Tokenizer, progress: bool = False) -> TokenCorpus:
     """``corpus`` tokenized with ``tokenizer`` (each document as a prompt would be: with the special tokens
-    the tokenizer adds by default, e.g. a BOS), built once and cached in ``corpus.path/tokens-<fingerprint>``.
+    the tokenizer adds by default, e.g. a BOS), built once and cached in ``corpus.path/tokens-v<format>-<fingerprint>``.
 
     Raises :class:`DataError` if a document tokenizes to nothing; checked before the cache is committed.
     """
     fingerprint = tokenizer.fingerprint()
-    target = corpus.path / f"tokens-{fingerprint[:24]}"
+    target = corpus.path / f"tokens-v{FORMAT_VERSION}-{fingerprint[:24]}"
     if (target / "index.json").is_file():
-        return TokenCorpus(target)
+        cached = TokenCorpus(target)
+        if cached.index.get("format") != FORMAT_VERSION or cached.fingerprint != fingerprint:
+            raise DataError(f"the token cache {target} was written by another format or tokenizer "
+                            f"(format {cached.index.get('format')}, this is {FORMAT_VERSION}); delete it to rebuild")
+        return cached
     dtype = token_dtype(tokenizer.vocab_size)
 
     def write(tmp: Path) -> None:

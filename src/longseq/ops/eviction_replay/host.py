@@ -134,7 +134,10 @@ def _decide_one_row(e: np.ndarray, live0: np.ndarray, C: int, ends: np.ndarray |
             acc[:n] += w
             w = acc[:n]
         k = n if ends is None else ends[t, 0]
-        v = int((w[:k] + dead[:k]).argmin())
+        score = w[:k] + dead[:k]
+        v = int(score.argmin()) if k else -1
+        if v < 0 or not np.isfinite(score[v]):
+            raise _no_candidate(t, 0)
         live[v] = 0.0
         dead[v] = np.inf
         victims[t, 0] = v
@@ -174,7 +177,17 @@ def _decide(e: np.ndarray, live0: np.ndarray, C: int, ends: np.ndarray | None,
         if late is not None:
             score += late[t, :, :n]
         v = score.argmin(axis=1)
+        gone = ~np.isfinite(score[np.arange(R), v])
+        if gone.any():
+            raise _no_candidate(t, int(np.argmax(gone)))
         np.put(live, flat + v, 0.0)
         np.put(dead, flat + v, np.inf)
         victims[t] = v
     return victims
+
+
+def _no_candidate(t: int, r: int) -> ValueError:
+    """The error for token ``t`` of (row, group) ``r`` finding no alive entry it may evict (only H2O's
+    ``recent`` rule can protect every entry; a cache built by longseq always keeps more than ``recent``)."""
+    return ValueError(f"eviction replay: token {t} of (row, group) {r} has no alive entry outside the protected "
+                      "recent window to evict; the cache must keep more alive entries than `recent`")
