@@ -158,7 +158,14 @@ def test_resume_continues_on_tokens_exactly(setup):
 
     cfg = cfg_for(root, corpus_dir, tok_dir, "resumed")
     train(cfg, on_step=interrupt)
-    second = train(cfg, resume=True)
+    # The tokenizer's folder moved since: the resume takes the copy the checkpoint carries.
+    moved = tok_dir.with_name("moved-tokenizer")
+    tok_dir.rename(moved)
+    try:
+        with pytest.warns(UserWarning, match="resuming with the copy saved in"):
+            second = train(cfg, resume=True)
+    finally:
+        moved.rename(tok_dir)
     assert second.losses == {k: v for k, v in straight.losses.items() if k > 3}
     # The same run on bytes, or with another tokenizer, cannot resume it.
     with pytest.raises(CheckpointError, match="with another tokenizer, not bytes"):

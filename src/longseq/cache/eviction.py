@@ -22,7 +22,9 @@ from ..ops.eviction_replay import MAX_ENTRIES, replay_evictions, replay_eviction
 from .buffers import CacheBuffers
 
 LONG_MAX = torch.iinfo(torch.long).max
-# Bound on the fp32 scores one _evict_chunk call holds (B x H x sub-chunk x (capacity + sub-chunk)).
+# Bound on the scores one _evict_chunk call holds (B x H x sub-chunk x (capacity + sub-chunk) elements). The
+# CPU replay also holds their exponentials, in float64 when a row's scores span widely: up to 3x the fp32
+# bytes of this many scores at the peak.
 EVICT_CHUNK_SCORES = 1 << 26
 # Most tokens per _evict_chunk call. Every call scores its tokens against the cache plus the whole sub-chunk,
 # so a longer one does more arithmetic per token; a shorter one pays its fixed cost (a few dozen operator

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from ..models.registry import capabilities
 from ..precision import autocast
 from ..sources import open_tokenizer
 from ..tasks.passkey_mix import PasskeyMixSampler, check_room
-from ..tokenizer import BYTES, Tokenizer
+from ..tokenizer import BYTES, TOKENIZER_DIR, Tokenizer
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
 from .distributed import (
@@ -111,13 +112,13 @@ def train(
         :class:`TrainingDiverged` (a ``ValueError`` too) when the loss becomes NaN or infinite.
     """
     check_parallel(cfg.parallel)
-    tokenizer = open_tokenizer(cfg.tokenizer) if cfg.tokenizer is not None else None
+    run_dir = Path(cfg.out)
+    resume_from, damaged = check_run_dir(run_dir, resume, overwrite)
+    tokenizer = _open_run_tokenizer(cfg.tokenizer, resume_from)
     model_cfg = resolve_model_config(cfg, tokenizer)
     _check_model_fits(cfg, model_cfg, tokenizer)
     if cfg.passkey_mix:  # before the corpus is read or tokenized: it needs only the tokenizer
         check_room(tokenizer or BYTES, cfg.seq_len + 1, "bytes" if tokenizer is None else "tokens")
-    run_dir = Path(cfg.out)
-    resume_from, damaged = check_run_dir(run_dir, resume, overwrite)
     if resume_from is not None:
         check_compatible(model_cfg, ckpt_io.verify_checkpoint(resume_from), resume_from, tokenizer)
     world = int(os.environ.get("WORLD_SIZE", "1")) if cfg.parallel != "none" else 1
@@ -153,6 +154,18 @@ def train(
         )
     finally:
         shutdown()
+
+
+def _open_run_tokenizer(path: str | None, resume_from: Path | None) -> Tokenizer | None:
+    """The ``--tokenizer`` of a run (None: bytes). A resumed run whose tokenizer path no longer exists as saved
+    (typed relative to another directory, or moved since) takes the copy its checkpoint carries instead."""
+    if path is None:
+        return None
+    if resume_from is not None and not Path(path).exists() and (resume_from / TOKENIZER_DIR).is_dir():
+        warnings.warn(f"--tokenizer {path} does not exist here; resuming with the copy saved in {resume_from}",
+                      stacklevel=3)
+        return open_tokenizer(resume_from / TOKENIZER_DIR)  # find_intact verified it
+    return open_tokenizer(path)
 
 
 def _check_model_fits(cfg: TrainConfig, model_cfg, tokenizer: Tokenizer | None) -> None:
