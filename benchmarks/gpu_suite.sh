@@ -2,7 +2,7 @@
 # Runs every GPU benchmark (and the GPU-marked tests) in one go on the device machine, one log per
 # step under $OUT (default ./gpu-out). Each step has its own time limit so one hang cannot eat the rest.
 #   bash benchmarks/gpu_suite.sh [step ...]
-#   steps: env tests gla triton triton2 triton-decode bench decode decode-b1 decode-smollm2 decode-fused decode-bounded decode-hybrid megabyte megabyte-fused megabyte-compile cache hf recall
+#   steps: env tests gla triton triton2 triton-decode tune-rules bench decode decode-b1 decode-smollm2 decode-fused decode-bounded decode-hybrid megabyte megabyte-fused megabyte-compile cache hf recall
 #          profile triton-profile prefill
 #   with GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf also: prefill-smollm2 passkey-smollm2 sweep-smollm2
 set -u
@@ -37,6 +37,9 @@ for s in "${steps[@]}"; do
     gla) run gla 120 python3 benchmarks/bench_gla_op.py --device cuda --dtype bfloat16 --B 4 --T 2048 8192 --H 4 --K 128 --V 256 --backends chunk ;;
     triton) run triton 440 python3 benchmarks/bench_gla_triton.py --sdpa cudnn --shapes 16x128x128 --out "$OUT/gla_triton.jsonl" ;;
     triton-decode) run triton-decode 120 python3 benchmarks/bench_gla_triton.py --decode-only --out "$OUT/gla_decode.jsonl" ;;
+    tune-rules)  # the GEMV tiling on wider models and the FUSED_STEP_MAX_ROWS crossover (docs/tuning.md)
+      run tune-wide 200 python3 benchmarks/tune_decode_block.py --shapes wide
+      run tune-rows 200 python3 benchmarks/tune_decode_block.py --shapes wide --rows 1,2,4,8,12,16,32 ;;
     triton2) run triton2 570 python3 benchmarks/bench_gla_triton.py --no-sdpa --no-check --shapes 4x256x512 --out "$OUT/gla_triton2.jsonl" ;;
     triton-profile) run triton-profile 120 python3 benchmarks/profile_gla_triton.py --no-fla ;;
     decode) run decode 570 python3 -m longseq bench decode --models gla,transformer,megabyte:paper95m --presets 85m --contexts 4096,16384 --batch-sizes 1,32,max --max-batch 512 --policies full,tova:ctx/8 --gen-tokens 64 --compile --against hf --memory-limit-gib 40 --jsonl "$OUT/decode.jsonl" ;;
