@@ -207,3 +207,40 @@ def test_unreadable_path(tmp_path, monkeypatch):
         )
     with pytest.raises(DataError, match="not readable"):
         load_corpus([path], tmp_path / "cache")
+
+
+def test_concurrent_builders_of_one_cache_build_it_once(tmp_path):
+    """Two builders at once (the ranks of a torchrun job): the second waits for the first and reuses its cache
+    instead of writing its own; a failed build leaves nothing behind and the next one builds."""
+    import threading
+    import time
+
+    target = tmp_path / "cache" / "thing"
+    writes: list[str] = []
+    inside = threading.Event()
+
+    def write(folder: Path) -> None:
+        writes.append(threading.current_thread().name)
+        inside.set()
+        time.sleep(0.3)  # long enough for the other builder to reach the lock
+        (folder / "index.json").write_text("{}")
+
+    first = threading.Thread(target=corpus_mod.build_cache_dir, args=(target, write), name="first")
+    first.start()
+    assert inside.wait(10)
+    second = threading.Thread(target=corpus_mod.build_cache_dir, args=(target, write), name="second")
+    second.start()
+    first.join(10)
+    second.join(10)
+    assert writes == ["first"] and (target / "index.json").is_file()
+    assert sorted(p.name for p in target.parent.iterdir()) == [".lock-thing", "thing"]  # no leftover temp folder
+
+    def fail(folder: Path) -> None:
+        raise DataError("broken document")
+
+    other = tmp_path / "cache" / "other"
+    with pytest.raises(DataError, match="broken document"):
+        corpus_mod.build_cache_dir(other, fail)
+    assert not other.exists()
+    corpus_mod.build_cache_dir(other, write)
+    assert (other / "index.json").is_file()

@@ -23,7 +23,8 @@ import os
 import shutil
 import tarfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,21 +220,42 @@ class ByteCorpus(MappedCorpus):
 
 def build_cache_dir(target: Path, write: Callable[[Path], None]) -> None:
     """Make the cache directory ``target`` with ``write(folder)``, atomically: it writes into a private
-    sibling folder that is then renamed into place, so a crash or a concurrent builder never leaves a
-    half-written cache under the final name (a builder that loses the race keeps the winner's)."""
+    sibling folder that is then renamed into place, so a crash never leaves a half-written cache under the
+    final name. Builders of one target take turns (a lock file beside it, where the OS has ``flock``): the
+    ranks of a ``torchrun`` job or two jobs started together build it once, and the others reuse it."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        write(tmp)
+    with _build_lock(target.parent / f".lock-{target.name}"):
+        if (target / "index.json").is_file():  # built while this one waited
+            return
+        tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
         try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "index.json").is_file():  # not a lost race with another builder
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            write(tmp)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not (target / "index.json").is_file():  # not a builder that went without the lock
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` for the block (no lock where the OS has none: the rename still keeps
+    the cache whole, only the work may be done twice)."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def load_corpus(paths: list[str | os.PathLike], cache_dir: str | os.PathLike | None = None) -> ByteCorpus:

@@ -139,7 +139,10 @@ def train(
     split = split_documents(corpus.names, val_docs, val_fraction)
     # Training windows are drawn from the ids (bytes, or the corpus tokenized once and cached); validation
     # scores the documents' text, which the model's tokenizer turns into ids (bits per UTF-8 byte either way).
-    ids = corpus if tokenizer is None else tokenize_corpus(corpus, tokenizer, progress=cfg.progress)
+    # Under torchrun every rank gets here before the process group exists: the first builds the token cache
+    # (the others wait on its lock and reuse it), and only rank 0 draws a progress bar.
+    first_rank = os.environ.get("RANK", "0") == "0"
+    ids = corpus if tokenizer is None else tokenize_corpus(corpus, tokenizer, progress=cfg.progress and first_rank)
     sampler = WindowSampler(ids, split.train, cfg.seq_len + 1, seed=cfg.seed, within_docs=cfg.within_docs)
     if cfg.passkey_mix:
         sampler = PasskeyMixSampler(sampler, tokenizer or BYTES, cfg.passkey_mix, seed=cfg.seed)
