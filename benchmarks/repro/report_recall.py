@@ -14,6 +14,10 @@ LABELS = {"gla": "GLA", "transformer": "Transformer++", "hybrid": "Hybrid (GLA +
 HYBRID, TRANSFORMER, GLA = ("hybrid", "tova:ctx/8"), ("transformer", "-"), ("gla", "-")
 
 
+# Below this accuracy the full-cache Transformer has not learned a task, and the comparison says nothing.
+LEARNED = 0.5
+
+
 def _rows(part: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     return [(kind, spec, m) for kind, m in part.items() for spec in m["accuracy"]]
 
@@ -117,4 +121,7 @@ def report_recall(r: dict[str, Any] | None, w: Write, figs: Figures) -> None:
             w(f"Verdict, {name}: the hybrid with TOVA at 1/8 recalls {acc[HYBRID]:.2f} against the full "
               f"Transformer's {acc[TRANSFORMER]:.2f} and GLA's {acc[GLA]:.2f}, with a state of "
               f"{fmt_bytes(size[HYBRID])} at 16K against {fmt_bytes(size[TRANSFORMER])} and {fmt_bytes(size[GLA])}.")
+            if acc[TRANSFORMER] < LEARNED:
+                w(f"The full-cache Transformer, the reference the claim measures against, stays below "
+                  f"{LEARNED:.0%} here: the task was not learned in this setup, so this cell does not test the claim.")
             w("")
