@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import stat
 import subprocess
 import sys
 
@@ -20,7 +22,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from transformers import AttentionInterface, AutoModelForCausalLM  # noqa: E402
+from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache  # noqa: E402
 
 import longseq  # noqa: E402
 import longseq.hf as lh  # noqa: E402
@@ -310,6 +312,67 @@ def test_left_padding_equals_rows_alone(arch, policy):
         assert all(layer.batched is not None and layer.rows is None for layer in c.layers), "rows merged"
 
 
+def _prefill_in_inference_mode_then_generate(model, c, ids, mask, extra):
+    """Prefill ``ids`` into the cache ``c`` under ``torch.inference_mode()``, then let ``generate`` (outside
+    it) continue from the prompt ``ids + extra``; returns generate's tokens and logits."""
+    with torch.inference_mode():
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded rows
+        model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=c, use_cache=True)
+    mask = torch.cat([mask, torch.ones_like(extra)], 1)
+    return greedy(model, torch.cat([ids, extra], 1), 5, attention_mask=mask, past_key_values=c)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["batched", "padded rows"])
+@pytest.mark.parametrize("policy", [Full(), TOVA(64)], ids=str)
+def test_prefill_in_inference_mode_then_generate_outside_it(policy, padded):
+    """Tensors made under inference mode cannot be updated in place outside it; the cache copies them, so
+    this flow works as with HF's DynamicCache (and gives its tokens and logits)."""
+    ids, mask = prompt(9, seed=30, B=2), torch.ones(2, 9, dtype=torch.long)
+    if padded:
+        ids[1, :4], mask[1, :4] = 0, 0
+    extra = prompt(2, seed=31, B=2)
+    ref_seq, ref_logits = _prefill_in_inference_mode_then_generate(hf_model("llama"), DynamicCache(), ids, mask, extra)
+    c = lh.cache(sut("llama"), policy)
+    seq, logits = _prefill_in_inference_mode_then_generate(sut("llama"), c, ids, mask, extra)
+    assert (c.layers[0].rows is not None) == padded
+    assert torch.equal(seq, ref_seq)
+    assert_close(logits, ref_logits, name="logits")
+
+
+def test_a_chunk_in_inference_mode_between_calls_outside_it():
+    """Full's buffers grow (6 -> 9 slots) during a chunk fed under inference mode, between calls outside it
+    that write into their spare slot: as DynamicCache."""
+    ids, chunk, extra = prompt(6, seed=34, B=2), prompt(2, seed=35, B=2), prompt(1, seed=36, B=2)
+
+    def run(model, c):
+        with torch.no_grad():
+            model(input_ids=ids, past_key_values=c, use_cache=True)
+        with torch.inference_mode():
+            model(input_ids=chunk, past_key_values=c, use_cache=True)
+        if isinstance(c, lh.LongseqCache):
+            assert c.layers[0].batched.capacity == 9
+        return greedy(model, torch.cat([ids, chunk, extra], 1), 5, past_key_values=c)
+
+    ref_seq, ref_logits = run(hf_model("llama"), DynamicCache())
+    seq, logits = run(sut("llama"), lh.cache(sut("llama"), Full()))
+    assert torch.equal(seq, ref_seq)
+    assert_close(logits, ref_logits, name="logits")
+
+
+def test_prefill_in_inference_mode_then_evicting_outside_it():
+    """With eviction: the same tokens, logits and kept positions as the whole flow outside inference mode."""
+    ids, mask, extra = prompt(9, seed=32, B=2), torch.ones(2, 9, dtype=torch.long), prompt(2, seed=33, B=2)
+    c = lh.cache(sut("qwen2"), TOVA(5))
+    seq, logits = _prefill_in_inference_mode_then_generate(sut("qwen2"), c, ids, mask, extra)
+    c_ref = lh.cache(sut("qwen2"), TOVA(5))
+    with torch.no_grad():
+        sut("qwen2")(input_ids=ids, past_key_values=c_ref, use_cache=True)
+    ref_seq, ref_logits = greedy(sut("qwen2"), torch.cat([ids, extra], 1), 5, past_key_values=c_ref)
+    assert torch.equal(seq, ref_seq)
+    assert_close(logits, ref_logits, name="logits")
+    assert all(torch.equal(c.kept_positions(i), c_ref.kept_positions(i)) for i in range(2))
+
+
 # --------------------------------------------------------------------------------------------------
 # evaluate_hf
 
@@ -377,6 +440,23 @@ def test_save_load_round_trip(tmp_path, kind, overrides):
     assert torch.equal(out[:, 16:], torch.cat(manual, 1))
 
 
+def test_save_pretrained_after_a_remote_code_load(tmp_path):
+    """A model loaded with trust_remote_code saves with save_pretrained (transformers would otherwise copy
+    longseq's own source into the folder and fail on its relative imports), and the folder loads again both
+    ways."""
+    torch.manual_seed(0)
+    model = longseq.build_model("gla", "tiny").eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        lh.save_hf(model, tmp_path / "m"), trust_remote_code=True, local_files_only=True
+    )
+    hf.save_pretrained(tmp_path / "again")
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", trust_remote_code=True, local_files_only=True)
+        assert torch.equal(again(input_ids=ids, use_cache=False).logits, model(ids))
+        assert torch.equal(lh.load_hf(tmp_path / "again")(ids), model(ids))
+
+
 def test_register_loads_without_remote_code(tmp_path):
     model = longseq.build_model("gla", "tiny").eval()
     folder = lh.save_hf(model, tmp_path / "gla")
@@ -426,6 +506,49 @@ def test_save_load_errors(tmp_path):
     with pytest.raises(ValueError, match="does not match its config"):
         lh.load_hf(folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "m"]  # no temporary folders left
+
+
+def test_a_failed_overwrite_keeps_the_previous_save(tmp_path, monkeypatch):
+    """The second rename (the new copy into place) fails: the previous save comes back, bit for bit."""
+    torch.manual_seed(0)
+    old = longseq.build_model("transformer", "tiny").eval()
+    folder = lh.save_hf(old, tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    calls = []
+    real_rename, real_replace = os.rename, os.replace
+
+    def failing_second(real):
+        def rename(src, dst, *args, **kwargs):
+            calls.append((src, dst))
+            if len(calls) == 2:
+                raise OSError("simulated failure of the second rename")
+            return real(src, dst, *args, **kwargs)
+
+        return rename
+
+    monkeypatch.setattr(os, "rename", failing_second(real_rename))
+    monkeypatch.setattr(os, "replace", failing_second(real_replace))
+    with pytest.raises(OSError, match="simulated"):
+        lh.save_hf(longseq.build_model("transformer", "tiny"), folder)
+    monkeypatch.undo()
+    assert len(calls) >= 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary or set-aside folder left
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(lh.load_hf(folder)(ids), old(ids))
+
+
+def test_saved_folders_get_the_umasks_mode(tmp_path):
+    model = longseq.build_model("gla", "tiny")
+    umask = os.umask(0o022)
+    try:
+        (tmp_path / "plain").mkdir()
+        first = stat.S_IMODE(lh.save_hf(model, tmp_path / "m").stat().st_mode)
+        again = stat.S_IMODE(lh.save_hf(model, tmp_path / "m").stat().st_mode)  # an overwrite
+    finally:
+        os.umask(umask)
+    assert first == again == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o755
 
 
 # --------------------------------------------------------------------------------------------------

@@ -201,6 +201,50 @@ def test_a_converted_model_saved_with_save_hf_keeps_its_tokenizer(tmp_path, caps
     assert capsys.readouterr().out == from_source
 
 
+def test_a_wrapped_model_saved_with_save_pretrained_keeps_its_tokenizer(tmp_path):
+    """LongseqForCausalLM.save_pretrained writes the tokenizer as save_hf does: open_model and from_pretrained
+    give it back (and a from_pretrained -> save_pretrained round trip keeps it); a folder that never
+    recorded its tokenizer is refused rather than read as bytes."""
+    from longseq.hf import LongseqForCausalLM
+    from longseq.models import build_model
+    from longseq.sources import open_model
+    from longseq.tokenizer import HFTokenizer
+
+    model = build_model("transformer", "tiny", vocab_size=300).eval()
+    model.tokenizer = HFTokenizer(sentencepiece_style_tokenizer())
+    LongseqForCausalLM.from_longseq(model).save_pretrained(tmp_path / "m")
+    text = "Hello world"
+    expected = model.tokenizer.encode(text)
+    assert expected != list(text.encode())  # subword ids, not bytes
+    again = open_model(tmp_path / "m")
+    assert again.tokenizer.encode(text) == expected
+    x = ids(1, 12)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+    reloaded = LongseqForCausalLM.from_pretrained(tmp_path / "m")
+    assert reloaded.lm.tokenizer.encode(text) == expected
+    reloaded.save_pretrained(tmp_path / "again")
+    assert open_model(tmp_path / "again").tokenizer.encode(text) == expected
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    del config["longseq_tokenizer"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="names no longseq_tokenizer and the model has 300 token ids"):
+        open_model(tmp_path / "m")
+
+
+def test_open_model_names_an_unsupported_hf_folder_and_a_broken_config(tmp_path):
+    from longseq.sources import open_model
+
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({**BASE, "model_type": "gpt2"}))
+    with pytest.raises(UnsupportedModelError, match=r"model_type='gpt2' is not supported; longseq converts \["):
+        open_model(tmp_path / "gpt2")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="broken/config.json is not valid JSON"):
+        open_model(tmp_path / "broken")
+
+
 def sentencepiece_style_tokenizer():
     """A Llama-2/Mistral-style tokenizer (SentencePiece conventions: a "▁" for every space and in front of
     the text, byte fallback, BOS added, the decoder strips the text's first space), built offline."""

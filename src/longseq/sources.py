@@ -17,15 +17,21 @@ from .tokenizer import TOKENIZER_DIR, Tokenizer
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
-def _folder_config(path: str | os.PathLike) -> dict | None:
-    """The ``config.json`` of a model folder (not a training run, which also has one), or None."""
+def _folder_config(path: str | os.PathLike, strict: bool = False) -> dict | None:
+    """The ``config.json`` of a model folder (not a training run, which also has one), or None. ``strict``:
+    a model folder's ``config.json`` that is not JSON raises ``ValueError`` naming it (a checkpoint's is left
+    to the checkpoint loader, which names it too)."""
     p = Path(path)
     config = p / "config.json"
     if not p.is_dir() or not config.is_file() or (p / "checkpoints").exists():
         return None
     try:
         fields = json.loads(config.read_text())
-    except (OSError, json.JSONDecodeError):
+    except json.JSONDecodeError as err:
+        if strict and not (p / "manifest.json").exists():
+            raise ValueError(f"{config} is not valid JSON: {err}") from None
+        return None
+    except OSError:
         return None
     return fields if isinstance(fields, dict) else None
 
@@ -49,19 +55,22 @@ def is_saved_longseq_folder(path: str | os.PathLike) -> bool:
 
 def open_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> LanguageModel:
     """The model at ``path``, in eval mode on ``device``: a converted pretrained model (``.gguf`` file or HF
-    folder of the Llama family), a folder written by ``longseq.hf.save_hf`` (with its tokenizer), else a
-    longseq run or checkpoint directory."""
+    folder of the Llama family; an HF folder of another family raises ``load_pretrained``'s error naming its
+    ``model_type``), a folder written by ``longseq.hf.save_hf`` (with its tokenizer), else a longseq run or
+    checkpoint directory. A model folder whose ``config.json`` is not JSON raises ``ValueError`` naming it."""
     if not Path(path).exists():
         raise FileNotFoundError(f"{path} does not exist (expected a run or checkpoint directory, a .gguf file or "
                                 "a model folder)")
-    if is_pretrained_source(path):
-        from .pretrained import load_pretrained
-
-        return load_pretrained(path, device=device)
-    if is_saved_longseq_folder(path):
+    fields = _folder_config(path, strict=True)
+    if fields is not None and "longseq_kind" in fields:
         from .hf.io import load_hf
 
         return load_hf(path, device=device)
+    if is_pretrained_source(path) or (fields is not None and "model_type" in fields):
+        # Any HF model folder, converted or not: load_pretrained names a model_type it does not convert.
+        from .pretrained import load_pretrained
+
+        return load_pretrained(path, device=device)
     from .train.checkpoint import load_model
 
     return load_model(path, device)

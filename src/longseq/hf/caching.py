@@ -39,8 +39,10 @@ Layouts: HF passes ``q`` as ``[B, H, T, D]``, ``k, v`` as ``[B, H_kv, T, D]``; t
 ``[B, T, H, D]`` as every HF attention function does.
 
 Not supported (clear errors): assisted decoding / ``crop`` (evicted tokens cannot be restored), attention
-dropout in training mode, logit soft-capping and attention sinks parameters (Gemma 2, GPT-OSS), custom 4-D
-masks, linear-attention hybrids. Models with a *sliding window* (Mistral v0.1, Qwen2 with
+dropout in training mode, custom 4-D masks; and, refused by :func:`cache` before the model is switched, logit
+soft-capping and attention sinks parameters (Gemma 2, GPT-OSS), value heads of another size than key heads
+(DeepSeek-V2/V3), linear-attention hybrids, models whose attention does not go through ``AttentionInterface``
+(Falcon, GPT-J, Bloom, CodeGen). Models with a *sliding window* (Mistral v0.1, Qwen2 with
 ``use_sliding_window``) get the policy over all tokens instead of their window (a warning says so).
 """
 
@@ -94,6 +96,7 @@ class LongseqLayer(CacheLayerMixin):
         self.rows: list[KVCache] | None = None  # one single-row KVCache per batch row
         self.next_pos: Tensor | None = None  # [B] int64: position of each row's next valid token
         self.seen = 0  # tokens fed, padding included (HF's notion of sequence length)
+        self.handed_over = False  # update() gave keys to the attention function, which has not taken them yet
         self.is_initialized = False  # set by transformers 5's mixin too; 4.56's does not have it
 
     def __repr__(self) -> str:
@@ -132,7 +135,7 @@ class LongseqLayer(CacheLayerMixin):
         return -1  # as get_max_length (the name transformers 4.56 asks for)
 
     def reset(self) -> None:
-        self.batched, self.rows, self.next_pos, self.seen = None, None, None, 0
+        self.batched, self.rows, self.next_pos, self.seen, self.handed_over = None, None, None, 0, False
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -178,6 +181,8 @@ class LongseqLayer(CacheLayerMixin):
                 f"batch size changed from {self.next_pos.shape[0]} to {B} within one longseq cache; "
                 "make a new cache (longseq.hf.cache(model, policy)) for a new batch"
             )
+        elif not torch.is_inference_mode_enabled() and self._has_inference_tensors():
+            self._own_tensors()
         if valid is None and self.rows is None:
             if self.batched is None:
                 self.batched = KVCache(self.policy)
@@ -188,6 +193,24 @@ class LongseqLayer(CacheLayerMixin):
             out = self._attend_rows(q, k, v, valid)
         self.seen += T
         return out
+
+    def _has_inference_tensors(self) -> bool:
+        """Whether a call under ``torch.inference_mode()`` made some of the tensors (a KVCache allocates all its
+        buffers at once, so its keys tell)."""
+        caches = self.rows if self.rows is not None else [self.batched]
+        return bool(self.next_pos is not None and self.next_pos.is_inference()) or any(
+            c is not None and c.k is not None and c.k.is_inference() for c in caches
+        )
+
+    def _own_tensors(self) -> None:
+        """Copy tensors made under ``torch.inference_mode()`` (a prefill there, decoding outside it, as with
+        HF's DynamicCache): outside inference mode they cannot be updated in place."""
+        assert self.next_pos is not None
+        self.next_pos = self.next_pos.clone()
+        if self.batched is not None:
+            self.batched = self.batched.select_rows(list(range(self.next_pos.shape[0])))
+        if self.rows is not None:
+            self.rows = [r.select_rows([0]) for r in self.rows]
 
     def _attend_rows(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None) -> Tensor:
         """Row by row, each row's KVCache fed only that row's valid tokens (padding is never stored)."""
@@ -253,13 +276,20 @@ class LongseqCache(Cache):
     """A transformers ``Cache`` with one :class:`LongseqLayer` per decoder layer, all under ``policy``.
 
     Make it with :func:`cache` (which also switches the model's attention to ``"longseq"``). One cache
-    serves one ``generate`` call / one batch, like HF's ``DynamicCache``.
+    serves one ``generate`` call / one batch, like HF's ``DynamicCache``. ``config`` is the model's config:
+    every update checks that its attention implementation is still ``"longseq"``, since any other attention
+    would see only the new tokens.
     """
 
     def __init__(self, policy: CachePolicy, num_layers: int, config: Any = None) -> None:
         if not isinstance(policy, CachePolicy):
             raise TypeError(
                 f"policy must be a longseq CachePolicy such as TOVA(512); got {type(policy).__name__}"
+            )
+        if not hasattr(config, "_attn_implementation"):
+            raise TypeError(
+                "LongseqCache needs the model's config (config=model.config) to check that the model attends "
+                f"through longseq; got {type(config).__name__}. Make the cache with longseq.hf.cache(model, policy)"
             )
         super().__init__(layers=[LongseqLayer(policy) for _ in range(num_layers)])
         self.policy = policy
@@ -271,14 +301,26 @@ class LongseqCache(Cache):
     def update(
         self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[Tensor, Tensor]:
-        if self._config is not None and self._config._attn_implementation != ATTN_IMPLEMENTATION:
+        if self._config._attn_implementation != ATTN_IMPLEMENTATION:
             raise RuntimeError(
                 f"a LongseqCache needs the model's attention implementation {ATTN_IMPLEMENTATION!r}, "
                 f"but it is {self._config._attn_implementation!r}; make the cache with "
                 "longseq.hf.cache(model, policy)"
             )
         layer = self.layers[layer_idx]
+        if layer.handed_over:  # type: ignore[union-attr]
+            # Its previous keys never reached longseq's attention function: that layer attended over the new
+            # tokens alone and its KVCache missed them, so this cache no longer matches the sequence. The
+            # hand-overs left behind must not reach a later attention call either.
+            _pending().clear()
+            raise RuntimeError(
+                f"layer {layer_idx} of this LongseqCache got new keys, but its previous ones never reached "
+                f"longseq's attention (the model's attention modules do not call the {ATTN_IMPLEMENTATION!r} "
+                "implementation, or a forward was interrupted); make a new cache with longseq.hf.cache(model, "
+                "policy)"
+            )
         keys, values = layer.update(key_states, value_states)
+        layer.handed_over = True  # type: ignore[union-attr]
         _pending()[layer_idx] = layer  # type: ignore[assignment]
         return keys, values
 
@@ -313,6 +355,11 @@ def longseq_attention(
             raise RuntimeError("longseq attention got a longseq padding mask but no longseq cache layer")
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    layer.handed_over = False
+    if key.shape[-1] != value.shape[-1]:
+        raise NotImplementedError(
+            f"longseq caches need keys and values of one head size; got {key.shape[-1]} and {value.shape[-1]}"
         )
     if dropout:
         raise NotImplementedError(
@@ -390,22 +437,73 @@ def _text_config(model: Any) -> Any:
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
+def _check_supported(model: Any, config: Any) -> None:
+    """Refuse, before the model is touched, what a longseq cache cannot serve (``NotImplementedError``, or
+    ``TypeError`` for a longseq model)."""
+    model_type = getattr(config, "model_type", type(model).__name__)
+    if model_type == "longseq":
+        raise TypeError(
+            "this is a longseq model (LongseqForCausalLM), which keeps its own state: pass "
+            "past_key_values=longseq.hf.LongseqStateCache(policy) to its generate instead"
+        )
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    unsupported = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unsupported:
+        raise NotImplementedError(
+            f"longseq caches support softmax-attention decoders; this {model_type} model has layer types "
+            f"{unsupported}"
+        )
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise NotImplementedError(
+            f"longseq caches do not support attention logit soft-capping ({model_type}: "
+            f"attn_logit_softcapping={config.attn_logit_softcapping})"
+        )
+    if any(name.rpartition(".")[2] == "sinks" for name, _ in model.named_parameters()):
+        raise NotImplementedError(f"longseq caches do not support attention sinks parameters ({model_type})")
+    key_dim = getattr(config, "qk_head_dim", None) or getattr(config, "head_dim", None)
+    value_dim = getattr(config, "v_head_dim", None)
+    if value_dim is not None and key_dim is not None and value_dim != key_dim:
+        raise NotImplementedError(
+            f"longseq caches need keys and values of one head size; this {model_type} model has key heads of "
+            f"{key_dim} and value heads of {value_dim}"
+        )
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int) or layers < 1:
+        raise NotImplementedError(
+            f"longseq caches need the decoder's layer count in config.num_hidden_layers; this {model_type} "
+            f"model's config has {layers!r}"
+        )
+
+
 def cache(model: Any, policy: CachePolicy | str | None = None) -> LongseqCache:
     """A :class:`LongseqCache` for ``model`` under ``policy`` (a CachePolicy or a spec like ``"tova:512"``;
     default ``Full()``), to pass as ``past_key_values`` to ``generate`` or ``forward``.
 
     Also switches ``model`` to the ``"longseq"`` attention implementation (it behaves like SDPA whenever no
-    longseq cache is used, so the model stays usable as before).
+    longseq cache is used, so the model stays usable as before). Everything is checked first: a bad policy
+    raises ``TypeError`` / ``ValueError`` and a model a longseq cache cannot serve (soft-capping, attention
+    sinks, value heads of another size than key heads, linear-attention layers, attention that does not go
+    through transformers' ``AttentionInterface``) ``NotImplementedError``, leaving the model as it was.
     """
     policy = parse_policy(policy) if isinstance(policy, str) else (policy if policy is not None else Full())
+    if not isinstance(policy, CachePolicy):
+        raise TypeError(f"policy must be a longseq CachePolicy such as TOVA(512); got {policy!r}")
     config = _text_config(model)
-    layer_types = list(getattr(config, "layer_types", None) or [])
-    unsupported = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
-    if unsupported:
-        raise NotImplementedError(
-            f"longseq caches support softmax-attention decoders; this model has layer types {unsupported}"
-        )
+    _check_supported(model, config)
+    register()
+    previous = model.config._attn_implementation
+    if previous != ATTN_IMPLEMENTATION:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+            # transformers only logs a warning for models without AttentionInterface support.
+            if model.config._attn_implementation != previous:
+                model.set_attn_implementation(previous)
+            raise NotImplementedError(
+                f"{type(model).__name__} ({getattr(config, 'model_type', '?')}) does not route its attention "
+                "through transformers' AttentionInterface, so a longseq cache cannot serve it"
+            )
     window = getattr(config, "sliding_window", None)
+    layer_types = list(getattr(config, "layer_types", None) or [])
     if window is not None and (not layer_types or "sliding_attention" in layer_types):
         warnings.warn(
             f"{type(model).__name__} uses sliding-window attention (window {window}); a longseq cache "
@@ -413,7 +511,4 @@ def cache(model: Any, policy: CachePolicy | str | None = None) -> LongseqCache:
             "shorter than the window)",
             stacklevel=2,
         )
-    register()
-    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return LongseqCache(policy, config.num_hidden_layers, model.config)

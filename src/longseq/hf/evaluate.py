@@ -7,6 +7,7 @@ as the state, so ``run_sweep`` and ``kept_position_stats`` run unchanged.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..cache.policies import CachePolicy, Full
-from ..sweep import SweepResult, run_sweep
+from ..cache.policies import CachePolicy, Full, parse_policy
+from ..sweep import METRICS, SweepResult, as_document_ids, run_sweep
 from ._deps import require_transformers
 from .caching import LongseqCache
 from .caching import cache as longseq_cache
@@ -93,20 +94,57 @@ def load_hf_causal_lm(
 ) -> torch.nn.Module:
     """``AutoModelForCausalLM.from_pretrained(path, local_files_only=True)`` in eval mode; never downloads.
 
-    Raises ``FileNotFoundError`` if ``path`` is not an existing folder with a ``config.json``.
+    Raises ``FileNotFoundError`` if ``path`` is not an existing folder with a ``config.json``, and
+    ``ValueError`` if that file is not a JSON object or names a longseq model (``longseq.hf.load_hf`` loads those).
     """
     transformers = require_transformers()
     folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no such model folder: {folder} (evaluate_hf loads local folders only)")
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} has no config.json; is it a saved HF model folder?")
+    _check_folder(folder)
     # "auto": the dtype the folder was saved in (transformers 5's default; 4.x would load float32).
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype if dtype is not None else "auto"}
     model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def _check_folder(folder: Path) -> None:
+    """An existing HF model folder whose ``config.json`` is a JSON object, not a longseq model's."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such model folder: {folder} (evaluate_hf loads local folders only)")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; is it a saved HF model folder?")
+    try:
+        fields = json.loads(config.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config} is not valid JSON: {e}") from e
+    if not isinstance(fields, dict):
+        raise ValueError(f"{config} must hold a JSON object; got a {type(fields).__name__}")
+    if fields.get("model_type") == "longseq":
+        raise ValueError(
+            f"{folder} is a longseq model folder (model_type 'longseq'); evaluate_hf is for other HF models. "
+            f"Sweep it with `longseq eval {folder} --data ... --policies ... --budgets ...` or "
+            "longseq.sweep.run_sweep(longseq.hf.load_hf(folder), ...)"
+        )
+
+
+def _check_sweep(
+    documents: Sequence[Any], policies: Sequence[str], budgets: Sequence[int], metric: str, chunk_size: int
+) -> None:
+    """The checks ``run_sweep`` makes, made before a model is loaded."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}; got {metric!r}")
+    if not documents:
+        raise ValueError("evaluate_hf needs at least one document")
+    if any(int(b) < 1 for b in budgets):
+        raise ValueError(f"budgets must be >= 1; got {list(budgets)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    for spec in policies:
+        if spec.strip().lower() != "full":
+            for budget in budgets:
+                parse_policy(spec, budget=int(budget))
 
 
 def _token_ids(
@@ -152,17 +190,30 @@ def evaluate_hf(
             :func:`longseq.sweep.run_sweep` (e.g. ``["tova", "h2o", "window", "sink"]``, ``[256, 512]``).
             Metrics are per *token* of the model's tokenizer (``bpb`` is bits per token here).
         device, dtype: where and in which precision to load a folder's model.
+
+    Every argument is checked (``ValueError``) before a model is loaded; a longseq model (a ``save_hf``
+    folder or a ``LongseqForCausalLM``) is refused with a pointer to longseq's own sweep.
+
     Returns:
         The :class:`~longseq.sweep.SweepResult` (table via ``to_markdown()``).
     """
-    if isinstance(path_or_model, torch.nn.Module):
-        model, path = path_or_model, None
-        if device is not None:
-            model = model.to(device)
-    else:
-        path = Path(path_or_model)
-        model = load_hf_causal_lm(path, device=device, dtype=dtype)
+    _check_sweep(documents, policies, budgets, metric, chunk_size)
+    loaded = path_or_model if isinstance(path_or_model, torch.nn.Module) else None
+    path = None if loaded is not None else Path(path_or_model)  # type: ignore[arg-type]
+    if path is not None:
+        _check_folder(path)
+    elif getattr(getattr(loaded, "config", None), "model_type", None) == "longseq":
+        raise ValueError(
+            "evaluate_hf is for other HF models; sweep a LongseqForCausalLM's longseq model with "
+            "longseq.sweep.run_sweep(model.lm, ...)"
+        )
     docs = _token_ids(documents, tokenizer, path)
+    for _, ids in docs:
+        as_document_ids(ids)  # a malformed document fails here, not after the model is loaded
+    if loaded is not None:
+        model = loaded if device is None else loaded.to(device)
+    else:
+        model = load_hf_causal_lm(path, device=device, dtype=dtype)  # type: ignore[arg-type]
     return run_sweep(
         HFStateModel(model),
         docs,

@@ -15,6 +15,8 @@ rolled back).
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,8 +25,9 @@ from torch import Tensor
 
 from ..cache.policies import CachePolicy, parse_policy
 from ..models import MODELS, ModelConfig, config_class, model_from_config
+from ..tokenizer import BYTES, TOKENIZER_DIR, load_tokenizer
 from ._deps import require_transformers
-from .io import ARCHITECTURE, MODEL_TYPE, PREFIX, tied_aliases
+from .io import ARCHITECTURE, AUTO_MAP, MODEL_TYPE, PREFIX, REMOTE_CODE, tied_aliases, write_folder
 
 require_transformers()
 
@@ -61,6 +64,13 @@ class LongseqHFConfig(PretrainedConfig):
         kwargs["tie_word_embeddings"] = bool(cfg.tie_embeddings)
         kwargs.setdefault("architectures", [ARCHITECTURE])
         super().__init__(**kwargs)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: Any = "AutoConfig") -> None:
+        """Not recorded: transformers calls this when a folder is loaded with ``trust_remote_code``, and a
+        recorded class makes every later ``save_pretrained`` copy its source file, which lives in longseq, not
+        in the folder (its relative imports cannot be copied). ``LongseqForCausalLM.save_pretrained`` writes the
+        folder's own two re-export modules instead."""
 
     def to_longseq(self) -> ModelConfig:
         """The longseq config dataclass this HF config describes."""
@@ -163,10 +173,42 @@ class LongseqForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_longseq(cls, model: torch.nn.Module) -> LongseqForCausalLM:
-        """Wrap an existing longseq model (shares its parameters)."""
+        """Wrap an existing longseq model (shares its parameters and its tokenizer)."""
         wrapped = cls(LongseqHFConfig.from_longseq(model.config))  # type: ignore[arg-type]
         wrapped.lm = model  # type: ignore[assignment]
         return wrapped.to(next(model.parameters()).device).eval()
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: Any = "AutoModelForCausalLM") -> None:
+        """Not recorded (see :meth:`LongseqHFConfig.register_for_auto_class`)."""
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> None:
+        """HF's ``save_pretrained``, plus what :func:`~longseq.hf.save_hf` also writes: the tokenizer (its kind in
+        ``config.json`` as ``longseq_tokenizer``, its files in ``tokenizer/`` unless it is bytes), so ``load_hf``
+        / ``open_model`` / ``from_pretrained`` give the model back with its tokenizer, and the two modules
+        ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` imports."""
+        tokenizer = self.lm.tokenizer
+        main = kwargs.get("is_main_process", True)
+        if tokenizer.kind != BYTES.kind and main:
+            # First, so a tokenizer that cannot be saved fails before any file is written.
+            write_folder(Path(save_directory) / TOKENIZER_DIR, tokenizer.save)
+        self.config.longseq_tokenizer = tokenizer.kind
+        self.config.auto_map = AUTO_MAP
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if main:
+            for name, text in REMOTE_CODE.items():
+                (Path(save_directory) / name).write_text(text)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """HF's ``from_pretrained``; a local folder's longseq tokenizer (``tokenizer/``, see
+        :meth:`save_pretrained`) becomes ``model.lm.tokenizer``."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        kind = getattr(model.config, "longseq_tokenizer", BYTES.kind)
+        folder = Path(str(pretrained_model_name_or_path)) / TOKENIZER_DIR
+        if kind != BYTES.kind and folder.is_dir():
+            model.lm.tokenizer = load_tokenizer(kind, folder)
+        return model
 
     def get_input_embeddings(self) -> torch.nn.Module:
         # MEGABYTE embeds bytes twice (global and local); the global embedding is its input embedding.
