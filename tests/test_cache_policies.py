@@ -331,6 +331,11 @@ def test_select_evictions_breaks_ties_towards_the_oldest_and_respects_candidates
         (lambda: parse_policy("sink:8:sinks=x"), "sinks='x'"),
         (lambda: parse_policy("h2o:8:bogus=1"), "no option 'bogus'"),
         (lambda: parse_policy("sink:8:sinks=8"), "sinks=8"),
+        # Options of the wrong type fail here, not at the first eviction (or as a spec that cannot be parsed).
+        (lambda: TOVA(4, per_head="no"), "per_head must be True or False; got per_head='no'"),
+        (lambda: H2O(4, recent=True), "recent must be an integer; got recent=True"),
+        (lambda: H2O(4, recent=1.5), "recent must be an integer; got recent=1.5"),
+        (lambda: Sink(4, sinks=1.5), "sinks must be an integer; got sinks=1.5"),
     ],
 )
 def test_bad_inputs_raise_value_error_naming_the_value(make, match):

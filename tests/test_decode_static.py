@@ -127,6 +127,28 @@ def test_ragged_batch_equals_each_prompt_alone(kind, overrides, spec):
         assert row[: len(p)].tolist() == list(p)
 
 
+def test_a_loaded_state_reports_its_length_and_a_failed_load_changes_nothing():
+    torch.manual_seed(0)
+    model = build_model("hybrid", "tiny").double()  # layer 0 GLA, layer 1 attention
+    dyn = model.init_state(1)
+    model.step(torch.randint(0, 256, (1, 3)), dyn)
+    static = model.init_state(1, max_len=16).load_(dyn)
+    attn = static.layers[1]
+    assert len(attn) == 3 and "kept=3" in repr(attn)
+    assert static.kept_positions(1).tolist() == [[0, 1, 2]]
+    # A GLA model's state has a matrix where the hybrid keeps a KV cache: refused, naming the layer, before
+    # the GLA layer (which would fit) is overwritten.
+    gla = build_model("gla", "tiny").double()
+    other = gla.init_state(1)
+    gla.step(torch.randint(0, 256, (1, 5)), other)
+    before = [static.layers[0].matrix.clone(), attn.k.clone(), attn.slot_pos.clone()]
+    with pytest.raises(TypeError, match="layer 1: cannot load a RecurrentState into a KVCache"):
+        static.load_(other)
+    after = [static.layers[0].matrix, attn.k, attn.slot_pos]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert static.host_positions == [3]
+
+
 def test_stop_sequences_end_rows_independently():
     model = _model("transformer", {})
     prompts = [b"hello", b"a longer prompt"]

@@ -60,6 +60,32 @@ def test_bad_generation_arguments(kwargs, pattern):
         generate(build_model("gla", "tiny"), "x", **kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, pattern",
+    [
+        (dict(top_k=2.5), TypeError, "top_k must be an int or None; got 2.5"),
+        (dict(top_k=True), TypeError, "top_k must be an int or None; got True"),
+        (dict(temperature="0"), TypeError, "temperature must be a number; got '0'"),
+        (dict(top_p="0.9"), TypeError, "top_p must be a number"),
+        (dict(prefill_chunk=1.5), TypeError, "prefill_chunk must be an int or None; got 1.5"),
+        (dict(prefill_chunk=True), TypeError, "prefill_chunk must be an int or None; got True"),
+        (dict(stop=1.5), TypeError, "stop must be an int token id, a str, bytes or a list"),
+        (dict(stop=[10, 1000]), ValueError, r"stop id 1000 is outside the model's vocabulary \[0, 256\)"),
+    ],
+)
+def test_bad_generation_argument_types_fail_before_any_work(kwargs, error, pattern, monkeypatch):
+    """Wrong types or impossible stops are named before the prompt is prefilled (a prefill here fails the test)."""
+    model = build_model("gla", "tiny")
+
+    def no_work(*args, **kw):
+        raise AssertionError("the model ran before the arguments were checked")
+
+    monkeypatch.setattr(model, "step", no_work)
+    monkeypatch.setattr(model, "init_state", no_work)
+    with pytest.raises(error, match=pattern):
+        generate(model, "x", 3, **kwargs)
+
+
 def test_empty_prompt_is_rejected():
     with pytest.raises(ValueError, match="non-empty"):
         generate(build_model("gla", "tiny"), "", 3)

@@ -204,6 +204,40 @@ def test_bounded_policy_applies_to_global_caches():
     assert len(state.local_layers[0]) <= P
 
 
+def _held_bytes(obj, seen=None) -> int:
+    """Bytes of every tensor storage reachable from ``obj``'s attributes (each storage once): what a state
+    really keeps alive, views' whole bases included."""
+    seen = {} if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _held_bytes(item, seen)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _held_bytes(item, seen)
+    elif type(obj).__module__.startswith("longseq") and hasattr(obj, "__dict__") and id(obj) not in seen:
+        seen[id(obj)] = 0
+        for item in vars(obj).values():
+            _held_bytes(item, seen)
+    return sum(seen.values())
+
+
+def test_a_bounded_state_holds_no_more_memory_after_a_longer_prompt():
+    """Under Window(4) the state of a 10-patch and of a 100-patch prompt keep the same tensors: nothing in it
+    may be a view of the call's whole conditioning table or of all its ids."""
+    model = make_model()
+    P = model.config.patch_size
+    held = []
+    with torch.no_grad():
+        for n in (10 * P + 3, 100 * P + 3):
+            state = model.init_state(2, cache=parse_policy("window:4"))
+            model.step(random_bytes(2, n), state)
+            held.append(_held_bytes(state))
+    assert held[0] == held[1], held
+
+
 def test_gla_global_state_is_constant_size():
     model = make_model("gla", "gla")
     P = model.config.patch_size

@@ -28,6 +28,7 @@ a deterministic function of the scores and positions.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -207,6 +208,22 @@ class BoundedPolicy(CachePolicy):
             raise ValueError(
                 f"{type(self).__name__}: budget must be an integer >= 1; got budget={self.budget!r}"
             )
+        self._check_option_types()
+
+    def _check_option_types(self) -> None:
+        """Each option has its annotated type (an integer option any integer but a bool, stored as ``int``),
+        so a wrong one fails here, not at the first eviction or in a spec that cannot be parsed back."""
+        for f in dataclasses.fields(self):
+            value, text = getattr(self, f.name), str(f.type)
+            if f.name == "budget" or (value is None and "None" in text):
+                continue
+            if "bool" in text:
+                if not isinstance(value, bool):
+                    raise ValueError(f"{type(self).__name__}: {f.name} must be True or False; got {f.name}={value!r}")
+            elif "int" in text:
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                    raise ValueError(f"{type(self).__name__}: {f.name} must be an integer; got {f.name}={value!r}")
+                object.__setattr__(self, f.name, int(value))
 
 
 @dataclass(frozen=True)

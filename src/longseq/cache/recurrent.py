@@ -78,7 +78,14 @@ class RecurrentState(LayerState):
         self.matrix = self.matrix.to(device)
         return self
 
+    def check_load(self, src: LayerState) -> None:
+        super().check_load(src)
+        assert isinstance(src, RecurrentState)
+        if src.matrix.shape[1:] != self.matrix.shape[1:]:
+            raise ValueError(f"cannot load a state of per-row shape {tuple(src.matrix.shape[1:])} into one of "
+                             f"{tuple(self.matrix.shape[1:])}")
+
     def load_(self, src: LayerState, rows: slice) -> None:
-        if not isinstance(src, RecurrentState):
-            raise TypeError(f"cannot load a {type(src).__name__} into a RecurrentState")
+        self.check_load(src)
+        assert isinstance(src, RecurrentState)
         self.matrix[rows] = src.matrix

@@ -70,7 +70,14 @@ class LayerState(ABC):
 
     @abstractmethod
     def load_(self, src: LayerState, rows: slice) -> None:
-        """Static mode: copy the state ``src`` (of as many rows as ``rows`` selects) into rows ``rows``."""
+        """Static mode: copy the state ``src`` (of as many rows as ``rows`` selects) into rows ``rows``. Calls
+        :meth:`check_load` first."""
+
+    def check_load(self, src: LayerState) -> None:
+        """Raise (``TypeError`` / ``ValueError`` naming the mismatch) unless :meth:`load_` can copy ``src`` here.
+        A model state checks every layer this way before it copies any, so a failed load changes nothing."""
+        if type(src) is not type(self):
+            raise TypeError(f"cannot load a {type(src).__name__} into a {type(self).__name__}")
 
     def reserve(self, n_tokens: int) -> None:  # noqa: B027  (optional: most states have nothing to reserve)
         """Hint that ``n_tokens`` are about to arrive, so growing buffers can allocate once."""

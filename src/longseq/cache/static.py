@@ -23,6 +23,7 @@ from .buffers import CacheBuffers
 
 if TYPE_CHECKING:
     from .kv import KVCache
+    from .state import LayerState
 
 #: Static ``Full`` caches of at most this many slots (MEGABYTE's patch-local caches) take RoPE, the cache
 #: write and the attention in one kernel (all slots fit one program); larger ones the split-KV kernel.
@@ -140,12 +141,13 @@ class _StaticMode(CacheBuffers):
         prompt was prefilled into). A bounded ``src`` has the same ``budget + 1`` slots, copied as they
         are; a ``Full`` one is copied into slots ``[0, n)`` (temporal order) and the rest marked empty.
         """
-        if not self.static:
-            raise ValueError("load_() fills a static cache (made by allocate())")
-        if src.policy != self.policy:
-            raise ValueError(f"cannot load a {src.policy} cache into a {self.policy} cache")
+        self.check_load(src)
         assert self.k is not None and self.v is not None and self.slot_pos is not None
         rows = slice(None) if rows is None else rows
+        # len() is host bookkeeping, exact when every row keeps as many tokens: the source's count when it fills
+        # every row, else the larger of the two.
+        whole = len(range(*rows.indices(self.k.shape[0]))) == self.k.shape[0]
+        self._n = src._n if whole else max(self._n, src._n)
         if src.k is None:  # nothing kept yet
             self.slot_pos[rows] = -1
             if self.score is not None:
@@ -154,21 +156,38 @@ class _StaticMode(CacheBuffers):
         assert src.v is not None and src.slot_pos is not None
         if self.budget is None and not src.static:
             n = src._n
-            if n > self.capacity:
-                raise ValueError(f"the source cache keeps {n} tokens; this static cache has {self.capacity} slots")
             self.k[rows, :, :n] = src.k[:, :, :n]
             self.v[rows, :, :n] = src.v[:, :, :n]
             self.slot_pos[rows, :, :n] = src.slot_pos[:, :, :n]
             self.slot_pos[rows, :, n:] = -1
             return
-        if src.capacity != self.capacity:
-            raise ValueError(f"cannot load a cache of {src.capacity} slots into one of {self.capacity}")
         self.k[rows] = src.k
         self.v[rows] = src.v
         self.slot_pos[rows] = src.slot_pos
         if self.score is not None:
             assert src.score is not None
             self.score[rows] = src.score
+
+    def check_load(self, src: LayerState) -> None:
+        """As :meth:`LayerState.check_load`: a cache under the same policy, with this cache's head layout and,
+        for a bounded policy or a static source, its number of slots (a dynamic ``Full`` source must fit)."""
+        super().check_load(src)  # so src is a KVCache like this one
+        if not self.static:
+            raise ValueError("load_() fills a static cache (made by allocate())")
+        if src.policy != self.policy:
+            raise ValueError(f"cannot load a {src.policy} cache into a {self.policy} cache")
+        if src.k is None:
+            return
+        assert self.k is not None
+        if src.k.shape[1] != self.k.shape[1] or src.k.shape[3] != self.k.shape[3]:
+            raise ValueError(f"cannot load a cache of {src.k.shape[1]} kv heads of {src.k.shape[3]} into one of "
+                             f"{self.k.shape[1]} heads of {self.k.shape[3]}")
+        if self.budget is None and not src.static:
+            if src._n > self.capacity:
+                raise ValueError(f"the source cache keeps {src._n} tokens; this static cache has {self.capacity} "
+                                 "slots")
+        elif src.capacity != self.capacity:
+            raise ValueError(f"cannot load a cache of {src.capacity} slots into one of {self.capacity}")
 
     def _static_step(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, row_mask: Tensor | None) -> Tensor:
         """Static mode, one token per row (rows may sit at different positions): fixed shapes, no host

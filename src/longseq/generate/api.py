@@ -84,7 +84,7 @@ def generate(
         tensors, each row's prompt and its continuation up to and including its stop.
     """
     mode = _check_args(max_new_tokens, compile, temperature, top_k, top_p, prefill_chunk)
-    stops = Stops(stop, model.tokenizer, eos=stop_at_eos)
+    stops = Stops(stop, model.tokenizer, eos=stop_at_eos, vocab_size=model.config.vocab_size)
     device = model.device
     as_list = isinstance(prompt, (list, tuple))
     rows = _prompt_rows(prompt, device, model.tokenizer)
@@ -134,6 +134,8 @@ def _check_args(max_new_tokens: int, compile: bool | str, temperature: float, to
         raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
     mode = compile_mode(compile)
     check_sampling(temperature, top_k, top_p)
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)):
+        raise TypeError(f"prefill_chunk must be an int or None; got {prefill_chunk!r} ({type(prefill_chunk).__name__})")
     if prefill_chunk is not None and prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be >= 1; got {prefill_chunk}")
     return mode

@@ -8,6 +8,7 @@ captured runs draw the same tokens.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -36,6 +37,12 @@ def as_token_ids(
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise (``TypeError`` / ``ValueError`` naming the argument) unless the sampling arguments are valid."""
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise TypeError(f"{name} must be a number; got {value!r} ({type(value).__name__})")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral)):
+        raise TypeError(f"top_k must be an int or None; got {top_k!r} ({type(top_k).__name__})")
     if not 0 <= temperature < float("inf"):  # NaN fails the comparison too
         raise ValueError(f"temperature must be >= 0 and finite (0 is greedy); got {temperature}")
     if top_k is not None and top_k < 1:
@@ -126,7 +133,9 @@ class Stops:
     ``"\\n"`` may carry a space token that it never has inside a text.
     """
 
-    def __init__(self, stop: Any, tokenizer: Tokenizer = BYTES, eos: bool = False) -> None:
+    def __init__(self, stop: Any, tokenizer: Tokenizer = BYTES, eos: bool = False,
+                 vocab_size: int | None = None) -> None:
+        """``vocab_size``: the model's; an ``int`` stop outside ``[0, vocab_size)`` could never be generated."""
         self.tokenizer = tokenizer
         self.ids: list[list[int]] = []
         self.texts: list[bytes] = []
@@ -134,10 +143,16 @@ class Stops:
             stop = []
         elif isinstance(stop, (int, str, bytes, bytearray)):
             stop = [stop]
+        elif not isinstance(stop, (list, tuple)):
+            raise TypeError(f"stop must be an int token id, a str, bytes or a list of those; got {stop!r} "
+                            f"({type(stop).__name__})")
         for s in stop:
             if isinstance(s, bool) or not isinstance(s, (int, str, bytes, bytearray)):
                 raise TypeError(f"stop entries must be int token ids, str or bytes; got {type(s).__name__}")
             if isinstance(s, int):
+                if vocab_size is not None and not 0 <= s < vocab_size:
+                    raise ValueError(f"stop id {s} is outside the model's vocabulary [0, {vocab_size}): it can "
+                                     "never be generated")
                 self.ids.append([s])
                 continue
             text = s.encode("utf-8") if isinstance(s, str) else bytes(s)

@@ -91,6 +91,11 @@ class ModelState:
         assert src_pos is not None and self.positions is not None and self.host_positions is not None
         if self.max_len is not None and max(src_pos) > self.max_len:
             raise ValueError(f"the source state is at position {max(src_pos)} > max_len={self.max_len}")
+        for i, (dst, layer) in enumerate(zip(self.layers, src.layers, strict=True)):
+            try:  # every layer first: a load that fails must change nothing
+                dst.check_load(layer)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"layer {i}: {err}") from None
         for dst, layer in zip(self.layers, src.layers, strict=True):
             dst.load_(layer, rows)
         self.positions[rows] = torch.tensor(src_pos, dtype=torch.long, device=self.positions.device)

@@ -180,7 +180,7 @@ class MegabyteLM(StaticDecode, LanguageModel):
         B = state.batch_size
         zero = torch.zeros(1, dtype=torch.long, device=device)
         g_local = self._run_global(self.global_pad.expand(B, 1, -1), zero, state.global_layers)
-        state.local_from_global = g_local[:, 0]  # [B, P, D_L]
+        state.local_from_global = g_local[:, 0].clone()  # [B, P, D_L]
         local = self.local_blocks.init_states(B, device=device)
         self._run_local(self.local_pad.expand(B, 1, -1) + state.local_from_global[:, :1], zero, local)
         state.set_local(local)
@@ -205,7 +205,9 @@ class MegabyteLM(StaticDecode, LanguageModel):
         table = self._advance_global(input_ids, state)
         h = self._local_inputs(input_ids, n, table)
         logits = self._advance_local(h, n, state)
-        state.local_from_global = table[:, -1]
+        # Copies, not views: a view would keep the whole table (and below, every id of this call) alive in the
+        # state, memory that grows with the prompt and that nbytes() does not see.
+        state.local_from_global = table[:, -1].clone()
         state.position = n + T
         return logits, state
 
@@ -222,7 +224,7 @@ class MegabyteLM(StaticDecode, LanguageModel):
             g_in = self._embed_patches(ids_all[:, : m * P], start=k_cur * P)
             positions = torch.arange(k_cur + 1, k_cur + 1 + m, device=input_ids.device)
             table = torch.cat([table, self._run_global(g_in, positions, state.global_layers)], dim=1)
-        state.patch_ids = ids_all[:, m * P :]
+        state.patch_ids = ids_all[:, m * P :].clone()
         return table
 
     def _local_inputs(self, input_ids: Tensor, n: int, table: Tensor) -> Tensor:
