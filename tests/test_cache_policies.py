@@ -389,10 +389,11 @@ def test_memory_is_bounded_by_the_budget(policy):
         model.step(ids[:, :3], state)
         cache = state.layers[0]
         assert isinstance(cache, KVCache)
+        assert cache.capacity == 3  # until it first evicts, a bounded cache holds only what arrived
+        model.step(ids[:, 3:17], state)  # the 17th token is the first eviction: budget + 1 slots from here on
         allocated, ptr = state.layers[0].allocated_nbytes(), cache.k.data_ptr()
-        model.step(ids[:, 3:16], state)
         filled = state.nbytes()
-        for t in range(16, 520):
+        for t in range(17, 520):
             model.step(ids[:, t : t + 1], state)
         model.step(ids[:, :1], state)  # a 521st token after a long decode
     for layer in state.layers:

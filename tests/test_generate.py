@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longseq import build_model, generate, sample_next
+from longseq import TOVA, build_model, generate, sample_next
 from longseq.generate import as_token_ids
 
 
@@ -89,3 +89,44 @@ def test_bad_generation_argument_types_fail_before_any_work(kwargs, error, patte
 def test_empty_prompt_is_rejected():
     with pytest.raises(ValueError, match="non-empty"):
         generate(build_model("gla", "tiny"), "", 3)
+
+
+def test_prefill_bounds_the_logits_of_one_call_and_stays_exact(monkeypatch):
+    """The model returns logits for every token of a call: a long prompt goes through in chunks whose logits fit
+    PREFILL_LOGITS (greedy continuation as with one call, computed before the bound applies)."""
+    import importlib
+
+    prefill_mod = importlib.import_module("longseq.generate.prefill")  # the package exports a function of that name
+    torch.manual_seed(0)
+    model = build_model("transformer", "tiny").double()
+    prompt = torch.randint(0, 256, (1, 50))
+    expected = generate(model, prompt, 5, temperature=0)
+    calls = []
+    real = model.step
+    monkeypatch.setattr(model, "step", lambda ids, state: calls.append(ids.shape[1]) or real(ids, state))
+    monkeypatch.setattr(prefill_mod, "PREFILL_LOGITS", 8 * 256)  # 8 tokens of a 256-id vocabulary
+    got = generate(model, prompt, 5, temperature=0)
+    assert torch.equal(got, expected)
+    assert calls[:7] == [8] * 6 + [2]  # the prompt: 6 x 8 + 2 tokens, then one token per step
+
+
+def test_a_budget_above_the_sequence_allocates_only_what_arrives():
+    """TOVA(10^9) never evicts within 11 tokens: generation equals the full cache's (static and dynamic) instead
+    of allocating 10^9 slots, and a dynamic cache holds only the tokens seen."""
+    torch.manual_seed(0)
+    model = build_model("transformer", "tiny").double()
+    prompt = torch.randint(0, 256, (2, 5))
+    full = generate(model, prompt, 6, temperature=0)
+    for static in (True, False):
+        assert torch.equal(generate(model, prompt, 6, temperature=0, cache=TOVA(10**9), static=static), full)
+    state = model.init_state(2, cache=TOVA(10**9))
+    model.step(prompt, state)
+    assert state.layers[0].capacity < 64
+
+
+def test_a_sequence_longer_than_the_models_limit_fails_before_decoding(monkeypatch):
+    model = build_model("megabyte", "tiny")
+    limit = model.capabilities.max_seq_len
+    monkeypatch.setattr(model, "step", lambda *a: (_ for _ in ()).throw(AssertionError("decoded")))
+    with pytest.raises(ValueError, match=f"make {limit + 1} tokens, more than this model's max_seq_len={limit}"):
+        generate(model, torch.zeros(1, 4, dtype=torch.long), limit - 3)

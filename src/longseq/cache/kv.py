@@ -4,8 +4,9 @@ Buffer layout
 -------------
 ``k``, ``v``: ``[B, H_kv, C, D]`` preallocated slots; ``slot_pos``: ``[B, G, C]`` original position held by
 each slot (``-1``: empty), with ``G = H_kv`` for per-head policies and ``G = 1`` otherwise (one layout
-shared by the kv heads). Bounded policies allocate ``C = budget + 1`` slots once, at the first token: the
-kept ``budget`` tokens plus one free slot for the token being added. Slots are *unordered*: a new token
+shared by the kv heads). Bounded policies hold ``C = budget + 1`` slots once they evict: the kept ``budget``
+tokens plus one free slot for the token being added (until then they grow as ``Full`` does, so a budget above
+the sequence's length allocates only what arrives). Slots are *unordered*: a new token
 is written into the slot its predecessor's eviction freed (``_free``, ``[B, G]``), so the steady-state
 decode step is a fixed-shape scatter + attention + argmin with no host sync and no reallocation.
 :meth:`KVCache.kept_positions` sorts by position when asked.
@@ -107,14 +108,11 @@ class KVCache(_Eviction, _StaticMode, LayerState):
         return 0 if self.k is None else self.k.shape[2]
 
     def reserve(self, n_tokens: int) -> None:
-        """Allocate room for ``n_tokens`` at the first write (``Full`` only: no regrowth).
-
-        Bounded policies always allocate ``budget + 1`` slots, so this is a no-op for them.
-        """
-        if self.budget is None:
-            self._reserve = max(self._reserve, int(n_tokens))
-            if self.k is not None and n_tokens > self.capacity:
-                self._grow(int(n_tokens))
+        """Allocate room for ``n_tokens`` at the first write (no regrowth while they arrive); a bounded cache
+        never takes more than its ``budget + 1`` slots."""
+        self._reserve = max(self._reserve, int(n_tokens))
+        if self.budget is None and self.k is not None and n_tokens > self.capacity:
+            self._grow(int(n_tokens))
 
     def _allocate(self, k: Tensor, capacity: int) -> None:
         B, Hkv, _, D = k.shape
@@ -136,13 +134,31 @@ class KVCache(_Eviction, _StaticMode, LayerState):
             )
 
     def _grow(self, capacity: int) -> None:
-        """Full only: move the kept tokens into larger buffers (slots stay in temporal order)."""
+        """Move the kept tokens into larger buffers: ``Full``, or a bounded cache that has not evicted yet (its
+        slots are then in temporal order too, the spare one included)."""
         assert self.k is not None and self.v is not None and self.slot_pos is not None
-        old_k, old_v, old_pos, n = self.k, self.v, self.slot_pos, self._n
+        old_k, old_v, old_pos, old_score, n = self.k, self.v, self.slot_pos, self.score, self._n
         self._allocate(old_k, capacity)
         self.k[:, :, :n] = old_k[:, :, :n]
         self.v[:, :, :n] = old_v[:, :, :n]
         self.slot_pos[:, :, :n] = old_pos[:, :, :n]
+        if old_score is not None:
+            assert self.score is not None
+            self.score[..., :n] = old_score[..., :n]
+
+    def _bounded_room(self, k: Tensor, T: int) -> None:
+        """Before ``T`` tokens enter a bounded dynamic cache: all ``budget + 1`` slots if they make it evict,
+        else room for them (growing geometrically, or to what :meth:`reserve` asked), never more."""
+        assert self.budget is not None
+        full, need = self.budget + 1, self._n + T
+        need = full if need > self.budget else need
+        if self.k is not None and self.capacity >= need:
+            return
+        target = full if need == full else min(full, max(need, self._reserve, self.capacity * 3 // 2))
+        if self.k is None:
+            self._allocate(k, target)
+        else:
+            self._grow(target)
 
     # -- attention -----------------------------------------------------------------------------------
     def attend(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, row_mask: Tensor | None = None) -> Tensor:
@@ -173,8 +189,7 @@ class KVCache(_Eviction, _StaticMode, LayerState):
             return torch.cat(steps, dim=2)
         if self.budget is None:
             return self._attend_full(q, k, v, pos)
-        if self.k is None:
-            self._allocate(k, self.budget + 1)
+        self._bounded_room(k, T)
         outs: list[Tensor] = []
         done = min(T, self.budget - self._n)
         if done > 0:
@@ -285,7 +300,7 @@ class KVCache(_Eviction, _StaticMode, LayerState):
         return self.allocated_nbytes(exclude_free=True) * self._n // self.capacity
 
     def allocated_nbytes(self, exclude_free: bool = False) -> int:
-        """Bytes of every buffer this cache holds (fixed from the first token for bounded policies)."""
+        """Bytes of every buffer this cache holds (fixed once a bounded cache first evicts)."""
         tensors = [self.k, self.v, self.slot_pos, self.score]
         if not exclude_free:
             tensors.append(self._free)

@@ -161,12 +161,17 @@ class _StaticMode(CacheBuffers):
             self.slot_pos[rows, :, :n] = src.slot_pos[:, :, :n]
             self.slot_pos[rows, :, n:] = -1
             return
-        self.k[rows] = src.k
-        self.v[rows] = src.v
-        self.slot_pos[rows] = src.slot_pos
+        # A dynamic bounded cache that has not evicted yet holds fewer slots, in temporal order: they go first,
+        # the rest stay empty.
+        cap = src.capacity
+        self.k[rows, :, :cap] = src.k
+        self.v[rows, :, :cap] = src.v
+        self.slot_pos[rows, :, :cap] = src.slot_pos
+        self.slot_pos[rows, :, cap:] = -1
         if self.score is not None:
             assert src.score is not None
-            self.score[rows] = src.score
+            self.score[rows, :, :cap] = src.score
+            self.score[rows, :, cap:] = 0
 
     def check_load(self, src: LayerState) -> None:
         """As :meth:`LayerState.check_load`: a cache under the same policy, with this cache's head layout and,
@@ -186,7 +191,7 @@ class _StaticMode(CacheBuffers):
             if src._n > self.capacity:
                 raise ValueError(f"the source cache keeps {src._n} tokens; this static cache has {self.capacity} "
                                  "slots")
-        elif src.capacity != self.capacity:
+        elif src.capacity > self.capacity or (src.static and src.capacity != self.capacity):
             raise ValueError(f"cannot load a cache of {src.capacity} slots into one of {self.capacity}")
 
     def _static_step(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, row_mask: Tensor | None) -> Tensor:

@@ -92,6 +92,15 @@ def generate(
     if max_new_tokens == 0:
         return [r[0] for r in rows] if as_list else torch.cat(rows, 0)
     ragged = len(set(lengths)) > 1
+    max_len = max(lengths) + max_new_tokens
+    caps = model.capabilities
+    if caps.max_seq_len is not None and max_len > caps.max_seq_len:
+        raise ValueError(f"a prompt of {max(lengths)} tokens and max_new_tokens={max_new_tokens} make {max_len} "
+                         f"tokens, more than this model's max_seq_len={caps.max_seq_len}")
+    if cache is not None and cache.budget is not None and cache.budget >= max_len and caps.cache_policies:
+        # A budget the sequence never fills never evicts: the full cache computes the same, and a static state
+        # then holds max_len slots, not budget + 1 (which a budget far above the sequence could not allocate).
+        cache = None
     if static is False and ragged:
         raise ValueError("prompts of different lengths need the static state (static=None or True)")
     use_static = bool(mode or ragged) if static is None else static
@@ -102,8 +111,7 @@ def generate(
     sampling = (temperature, top_k, top_p)
     if use_static:
         fuse = capture and mode == "fused"
-        decoder, first = _static_decoder(model, rows, max(lengths) + max_new_tokens, cache, sampling, capture, fuse,
-                                         prefill_chunk)
+        decoder, first = _static_decoder(model, rows, max_len, cache, sampling, capture, fuse, prefill_chunk)
     else:
         first, state = prefill(model, torch.cat(rows, 0), cache, prefill_chunk)
         decoder = Decoder(model, state, *sampling, capture=False)

@@ -12,16 +12,22 @@ from ..cache.policies import CachePolicy
 from ..models.base import LanguageModel
 from ..models.state import ModelState
 
+# Most logits one prefill call may produce (b x chunk x vocab): the model returns logits for every token of a
+# call, and prefill keeps only the last, so a long prompt goes through in chunks whose logits fit 256 MiB of
+# fp32 (1,365 tokens for a 49,152-token vocabulary; 262,144 bytes for a byte model). Chunking is exact.
+PREFILL_LOGITS = 1 << 26
+
 
 def prefill(
     model: LanguageModel, ids: Tensor, cache: CachePolicy | None, chunk: int | None
 ) -> tuple[Tensor, ModelState]:
-    """Dynamic state after ``ids`` ``[b, T]`` (in chunks of ``chunk`` tokens) and the last logits ``[b, V]``."""
+    """Dynamic state after ``ids`` ``[b, T]`` and the last logits ``[b, V]``; the prompt goes through in chunks
+    of at most ``chunk`` tokens (None: as few calls as :data:`PREFILL_LOGITS` allows)."""
     state = model.init_state(ids.shape[0], cache=cache)
     for layer in state.layers:
-        layer.reserve(ids.shape[1])  # Full caches: one allocation, no regrowth while the prompt streams in
+        layer.reserve(ids.shape[1])  # one allocation, no regrowth while the prompt streams in
     T = ids.shape[1]
-    step = T if chunk is None else chunk
+    step = min(T if chunk is None else chunk, max(1, PREFILL_LOGITS // (ids.shape[0] * model.config.vocab_size)))
     logits = None
     for a in range(0, T, step):
         logits, state = model.step(ids[:, a : a + step], state)
