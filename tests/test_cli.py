@@ -347,6 +347,12 @@ def test_eval_sweep_rejects_bad_specs_before_loading(tmp_path, capsys):
     assert "--data" in capsys.readouterr().err
 
 
+def test_generate_refuses_an_empty_stop_before_loading_or_echoing(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "missing"), "--prompt", "ROMEO:", "--stop", ""]) == 2
+    captured = capsys.readouterr()
+    assert "--stop: an empty stop string never matches" in captured.err and captured.out == ""
+
+
 def test_stop_arguments_keep_utf8_and_decode_escapes():
     from longseq.cli import stop_bytes
 

@@ -90,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
     check_sampling(args.temperature, args.top_k, args.top_p)
     prompts = _prompts(args)
     stops = [stop_bytes(s) for s in args.stop or []]
+    if any(not s for s in stops):  # before the model loads and the prompt is echoed
+        raise ValueError("--stop: an empty stop string never matches")
     cache = None
     if args.cache:
         from ..cache import parse_policy
