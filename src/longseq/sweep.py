@@ -13,6 +13,8 @@ tokenizer, such as an HF model behind :mod:`longseq.hf`, counts one byte per tok
 
 from __future__ import annotations
 
+import os
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +31,43 @@ from .evaluate import Document, Score, scored_bytes, tokenize
 from .tokenizer import BYTES, Tokenizer
 
 METRICS = ("ppl", "bpb", "loss")
+#: What a sweep writes into its folder (``out_dir``).
+SWEEP_FILES = ("sweep.md", "sweep.json", "sweep.png")
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Make the file ``path`` by ``write(temporary path)`` in the same folder, then rename it into place.
+
+    The rename replaces an earlier file in one step, so a crash or a failed write never leaves half a file, nor
+    destroys the earlier one. The temporary name keeps ``path``'s suffix (matplotlib picks a format by it), and it
+    is created by ``write`` itself, with the user's usual permissions."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def spec_budget(spec: str) -> int | None:
+    """The budget written into a policy spec (``"tova:32"`` -> 32; ``"tova"``, ``"sink:sinks=8"`` -> None), read
+    as :func:`longseq.cache.parse_policy` reads it: an integer right after the name."""
+    parts = spec.strip().split(":")
+    return int(parts[1]) if len(parts) > 1 and parts[1].strip().lstrip("-").isdigit() else None
+
+
+def check_spec_without_budget(spec: str, where: str = "budgets") -> None:
+    """Refuse a policy spec with its own budget in a grid whose budgets come from ``where``: the grid would label
+    the cell by the grid's budget while the policy keeps the spec's (``tova:32`` in the 16 column is tova at 32)."""
+    own = spec_budget(spec)
+    if own is not None:
+        name = spec.strip().split(":")[0]
+        rest = ":".join(spec.strip().split(":")[2:])
+        bare = name + (f":{rest}" if rest else "")
+        raise ValueError(f"policy {spec!r} carries its own budget ({own}), but the budgets come from {where}: "
+                         f"write {bare!r} and put {own} in {where}")
 
 
 def sweep_tokenizer(model: torch.nn.Module) -> Tokenizer | None:
@@ -129,6 +168,9 @@ class SweepResult:
         for policy in self.policies:
             cells = [f"{self.value(policy, b, metric):.4f}" for b in self.budgets]
             lines.append("| " + " | ".join([policy, *cells, full]) + " |")
+        if not self.policies and self.full is not None:
+            # only the full cache was asked for: its own row, or the table would be a header without a number
+            lines.append("| " + " | ".join(["full", *["-"] * len(self.budgets), full]) + " |")
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict[str, Any]:
@@ -189,13 +231,16 @@ def run_sweep(
             ``model.tokenizer``) or a 1-D uint8 / integer tensor of token ids.
         policies: policy specs *without* a budget, e.g. ``["tova", "window", "sink", "h2o", "tova_head"]``;
             options are allowed (``"sink:sinks=8"``); see :func:`longseq.cache.parse_policy`. ``"full"`` in
-            this list is ignored (the full cache is the last column, see ``include_full``).
+            this list is ignored (the full cache is the last column, see ``include_full``; with no other
+            policy the table has one row, ``full``). A spec with its own budget (``"tova:32"``) is refused:
+            the grid's budgets would label cells the policy does not use.
         budgets: cache budgets (tokens kept per layer), e.g. ``[64, 128, 256, 512]``.
         include_full: also evaluate the unbounded cache (the table's last column).
         chunk_size: tokens per ``model.step`` call; exact eviction makes the numbers independent of it.
         max_tokens: truncate each document to its first ``max_tokens`` tokens (bytes are counted after).
         out_dir: if given, write ``sweep.md`` (table), ``sweep.json`` (all numbers, per document too)
-            and ``sweep.png`` (``metric`` vs budget) there.
+            and ``sweep.png`` (``metric`` vs budget) there, each written whole or not at all (an existing file
+            is replaced in one rename); ``out_dir`` being a file is refused before any scoring.
         metric: the table/plot metric: ``"ppl"`` (per-token perplexity), ``"bpb"`` (bits per UTF-8 byte) or
             ``"loss"`` (nats per token).
         progress: called with a short line after each (policy, budget, document) evaluation.
@@ -211,6 +256,9 @@ def run_sweep(
         raise ValueError(f"budgets must be >= 1; got {budgets}")
     specs = [p.strip() for p in policies if p.strip().lower() != "full"]
     runs = _sweep_runs(specs, budgets, include_full)
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        # checked before the scoring, which may take hours, rather than when the files are written
+        raise NotADirectoryError(f"out_dir {out_dir} is a file, not a folder for {', '.join(SWEEP_FILES)}")
     docs = _sweep_documents(documents, max_tokens, sweep_tokenizer(model))
 
     result = SweepResult(policies=specs, budgets=budgets, documents=[name for name, _ in docs])
@@ -231,6 +279,8 @@ def _sweep_runs(
     specs: list[str], budgets: list[int], include_full: bool
 ) -> list[tuple[str, int | None, CachePolicy]]:
     """Every ``(spec, budget, policy)`` of the grid, policy by policy, then ``("full", None, Full())``."""
+    for spec in specs:
+        check_spec_without_budget(spec)
     grid: dict[str, dict[int, CachePolicy]] = {
         p: {b: parse_policy(p, budget=b) for b in budgets} for p in specs
     }
@@ -281,9 +331,10 @@ def _score_run(
 def _write_sweep(result: SweepResult, out: Path, metric: str) -> dict[str, str]:
     """Write ``sweep.md``, ``sweep.json`` and ``sweep.png`` into ``out``; returns their paths by kind."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.md").write_text(result.to_markdown(metric))
-    (out / "sweep.json").write_text(jsonio.dumps(result.to_json(), indent=2) + "\n")  # NaN as null
-    result.plot(out / "sweep.png", metric)
+    markdown, data = result.to_markdown(metric), jsonio.dumps(result.to_json(), indent=2) + "\n"  # NaN as null
+    write_atomically(out / "sweep.md", lambda tmp: tmp.write_text(markdown))
+    write_atomically(out / "sweep.json", lambda tmp: tmp.write_text(data))
+    write_atomically(out / "sweep.png", lambda tmp: result.plot(tmp, metric))
     return {
         "markdown": str(out / "sweep.md"),
         "json": str(out / "sweep.json"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import itertools
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -129,12 +130,29 @@ def batch_estimate(model, policy, max_len: int, limit_bytes: float | None, cap: 
     return max(1, min(cap, int(room // per_row)))
 
 
-def _check_batch_sizes(batch_sizes: list, max_batch: int) -> None:
+def _check_batch_sizes(batch_sizes: list, max_batch: int, memory_limit_gib: float | None) -> None:
     for b in batch_sizes:
         if b != MAX_BATCH and (not isinstance(b, int) or b < 1):
             raise ValueError(f"batch sizes must be positive integers or {MAX_BATCH!r}; got {b!r}")
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1; got {max_batch}")
+    # A cap of 0 or less would make every batch "out of memory" (or, off CUDA, be silently ignored).
+    if memory_limit_gib is not None and not (math.isfinite(memory_limit_gib) and memory_limit_gib > 0):
+        raise ValueError(f"memory_limit_gib (--memory-limit-gib) must be a positive number; got {memory_limit_gib}")
+
+
+def _memory_notes(device: torch.device, batch_sizes: list, max_batch: int, memory_limit_gib: float | None) -> list:
+    """What the memory settings mean off CUDA, where nothing measures memory: said in the report (and the
+    log) so a row's "max" batch is not read as the largest that fits."""
+    if device.type == "cuda":
+        return []
+    notes = []
+    if MAX_BATCH in batch_sizes:
+        notes.append(f"on {device.type}, batch size 'max' is --max-batch ({max_batch}) itself: the search for the "
+                     "largest batch that fits probes memory on CUDA only")
+    if memory_limit_gib is not None:
+        notes.append(f"--memory-limit-gib {memory_limit_gib} caps CUDA memory only; it is ignored on {device.type}")
+    return notes
 
 
 def _cap_memory(device: torch.device, memory_limit_gib: float | None) -> float | None:
@@ -156,6 +174,7 @@ def _decode_cases(
     cases = []
     for spec in models:
         kind, _, preset_override = spec.partition(":")
+        config_class(kind).check_overrides(overrides)
         for preset in [preset_override] if preset_override else presets:
             cfg = config_class(kind).from_preset(preset, **overrides)
             cases += [(kind, preset, pol) for pol in (policies if capabilities(cfg).cache_policies else ["-"])]
@@ -287,18 +306,22 @@ def run_decode_bench(
     A ``batch_sizes`` entry ``"max"`` finds the largest batch that fits (at most ``max_batch``): longseq
     rows start from the rows of static state that fit ``memory_limit_gib`` (:func:`batch_estimate`), HF
     and fla rows from the batch longseq's row of the same shape reached, and each shrinks on
-    out-of-memory (:func:`largest_batch`).
+    out-of-memory (:func:`largest_batch`). Off CUDA nothing measures memory: ``"max"`` is ``max_batch`` itself,
+    and the report's notes say so.
     """
     from ..generate import compile_mode
 
     compile_mode(compile)  # a bad value fails before any model is built
-    _check_batch_sizes(batch_sizes, max_batch)
+    _check_batch_sizes(batch_sizes, max_batch, memory_limit_gib)
     dev = pick_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     limit_bytes = _cap_memory(dev, memory_limit_gib)
     overrides = overrides or {}
     cases = _decode_cases(models, presets, policies, overrides)
     sweep = _DecodeSweep(batch_sizes, steps, warmup, compile, dev, dtype, limit_bytes, max_batch, log)
+    for note in _memory_notes(dev, batch_sizes, max_batch, memory_limit_gib):
+        sweep.notes.append(note)
+        log(f"note: {note}")
     for kind, preset, pol in cases:
         for context in contexts:
             cfg = sweep.longseq_rows(kind, preset, pol, context, overrides)

@@ -139,6 +139,7 @@ def run_bench(
     overrides = overrides or {}
     # Check every configuration up front so a typo fails before minutes of benchmarking.
     for kind in models:
+        config_class(kind).check_overrides(overrides)  # --set fields that contradict each other
         for preset in presets:
             config_class(kind).from_preset(preset, **overrides)
     results = []

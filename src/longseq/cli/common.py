@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -13,7 +15,13 @@ from .. import jsonio
 
 #: Errors that mean the user asked for something impossible: ``main`` prints them as one line and exits
 #: with status 2 instead of showing a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+USER_ERRORS = (
+    ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError
+)
+
+#: The files a training run (RUN_DIR/config.json, metrics.jsonl) or a checkpoint (config, manifest, weights,
+#: optimizer state) keeps: an output path never replaces one, or ``train --resume`` and loading would break.
+RUN_FILES = frozenset({"config.json", "metrics.jsonl", "manifest.json", "model.safetensors", "train_state.pt"})
 
 DEVICE_HELP = "cpu, cuda, ... (default: cuda if available)"
 
@@ -74,11 +82,117 @@ def log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when it is not one (unreadable, not JSON, another type)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _label(flag: str | None, path: Path) -> str:
+    return f"{flag} {path}" if flag else str(path)
+
+
+def _run_owner(path: Path) -> str | None:
+    """Why ``path`` (a file or folder to write) belongs to a training run or checkpoint, or None."""
+    path = path.absolute()
+    if path.name in RUN_FILES and path.exists():
+        return f"it is a run's or checkpoint's own {path.name}"
+    for folder in (path, *path.parents):
+        # A run keeps its checkpoints in RUN_DIR/checkpoints; a checkpoint folder holds a manifest of its files
+        # next to its weights (a manifest.json alone is too common a name to mean one), and an extra or replaced
+        # file there is one the next load or resume did not expect.
+        if folder.name == "checkpoints" and (folder.parent / "config.json").is_file():
+            return f"it is inside the checkpoints folder of run {folder.parent}"
+        if (folder / "manifest.json").is_file() and (folder / "model.safetensors").is_file():
+            return f"it is inside checkpoint {folder}"
+    return None
+
+
+def _check_creatable(path: Path, what: str) -> None:
+    """The nearest existing folder above ``path`` is a folder we may write in, so ``path`` can be created."""
+    for folder in path.absolute().parents:
+        if not folder.exists():
+            continue
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{what}: {folder} is a file, so no folder can be made there")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"{what}: no permission to write in {folder}")
+        return
+
+
+def _refuse_unsafe_file(path: Path, what: str, kind: str) -> None:
+    """Refuse a folder, a run's or checkpoint's own file, and a path whose folder cannot be made."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} is a folder; give a file name for the {kind}")
+    owner = _run_owner(path)
+    if owner is not None:
+        raise FileExistsError(f"{what}: refusing to write the {kind} there: {owner}")
+    _check_creatable(path, what)
+
+
+def check_output_file(
+    path: str | Path, flag: str | None, kind: str, is_kind: Callable[[Path], bool] | None = None
+) -> Path:
+    """Check, before any work, that a result file can be written at ``path`` without losing anything.
+
+    ``flag`` names the option that gave the path (None for a default path) and ``kind`` what is written (e.g.
+    "eval result"). Refused: an existing folder, a run's or checkpoint's own file, a path whose folder cannot be
+    made, and an existing file that ``is_kind`` does not recognise as an earlier result of the same kind (without
+    ``is_kind`` any existing file but a run's may be replaced). A file that will be replaced is announced on
+    stderr now, so the user can still stop. Returns the path.
+    """
+    path = Path(path)
+    what = _label(flag, path)
+    _refuse_unsafe_file(path, what, kind)
+    if path.exists():
+        if is_kind is not None and not is_kind(path):
+            raise FileExistsError(f"{what} already exists and is not an earlier {kind}; it would be overwritten: "
+                                  "choose another path or remove it")
+        log(f"note: {what} exists: the {kind} replaces it")
+    return path
+
+
+def check_output_dir(
+    path: str | Path, flag: str | None, kind: str, files: Sequence[str], is_kind: Callable[[Path], bool]
+) -> Path:
+    """Check, before any work, that the ``files`` of a ``kind`` (e.g. sweep.md/.json/.png) can be written into
+    the folder ``path`` without losing anything.
+
+    Refused: an existing file at ``path``, a folder of a run's checkpoints, a folder that cannot be made, and a
+    folder already holding any of ``files`` unless ``is_kind(path)`` says they are an earlier output of the same
+    kind (then the files to be replaced are announced on stderr now). Returns the path.
+    """
+    path = Path(path)
+    what = _label(flag, path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{what} is a file, not a folder for the {kind} ({', '.join(files)})")
+    owner = _run_owner(path)
+    if owner is not None:
+        raise FileExistsError(f"{what}: refusing to write the {kind} there: {owner}")
+    _check_creatable(path, what)
+    present = [name for name in files if (path / name).exists() or (path / name).is_symlink()]
+    if present:
+        if any((path / name).is_dir() for name in present) or not is_kind(path):
+            raise FileExistsError(f"{what} already holds {', '.join(present)}, not an earlier {kind}; they would "
+                                  "be overwritten: choose another folder or remove them")
+        log(f"note: {what} holds an earlier {kind}: replacing {', '.join(str(path / n) for n in present)}")
+    return path
+
+
 def write_json(path: str | Path, data: Any) -> Path:
     """Write ``data`` as indented JSON to ``path``, creating its folder; returns the path. NaN and
-    infinities become ``null``: bare ``NaN`` is not JSON, and strict readers reject the file."""
+    infinities become ``null``: bare ``NaN`` is not JSON, and strict readers reject the file.
+
+    A folder, or a run's or checkpoint's own file, is refused before anything is written (callers should call
+    :func:`check_output_file` before their work too); the file is written whole or not at all (a temporary file
+    renamed over it), so an interrupted write never leaves half a result in place of an earlier one."""
+    from ..sweep import write_atomically  # imported here: the command modules load the library lazily
+
     path = Path(path)
+    _refuse_unsafe_file(path, str(path), "JSON report")
     text = jsonio.dumps(data, indent=2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
+    return write_atomically(path, lambda tmp: tmp.write_text(text))

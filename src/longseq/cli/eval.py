@@ -12,11 +12,45 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import add_device_flag, csv_list, int_or_text, log, write_json
+from .common import (
+    add_device_flag,
+    check_output_dir,
+    check_output_file,
+    csv_list,
+    int_or_text,
+    log,
+    read_json_object,
+    write_json,
+)
 from .task import add_task_flags, run_task, uses_task
 
 #: Default context (tokens) of a pretrained model, which has no training seq-len to reuse.
 PRETRAINED_SEQ_LEN = 2048
+#: Default windows per forward pass of plain evaluation (the flag's default is None, so that a --batch-size
+#: given to a mode that does not read it is seen, and refused).
+BATCH_SIZE = 8
+#: Default table metric of a sweep (None as a flag default for the same reason).
+METRIC = "bpb"
+#: Default held-out share of --data's documents when the run recorded none (train's --val-fraction default).
+VAL_FRACTION = 0.1
+
+#: The optional eval flags (argparse names) each mode reads; one given to another mode is refused, never
+#: ignored. ``task_out`` is --out, the short form of --out-dir.
+_MODE_FLAGS = {
+    "plain evaluation": {"data", "split", "val_docs", "seq_len", "stride", "max_bytes", "batch_size", "json"},
+    "a policy sweep": {"data", "split", "val_docs", "seq_len", "max_bytes", "metric", "out_dir", "task_out"},
+    "an --hf sweep": {"data", "seq_len", "metric", "out_dir", "task_out"},
+    "--task passkey": {"batch_size", "out_dir", "task_out"},
+}
+#: What each mode is chosen by and where it writes, for the error naming a flag it does not read.
+_MODE_HINTS = {
+    "plain evaluation": "(no --policies/--budgets/--task; it writes one file: --json FILE)",
+    "a policy sweep": "(--policies and --budgets; it writes a folder: --out-dir DIR)",
+    "an --hf sweep": "(--hf PATH; it writes a folder: --out-dir DIR)",
+    "--task passkey": "(it writes a folder: --out DIR)",
+}
+_OPTIONAL_FLAGS = ("data", "split", "val_docs", "seq_len", "stride", "max_bytes", "batch_size", "json", "metric",
+                   "out_dir", "task_out")
 
 
 def add_parser(sub) -> None:
@@ -45,7 +79,8 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--split", choices=["val", "train", "all"],
         help="which documents: the run's validation split, its training split, or all (default val; all for "
-        "a pretrained model)",
+        "a pretrained model); on --data, val is the run's held-out documents found there, else a hash split of "
+        "--data, as a note in the output says",
     )
     p.add_argument("--val-docs", type=csv_list(str), metavar="NAMES", help="override the validation documents")
     p.add_argument(
@@ -59,15 +94,17 @@ def add_parser(sub) -> None:
         help="strided evaluation: advance windows by S bytes, score only the last S "
         "(default: seq-len, i.e. non-overlapping windows)",
     )
-    p.add_argument("--max-bytes", type=int, help="evaluate at most this many bytes, spread over the documents")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--max-bytes", type=int,
+                   help="score at most this many bytes, spread evenly over the documents (each keeps its share, "
+                   "plus its first byte, which is context only)")
+    p.add_argument("--batch-size", type=int, help=f"windows per forward pass (default {BATCH_SIZE})")
     add_device_flag(p)
     p.add_argument(
         "--json", metavar="FILE",
         help="write the results here (default: RUN_DIR/eval/<checkpoint>-<split>-T<seq>-S<stride>.json, with "
         "-B<max-bytes> and -D<tag of --data/--val-docs> added when those are given; for a pretrained model "
         "./eval/<model file name>-<split>-T<seq>-S<stride>[-B..]-D<tag of --data/--val-docs and the model "
-        "path>.json)",
+        "path>.json); an existing file is replaced only when it is an earlier eval result",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_task_flags(p)  # --task passkey (longseq.cli.task)
@@ -77,18 +114,18 @@ def add_parser(sub) -> None:
 def _add_sweep_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--policies", type=csv_list(str), metavar="SPECS",
-        help="sweep these cache policies, e.g. tova,tova_head,h2o,window,sink (options: sink:sinks=8); "
-        "the full cache is always the last column",
+        help="sweep these cache policies, e.g. tova,tova_head,h2o,window,sink (options: sink:sinks=8; budgets "
+        "come from --budgets, never from a spec); the full cache is always the last column",
     )
     p.add_argument("--budgets", type=csv_list(int_or_text), metavar="N,...",
                    help="sweep budgets (tokens kept per layer); with --task also ctx/K (the prompt length / K)")
     p.add_argument(
-        "--metric", choices=["ppl", "bpb", "loss"], default="bpb", help="sweep table/plot metric (default bpb)"
+        "--metric", choices=["ppl", "bpb", "loss"], help=f"sweep table/plot metric (default {METRIC})"
     )
     p.add_argument(
         "--out-dir", metavar="DIR",
         help="sweep output folder for sweep.md/.json/.png (default: RUN_DIR/eval/sweep-<checkpoint>-<split>-<tag "
-        "of the other settings>)"
+        "of the other settings>); sweep files already there are replaced only when they are an earlier sweep"
     )
     p.add_argument(
         "--hf", metavar="PATH",
@@ -99,7 +136,11 @@ def _add_sweep_flags(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to bits per byte, the policy sweep of a run, or the policy sweep of an HF folder."""
+    _check_spec_budgets(args)
     if uses_task(args):  # --task passkey: longseq.cli.task
+        _check_mode_flags(args, "--task passkey")
+        args.batch_size = BATCH_SIZE if args.batch_size is None else args.batch_size
+        _check_task_output(args)
         return run_task(args)
     _check_ranges(args)
     sweep = _check_sweep_args(args)
@@ -108,11 +149,73 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("give either RUN_DIR_OR_CKPT or --hf PATH, not both")
         if not sweep:
             raise ValueError("--hf evaluates a policy sweep: give --policies and --budgets")
+        _check_mode_flags(args, "an --hf sweep")
         return _eval_hf(args)
+    _check_mode_flags(args, "a policy sweep" if sweep else "plain evaluation")
     if args.checkpoint is None:
         raise ValueError("eval needs RUN_DIR_OR_CKPT (or --hf PATH)")
     _check_pretrained(args)
     return _eval_sweep(args) if sweep else _eval_bpb(args)
+
+
+def _check_mode_flags(args: argparse.Namespace, mode: str) -> None:
+    """Refuse every optional flag ``mode`` does not read (a flag silently ignored looks like one obeyed), then
+    fill in the defaults of those it does."""
+    foreign = [name for name in _OPTIONAL_FLAGS if getattr(args, name) is not None and name not in _MODE_FLAGS[mode]]
+    if foreign:
+        flags = [("--out" if name == "task_out" else f"--{name.replace('_', '-')}") for name in foreign]
+        if "task_out" in foreign and "out_dir" in foreign and args.out_dir == args.task_out:
+            flags.remove("--out-dir")  # uses_task copied --out into out_dir: the user gave one flag
+        verb = "does" if len(flags) == 1 else "do"
+        raise ValueError(f"{', '.join(flags)} {verb} not apply to {mode} {_MODE_HINTS[mode]}")
+    if mode == "plain evaluation" and args.batch_size is None:
+        args.batch_size = BATCH_SIZE
+    if mode != "plain evaluation" and args.metric is None:
+        args.metric = METRIC
+
+
+def _check_spec_budgets(args: argparse.Namespace) -> None:
+    """A policy spec with its own budget (``tova:32``) next to ``--budgets`` would run at one budget and be labelled
+    by another: eval takes budgets from ``--budgets`` only."""
+    from ..sweep import check_spec_without_budget
+
+    for spec in args.policies or []:
+        try:
+            check_spec_without_budget(spec, where="--budgets")
+        except ValueError as err:
+            raise ValueError(f"--policies: {err}") from None
+
+
+def _check_task_output(args: argparse.Namespace) -> None:
+    """``--task passkey``: its flags (``--filler`` first, which must be a file or a built-in name) and its output
+    folder, checked before the model is opened."""
+    from ..tasks.passkey import FILLER_NAMES
+    from ..tasks.report import PASSKEY_FILES
+    from .task import _out_dir, check_task_args
+
+    if args.filler is not None and args.filler not in FILLER_NAMES and Path(args.filler).is_dir():
+        raise IsADirectoryError(f"--filler: {args.filler} is a folder; give a text file or a built-in filler "
+                                f"({', '.join(FILLER_NAMES)})")
+    # run_task checks the flags again: the output folder is named by them (the default by a tag of them), and
+    # knowing it before the run is what keeps a long run from failing at its last step.
+    settings = check_task_args(args)
+    flag = "--out" if args.task_out is not None else "--out-dir" if args.out_dir is not None else None
+    check_output_dir(_out_dir(args, settings), flag, "passkey result", PASSKEY_FILES, _is_passkey_output)
+
+
+def _is_passkey_output(folder: Path) -> bool:
+    data = read_json_object(folder / "passkey.json")
+    return data is not None and data.get("task") == "passkey"
+
+
+def _is_sweep_output(folder: Path) -> bool:
+    data = read_json_object(folder / "sweep.json")
+    return data is not None and {"policies", "budgets", "scores", "full"} <= set(data)
+
+
+def _is_eval_result(path: Path) -> bool:
+    data = read_json_object(path)
+    return data is not None and {"checkpoint", "split", "seq_len", "stride", "bpb", "documents"} <= set(data)
 
 
 def _check_pretrained(args: argparse.Namespace) -> None:
@@ -200,7 +303,7 @@ def _print_sweep(result, metric: str) -> None:
 
 def _eval_sweep(args: argparse.Namespace) -> int:
     from ..models import capabilities
-    from ..sweep import run_sweep
+    from ..sweep import SWEEP_FILES, run_sweep
     from ..train.checkpoint import model_config_from
     from ..train.distributed import pick_device
 
@@ -212,14 +315,18 @@ def _eval_sweep(args: argparse.Namespace) -> int:
             f"{ckpt} is a {model_cfg.kind} model without softmax-attention caches to bound: a policy sweep needs a "
             "transformer (or a megabyte model with global_backbone=transformer)"
         )
-    docs = [(name, bytes(ids)) for name, ids in _eval_documents(args, config.get("train", {}))]
-    model = _load(args, ckpt, pick_device(args.device)).eval()
     # The default folder is named by every setting that changes what the sweep writes, so sweeps with other
     # settings never overwrite each other.
     tag = _settings_tag(**_document_settings(args), seq_len=args.seq_len, policies=args.policies,
                         budgets=args.budgets, metric=args.metric, **_model_setting(args, ckpt))
     default_dir = _result_dir(args, ckpt) / f"sweep-{ckpt.name}-{args.split}-{tag}"
-    out_dir = Path(args.out_dir) if args.out_dir else default_dir
+    out_dir = check_output_dir(args.out_dir or default_dir, _out_dir_flag(args), "policy sweep", SWEEP_FILES,
+                               _is_sweep_output)
+    chosen, note = _eval_documents(args, config.get("train", {}))
+    docs = [(name, bytes(ids)) for name, ids in chosen]
+    if note:
+        log(f"note: {note}")
+    model = _load(args, ckpt, pick_device(args.device)).eval()
     result = run_sweep(
         model, docs, args.policies, args.budgets, max_tokens=args.seq_len, out_dir=out_dir, metric=args.metric,
         progress=log if args.progress else None,
@@ -228,47 +335,127 @@ def _eval_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _out_dir_flag(args: argparse.Namespace) -> str | None:
+    """The flag that named the output folder (None: the default folder), for error messages."""
+    if args.out_dir is None:
+        return None
+    return "--out" if args.task_out == args.out_dir else "--out-dir"
+
+
 def _eval_hf(args: argparse.Namespace) -> int:
+    from ..sweep import SWEEP_FILES
+
     if not args.data:
         raise ValueError("--hf needs --data: text files to evaluate on")
     paths = [Path(p) for p in args.data]
     for path in paths:
+        if path.is_dir():
+            raise IsADirectoryError(f"--data: {path} is a folder; --hf takes text files")
         if not path.is_file():
             raise FileNotFoundError(f"--data: no such file: {path}")
+    out_dir = check_output_dir(args.out_dir or "eval-hf", _out_dir_flag(args), "policy sweep", SWEEP_FILES,
+                               _is_sweep_output)
     from ..hf import evaluate_hf
 
     docs = [(path.name, path.read_text(encoding="utf-8", errors="replace")) for path in paths]
     result = evaluate_hf(
         args.hf, docs, args.policies, args.budgets, device=args.device, max_tokens=args.seq_len,
-        out_dir=Path(args.out_dir or "eval-hf"), metric=args.metric,
+        out_dir=out_dir, metric=args.metric,
         progress=log if args.progress else None,
     )
     _print_sweep(result, args.metric)
     return 0
 
 
-def _eval_documents(args: argparse.Namespace, train_cfg: dict[str, Any]):
-    """The (name, bytes) documents ``longseq eval`` scores, chosen as the run chose its split."""
+def _eval_documents(args: argparse.Namespace, train_cfg: dict[str, Any]) -> tuple[list, str | None]:
+    """The (name, bytes) documents ``longseq eval`` scores, chosen as the run chose its split, and a note saying
+    which documents those are and why when that is not simply the run's own split (None otherwise)."""
     from ..data import BUILTIN_VAL_DOCS, builtin_corpus_path, load_corpus, split_documents
     from ..evaluate import corpus_documents
 
     data = args.data if args.data is not None else train_cfg.get("data")
     builtin = data is None
     corpus = load_corpus([builtin_corpus_path()] if builtin else data, train_cfg.get("cache_dir"))
+    note = None
     if args.split == "all":
         ids = list(range(corpus.num_docs))
     else:
-        val_docs = (
-            args.val_docs
-            if args.val_docs is not None
-            else (train_cfg.get("val_docs") if args.data is None else None)
-        )
-        val_fraction = train_cfg.get("val_fraction")
-        if val_docs is None and builtin and val_fraction is None:
-            val_docs = list(BUILTIN_VAL_DOCS)
-        split = split_documents(corpus.names, val_docs, 0.1 if val_fraction is None else val_fraction)
+        fraction = train_cfg.get("val_fraction")
+        fraction = VAL_FRACTION if fraction is None else fraction
+        if args.val_docs is not None:
+            val_docs = args.val_docs
+        elif args.data is None:  # the run's own data: exactly the split it trained with
+            builtin_split = builtin and train_cfg.get("val_fraction") is None and not train_cfg.get("val_docs")
+            val_docs = list(BUILTIN_VAL_DOCS) if builtin_split else train_cfg.get("val_docs")
+        else:
+            val_docs, note = _held_out_in_data(args, train_cfg, corpus.names, fraction)
+        if val_docs is None and fraction > 0 and corpus.num_docs < 2:
+            # split_documents' own message suggests train's --val-fraction, which eval does not have
+            source = "--data" if args.data is not None else "the run's data"
+            raise ValueError(f"--split {args.split} holds out a share of the documents, but {source} has only "
+                             f"{corpus.num_docs}: give more documents, name the held-out ones with --val-docs, or "
+                             "score every document with --split all")
+        split = split_documents(corpus.names, val_docs, fraction)
         ids = split.val if args.split == "val" else split.train
-    return corpus_documents(corpus, ids, args.max_bytes)
+    docs = corpus_documents(corpus, ids)
+    return (docs if args.max_bytes is None else _spread_bytes(docs, args.max_bytes)), note
+
+
+def _held_out_in_data(
+    args: argparse.Namespace, train_cfg: dict[str, Any], names: list[str], fraction: float
+) -> tuple[list[str] | None, str]:
+    """``(val_docs, note)`` for ``--data`` other than the run's own: the run's held-out documents where --data
+    has them (so "val" never means documents the run trained on), else a hash split of --data, said so."""
+    from ..data.split import _matches  # split_documents' own name matching, so both agree on what is present
+
+    hashed = (f"split {args.split} is a hash split holding out {fraction:.0%} of --data's {len(names)} documents "
+              "(as train's --val-fraction does)")
+    if args.pretrained:
+        return None, f"a pretrained model has no held-out documents: {hashed}"
+    held_out = _run_held_out(train_cfg)
+    if held_out is None:
+        return None, f"the run's held-out documents are unknown (its data is not readable): {hashed}, which may " \
+                     "include documents the run trained on"
+    present = [want for want in held_out if any(_matches(name, want) for name in names)]
+    if not present:
+        return None, (f"--data holds none of the run's held-out documents ({', '.join(held_out)}): {hashed}, "
+                      "which may include documents the run trained on")
+    missing = [want for want in held_out if want not in present]
+    note = f"split {args.split}: the run's held-out documents found in --data ({', '.join(present)})"
+    if args.split == "train":
+        note = f"split train: --data less the run's held-out documents ({', '.join(present)})"
+    return present, note + (f"; not in --data: {', '.join(missing)}" if missing else "")
+
+
+def _run_held_out(train_cfg: dict[str, Any]) -> list[str] | None:
+    """The names of the documents the run held out: as recorded (--val-docs, or the built-in corpus's), or, for a
+    run that held out a fraction of its data, that split recomputed from its data (None if it cannot be read)."""
+    import posixpath
+
+    from ..data import BUILTIN_VAL_DOCS, DataError, builtin_corpus_path, load_corpus, split_documents
+
+    if train_cfg.get("val_docs"):
+        return list(train_cfg["val_docs"])
+    fraction = train_cfg.get("val_fraction")
+    builtin = train_cfg.get("data") is None
+    if builtin and fraction is None:
+        return list(BUILTIN_VAL_DOCS)
+    try:
+        corpus = load_corpus([builtin_corpus_path()] if builtin else train_cfg["data"], train_cfg.get("cache_dir"))
+        split = split_documents(corpus.names, None, VAL_FRACTION if fraction is None else fraction)
+    except (DataError, OSError):
+        return None
+    # by base name: --data may name the same files from another folder
+    return [posixpath.basename(corpus.names[i]) for i in split.val]
+
+
+def _spread_bytes(docs: list, max_bytes: int) -> list:
+    """The documents cut to ``max_bytes`` scored bytes in all: ``max_bytes // n`` each, one more for the first
+    ``max_bytes % n`` (rounding every share up scored more than asked), each share after the document's first
+    byte, which is context only. Documents left without a share are dropped."""
+    base, extra = divmod(max_bytes, len(docs))
+    shares = [base + (i < extra) for i in range(len(docs))]
+    return [(name, ids[: share + 1]) for (name, ids), share in zip(docs, shares, strict=True) if share > 0]
 
 
 def _eval_bpb(args: argparse.Namespace) -> int:
@@ -282,11 +469,12 @@ def _eval_bpb(args: argparse.Namespace) -> int:
     stride = args.stride if args.stride is not None else seq_len
     if not 1 <= stride <= seq_len:
         raise ValueError(f"--stride must be in [1, seq-len={seq_len}]; got {stride}")
+    default_out = _result_dir(args, ckpt) / f"{_bpb_file_stem(ckpt, args, seq_len, stride)}.json"
+    out = check_output_file(args.json or default_out, "--json" if args.json else None, "eval result", _is_eval_result)
     device = pick_device(args.device)
-    docs = _eval_documents(args, train_cfg) if args.pretrained else None  # bad --data fails before the weights
+    docs, note = _eval_documents(args, train_cfg)  # bad --data fails before the weights are read
     model = _load(args, ckpt, device)
     check_seq_len(model, seq_len)
-    docs = docs if docs is not None else _eval_documents(args, train_cfg)
     result = evaluate_bpb(
         model, docs, seq_len, stride, batch_size=args.batch_size, device=device, progress=args.progress
     )
@@ -296,14 +484,13 @@ def _eval_bpb(args: argparse.Namespace) -> int:
     what = f"model {ckpt} ({model.tokenizer!r})" if args.pretrained else f"checkpoint {ckpt}"
     what += "" if args.pretrained else f" (step {config.get('step')})"
     print(f"{what}, split {args.split}, seq_len {seq_len}, stride {stride}")
+    if note:
+        print(f"note: {note}")
     print(result.table())
     if not math.isfinite(result.bpb):
         raise ValueError(f"the model's bits per byte is {result.bpb}: its outputs are not finite; no result written")
-    out = write_json(
-        args.json or _result_dir(args, ckpt) / f"{_bpb_file_stem(ckpt, args, seq_len, stride)}.json",
-        {"checkpoint": str(ckpt), "step": config.get("step"), "tokenizer": model.tokenizer.kind,
-         "split": args.split, **_document_settings(args), **result.to_dict()},
-    )
+    write_json(out, {"checkpoint": str(ckpt), "step": config.get("step"), "tokenizer": model.tokenizer.kind,
+                     "split": args.split, **_document_settings(args), "split_note": note, **result.to_dict()})
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

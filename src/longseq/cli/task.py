@@ -140,10 +140,7 @@ def run_task(args: argparse.Namespace) -> int:
 
     settings = check_task_args(args)
     out = _out_dir(args, settings)
-    try:
-        device = pick_device(args.device)
-    except RuntimeError as err:
-        raise ValueError(f"--device: {err}") from None
+    device = pick_device(args.device)  # a ValueError naming --device for a bad or missing device
     if not Path(args.checkpoint).exists():
         raise FileNotFoundError(f"no such model: {args.checkpoint}")
     model = open_model(args.checkpoint, device)

@@ -49,7 +49,7 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--val-fraction", type=float, metavar="F",
-        help="fraction of documents held out for validation when --val-docs is not given (default 0.1)",
+        help="fraction of documents held out for validation, instead of --val-docs (default 0.1)",
     )
     p.add_argument(
         "--within-docs", action="store_true", default=None, help="keep training windows inside single documents"
@@ -117,7 +117,12 @@ def train_config_from_args(args: argparse.Namespace):
     if "overrides" in given:
         given["overrides"] = parse_sets(given["overrides"])
     base: dict[str, Any] = _saved_train_config(args.out) if args.resume else {}
-    return TrainConfig.from_dict({**base, **given})
+    cfg = TrainConfig.from_dict({**base, **given})
+    if "overrides" in given:  # the --set flags typed, on --resume too (train() checks a new run's itself)
+        from ..models import config_class
+
+        config_class(cfg.model).check_overrides(given["overrides"])
+    return cfg
 
 
 def _saved_train_config(out: str) -> dict[str, Any]:
@@ -126,12 +131,20 @@ def _saved_train_config(out: str) -> dict[str, Any]:
 
     saved = load_run_config(out)
     if saved is not None:
-        return dict(saved["train"])
+        return _without_ignored_fraction(dict(saved["train"]))
     intact, _ = ckpt_io.find_intact(out)
     if intact is None:  # nothing to resume: train() says so
         return {}
     log(f"longseq: note: {out}/config.json is missing; resuming with the settings saved in {intact}")
-    return dict(ckpt_io.verify_checkpoint(intact).get("train") or {})
+    return _without_ignored_fraction(dict(ckpt_io.verify_checkpoint(intact).get("train") or {}))
+
+
+def _without_ignored_fraction(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run saved before --val-docs and --val-fraction were refused together may hold both; its split used
+    the documents and ignored the fraction, so dropping the fraction keeps that run resumable, and the same."""
+    if saved.get("val_docs") is not None and saved.get("val_fraction") is not None:
+        saved["val_fraction"] = None
+    return saved
 
 
 def run(args: argparse.Namespace) -> int:

@@ -124,6 +124,11 @@ class ModelConfig:
                 bounds[f.name].check(f.name, getattr(self, f.name))
 
     @classmethod
+    def check_overrides(cls, overrides: dict[str, Any]) -> None:
+        """Raise ``ValueError`` for fields a user set together (``--set``) that contradict each other; a kind with
+        such fields checks them (the fields' own values are checked when the config is built)."""
+
+    @classmethod
     def from_preset(cls, preset: str = "tiny", **overrides: Any) -> ModelConfig:
         """The named preset with ``overrides`` applied; unknown presets/fields raise ``ValueError``."""
         if preset not in cls.presets:
@@ -304,6 +309,21 @@ class HybridConfig(GLAConfig):
         except ValueError as err:
             raise ValueError(f"the attention layers (attn_heads={self.attn_heads}, attn_kv_heads="
                              f"{self.attn_kv_heads}) are not valid: {err}") from err
+
+    @classmethod
+    def check_overrides(cls, overrides: dict[str, Any]) -> None:
+        """Refuse ``attn_layers`` with a nonzero ``attn_every`` among the fields a user set (``--set``): the named
+        layers win and the other would be silently ignored. Only what was typed is checked -- every preset and
+        saved config carries an ``attn_every``, which ``attn_layers`` then replaces, and the Python API keeps
+        that rule for configs built in code."""
+        layers, every = overrides.get("attn_layers"), overrides.get("attn_every")
+        named = layers is not None and str(layers).strip() != ""
+        if named and every is not None and _coerce("attn_every", int, every) != 0:
+            raise ValueError(
+                f"attn_every={every} and attn_layers={layers} contradict each other: attn_layers names the "
+                "attention layers and attn_every would be ignored; set one of them (or attn_every=0 with "
+                "attn_layers)"
+            )
 
     def attention_layers(self) -> list[int]:
         """The indices of the softmax-attention layers, in order."""

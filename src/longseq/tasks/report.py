@@ -8,6 +8,9 @@ from typing import Any
 
 from .. import jsonio
 
+#: What :meth:`PasskeyResult.write` puts into its folder (the plot only with matplotlib).
+PASSKEY_FILES = ("passkey.md", "passkey.json", "passkey.png")
+
 
 @dataclass(frozen=True)
 class Row:
@@ -111,18 +114,22 @@ class PasskeyResult:
 
     def write(self, out: str | Path) -> dict[str, str]:
         """Write ``passkey.md``, ``passkey.json`` and (with matplotlib) ``passkey.png`` into ``out``; returns
-        the paths by kind, and ``note`` when the plot was skipped."""
+        the paths by kind, and ``note`` when the plot was skipped. Each file is written whole or not at all (a
+        temporary file renamed over it), so an interrupted write never leaves half a result."""
+        from ..sweep import write_atomically  # lazily: this module stays light for readers of results
+
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "passkey.md").write_text(self.to_markdown())
-        (out / "passkey.json").write_text(jsonio.dumps(self.to_json(), indent=2) + "\n")
+        markdown, data = self.to_markdown(), jsonio.dumps(self.to_json(), indent=2) + "\n"
+        write_atomically(out / "passkey.md", lambda tmp: tmp.write_text(markdown))
+        write_atomically(out / "passkey.json", lambda tmp: tmp.write_text(data))
         self.files = {"markdown": str(out / "passkey.md"), "json": str(out / "passkey.json")}
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             self.files["note"] = "no plot: matplotlib is not installed (pip install 'longseq[plot]')"
         else:
-            self.files["plot"] = str(self.plot(out / "passkey.png"))
+            self.files["plot"] = str(write_atomically(out / "passkey.png", self.plot))
         return self.files
 
 

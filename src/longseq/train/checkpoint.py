@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -186,10 +187,15 @@ def _write_files(tmp: Path, step: int, model_state, train_state, config) -> dict
     """Write the checkpoint's files into ``tmp``; returns their sha256 checksums. ``save_file`` writes the
     weights itself (no stream to hash on the way), so they are read back once, from the page cache."""
     tensors, aliases = _dedupe_shared(model_state)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT, "aliases": json.dumps(aliases)})
     with open(tmp / "train_state.pt", "wb") as f:
         writer = _HashingWriter(f)
         torch.save(train_state, writer)
+    weights = tmp / "model.safetensors"
+    save_file(tensors, str(weights), metadata={"format": FORMAT, "aliases": json.dumps(aliases)})
+    # safetensors writes a private temporary file (mode 0600) and renames it into place; give the weights the
+    # mode the umask gives every other file of the checkpoint (that of train_state.pt, just created by open()).
+    # The checkpoint is still assembled in tmp and renamed into place whole, so this keeps the save atomic.
+    os.chmod(weights, stat.S_IMODE((tmp / "train_state.pt").stat().st_mode))
     meta = {"format": FORMAT, "version": VERSION, "step": int(step), **config}
     config_bytes = json.dumps(meta, indent=2, sort_keys=True).encode()
     (tmp / "config.json").write_bytes(config_bytes)

@@ -65,6 +65,12 @@ class TrainConfig:
         _check("passkey_mix", self.passkey_mix, 0 <= self.passkey_mix <= 1, "in [0, 1]")
         if self.val_fraction is not None:
             _check("val_fraction", self.val_fraction, 0 <= self.val_fraction < 1, "in [0, 1)")
+            if self.val_docs is not None:  # the split would use val_docs and silently ignore the fraction
+                raise ValueError(
+                    f"--val-docs {_names(self.val_docs)} and --val-fraction {self.val_fraction} "
+                    "contradict each other: --val-docs names the validation documents, --val-fraction holds out "
+                    "a share of them instead; pass one of them"
+                )
         if self.eval_tokens is not None:
             _check("eval_tokens", self.eval_tokens, self.eval_tokens >= 0, ">= 0 (0: all)")
             self.eval_tokens = self.eval_tokens or None
@@ -83,6 +89,11 @@ class TrainConfig:
             return cls(**{k: v for k, v in values.items() if k in names})
         except TypeError as err:  # a value of the wrong type (a hand-edited config.json) fails a comparison
             raise ValueError(f"bad training config value: {err}") from err
+
+
+def _names(value: Any) -> str:
+    """A ``val_docs`` list as its flag is typed (a hand-edited config.json may hold something else)."""
+    return ",".join(map(str, value)) if isinstance(value, list) else repr(value)
 
 
 def _check(name: str, value: Any, ok: bool, wanted: str) -> None:

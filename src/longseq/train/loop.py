@@ -49,6 +49,7 @@ from .distributed import (
     full_optimizer_state,
     init_distributed,
     load_full_optimizer_state,
+    pick_device,
     set_grad_sync,
     shutdown,
     wrap_model,
@@ -56,7 +57,7 @@ from .distributed import (
 
 # The `as` aliases re-export: longseq.train imports RunDirError from here, the CLI read_run_config.
 from .rundir import RunDirError as RunDirError
-from .rundir import check_compatible, check_run_dir, prepare_run_dir, run_config
+from .rundir import check_compatible, check_resume_steps, check_run_dir, prepare_run_dir, run_config
 from .rundir import read_run_config as read_run_config
 from .runtime import SignalCatcher, rng_state, set_rng_state
 from .schedule import WarmupCosine, build_optimizer
@@ -112,15 +113,22 @@ def train(
         :class:`TrainingDiverged` (a ``ValueError`` too) when the loss becomes NaN or infinite.
     """
     check_parallel(cfg.parallel)
+    pick_device(cfg.device)  # a bad --device fails here, not after the corpus is read (it is picked again later)
     run_dir = Path(cfg.out)
     resume_from, damaged = check_run_dir(run_dir, resume, overwrite)
+    if resume_from is None:
+        # A new run's overrides are the user's --set flags. A resumed run's may come from its config.json,
+        # saved before contradictions were refused: they stay resumable (the CLI checks the flags typed now).
+        config_class(cfg.model).check_overrides(cfg.overrides)
     tokenizer = _open_run_tokenizer(cfg.tokenizer, resume_from)
     model_cfg = resolve_model_config(cfg, tokenizer)
     _check_model_fits(cfg, model_cfg, tokenizer)
     if cfg.passkey_mix:  # before the corpus is read or tokenized: it needs only the tokenizer
         check_room(tokenizer or BYTES, cfg.seq_len + 1, "bytes" if tokenizer is None else "tokens")
     if resume_from is not None:
-        check_compatible(model_cfg, ckpt_io.verify_checkpoint(resume_from), resume_from, tokenizer)
+        saved = ckpt_io.verify_checkpoint(resume_from)
+        check_compatible(model_cfg, saved, resume_from, tokenizer)
+        check_resume_steps(cfg.steps, saved, resume_from)  # after: a model mismatch is the deeper problem
     world = int(os.environ.get("WORLD_SIZE", "1")) if cfg.parallel != "none" else 1
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(

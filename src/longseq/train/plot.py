@@ -15,9 +15,24 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def image_path(out: str | os.PathLike) -> Path:
+    """Where the figure for ``-o out`` goes: ``out`` itself, with ``.png`` added when it has no extension
+    (matplotlib would add it anyway, and the path reported must be the file written).
+
+    Raises ``ValueError`` for an ``out`` that is (or, ending in a slash, names) a directory: matplotlib
+    would write ``DIR.png`` beside it."""
+    text = os.fspath(out)
+    path = Path(text)
+    if path.is_dir() or text.endswith(("/", os.sep)):
+        raise ValueError(f"-o {text} names a directory; give the image's file name, e.g. -o {path / 'curves.png'}")
+    return path if path.suffix else path.with_name(path.name + ".png")
+
+
 def plot_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
     """Training loss (nats/byte) and validation bits per byte against step, one line per run,
-    saved to ``out``."""
+    saved to ``out`` (``.png`` added when it has no extension; see :func:`image_path`). Returns the path
+    written."""
+    path = image_path(out)
     runs = [
         (Path(r).name or str(r), read_metrics(r)) for r in run_dirs
     ]  # read all first: fail before drawing
@@ -29,6 +44,11 @@ def plot_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 4))
+    formats = fig.canvas.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:  # savefig would fail only after drawing, with its own wording
+        plt.close(fig)
+        raise ValueError(f"-o {out}: matplotlib cannot write {path.suffix!r} images; use one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
     for label, records in runs:
         train = [(r["step"], r["loss"]) for r in records if "loss" in r]
         val = [(r["step"], r["val_bpb"]) for r in records if "val_bpb" in r]
@@ -43,8 +63,7 @@ def plot_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path
         if ax.lines:
             ax.legend()
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return out
+    return path

@@ -96,6 +96,18 @@ def check_run_dir(
     return None, []
 
 
+def check_resume_steps(steps: int, saved: dict[str, Any], where: Path) -> None:
+    """Refuse to resume the checkpoint ``where`` (its ``config.json`` is ``saved``) towards a total of
+    ``steps`` that it has already reached: the loop would train nothing, yet ``config.json`` would be
+    rewritten with the smaller total, so a later plain ``--resume`` would do nothing either."""
+    done = saved.get("step")
+    if isinstance(done, int) and steps <= done:
+        raise RunDirError(
+            f"cannot resume to --steps {steps}: the run is already at step {done} (checkpoint {where}), so "
+            f"nothing would be trained; pass --steps greater than {done} to train further"
+        )
+
+
 def check_compatible(model_cfg, saved: dict[str, Any], where: Path, tokenizer: Tokenizer | None = None) -> None:
     """Raise when the requested model config or tokenizer differs from the checkpoint's."""
     theirs = saved["model"]
