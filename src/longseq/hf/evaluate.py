@@ -7,7 +7,6 @@ as the state, so ``run_sweep`` and ``kept_position_stats`` run unchanged.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from ..sweep import METRICS, SweepResult, as_document_ids, run_sweep
 from ._deps import require_transformers
 from .caching import LongseqCache
 from .caching import cache as longseq_cache
+from .io import folder_config
 
 require_transformers()
 
@@ -112,15 +112,7 @@ def _check_folder(folder: Path) -> None:
     """An existing HF model folder whose ``config.json`` is a JSON object, not a longseq model's."""
     if not folder.is_dir():
         raise FileNotFoundError(f"no such model folder: {folder} (evaluate_hf loads local folders only)")
-    config = folder / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json; is it a saved HF model folder?")
-    try:
-        fields = json.loads(config.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config} is not valid JSON: {e}") from e
-    if not isinstance(fields, dict):
-        raise ValueError(f"{config} must hold a JSON object; got a {type(fields).__name__}")
+    fields = folder_config(folder, "a saved HF model folder")
     if fields.get("model_type") == "longseq":
         raise ValueError(
             f"{folder} is a longseq model folder (model_type 'longseq'); evaluate_hf is for other HF models. "

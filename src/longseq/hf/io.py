@@ -153,20 +153,28 @@ def write_folder(folder: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """``config.json`` of a longseq HF folder, checked: ``FileNotFoundError`` / ``ValueError`` otherwise."""
-    folder = Path(folder)
+def folder_config(folder: Path, expected: str) -> dict[str, Any]:
+    """The JSON object in ``folder/config.json``: ``FileNotFoundError`` for a missing folder or file (``expected``
+    says what kind of folder was expected), ``ValueError`` for a file that is not a JSON object."""
     if not folder.is_dir():
         raise FileNotFoundError(f"no such model folder: {folder}")
     path = folder / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}; is it a model folder written by save_hf?")
+        raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}; is it {expected}?")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(config, dict):
         raise ValueError(f"{path} must hold a JSON object; got a {type(config).__name__}")
+    return config
+
+
+def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """``config.json`` of a longseq HF folder, checked: ``FileNotFoundError`` / ``ValueError`` otherwise."""
+    folder = Path(folder)
+    path = folder / CONFIG_FILE
+    config = folder_config(folder, "a model folder written by save_hf")
     if config.get("model_type") != MODEL_TYPE or "longseq_config" not in config:
         raise ValueError(
             f"{folder} is not a longseq model folder (model_type={config.get('model_type')!r}); "
