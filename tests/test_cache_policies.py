@@ -432,3 +432,28 @@ def test_full_cache_grows_geometrically_and_reserve_preallocates():
         for t in range(10, 100):
             model.step(ids[:, t : t + 1], reserved)
     assert reserved.layers[0].k.data_ptr() == ptr and reserved.layers[0].capacity == 100
+
+
+@pytest.mark.parametrize("policy", [TOVA(4), H2O(4, recent=1), TOVA(4, per_head=True)], ids=str)
+def test_caches_at_their_budget_share_one_layout_however_they_got_there(policy):
+    """A bounded cache grows until it holds its budget, then keeps budget + 1 slots: one row that reached the
+    budget exactly and one that evicted on the way concatenate (as the HF cache merges padded rows), and the
+    merged cache continues exactly as the two rows do on their own."""
+    gen = torch.Generator().manual_seed(0)
+
+    def qkv(T):
+        return (torch.randn(1, 4, T, 8, generator=gen, dtype=torch.float64),
+                torch.randn(1, 2, T, 8, generator=gen, dtype=torch.float64),
+                torch.randn(1, 2, T, 8, generator=gen, dtype=torch.float64))
+
+    exact, over = KVCache(policy), KVCache(policy)
+    exact.attend(*qkv(4), torch.arange(4))
+    over.attend(*qkv(7), torch.arange(7))
+    assert len(exact) == len(over) == 4 and exact.capacity == over.capacity == 5
+    merged = KVCache.concat([exact.select_rows([0]), over.select_rows([0])])
+    q, k, v = qkv(1)
+    both = merged.attend(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1),
+                         torch.tensor([[4], [7]]))
+    alone = [exact.attend(q, k, v, torch.tensor([4])), over.attend(q, k, v, torch.tensor([7]))]
+    assert_close(both, torch.cat(alone), rtol=1e-12, name="merged rows")
+    assert torch.equal(merged.kept_positions(), torch.cat([exact.kept_positions(), over.kept_positions()]))

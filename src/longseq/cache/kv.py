@@ -147,11 +147,12 @@ class KVCache(_Eviction, _StaticMode, LayerState):
             self.score[..., :n] = old_score[..., :n]
 
     def _bounded_room(self, k: Tensor, T: int) -> None:
-        """Before ``T`` tokens enter a bounded dynamic cache: all ``budget + 1`` slots if they make it evict,
-        else room for them (growing geometrically, or to what :meth:`reserve` asked), never more."""
+        """Before ``T`` tokens enter a bounded dynamic cache: all ``budget + 1`` slots once it holds ``budget``
+        tokens (then every cache at its budget has the same layout, which ``concat`` needs, and the next token
+        evicts), else room for them (growing geometrically, or to what :meth:`reserve` asked), never more."""
         assert self.budget is not None
         full, need = self.budget + 1, self._n + T
-        need = full if need > self.budget else need
+        need = full if need >= self.budget else need
         if self.k is not None and self.capacity >= need:
             return
         target = full if need == full else min(full, max(need, self._reserve, self.capacity * 3 // 2))
