@@ -104,8 +104,11 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: Any) -> TransformerLM:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder, name = str(path.parent), path.name
-    cfg = config_from_hf(AutoConfig.from_pretrained(folder, gguf_file=name).to_dict())
-    hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # transformers parses the whole .gguf (vocabulary included, seconds for a 49K-token one) for each config it
+    # reads: read it once and hand it to the model.
+    hf_config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    cfg = config_from_hf(hf_config.to_dict())
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=hf_config, dtype=torch.float32)
     tensors = dict(hf_model.state_dict())
     from ..tokenizer import HFTokenizer
 
