@@ -89,8 +89,8 @@ def test_grouped_prefill_equals_one_row_at_a_time(kind, overrides, spec, group_t
         monkeypatch.setattr(module, "GROUP_STATE_BYTES", 2 * per_row + per_row // 2)
     model = _model(kind, overrides)
     calls = []  # (rows, tokens) of every model call: the grouping and the per-call token cap
-    step = model.step
-    monkeypatch.setattr(model, "step", lambda ids, state: (calls.append(tuple(ids.shape)), step(ids, state))[1])
+    step = model.step_last  # what prefill calls
+    monkeypatch.setattr(model, "step_last", lambda ids, state: (calls.append(tuple(ids.shape)), step(ids, state))[1])
     gen = torch.Generator().manual_seed(3)
     rows = [torch.randint(0, 256, (1, n), generator=gen) for n in (40, 40, 40, 17, 40, 40)]
     states, logits = [], []

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from longseq import TOVA, build_model, generate, sample_next
+from longseq import H2O, TOVA, Sink, build_model, generate, sample_next
 from longseq.generate import as_token_ids
 
 
@@ -80,8 +82,8 @@ def test_bad_generation_argument_types_fail_before_any_work(kwargs, error, patte
     def no_work(*args, **kw):
         raise AssertionError("the model ran before the arguments were checked")
 
-    monkeypatch.setattr(model, "step", no_work)
-    monkeypatch.setattr(model, "init_state", no_work)
+    for name in ("step", "step_last", "init_state"):
+        monkeypatch.setattr(model, name, no_work)
     with pytest.raises(error, match=pattern):
         generate(model, "x", 3, **kwargs)
 
@@ -91,42 +93,59 @@ def test_empty_prompt_is_rejected():
         generate(build_model("gla", "tiny"), "", 3)
 
 
-def test_prefill_bounds_the_logits_of_one_call_and_stays_exact(monkeypatch):
-    """The model returns logits for every token of a call: a long prompt goes through in chunks whose logits fit
-    PREFILL_LOGITS (greedy continuation as with one call, computed before the bound applies)."""
-    import importlib
-
-    prefill_mod = importlib.import_module("longseq.generate.prefill")  # the package exports a function of that name
+def test_prefill_computes_the_logits_of_the_last_token_only():
+    """A long prompt to a large-vocabulary model would hold [T, V] logits: prefill asks for the last position's
+    only (the head sees one position per row), and greedy decoding still equals a loop over full forwards."""
     torch.manual_seed(0)
     model = build_model("transformer", "tiny").double()
-    prompt = torch.randint(0, 256, (1, 50))
-    expected = generate(model, prompt, 5, temperature=0)
-    calls = []
-    real = model.step
-    monkeypatch.setattr(model, "step", lambda ids, state: calls.append(ids.shape[1]) or real(ids, state))
-    monkeypatch.setattr(prefill_mod, "PREFILL_LOGITS", 8 * 256)  # 8 tokens of a 256-id vocabulary
-    got = generate(model, prompt, 5, temperature=0)
-    assert torch.equal(got, expected)
-    assert calls[:7] == [8] * 6 + [2]  # the prompt: 6 x 8 + 2 tokens, then one token per step
+    prompt = torch.randint(0, 256, (2, 50))
+    seen = []
+    hook = model.head.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        got = generate(model, prompt, 5, temperature=0)
+    finally:
+        hook.remove()
+    assert seen[0] == (2, 1, model.config.d_model)  # the prompt's call
+    x = prompt
+    with torch.no_grad():
+        for _ in range(5):
+            x = torch.cat([x, model(x)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(got, x)
 
 
-def test_a_budget_above_the_sequence_allocates_only_what_arrives():
-    """TOVA(10^9) never evicts within 11 tokens: generation equals the full cache's (static and dynamic) instead
-    of allocating 10^9 slots, and a dynamic cache holds only the tokens seen."""
+@pytest.mark.parametrize("policy", [TOVA(10**9), H2O(10**9), Sink(10**9)], ids=["tova", "h2o", "sink"])
+def test_a_budget_above_the_sequence_allocates_only_what_arrives(policy):
+    """A budget of 10^9 never evicts within 11 tokens: generation equals the same policy at a budget just above the
+    sequence (never evicting either) instead of allocating 10^9 slots, static and dynamic, and a dynamic cache
+    holds only the tokens seen."""
     torch.manual_seed(0)
     model = build_model("transformer", "tiny").double()
     prompt = torch.randint(0, 256, (2, 5))
-    full = generate(model, prompt, 6, temperature=0)
+    small = dataclasses.replace(policy, budget=12, **({"recent": 6} if isinstance(policy, H2O) else {}))
     for static in (True, False):
-        assert torch.equal(generate(model, prompt, 6, temperature=0, cache=TOVA(10**9), static=static), full)
-    state = model.init_state(2, cache=TOVA(10**9))
+        expected = generate(model, prompt, 6, temperature=0, cache=small, static=static)
+        assert torch.equal(generate(model, prompt, 6, temperature=0, cache=policy, static=static), expected)
+    assert torch.equal(generate(model, prompt[:, :2], 2, temperature=0, cache=policy, static=True),
+                       generate(model, prompt[:, :2], 2, temperature=0, static=True))  # Sink: budget > sinks
+    state = model.init_state(2, cache=policy)
     model.step(prompt, state)
     assert state.layers[0].capacity < 64
+
+
+def test_generate_takes_a_policy_spec_and_refuses_other_caches():
+    torch.manual_seed(0)
+    model = build_model("transformer", "tiny").double()
+    prompt = torch.randint(0, 256, (1, 9))
+    assert torch.equal(generate(model, prompt, 4, temperature=0, cache="tova:4"),
+                       generate(model, prompt, 4, temperature=0, cache=TOVA(4)))
+    with pytest.raises(TypeError, match="cache must be a CachePolicy such as TOVA"):
+        generate(model, prompt, 4, cache=512)
 
 
 def test_a_sequence_longer_than_the_models_limit_fails_before_decoding(monkeypatch):
     model = build_model("megabyte", "tiny")
     limit = model.capabilities.max_seq_len
-    monkeypatch.setattr(model, "step", lambda *a: (_ for _ in ()).throw(AssertionError("decoded")))
+    for name in ("step", "step_last"):
+        monkeypatch.setattr(model, name, lambda *a: (_ for _ in ()).throw(AssertionError("decoded")))
     with pytest.raises(ValueError, match=f"make {limit + 1} tokens, more than this model's max_seq_len={limit}"):
         generate(model, torch.zeros(1, 4, dtype=torch.long), limit - 3)

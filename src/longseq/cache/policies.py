@@ -396,6 +396,22 @@ def parse_budget(spec: int | str) -> int | str:
     return f"ctx/{int(match.group(1))}"
 
 
+def fit_budget(policy: CachePolicy, max_tokens: int) -> CachePolicy:
+    """``policy`` with its budget lowered to ``max_tokens`` when a sequence of at most that many tokens can never
+    fill it: such a policy never evicts, so only the memory a static cache allocates (``budget + 1`` slots)
+    changes. Options that must stay below the budget follow it (they never act without an eviction)."""
+    if not isinstance(policy, BoundedPolicy) or policy.budget <= max_tokens:
+        return policy
+    budget = max(max_tokens, policy.sinks + 1) if isinstance(policy, Sink) else max_tokens
+    changes: dict[str, Any] = {"budget": budget}
+    if isinstance(policy, H2O):
+        changes["recent"] = min(policy.recent, budget)
+    try:
+        return dataclasses.replace(policy, **changes)
+    except (TypeError, ValueError):  # a user policy with other constraints: keep it as it is
+        return policy
+
+
 def resolve_budget(budget: int | str, length: int) -> int:
     """Tokens kept per layer for a prompt of ``length`` tokens."""
     budget = parse_budget(budget)

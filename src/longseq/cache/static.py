@@ -138,8 +138,9 @@ class _StaticMode(CacheBuffers):
         """Static mode: copy ``src``'s kept tokens into batch rows ``rows`` (default: all) of this cache.
 
         ``src`` is a cache under the same policy holding ``rows``' batch (typically a dynamic cache that a
-        prompt was prefilled into). A bounded ``src`` has the same ``budget + 1`` slots, copied as they
-        are; a ``Full`` one is copied into slots ``[0, n)`` (temporal order) and the rest marked empty.
+        prompt was prefilled into). A bounded ``src`` holds ``budget + 1`` slots once it has reached its budget,
+        copied as they are, and fewer before (in temporal order: they go first, the rest is marked empty); a
+        ``Full`` one is copied into slots ``[0, n)`` (temporal order) and the rest marked empty.
         """
         self.check_load(src)
         assert self.k is not None and self.v is not None and self.slot_pos is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..cache.policies import CachePolicy
+from ..cache.policies import CachePolicy, fit_budget, parse_policy
 from ..models.base import LanguageModel
 from ..tokenizer import Tokenizer
 from .decoder import Decoder, compile_mode, decode_cache
@@ -40,7 +41,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     *,
-    cache: CachePolicy | None = None,
+    cache: CachePolicy | str | None = None,
     seed: int | None = None,
     on_token: Callable[[Tensor], None] | None = None,
     stop: int | str | bytes | Sequence[int | str | bytes] | None = None,
@@ -58,9 +59,12 @@ def generate(
             prompts (each one row, ``[T_i]`` ids / text / bytes), which may differ in length: each is
             prefilled on its own into its row of a static batched state, so padding never enters a
             state or a cache policy, and all rows then decode together at their own positions.
-        max_new_tokens: number of tokens to add (``>= 0``).
+        max_new_tokens: number of tokens to add (``>= 0``); the longest prompt plus these must fit the
+            model's ``max_seq_len`` where it has one (MEGABYTE), checked before any work.
         temperature, top_k, top_p: sampling controls (see :func:`sample_race`; ``temperature=0``: greedy).
-        cache: KV-cache policy for models with attention layers (default: keep everything).
+        cache: KV-cache policy (or a spec such as ``"tova:512"``) for models with attention layers (default:
+            keep everything). A budget above the longest prompt plus ``max_new_tokens`` never evicts and is
+            lowered to that length (same output, a smaller static state).
         seed: seeds a private generator, so sampling does not touch the global RNG.
         on_token: called with each new ``[B]`` token batch (on the CPU) as it is produced (streaming);
             rows that have stopped carry ``pad_id``.
@@ -74,7 +78,8 @@ def generate(
             static eager path and warns once.
         static: force (True) or forbid (False) the static state; default: static when ``compile`` or
             the prompts differ in length.
-        prefill_chunk: prefill in chunks of this many tokens (default: the whole prompt in one step).
+        prefill_chunk: prefill in chunks of this many tokens (default: the whole prompt in one step; either
+            way the model computes the logits of each prompt's last token only).
         pad_id: fills the places of a tensor result after a row's stop.
         stop_at_eos: also end a row at the tokenizer's end-of-sequence id (pretrained models; byte
             models have none), as HF ``generate`` does.
@@ -84,6 +89,10 @@ def generate(
         tensors, each row's prompt and its continuation up to and including its stop.
     """
     mode = _check_args(max_new_tokens, compile, temperature, top_k, top_p, prefill_chunk)
+    if isinstance(cache, str):
+        cache = parse_policy(cache)
+    if cache is not None and not isinstance(cache, CachePolicy):
+        raise TypeError(f"cache must be a CachePolicy such as TOVA(512), or a spec such as 'tova:512'; got {cache!r}")
     stops = Stops(stop, model.tokenizer, eos=stop_at_eos, vocab_size=model.config.vocab_size)
     device = model.device
     as_list = isinstance(prompt, (list, tuple))
@@ -97,10 +106,10 @@ def generate(
     if caps.max_seq_len is not None and max_len > caps.max_seq_len:
         raise ValueError(f"a prompt of {max(lengths)} tokens and max_new_tokens={max_new_tokens} make {max_len} "
                          f"tokens, more than this model's max_seq_len={caps.max_seq_len}")
-    if cache is not None and cache.budget is not None and cache.budget >= max_len and caps.cache_policies:
-        # A budget the sequence never fills never evicts: the full cache computes the same, and a static state
-        # then holds max_len slots, not budget + 1 (which a budget far above the sequence could not allocate).
-        cache = None
+    if cache is not None:
+        # A budget the sequence never fills never evicts: a static state then needs max_len + 1 slots, not
+        # budget + 1 (which a budget far above the sequence could not allocate).
+        cache = fit_budget(cache, max_len)
     if static is False and ragged:
         raise ValueError("prompts of different lengths need the static state (static=None or True)")
     use_static = bool(mode or ragged) if static is None else static
@@ -142,7 +151,8 @@ def _check_args(max_new_tokens: int, compile: bool | str, temperature: float, to
         raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
     mode = compile_mode(compile)
     check_sampling(temperature, top_k, top_p)
-    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)):
+    integral = isinstance(prefill_chunk, numbers.Integral) and not isinstance(prefill_chunk, bool)
+    if prefill_chunk is not None and not integral:
         raise TypeError(f"prefill_chunk must be an int or None; got {prefill_chunk!r} ({type(prefill_chunk).__name__})")
     if prefill_chunk is not None and prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be >= 1; got {prefill_chunk}")

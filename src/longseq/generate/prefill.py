@@ -12,27 +12,23 @@ from ..cache.policies import CachePolicy
 from ..models.base import LanguageModel
 from ..models.state import ModelState
 
-# Most logits one prefill call may produce (b x chunk x vocab): the model returns logits for every token of a
-# call, and prefill keeps only the last, so a long prompt goes through in chunks whose logits fit 256 MiB of
-# fp32 (1,365 tokens for a 49,152-token vocabulary; 262,144 bytes for a byte model). Chunking is exact.
-PREFILL_LOGITS = 1 << 26
-
 
 def prefill(
     model: LanguageModel, ids: Tensor, cache: CachePolicy | None, chunk: int | None
 ) -> tuple[Tensor, ModelState]:
-    """Dynamic state after ``ids`` ``[b, T]`` and the last logits ``[b, V]``; the prompt goes through in chunks
-    of at most ``chunk`` tokens (None: as few calls as :data:`PREFILL_LOGITS` allows)."""
+    """Dynamic state after ``ids`` ``[b, T]`` (in chunks of ``chunk`` tokens; None: one call) and the last
+    logits ``[b, V]``. Each call asks the model for its last logits only (:meth:`LanguageModel.step_last`), so a
+    long prompt to a large-vocabulary model never holds ``[b, T, V]`` of them."""
     state = model.init_state(ids.shape[0], cache=cache)
     for layer in state.layers:
         layer.reserve(ids.shape[1])  # one allocation, no regrowth while the prompt streams in
     T = ids.shape[1]
-    step = min(T if chunk is None else chunk, max(1, PREFILL_LOGITS // (ids.shape[0] * model.config.vocab_size)))
+    step = T if chunk is None else chunk
     logits = None
     for a in range(0, T, step):
-        logits, state = model.step(ids[:, a : a + step], state)
+        logits, state = model.step_last(ids[:, a : a + step], state)
     assert logits is not None
-    return logits[:, -1], state
+    return logits, state
 
 
 # Tokens per model call when several prompts are prefilled together (see prefill_rows).
@@ -63,7 +59,7 @@ def prefill_rows(
     if max_group is None:
         # Only the layers that persist along the sequence decide (MEGABYTE's local caches hold one patch).
         unbounded = not all(layer.bounded for layer in model.init_state(1, cache=cache).persistent_layers)
-        # The static state's size per row is the bounded dynamic state's (both hold budget + 1 slots).
+        # The static state's size per row bounds the dynamic state's (budget + 1 slots at most for both).
         per_row = max(1, state.nbytes() // max(1, state.batch_size))
         max_group = 1 if unbounded else max(1, min(len(rows), GROUP_STATE_BYTES // per_row))
     if max_group < 1:

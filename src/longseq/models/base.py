@@ -62,6 +62,13 @@ class LanguageModel(nn.Module, ABC):
         Returns ``[B, T, vocab]`` logits and the updated state (the same object, updated in place).
         """
 
+    def step_last(self, input_ids: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        """As :meth:`step`, returning only the logits after the last token, ``[B, vocab]``: what a prefill needs.
+        Models override it to skip the others (a ``[B, T, vocab]`` tensor is gigabytes for a long prompt and a
+        subword vocabulary)."""
+        logits, state = self.step(input_ids, state)
+        return logits[:, -1], state
+
     @abstractmethod
     def embedding_weights(self) -> list[Tensor]:
         """The token (and position) embedding tables, which :meth:`num_params` can leave out."""

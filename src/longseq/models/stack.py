@@ -90,14 +90,23 @@ class StackLM(LanguageModel):
         return state
 
     def step(self, input_ids: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        return self._step(input_ids, state, last_only=False)
+
+    def step_last(self, input_ids: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        logits, state = self._step(input_ids, state, last_only=True)
+        return logits[:, -1], state
+
+    def _step(self, input_ids: Tensor, state: ModelState, last_only: bool) -> tuple[Tensor, ModelState]:
+        """:meth:`step`'s logits ``[B, T, vocab]``, or ``[B, 1, vocab]`` after the last token only."""
         self.check_step_inputs(input_ids, state)
         if state.static:
-            return self._static_step(input_ids, state), state
+            logits = self._static_step(input_ids, state)
+            return (logits[:, -1:] if last_only else logits), state
         T = input_ids.shape[1]
         positions = torch.arange(state.position, state.position + T, device=input_ids.device)
         h = self.blocks(self.embed(input_ids), positions, state.layers)
         state.position += T
-        return self.head(self.norm(h)), state
+        return self.head(self.norm(h[:, -1:] if last_only else h)), state
 
     def _static_step(self, input_ids: Tensor, state: ModelState) -> Tensor:
         """``step`` on a static state: one token per row at the rows' own positions (``T > 1``: a loop)."""

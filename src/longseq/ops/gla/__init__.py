@@ -30,7 +30,7 @@ from .step import gla_decode_step
 __all__ = ["gated_linear_attention", "gla_chunk", "gla_decode_step", "gla_recurrent", "BACKENDS"]
 
 BACKENDS = ("auto", "recurrent", "chunk", "triton")
-# Below this many new tokens a plain loop beats padding a 64-token chunk (decode, short prefills).
+# Below this many new tokens a plain loop beats padding a chunk (64 tokens in Triton, 32 in PyTorch).
 _RECURRENT_MAX_T = 16
 _log = logging.getLogger("longseq.ops.gla")
 _said: set[str] = set()
@@ -169,10 +169,10 @@ def gated_linear_attention(
             sequence ``i`` is ``[cu_seqlens[i], cu_seqlens[i+1])``; states never cross a boundary.
         check_values: verify that q, k, v and initial_state are finite and that g has no NaN and is
             ``<= 0``, all with one host sync. The chunkwise backends (``chunk``, ``triton``) mix the tokens
-            of a 64-token chunk in matrix products, so a NaN or inf would reach outputs of its chunk
-            *before* it (the recurrent backend only those from it on): every backend rejects it instead.
-            Callers that control their inputs (the models) turn it off so decoding never waits on the
-            GPU; then a non-finite input gives undefined outputs, up to 63 tokens before it.
+            of a chunk (32 tokens in PyTorch, 64 in Triton) in matrix products, so a NaN or inf would reach
+            outputs of its chunk *before* it (the recurrent backend only those from it on): every backend
+            rejects it instead. Callers that control their inputs (the models) turn it off so decoding never
+            waits on the GPU; then a non-finite input gives undefined outputs, up to 63 tokens before it.
     Returns:
         ``(o, final_state)``: ``o`` is ``[B, T, H, V]`` in ``v``'s dtype; ``final_state`` is
         ``[B, H, K, V]`` (``[N, H, K, V]`` with ``cu_seqlens``) in float32 (float64 when the inputs
