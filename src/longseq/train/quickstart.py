@@ -1,7 +1,7 @@
 """``longseq quickstart``: a tiny GLA model trained on the built-in corpus on a CPU in a few minutes.
 
 The settings were tuned on 2 CPU cores to reach a validation bits-per-byte well under 3.0 (an untrained
-model scores ~8) in about two minutes.
+model scores ~8) in two to three minutes.
 """
 
 from __future__ import annotations
