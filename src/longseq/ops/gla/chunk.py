@@ -52,7 +52,7 @@ def gla_chunk(
             elementwise work per token grows as ``c`` (diagonal blocks) + ``C / c`` (off-diagonal blocks) +
             ``(C / c)^3 / C`` (the decays between sub-chunks): 32 and 8 make it 14 against 21 for 64 and 16,
             and a tiny GLA LM's CPU training step 1.3-1.7x faster (the quickstart's shape, noisy runs; the
-            quickstart went from 190 to 131 s).
+            quickstart went from 190 to 131-154 s).
         Nothing is checked here: a NaN or inf in q, k or v reaches every output of its chunk, earlier
         ones included (:func:`~longseq.ops.gla.gated_linear_attention` rejects them first).
     Returns:
