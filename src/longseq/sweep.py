@@ -51,25 +51,6 @@ def write_atomically(path: str | Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
-def spec_budget(spec: str) -> int | None:
-    """The budget written into a policy spec (``"tova:32"`` -> 32; ``"tova"``, ``"sink:sinks=8"`` -> None), read
-    as :func:`longseq.cache.parse_policy` reads it: an integer right after the name."""
-    parts = spec.strip().split(":")
-    return int(parts[1]) if len(parts) > 1 and parts[1].strip().lstrip("-").isdigit() else None
-
-
-def check_spec_without_budget(spec: str, where: str = "budgets") -> None:
-    """Refuse a policy spec with its own budget in a grid whose budgets come from ``where``: the grid would label
-    the cell by the grid's budget while the policy keeps the spec's (``tova:32`` in the 16 column is tova at 32)."""
-    own = spec_budget(spec)
-    if own is not None:
-        name = spec.strip().split(":")[0]
-        rest = ":".join(spec.strip().split(":")[2:])
-        bare = name + (f":{rest}" if rest else "")
-        raise ValueError(f"policy {spec!r} carries its own budget ({own}), but the budgets come from {where}: "
-                         f"write {bare!r} and put {own} in {where}")
-
-
 def sweep_tokenizer(model: torch.nn.Module) -> Tokenizer | None:
     """``model.tokenizer``, or None for a model without one (scored as one byte per token)."""
     tokenizer = getattr(model, "tokenizer", None)
@@ -279,10 +260,8 @@ def _sweep_runs(
     specs: list[str], budgets: list[int], include_full: bool
 ) -> list[tuple[str, int | None, CachePolicy]]:
     """Every ``(spec, budget, policy)`` of the grid, policy by policy, then ``("full", None, Full())``."""
-    for spec in specs:
-        check_spec_without_budget(spec)
     grid: dict[str, dict[int, CachePolicy]] = {
-        p: {b: parse_policy(p, budget=b) for b in budgets} for p in specs
+        p: {b: parse_policy(p, budget=b, budgets_from="budgets") for b in budgets} for p in specs
     }
     runs: list[tuple[str, int | None, CachePolicy]] = [
         (p, b, pol) for p, row in grid.items() for b, pol in row.items()

@@ -337,13 +337,15 @@ def _coerce_option(policy: str, key: str, value: str, annotation: Any) -> Any:
     raise ValueError(f"policy {policy!r}: option {key}={value!r} is not a valid {text}")
 
 
-def parse_policy(spec: str, budget: int | None = None) -> CachePolicy:
+def parse_policy(spec: str, budget: int | None = None, *, budgets_from: str | None = None) -> CachePolicy:
     """A policy from a short spec: ``"full"`` or ``"<name>:<budget>[:<option>[=<value>]]..."``.
 
     Examples: ``"tova:512"``, ``"tova:512:per_head"``, ``"tova_head:512"``, ``"sink:512:sinks=8"``,
     ``"h2o:512:recent=128"``, ``"window:64"``. ``budget`` fills in a spec written without one
-    (``parse_policy("sink:sinks=8", budget=64)``), which is how a sweep combines policies with budgets;
-    it is ignored for ``full``. Unknown names or options and bad values raise ``ValueError``.
+    (``parse_policy("sink:sinks=8", budget=64)``); it is ignored for ``full``. ``budgets_from`` names where a
+    grid's budgets come from (a sweep's ``--budgets``): a spec carrying its own budget is then refused, since the
+    grid would label the cell by its budget while the policy kept the spec's. Unknown names or options and bad
+    values raise ``ValueError``.
     """
     if not isinstance(spec, str):
         raise TypeError(f"a cache policy spec is a string such as 'tova:512'; got {type(spec).__name__}")
@@ -365,6 +367,10 @@ def parse_policy(spec: str, budget: int | None = None) -> CachePolicy:
     if rest and rest[0].lstrip("-").isdigit():
         spec_budget: int | None = int(rest[0])
         rest = rest[1:]
+        if budgets_from is not None:
+            bare = ":".join([parts[0], *rest])
+            raise ValueError(f"policy {spec!r} carries its own budget ({spec_budget}), but the budgets come from "
+                             f"{budgets_from}: write {bare!r} and put {spec_budget} in {budgets_from}")
     else:
         spec_budget = budget
     if spec_budget is None:

@@ -177,11 +177,11 @@ def _check_mode_flags(args: argparse.Namespace, mode: str) -> None:
 def _check_spec_budgets(args: argparse.Namespace) -> None:
     """A policy spec with its own budget (``tova:32``) next to ``--budgets`` would run at one budget and be labelled
     by another: eval takes budgets from ``--budgets`` only."""
-    from ..sweep import check_spec_without_budget
+    from ..cache import parse_policy
 
     for spec in args.policies or []:
         try:
-            check_spec_without_budget(spec, where="--budgets")
+            parse_policy(spec, budget=1 << 20, budgets_from="--budgets")  # any budget an option allows
         except ValueError as err:
             raise ValueError(f"--policies: {err}") from None
 
