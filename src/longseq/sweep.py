@@ -13,8 +13,6 @@ tokenizer, such as an HF model behind :mod:`longseq.hf`, counts one byte per tok
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,27 +26,12 @@ from torch import Tensor
 from . import jsonio
 from .cache.policies import CachePolicy, Full, parse_policy
 from .evaluate import Document, Score, scored_bytes, tokenize
+from .fileio import write_atomically
 from .tokenizer import BYTES, Tokenizer
 
 METRICS = ("ppl", "bpb", "loss")
 #: What a sweep writes into its folder (``out_dir``).
 SWEEP_FILES = ("sweep.md", "sweep.json", "sweep.png")
-
-
-def write_atomically(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """Make the file ``path`` by ``write(temporary path)`` in the same folder, then rename it into place.
-
-    The rename replaces an earlier file in one step, so a crash or a failed write never leaves half a file, nor
-    destroys the earlier one. The temporary name keeps ``path``'s suffix (matplotlib picks a format by it), and it
-    is created by ``write`` itself, with the user's usual permissions."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def sweep_tokenizer(model: torch.nn.Module) -> Tokenizer | None:

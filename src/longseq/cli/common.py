@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .. import jsonio
+from ..fileio import write_atomically
 
 #: Errors that mean the user asked for something impossible: ``main`` prints them as one line and exits
 #: with status 2 instead of showing a traceback.
@@ -189,8 +190,6 @@ def write_json(path: str | Path, data: Any) -> Path:
     A folder, or a run's or checkpoint's own file, is refused before anything is written (callers should call
     :func:`check_output_file` before their work too); the file is written whole or not at all (a temporary file
     renamed over it), so an interrupted write never leaves half a result in place of an earlier one."""
-    from ..sweep import write_atomically  # imported here: the command modules load the library lazily
-
     path = Path(path)
     _refuse_unsafe_file(path, str(path), "JSON report")
     text = jsonio.dumps(data, indent=2)

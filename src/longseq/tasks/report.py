@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import jsonio
+from ..fileio import write_atomically
 
 #: What :meth:`PasskeyResult.write` puts into its folder (the plot only with matplotlib).
 PASSKEY_FILES = ("passkey.md", "passkey.json", "passkey.png")
@@ -116,8 +117,6 @@ class PasskeyResult:
         """Write ``passkey.md``, ``passkey.json`` and (with matplotlib) ``passkey.png`` into ``out``; returns
         the paths by kind, and ``note`` when the plot was skipped. Each file is written whole or not at all (a
         temporary file renamed over it), so an interrupted write never leaves half a result."""
-        from ..sweep import write_atomically  # lazily: this module stays light for readers of results
-
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         markdown, data = self.to_markdown(), jsonio.dumps(self.to_json(), indent=2) + "\n"

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..fileio import write_atomically
 from ..tokenizer import BYTES, Tokenizer
 from . import checkpoint as ckpt_io
 from .checkpoint import CheckpointError
@@ -140,9 +141,8 @@ def prepare_run_dir(
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_io.clean_partial_saves(run_dir)
     moved = [ckpt_io.set_aside(ckpt) for ckpt in damaged]
-    tmp = run_dir / "config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-    os.replace(tmp, run_dir / "config.json")
+    text = json.dumps(config, indent=2, sort_keys=True)
+    write_atomically(run_dir / "config.json", lambda tmp: tmp.write_text(text))
     metrics = run_dir / "metrics.jsonl"
     if resume_step is not None and metrics.exists():
         # Steps logged after the checkpoint will be redone: drop them so each step appears once.
