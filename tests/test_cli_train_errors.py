@@ -21,10 +21,8 @@ from longseq.models import HybridConfig
 from longseq.train import RunDirError, TrainConfig, train
 from longseq.train.checkpoint import list_checkpoints, save_checkpoint
 from longseq.train.distributed import pick_device
-from test_train import make_corpus  # tests/ is on sys.path (pytest rootdir-relative imports)
-
-SMALL = ["--set", "n_layers=1", "--seq-len", "32", "--batch-size", "4", "--eval-tokens", "256", "--no-progress",
-         "--device", "cpu", "--val-docs", "doc3"]
+from test_train import SMALL_ARGS as SMALL
+from test_train import finished_run, make_corpus  # tests/ is on sys.path (pytest rootdir-relative imports)
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +33,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, corpus) -> Path:
     """A finished 2-step run (never modified: tests that change it work on a copy)."""
-    out = tmp_path_factory.mktemp("train-errors-run") / "run"
-    train(TrainConfig(out=str(out), data=[str(corpus)], val_docs=["doc3"], overrides={"n_layers": 1}, seq_len=32,
-                      batch_size=4, steps=2, eval_every=0, eval_tokens=256, progress=False, device="cpu"))
-    return out
+    return finished_run(tmp_path_factory.mktemp("train-errors-run") / "run", corpus, steps=2)
 
 
 def _error(capsys, argv: list[str]) -> str:

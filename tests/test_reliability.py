@@ -23,10 +23,8 @@ from longseq.models import MODELS, ModelConfig, build_model
 from longseq.train import RunDirError, TrainConfig, load_model, train
 from longseq.train import checkpoint as ck
 from longseq.train.checkpoint import list_checkpoints
-from test_train import WORDS, make_corpus  # tests/ is on sys.path (pytest rootdir-relative imports)
-
-SMALL = ["--set", "n_layers=1", "--seq-len", "32", "--batch-size", "4", "--eval-tokens", "256", "--no-progress",
-         "--device", "cpu", "--val-docs", "doc3"]
+from test_train import SMALL_ARGS as SMALL
+from test_train import WORDS, finished_run, make_corpus  # tests/ is on sys.path (pytest rootdir-relative imports)
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +35,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, corpus) -> Path:
     """A finished 4-step run with checkpoints at steps 2 and 4 (never modified: tests copy it)."""
-    out = tmp_path_factory.mktemp("rel-run") / "run"
-    train(TrainConfig(out=str(out), data=[str(corpus)], val_docs=["doc3"], overrides={"n_layers": 1}, seq_len=32,
-                      batch_size=4, steps=4, eval_every=2, eval_tokens=256, progress=False, device="cpu"))
-    return out
+    return finished_run(tmp_path_factory.mktemp("rel-run") / "run", corpus, steps=4, eval_every=2)
 
 
 def _copy(run: Path, where: Path) -> Path:

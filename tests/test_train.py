@@ -23,6 +23,18 @@ from longseq.train.schedule import WarmupCosine
 WORDS = b"the quick brown fox jumps over a lazy dog while seven wizards hex bold jumping zebras ".split()
 
 
+# CLI flags of a tiny run on a make_corpus corpus, and the same run through the API (finished_run).
+SMALL_ARGS = ["--set", "n_layers=1", "--seq-len", "32", "--batch-size", "4", "--eval-tokens", "256", "--no-progress",
+              "--device", "cpu", "--val-docs", "doc3"]
+
+
+def finished_run(out: Path, corpus: Path, steps: int, eval_every: int = 0) -> Path:
+    """A finished tiny run of ``steps`` steps in ``out`` (the settings of :data:`SMALL_ARGS`)."""
+    train(TrainConfig(out=str(out), data=[str(corpus)], val_docs=["doc3"], overrides={"n_layers": 1}, seq_len=32,
+                      batch_size=4, steps=steps, eval_every=eval_every, eval_tokens=256, progress=False, device="cpu"))
+    return out
+
+
 def make_corpus(root: Path, n_docs: int = 4, size: int = 3000, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
