@@ -2,6 +2,10 @@
 
     python benchmarks/bench_gla_op.py                       # CPU, B=1 T=8192 H=4 K=V=64, fp32
     python benchmarks/bench_gla_op.py --device cuda --T 2048 8192 --dtype bfloat16
+    python benchmarks/bench_gla_op.py --backends chunk chunk@64x16 recurrent   # the chunk path at other sizes
+
+``chunk@CxS`` runs the PyTorch chunk function with chunks of ``C`` and sub-chunks of ``S`` tokens (the ``chunk``
+backend runs it at its defaults), so chunk sizes are compared in one run.
 
 Prints a Markdown table and one JSON line per row (append them to benchmarks/RESULTS.md).
 """
@@ -16,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from longseq.ops.gla import gated_linear_attention
+from longseq.ops.gla import gated_linear_attention, gla_chunk
 
 
 def _sync(device: torch.device) -> None:
@@ -35,6 +39,18 @@ def time_call(fn, device: torch.device, repeats: int) -> float:
         _sync(device)
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def gla_op(backend: str):
+    """``(q, k, v, g) -> o`` of a backend name: the public op, or ``chunk@CxS`` (the chunk function at chunk sizes
+    ``C`` and ``S``)."""
+    if backend.startswith("chunk@"):
+        try:
+            C, c = (int(x) for x in backend.removeprefix("chunk@").split("x"))
+        except ValueError:
+            raise SystemExit(f"--backends: {backend!r} is not chunk@CxS (e.g. chunk@64x16)") from None
+        return lambda q, k, v, g: gla_chunk(q, k, v, g, q.shape[-1] ** -0.5, None, C, c)[0]
+    return lambda q, k, v, g: gated_linear_attention(q, k, v, g, backend=backend)[0]
 
 
 def main() -> None:
@@ -58,13 +74,14 @@ def main() -> None:
         v = torch.randn(args.B, T, args.H, args.V, device=device, dtype=dtype, requires_grad=True)
         g_logit = torch.randn(shape, device=device, dtype=torch.float32, requires_grad=True)
         for backend in args.backends:
-            def fwd(q=q, k=k, v=v, g_logit=g_logit, backend=backend):
-                with torch.no_grad():
-                    gated_linear_attention(q, k, v, F.logsigmoid(g_logit) / 16, backend=backend)
+            op = gla_op(backend)
 
-            def fwd_bwd(q=q, k=k, v=v, g_logit=g_logit, backend=backend):
-                o, _ = gated_linear_attention(q, k, v, F.logsigmoid(g_logit) / 16, backend=backend)
-                o.float().sum().backward()
+            def fwd(q=q, k=k, v=v, g_logit=g_logit, op=op):
+                with torch.no_grad():
+                    op(q, k, v, F.logsigmoid(g_logit) / 16)
+
+            def fwd_bwd(q=q, k=k, v=v, g_logit=g_logit, op=op):
+                op(q, k, v, F.logsigmoid(g_logit) / 16).float().sum().backward()
 
             row = dict(
                 backend=backend, B=args.B, T=T, H=args.H, K=args.K, V=args.V, dtype=args.dtype,
