@@ -10,20 +10,58 @@ from longseq import Full, build_model
 from longseq.tasks.mqar import IGNORE, VALUES, mqar_accuracy, mqar_batch, mqar_loss, train_mqar
 
 
-def test_rows_hold_the_pairs_then_each_key_queried_once_with_its_value():
+def test_rows_hold_the_pairs_then_queries_of_random_pairs_each_followed_by_its_value():
     b = mqar_batch(8, 64, 6, torch.Generator().manual_seed(0))
     for x, y, ans in zip(b.inputs.tolist(), b.targets.tolist(), b.answers.tolist(), strict=True):
         pairs = dict(zip(x[0:12:2], x[1:12:2], strict=True))
         assert len(pairs) == 6 and all(1 <= k < 128 for k in pairs) and all(v in VALUES for v in pairs.values())
         rest = x[12:]
         asked = [(i + 12, t) for i, t in enumerate(rest) if 1 <= t < 128]  # keys after the pairs
-        assert sorted(k for _, k in asked) == sorted(pairs) and [i for i, _ in asked] == ans
+        assert len(asked) == 6 and all(k in pairs for _, k in asked) and [i for i, _ in asked] == ans
         for i, k in asked:
             assert x[i + 1] == pairs[k] and y[i] == pairs[k]  # the value follows, and is the target
         assert sum(t != IGNORE for t in y) == 6
         assert all(t == 0 for i, t in enumerate(x) if i >= 12 and i not in ans and i - 1 not in ans)
     again = mqar_batch(8, 64, 6, torch.Generator().manual_seed(0))
     assert torch.equal(again.inputs, b.inputs)
+
+
+class Eliminator(torch.nn.Module):
+    """Knows no key-value pair: at each query key it guesses the first value of the row not asked yet. Had
+    every key been asked exactly once, this would answer the last query always right (H_N / N overall)."""
+
+    def __init__(self, n_pairs: int) -> None:
+        super().__init__()
+        self.n = n_pairs
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        out = torch.zeros(*x.shape, 256)
+        for r, row in enumerate(x.tolist()):
+            left = row[1 : 2 * self.n : 2]
+            for i in range(2 * self.n, len(row) - 1):
+                if 1 <= row[i] < 128:
+                    out[r, i, left[0] if left else 128] = 1.0
+                    if row[i + 1] in left:
+                        left.remove(row[i + 1])
+        return out
+
+
+def test_queries_draw_their_pairs_with_replacement_so_elimination_does_not_recall():
+    b = mqar_batch(400, 48, 4, torch.Generator().manual_seed(2))
+    asked = b.inputs.gather(1, b.answers)  # [B, 4] the keys asked
+    repeats = sum(len(set(row)) < 4 for row in asked.tolist())
+    assert 0.85 < repeats / 400 < 0.97  # 1 - 4!/4^4 = 0.906 of rows ask some pair twice
+    assert mqar_accuracy(Eliminator(4), 48, 4, n_rows=400) < 0.45  # H_4 / 4 = 0.52 without replacement
+
+
+def test_dense_rows_fill_every_slot_after_the_pairs_with_a_query():
+    b = mqar_batch(3, 40, 4, torch.Generator().manual_seed(0), n_queries=16)
+    assert b.answers.tolist() == [list(range(8, 40, 2))] * 3
+    assert ((b.inputs[:, 8:] > 0).all()) and (b.targets != IGNORE).sum() == 48
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match="n_queries"):
+            mqar_batch(1, 40, 4, n_queries=bad)
 
 
 @pytest.mark.parametrize("seq_len, n_pairs, message", [(15, 4, "too short"), (64, 0, "n_pairs"),
@@ -90,7 +128,7 @@ def test_training_on_the_task_learns_to_recall():
     far below ln 128 (knowing only that a value comes next), and then recalls on fresh rows."""
     torch.manual_seed(0)
     model = build_model("transformer", "tiny")
-    losses = train_mqar(model, 16, 1, 160, batch_size=32, lr=1e-2, warmup=20)
-    assert len(losses) == 160 and losses[0] > 5.0  # ~ln 256 at initialisation
+    losses = train_mqar(model, 16, 1, 300, batch_size=32, lr=1e-2, warmup=20)
+    assert len(losses) == 300 and losses[0] > 5.0  # ~ln 256 at initialisation
     assert sum(losses[-10:]) / 10 < 1.0
     assert mqar_accuracy(model, 16, 1, n_rows=128) > 0.9

@@ -41,9 +41,11 @@ PARTS = ("mqar", "passkey")
 
 @dataclass(frozen=True)
 class RecallSetup:
-    """What the MQAR part trains and scores (full run, or the --quick smoke run on a CPU)."""
+    """What the MQAR part trains and scores (full run, or the --quick smoke run on a CPU). ``sizes``: each
+    kind's config overrides on ``preset`` (equal widths and depths; the hybrid's one GLA and one attention layer)."""
 
     preset: str
+    sizes: dict[str, dict[str, Any]]
     train_len: int
     train_pairs: tuple[int, ...]
     eval_lens: tuple[int, ...]
@@ -52,12 +54,14 @@ class RecallSetup:
     batch_size: int
     lr: float
     eval_rows: int
+    dense: bool  # train on rows of queries only (train_mqar(dense=True)); Zoology's sparse rows were not learned
 
 
 @dataclass(frozen=True)
 class PasskeySetup:
     """What the passkey part trains (``longseq train --passkey-mix``) and scores (``longseq eval --task passkey``)."""
 
+    preset: str
     seq_len: int
     batch_size: int
     steps: int
@@ -68,10 +72,19 @@ class PasskeySetup:
     eval_tokens: int  # validation bytes of the held-out works (0: all of them)
 
 
-FULL = RecallSetup("small", 512, (8, 16, 32, 64), (256, 512), (8, 16, 32, 64), 2000, 64, 1e-3, 512)
-QUICK = RecallSetup("tiny", 64, (2, 4), (64,), (2, 4), 30, 16, 3e-3, 32)
-PASSKEY_FULL = PasskeySetup(1024, 32, 1500, 0.5, 1e-3, (512, 1008), 10, 0)
-PASSKEY_QUICK = PasskeySetup(256, 4, 8, 0.5, 3e-3, (240,), 1, 4096)
+# Zoology's model size for MQAR: two layers of width 128 (~0.47M parameters; MEGABYTE's byte-position table for
+# the 16K state adds 0.5M). The `small` preset (25M, 8 layers) learned no recall in 2000 steps at L = 512.
+ZOOLOGY_SIZES = {
+    "gla": dict(d_model=128, n_layers=2, n_heads=2),
+    "transformer": dict(d_model=128, n_layers=2, n_heads=4),
+    "hybrid": dict(d_model=128, n_layers=2, n_heads=2, attn_every=2, attn_heads=4),  # GLA, then attention
+    "megabyte": dict(d_global=128, n_global_layers=2, n_global_heads=4, d_local=64, n_local_layers=1,
+                     n_local_heads=2),
+}
+FULL = RecallSetup("tiny", ZOOLOGY_SIZES, 128, (4, 8, 16, 32), (64, 128), (4, 8, 16, 32), 3000, 64, 1e-3, 512, True)
+QUICK = RecallSetup("tiny", {}, 64, (2, 4), (64,), (2, 4), 30, 16, 3e-3, 32, True)
+PASSKEY_FULL = PasskeySetup("small", 1024, 32, 1500, 0.5, 1e-3, (512, 1008), 10, 0)
+PASSKEY_QUICK = PasskeySetup("tiny", 256, 4, 8, 0.5, 3e-3, (240,), 1, 4096)
 # (kind, config overrides, cache policies scored; "-": the model's own state / the plain forward)
 KINDS = [
     ("gla", {}, ["-"]),
@@ -102,12 +115,13 @@ def _mqar(ctx: Ctx, kind: str, overrides: dict[str, Any], policies: list[str], d
 
     rs = QUICK if ctx.setup.quick else FULL
     torch.manual_seed(0)
-    model = build_model(kind, rs.preset, **overrides).to(dev)
+    model = build_model(kind, rs.preset, **{**overrides, **rs.sizes.get(kind, {})}).to(dev)
     t0 = time.perf_counter()
     losses = train_mqar(model, rs.train_len, rs.train_pairs, rs.steps, batch_size=rs.batch_size, lr=rs.lr,
-                        warmup=max(1, rs.steps // 20), device=dev)
+                        warmup=max(1, rs.steps // 20), device=dev, dense=rs.dense)
     train_s = time.perf_counter() - t0
-    acc = {spec: {str(L): {str(n): mqar_accuracy(model, L, n, n_rows=rs.eval_rows, cache=_policy(spec, L), device=dev)
+    acc = {spec: {str(L): {str(n): mqar_accuracy(model, L, n, n_rows=rs.eval_rows, batch_size=min(rs.eval_rows, 256),
+                                                 cache=_policy(spec, L), device=dev)
                            for n in rs.eval_pairs if 4 * n <= L}
                   for L in rs.eval_lens}
            for spec in policies}
@@ -123,7 +137,7 @@ def passkey_commands(ctx: Ctx, kind: str, overrides: dict[str, Any], policies: l
                      out: Path) -> dict[str, list[str]]:
     """The ``longseq train`` and ``longseq eval --task passkey`` argv of one kind's passkey part."""
     ps = PASSKEY_QUICK if ctx.setup.quick else PASSKEY_FULL
-    preset = (QUICK if ctx.setup.quick else FULL).preset
+    preset = ps.preset
     run = ctx.run_dir(f"recall-{kind}")
     train = ["train", "--out", str(run), "--model", kind, "--preset", preset]
     for k, v in overrides.items():

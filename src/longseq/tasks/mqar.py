@@ -1,20 +1,21 @@
 """Multi-query associative recall (MQAR; the Zoology setup of Arora et al. 2023), on bytes (issue 20).
 
-A sequence opens with ``n_pairs`` key-value pairs, then holds queries -- each key once more, in another order,
-at random places in filler -- each followed by its value. A model recalls when, right after a query key, it
+A sequence opens with ``n_pairs`` key-value pairs, then holds ``n_pairs`` queries -- keys asked again, at
+random places in filler -- each followed by its value. A model recalls when, right after a query key, it
 predicts that key's value: only exact recall of tokens far back does it, which is where a fixed-size state
-(GLA) and a bounded cache (TOVA, Window) may fall short of full attention. Layout of one row of ``seq_len``
-byte ids (keys in ``[1, 128)``, values in ``[128, 256)``, filler ``0``)::
+(GLA) and a bounded cache (TOVA, Window) may fall short of full attention. Each query asks a pair drawn with
+replacement (were every key asked once, the last ones could be answered by elimination: the values not asked
+yet). Layout of one row of ``seq_len`` byte ids (keys in ``[1, 128)``, values in ``[128, 256)``, filler ``0``)::
 
-    k1 v1 k2 v2 ... kN vN  0 0 k7 v7 0 k2 v2 0 0 0 k5 v5 ...
+    k1 v1 k2 v2 ... kN vN  0 0 k7 v7 0 k2 v2 0 0 0 k7 v7 ...
 
 Targets are ``-100`` (ignored) except at the query keys, whose target is the next token, the value. So a
 model's loss and accuracy on the task are those of the ``N`` recalls, nothing else::
 
     from longseq.tasks.mqar import mqar_batch, train_mqar, mqar_accuracy
-    model = longseq.build_model("hybrid", "tiny")
-    train_mqar(model, seq_len=256, n_pairs=16, steps=2000)
-    mqar_accuracy(model, seq_len=256, n_pairs=16, cache=longseq.TOVA(32))
+    model = longseq.build_model("hybrid", "tiny", d_model=128)
+    train_mqar(model, seq_len=128, n_pairs=16, steps=3000, dense=True)
+    mqar_accuracy(model, seq_len=128, n_pairs=16, cache=longseq.TOVA(16))
 """
 
 from __future__ import annotations
@@ -52,10 +53,16 @@ def check_mqar_shape(seq_len: int, n_pairs: int) -> None:
                          f"(needs >= {4 * n_pairs} tokens)")
 
 
-def mqar_batch(batch_size: int, seq_len: int, n_pairs: int, generator: torch.Generator | None = None) -> MQARBatch:
+def mqar_batch(batch_size: int, seq_len: int, n_pairs: int, generator: torch.Generator | None = None,
+               n_queries: int | None = None) -> MQARBatch:
     """A batch of MQAR rows (see the module docstring); every row draws its own keys, values and query
-    places from ``generator``."""
+    places from ``generator``. ``n_queries``: queries per row (default ``n_pairs``, Zoology's; at most
+    ``(seq_len - 2 * n_pairs) // 2``, a row of queries with no filler)."""
     check_mqar_shape(seq_len, n_pairs)
+    Q = n_pairs if n_queries is None else n_queries
+    if not 1 <= Q <= (seq_len - 2 * n_pairs) // 2:
+        raise ValueError(f"n_queries must be in [1, {(seq_len - 2 * n_pairs) // 2}] for seq_len={seq_len} and "
+                         f"{n_pairs} pairs; got {n_queries}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     g = generator
@@ -64,11 +71,13 @@ def mqar_batch(batch_size: int, seq_len: int, n_pairs: int, generator: torch.Gen
     values = torch.randint(VALUES.start, VALUES.stop, (B, N), generator=g)
     inputs = torch.full((B, T), FILLER, dtype=torch.long)
     inputs[:, 0 : 2 * N : 2], inputs[:, 1 : 2 * N : 2] = keys, values
-    # Query slots: N non-overlapping 2-token slots among the (T - 2N) // 2 after the pairs, chosen at random.
+    # Query slots: Q non-overlapping 2-token slots among the (T - 2N) // 2 after the pairs, chosen at random.
     n_slots = (T - 2 * N) // 2
-    slots = torch.stack([torch.randperm(n_slots, generator=g)[:N].sort().values for _ in range(B)])  # [B, N]
+    slots = torch.stack([torch.randperm(n_slots, generator=g)[:Q].sort().values for _ in range(B)])  # [B, Q]
     answers = 2 * N + 2 * slots  # positions of the query keys
-    order = torch.stack([torch.randperm(N, generator=g) for _ in range(B)])  # which pair each query asks for
+    # Which pair each query asks for: drawn with replacement. Asking every key once would let a model answer
+    # by elimination (the values not yet asked), with no recall at all: H_N / N of the recalls right.
+    order = torch.randint(N, (B, Q), generator=g)
     rows = torch.arange(B)[:, None]
     inputs[rows, answers] = keys.gather(1, order)
     inputs[rows, answers + 1] = values.gather(1, order)
@@ -86,11 +95,13 @@ def train_mqar(
     model: torch.nn.Module, seq_len: int, n_pairs: int | Sequence[int], steps: int, *, batch_size: int = 64,
     lr: float = 1e-3,
     weight_decay: float = 0.1, warmup: int = 100, seed: int = 0, device: torch.device | str | None = None,
-    on_step: Callable[[int, float], None] | None = None,
+    dense: bool = False, on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train ``model`` on fresh MQAR batches (longseq's AdamW and warmup-cosine schedule, gradients clipped at 1,
     bf16 autocast on CUDA); returns the loss of every step. The loss is on the recall positions only.
-    ``n_pairs``: pairs per row, or several, one drawn per batch (one model for a range of difficulties)."""
+    ``n_pairs``: pairs per row, or several, one drawn per batch (one model for a range of difficulties).
+    ``dense``: every slot after the pairs holds a query (``(seq_len - 2 * n) // 2`` recalls per row instead of
+    ``n``), more to learn from per row; the rows scored stay Zoology's."""
     from ..precision import autocast
     from ..train.schedule import WarmupCosine, build_optimizer
 
@@ -109,7 +120,8 @@ def train_mqar(
         for group in opt.param_groups:
             group["lr"] = schedule(step)
         pick = int(torch.randint(len(choices), (1,), generator=g)) if len(choices) > 1 else 0
-        b = mqar_batch(batch_size, seq_len, choices[pick], g)
+        n = choices[pick]
+        b = mqar_batch(batch_size, seq_len, n, g, n_queries=(seq_len - 2 * n) // 2 if dense else None)
         with autocast(device):
             loss = mqar_loss(model(b.inputs.to(device)), b.targets.to(device))
         opt.zero_grad(set_to_none=True)
