@@ -460,3 +460,18 @@ def test_generate_matches_greedy_recompute(global_backbone, prompt_len):
     assert torch.equal(out, seq)
     text = longseq.generate(model.float(), "hello", 5, temperature=1.0, top_k=20, seed=0)
     assert text.shape == (1, 10) and int(text.max()) < 256
+
+
+def test_a_prefill_reserves_patch_slots_in_the_global_caches_and_bytes_in_none():
+    """The global model takes one position per patch: a prefill of T bytes reserves T // P + 2 slots in each
+    global Full cache (not T), the local caches stay at one patch, and the last logits equal the forward's."""
+    from longseq.generate.prefill import prefill
+
+    model = make_model()
+    P, T = model.config.patch_size, 61
+    ids = random_bytes(2, T)
+    logits, state = prefill(model, ids, Full(), chunk=16)
+    assert [layer.capacity for layer in state.global_layers] == [T // P + 2] * model.config.n_global_layers
+    assert all(layer.capacity <= P for layer in state.local_layers)
+    with torch.no_grad():
+        assert_close(logits, model(ids)[:, -1])

@@ -20,8 +20,7 @@ def prefill(
     logits ``[b, V]``. Each call asks the model for its last logits only (:meth:`LanguageModel.step_last`), so a
     long prompt to a large-vocabulary model never holds ``[b, T, V]`` of them."""
     state = model.init_state(ids.shape[0], cache=cache)
-    for layer in state.layers:
-        layer.reserve(ids.shape[1])  # one allocation, no regrowth while the prompt streams in
+    state.reserve(ids.shape[1])  # one allocation, no regrowth while the prompt streams in
     T = ids.shape[1]
     step = T if chunk is None else chunk
     logits = None

@@ -55,6 +55,12 @@ class ModelState:
         all of them here; MEGABYTE's local states restart at every patch."""
         return self.layers
 
+    def reserve(self, n_tokens: int) -> None:
+        """Hint that ``n_tokens`` tokens per row are about to arrive (a prompt), so each layer's growing
+        buffers allocate once for them instead of regrowing as they stream in."""
+        for layer in self.layers:
+            layer.reserve(n_tokens)
+
     def advance_(self, n: int = 1) -> None:
         """Host bookkeeping after ``n`` tokens per row (``step`` calls it; so does a graph replay's caller,
         since a replay runs no Python). Static states only."""

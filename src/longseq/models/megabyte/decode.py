@@ -37,7 +37,7 @@ class StaticDecode:
                                                        static_len=max_len // P + 2)
         local_states = self.local_blocks.init_states(batch_size, device=device, static_len=P)  # slot p: position p
         static = MegabyteState(layers=global_states + local_states, batch_size=batch_size,
-                               n_global_layers=len(global_states), started=True)
+                               n_global_layers=len(global_states), patch_size=P, started=True)
         static.make_static_(max_len, device)
         static.patch_ids = torch.zeros(batch_size, P, dtype=torch.long, device=device)
         static.local_from_global = torch.zeros(

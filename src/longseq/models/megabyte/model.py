@@ -171,6 +171,7 @@ class MegabyteLM(StaticDecode, LanguageModel):
             layers=global_states + self.local_blocks.init_states(batch_size, device=device),
             batch_size=batch_size,
             n_global_layers=len(global_states),
+            patch_size=self.config.patch_size,
             patch_ids=torch.zeros(batch_size, 0, dtype=torch.long, device=device),
         )
 

@@ -33,6 +33,7 @@ class MegabyteState(ModelState):
     """
 
     n_global_layers: int = 0
+    patch_size: int = 0  # P (0: unknown, reserve() then counts bytes)
     patch_ids: Tensor | None = None
     local_from_global: Tensor | None = None
     started: bool = False
@@ -49,6 +50,14 @@ class MegabyteState(ModelState):
     def persistent_layers(self) -> list[LayerState]:
         """The global layers: the local ones hold at most one patch (they restart at every patch)."""
         return self.global_layers
+
+    def reserve(self, n_tokens: int) -> None:
+        """As :meth:`ModelState.reserve`, counted in the units each stack sees: the global layers take one
+        position per patch (``n_tokens // P`` plus the pads' and a partial patch's); the local layers restart
+        at every patch, so there is nothing to reserve for them."""
+        P = self.patch_size or 1
+        for layer in self.global_layers:
+            layer.reserve(n_tokens // P + 2)
 
     def set_local(self, states: list[LayerState]) -> None:
         """Replace the local layer states (a new patch starts with fresh ones)."""
