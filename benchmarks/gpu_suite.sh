@@ -10,7 +10,8 @@ OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # Optional anchors (MEGABYTE-pytorch, fla) and the .gguf readers (gguf, accelerate) travel as wheels in .whl/
-# (carried) or gpu_wheels/ (untracked; see the device README).
+# (git-ignored: `bash benchmarks/fetch_wheels.sh` fills it; name .whl in the device call's carry list) or
+# gpu_wheels/ (untracked).
 wheels=$(ls .whl/*.whl gpu_wheels/*.whl 2>/dev/null)
 if [ -n "$wheels" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels \
