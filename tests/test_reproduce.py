@@ -68,6 +68,21 @@ def test_the_recall_verdict_needs_both_halves_of_the_claim():
     assert "does not hold" in _judge(acc, large) and "nearer the Transformer" in _judge(acc, large)
 
 
+def test_a_recall_kind_stored_without_a_policy_is_not_complete():
+    """Adding a policy to the stage (h2o:ctx/8 was) makes the stored kinds without it run again."""
+    _load()
+    from repro.eval_recall import KINDS, PARTS, PASSKEY_QUICK, QUICK, _has, json_form, recall_complete
+
+    result = {"setup": json_form(QUICK.__dict__), "passkey_setup": json_form(PASSKEY_QUICK.__dict__)}
+    for part in PARTS:
+        result[part] = {kind: {"accuracy": {spec: {} for spec in specs}} for kind, _, specs in KINDS}
+    assert recall_complete(result, quick=True)
+    specs = next(s for k, _, s in KINDS if k == "transformer")
+    del result["mqar"]["transformer"]["accuracy"]["h2o:ctx/8"]
+    assert not _has(result, "mqar", "transformer", specs) and not recall_complete(result, quick=True)
+    assert _has(result, "passkey", "transformer", specs)
+
+
 def test_the_committed_report_is_what_the_committed_results_give(tmp_path):
     """docs/reproductions.md is generated: rebuilt from benchmarks/results/repro-2026-11-26 it must come out the
     same, so the page never drifts from the numbers beside it."""

@@ -88,8 +88,8 @@ PASSKEY_QUICK = PasskeySetup("tiny", 256, 4, 8, 0.5, 3e-3, (240,), 1, 4096)
 # (kind, config overrides, cache policies scored; "-": the model's own state / the plain forward)
 KINDS = [
     ("gla", {}, ["-"]),
-    ("transformer", {}, ["-", "tova:ctx/8", "window:ctx/8"]),
-    ("hybrid", {}, ["-", "tova:ctx/8"]),
+    ("transformer", {}, ["-", "tova:ctx/8", "h2o:ctx/8", "window:ctx/8"]),
+    ("hybrid", {}, ["-", "tova:ctx/8", "h2o:ctx/8"]),
     ("megabyte", {"max_seq_len": STATE_LEN}, ["-"]),  # its byte positions must reach the 16K state
 ]
 
@@ -249,12 +249,18 @@ def recall_complete(result: dict[str, Any] | None, quick: bool) -> bool:
     setups = {"setup": QUICK if quick else FULL, "passkey_setup": PASSKEY_QUICK if quick else PASSKEY_FULL}
     if any(json_form(result.get(key)) != json_form(value.__dict__) for key, value in setups.items()):
         return False
-    return all(kind in result.get(part, {}) for part in PARTS for kind in KIND_NAMES)
+    return all(_has(result, part, kind, policies) for part in PARTS for kind, _, policies in KINDS)
+
+
+def _has(result: dict[str, Any], part: str, kind: str, policies: list[str]) -> bool:
+    """Whether ``result`` holds ``part`` for ``kind`` under every policy in ``policies``."""
+    entry = result.get(part, {}).get(kind)
+    return entry is not None and set(policies) <= set(entry.get("accuracy", {}))
 
 
 def stage_eval_recall(ctx: Ctx) -> dict[str, Any]:
     """Run the parts and kinds asked for (``--recall-parts``, ``--recall-kinds``; default all) and merge them
-    into ``results/recall.json``; kinds already there are kept unless ``--force``."""
+    into ``results/recall.json``; kinds already there under every policy are kept unless ``--force``."""
     kinds = selected(ctx.args.recall_kinds, KIND_NAMES, "--recall-kinds")
     parts = selected(ctx.args.recall_parts, PARTS, "--recall-parts")
     dev = pick_device(ctx)
@@ -272,11 +278,13 @@ def stage_eval_recall(ctx: Ctx) -> dict[str, Any]:
     for part in parts:
         done = result.setdefault(part, {})
         for kind, overrides, policies in KINDS:
-            if kind not in kinds or (kind in done and not ctx.args.force):
+            # A kind stored with every policy asked for is kept (unless --force); one missing a policy is redone.
+            if kind not in kinds or (_has(result, part, kind, policies) and not ctx.args.force):
                 continue
             done[kind] = run[part](ctx, kind, overrides, policies, dev)
             write_json(ctx.result("recall"), result)  # after each kind: a cut call keeps what it finished
             free_gpu_memory(dev)
     write_json(ctx.result("recall"), result)
-    missing = [f"{part} {kind}" for part in PARTS for kind, _, _ in KINDS if kind not in result.get(part, {})]
+    missing = [f"{part} {kind}" for part in PARTS for kind, _, policies in KINDS
+               if not _has(result, part, kind, policies)]
     return {"complete": False, "missing": "still to run: " + ", ".join(missing)} if missing else {}
