@@ -59,7 +59,7 @@ def test_dense_rows_fill_every_slot_after_the_pairs_with_a_query():
     b = mqar_batch(3, 40, 4, torch.Generator().manual_seed(0), n_queries=16)
     assert b.answers.tolist() == [list(range(8, 40, 2))] * 3
     assert ((b.inputs[:, 8:] > 0).all()) and (b.targets != IGNORE).sum() == 48
-    for bad in (0, 17):
+    for bad in (0, 17, 4.0):
         with pytest.raises(ValueError, match="n_queries"):
             mqar_batch(1, 40, 4, n_queries=bad)
 

@@ -60,7 +60,7 @@ def mqar_batch(batch_size: int, seq_len: int, n_pairs: int, generator: torch.Gen
     ``(seq_len - 2 * n_pairs) // 2``, a row of queries with no filler)."""
     check_mqar_shape(seq_len, n_pairs)
     Q = n_pairs if n_queries is None else n_queries
-    if not 1 <= Q <= (seq_len - 2 * n_pairs) // 2:
+    if not isinstance(Q, int) or isinstance(Q, bool) or not 1 <= Q <= (seq_len - 2 * n_pairs) // 2:
         raise ValueError(f"n_queries must be in [1, {(seq_len - 2 * n_pairs) // 2}] for seq_len={seq_len} and "
                          f"{n_pairs} pairs; got {n_queries}")
     if batch_size < 1:
@@ -101,7 +101,8 @@ def train_mqar(
     bf16 autocast on CUDA); returns the loss of every step. The loss is on the recall positions only.
     ``n_pairs``: pairs per row, or several, one drawn per batch (one model for a range of difficulties).
     ``dense``: every slot after the pairs holds a query (``(seq_len - 2 * n) // 2`` recalls per row instead of
-    ``n``), more to learn from per row; the rows scored stay Zoology's."""
+    ``n``), more to learn from per row; the rows scored stay Zoology's. With one pair, a dense row can be
+    answered by copying the previous query's value, so dense training teaches recall from 2 pairs up."""
     from ..precision import autocast
     from ..train.schedule import WarmupCosine, build_optimizer
 
