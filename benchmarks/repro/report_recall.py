@@ -146,8 +146,7 @@ def report_recall(r: dict[str, Any] | None, w: Write, figs: Figures) -> None:
                   f"{LEARNED:.0%} here: the task was not learned in this setup, so this cell does not test the claim.")
             else:
                 w(_judge(acc, size))
-                full = ("hybrid", "-")
-                if full[1] in part.get("hybrid", {}).get("accuracy", {}):
+                if "-" in part.get("hybrid", {}).get("accuracy", {}):
                     w(f"With its full cache the hybrid recalls {get(part['hybrid'], '-'):.2f} here, with "
                       f"{fmt_bytes(part['hybrid']['state_bytes']['-'])} at 16K.")
             w("")
