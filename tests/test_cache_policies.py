@@ -457,3 +457,30 @@ def test_caches_at_their_budget_share_one_layout_however_they_got_there(policy):
     alone = [exact.attend(q, k, v, torch.tensor([4])), over.attend(q, k, v, torch.tensor([7]))]
     assert_close(both, torch.cat(alone), rtol=1e-12, name="merged rows")
     assert torch.equal(merged.kept_positions(), torch.cat([exact.kept_positions(), over.kept_positions()]))
+
+
+@pytest.mark.parametrize("policy", [Full(), TOVA(10), H2O(10, recent=2)], ids=str)
+def test_growing_caches_fed_in_other_chunks_concatenate(policy):
+    """Below its budget a dynamic cache's capacity depends on how tokens arrived (5 at once: 5 slots; 3 + 1 + 1:
+    6). Such caches still concatenate, and the merged cache continues exactly as each row does on its own."""
+    gen = torch.Generator().manual_seed(0)
+
+    def qkv(T):
+        return (torch.randn(1, 4, T, 8, generator=gen, dtype=torch.float64),
+                torch.randn(1, 2, T, 8, generator=gen, dtype=torch.float64),
+                torch.randn(1, 2, T, 8, generator=gen, dtype=torch.float64))
+
+    once, steps = KVCache(policy), KVCache(policy)
+    once.attend(*qkv(5), torch.arange(5))
+    for a, b in ((0, 3), (3, 4), (4, 5)):
+        steps.attend(*qkv(b - a), torch.arange(a, b))
+    assert len(once) == len(steps) == 5 and once.capacity != steps.capacity
+    merged = KVCache.concat([once, steps])
+    assert merged.capacity == max(once.capacity, steps.capacity)
+    for t in range(5, 8):  # on past the inputs' capacities (and, for the bounded ones, not yet to the budget)
+        q, k, v = qkv(1)
+        both = merged.attend(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1),
+                             torch.tensor([[t], [t]]))
+        alone = [once.attend(q, k, v, torch.tensor([t])), steps.attend(q, k, v, torch.tensor([t]))]
+        assert_close(both, torch.cat(alone), rtol=1e-12, name=f"merged rows at {t}")
+    assert torch.equal(merged.kept_positions(), torch.cat([once.kept_positions(), steps.kept_positions()]))

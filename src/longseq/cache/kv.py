@@ -4,9 +4,9 @@ Buffer layout
 -------------
 ``k``, ``v``: ``[B, H_kv, C, D]`` preallocated slots; ``slot_pos``: ``[B, G, C]`` original position held by
 each slot (``-1``: empty), with ``G = H_kv`` for per-head policies and ``G = 1`` otherwise (one layout
-shared by the kv heads). Bounded policies hold ``C = budget + 1`` slots once they evict: the kept ``budget``
-tokens plus one free slot for the token being added (until then they grow as ``Full`` does, so a budget above
-the sequence's length allocates only what arrives). Slots are *unordered*: a new token
+shared by the kv heads). Bounded policies hold ``C = budget + 1`` slots once they hold ``budget`` tokens: the
+kept ``budget`` tokens plus one free slot for the token being added (until then they grow as ``Full`` does, so a
+budget above the sequence's length allocates only what arrives). Slots are *unordered*: a new token
 is written into the slot its predecessor's eviction freed (``_free``, ``[B, G]``), so the steady-state
 decode step is a fixed-shape scatter + attention + argmin with no host sync and no reallocation.
 :meth:`KVCache.kept_positions` sorts by position when asked.
@@ -104,7 +104,8 @@ class KVCache(_Eviction, _StaticMode, LayerState):
 
     @property
     def capacity(self) -> int:
-        """Allocated slots per row and head (``budget + 1`` for bounded policies)."""
+        """Allocated slots per row and head (``budget + 1`` for a bounded policy once it holds its budget, as
+        many as have arrived or were reserved before)."""
         return 0 if self.k is None else self.k.shape[2]
 
     def reserve(self, n_tokens: int) -> None:
@@ -292,7 +293,8 @@ class KVCache(_Eviction, _StaticMode, LayerState):
         """Bytes of the state: the kept tokens' keys, values, positions (and H2O scores).
 
         For bounded policies this stops growing at ``budget`` tokens; the buffers actually allocated
-        (``budget + 1`` slots, or Full's spare capacity) are :meth:`allocated_nbytes`.
+        (``budget + 1`` slots once the budget is reached, or the spare capacity of a growing cache) are
+        :meth:`allocated_nbytes`.
         """
         if self.k is None or self.capacity == 0:
             return 0
@@ -318,15 +320,21 @@ class KVCache(_Eviction, _StaticMode, LayerState):
 
     @classmethod
     def concat(cls, states: Sequence[LayerState]) -> KVCache:
-        """One batched cache from caches under the same policy with the same ``len`` and capacity (then their
-        slot layouts agree, so rows can sit side by side)."""
+        """One batched cache from caches under the same policy with the same ``len`` (then their slot layouts
+        agree, so rows can sit side by side). Dynamic caches that have grown to different capacities (fed in other
+        chunks) are first copied into the largest: until a cache holds its budget its slots are in temporal order."""
         same_kind(states)
         caches: list[KVCache] = list(states)  # type: ignore[arg-type]
         first = caches[0]
-        for c in caches[1:]:
-            alike = (c.policy, len(c), c.capacity, c.static) == (first.policy, len(first), first.capacity, first.static)
-            if not alike:
+        room = max(c.capacity for c in caches)
+        for i, c in enumerate(caches):
+            alike = (c.policy, len(c), c.static) == (first.policy, len(first), first.static)
+            growable = not c.static and (c.budget is None or len(c) < c.budget) and c.k is not None
+            if not alike or (c.capacity != room and not growable):
                 raise ValueError(f"cannot concatenate {c!r} with {first!r}: policy, length and capacity must agree")
+            if c.capacity != room:
+                caches[i] = c.select_rows(range(c.k.shape[0]))
+                caches[i]._grow(room)
         out = first._like()
         for name in _ROW_BUFFERS:
             parts = [getattr(c, name) for c in caches]
