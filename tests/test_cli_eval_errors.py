@@ -61,7 +61,8 @@ def _error(capsys, argv: list[str]) -> str:
 
 # ----------------------------------------------------------------------- 1: output targets checked up front
 @pytest.mark.parametrize("case", ["task-out-file", "task-out-dir-file", "sweep-out-file", "json-config",
-                                  "json-folder", "json-in-checkpoint", "json-under-a-file", "json-foreign-file"])
+                                  "json-folder", "json-in-checkpoint", "json-under-a-file", "json-foreign-file",
+                                  "task-two-folders", "sweep-two-folders"])
 def test_output_targets_are_refused_before_any_work(run, tmp_path, capsys, no_model, case):
     config = run / "config.json"
     ckpt = list_checkpoints(run)[-1]
@@ -78,6 +79,10 @@ def test_output_targets_are_refused_before_any_work(run, tmp_path, capsys, no_mo
         "json-in-checkpoint": (["--json", str(ckpt / "eval.json")], f"it is inside checkpoint {ckpt}"),
         "json-under-a-file": (["--json", str(notes / "eval.json")], f"{notes} is a file"),
         "json-foreign-file": (["--json", str(notes)], "already exists and is not an earlier eval result"),
+        "task-two-folders": ([*task, "--out", str(tmp_path / "a"), "--out-dir", str(tmp_path / "b")],
+                             "name two folders"),
+        "sweep-two-folders": ([*sweep, "--out", str(tmp_path / "a"), "--out-dir", str(tmp_path / "b")],
+                              "name two folders"),
     }[case]
     before = _files(run, tmp_path)
     assert message in _error(capsys, ["eval", str(run), *argv, "--device", "cpu", "--no-progress"])

@@ -290,3 +290,34 @@ def test_bench_refuses_a_report_path_that_is_a_folder_before_running(tmp_path, c
     monkeypatch.setattr(bench_decode, "run_decode_bench", ran)
     assert main(["bench", *mode, "--json", str(tmp_path), "--device", "cpu"]) == 2
     assert f"--json {tmp_path} is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["same-file", "foreign-json", "foreign-jsonl"])
+def test_bench_refuses_report_paths_that_would_lose_a_file_before_running(tmp_path, capsys, monkeypatch, case):
+    import longseq.bench.decode as bench_decode
+
+    def ran(*args, **kwargs):
+        raise AssertionError("the benchmark ran before its output paths were checked")
+
+    monkeypatch.setattr(bench_decode, "run_decode_bench", ran)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    flags, message = {
+        "same-file": (["--json", str(tmp_path / "r"), "--jsonl", str(tmp_path / "r")], "name the same file"),
+        "foreign-json": (["--json", str(notes)], "is not an earlier bench report"),
+        "foreign-jsonl": (["--jsonl", str(notes)], "is not an earlier bench report"),
+    }[case]
+    assert main(["bench", "decode", *flags, "--device", "cpu"]) == 2
+    assert message in capsys.readouterr().err
+    assert notes.read_text() == "my notes" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_bench_replaces_its_own_earlier_reports(tmp_path):
+    from longseq.cli.bench import _is_bench_jsonl, _is_bench_report
+
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps({"command": "longseq bench decode", "results": []}))
+    lines = tmp_path / "r.jsonl"
+    lines.write_text(json.dumps({"command": "longseq bench decode --jsonl r.jsonl", "ms_per_step": 1.0}) + "\n")
+    assert _is_bench_report(report) and _is_bench_jsonl(lines)
+    assert not _is_bench_report(lines) and not _is_bench_jsonl(report.with_name("missing.jsonl"))

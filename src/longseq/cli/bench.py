@@ -8,6 +8,8 @@ import json
 import shlex
 from pathlib import Path
 
+from .. import jsonio
+from ..fileio import write_atomically
 from .common import (
     add_device_flag,
     add_overrides_flag,
@@ -16,6 +18,7 @@ from .common import (
     int_or_max,
     log,
     parse_sets,
+    read_json_object,
     write_json,
 )
 
@@ -118,9 +121,13 @@ def _flag(dest: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """``longseq bench``: the mode's flags checked, its benchmark run, the table printed, the files written."""
     check_mode_flags(args)
-    for flag, path in (("--json", args.json), ("--jsonl", getattr(args, "jsonl", None))):
+    jsonl = getattr(args, "jsonl", None)
+    if args.json and jsonl and Path(args.json).absolute() == Path(jsonl).absolute():
+        raise ValueError(f"--json and --jsonl name the same file ({args.json}); the second write would replace "
+                         "the first: give two paths")
+    for flag, path, is_kind in (("--json", args.json, _is_bench_report), ("--jsonl", jsonl, _is_bench_jsonl)):
         if path:  # before the benchmark runs, not after
-            check_output_file(path, flag, "bench report")
+            check_output_file(path, flag, "bench report", is_kind)
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0; got {args.warmup}")
     if args.gen_tokens < 1:
@@ -179,12 +186,31 @@ def _run_decode(args: argparse.Namespace) -> int:
 
 
 def _write_jsonl(path: str, report: dict) -> None:
-    """One JSON line per result, each carrying the report's settings (device, versions, command) too."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    """One JSON line per result, each carrying the report's settings (device, versions, command) too; written
+    whole or not at all, non-finite numbers as ``null`` (as :func:`write_json` does)."""
     meta = {k: v for k, v in report.items() if k != "results"}
-    with open(path, "w") as f:
-        for row in report["results"]:
-            f.write(json.dumps({**meta, **row}) + "\n")
+    text = "".join(jsonio.dumps({**meta, **row}) + "\n" for row in report["results"])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def _from_bench(record: dict | None) -> bool:
+    return record is not None and str(record.get("command", "")).startswith("longseq bench")
+
+
+def _is_bench_report(path: Path) -> bool:
+    """An earlier ``bench --json`` report (replaced without asking); any other file is refused."""
+    data = read_json_object(path)
+    return _from_bench(data) and "results" in data
+
+
+def _is_bench_jsonl(path: Path) -> bool:
+    """An earlier ``bench --jsonl`` file: every line a result of ``longseq bench``."""
+    try:
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return all(isinstance(r, dict) and _from_bench(r) for r in lines)
 
 
 def _command_line(args: argparse.Namespace) -> str:

@@ -173,7 +173,7 @@ def check_output_dir(
     owner = _run_owner(path)
     if owner is not None:
         raise FileExistsError(f"{what}: refusing to write the {kind} there: {owner}")
-    _check_creatable(path, what)
+    _check_creatable(path / files[0], what)  # from the folder itself: an existing read-only one is refused too
     present = [name for name in files if (path / name).exists() or (path / name).is_symlink()]
     if present:
         if any((path / name).is_dir() for name in present) or not is_kind(path):

@@ -42,6 +42,9 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
 
 def uses_task(args: argparse.Namespace) -> bool:
     """True when ``eval`` runs a task; task-only flags (or ``ctx/K`` budgets) without ``--task`` are refused."""
+    out, out_dir = getattr(args, "task_out", None), getattr(args, "out_dir", None)
+    if out is not None and out_dir is not None and Path(out).absolute() != Path(out_dir).absolute():
+        raise ValueError(f"--out {out} and --out-dir {out_dir} name two folders; give one")
     if getattr(args, "task", None) is not None:
         return True
     if getattr(args, "task_out", None) is not None and getattr(args, "out_dir", None) is None:
