@@ -10,7 +10,7 @@ yet). Layout of one row of ``seq_len`` byte ids (keys in ``[1, 128)``, values in
     k1 v1 k2 v2 ... kN vN  0 0 k7 v7 0 k2 v2 0 0 0 k7 v7 ...
 
 Targets are ``-100`` (ignored) except at the query keys, whose target is the next token, the value. So a
-model's loss and accuracy on the task are those of the ``N`` recalls, nothing else::
+model's loss and accuracy on the task are those of the recalls (one per query), nothing else::
 
     from longseq.tasks.mqar import mqar_batch, train_mqar, mqar_accuracy
     model = longseq.build_model("hybrid", "tiny", d_model=128)
@@ -36,7 +36,7 @@ IGNORE = -100
 @dataclass(frozen=True)
 class MQARBatch:
     """``inputs`` ``[B, T]`` int64 ids; ``targets`` ``[B, T]``: the value after each query key, ``-100``
-    elsewhere; ``answers`` ``[B, N]`` the positions of the query keys (row-wise, sorted)."""
+    elsewhere; ``answers`` ``[B, Q]`` the positions of the ``Q`` query keys (row-wise, sorted)."""
 
     inputs: Tensor
     targets: Tensor

@@ -33,7 +33,7 @@ class MegabyteState(ModelState):
     """
 
     n_global_layers: int = 0
-    patch_size: int = 0  # P (0: unknown, reserve() then counts bytes)
+    patch_size: int = 0  # P; both builders (init_state, the static one) set it
     patch_ids: Tensor | None = None
     local_from_global: Tensor | None = None
     started: bool = False
@@ -55,7 +55,9 @@ class MegabyteState(ModelState):
         """As :meth:`ModelState.reserve`, counted in the units each stack sees: the global layers take one
         position per patch (``n_tokens // P`` plus the pads' and a partial patch's); the local layers restart
         at every patch, so there is nothing to reserve for them."""
-        P = self.patch_size or 1
+        if self.patch_size < 1:
+            raise ValueError(f"MegabyteState.patch_size must be set (>= 1); got {self.patch_size}")
+        P = self.patch_size
         for layer in self.global_layers:
             layer.reserve(n_tokens // P + 2)
 
