@@ -17,7 +17,7 @@ import torch
 
 from longseq.bench.decode import run_decode_bench
 from longseq.cli import main
-from longseq.models import HybridConfig
+from longseq.models import HybridConfig, build_model
 from longseq.train import RunDirError, TrainConfig, train
 from longseq.train.checkpoint import list_checkpoints, save_checkpoint
 from longseq.train.distributed import pick_device
@@ -122,6 +122,9 @@ def test_hybrid_refuses_attn_every_with_attn_layers(tmp_path, corpus, capsys, mo
         err = _error(capsys, ["bench", *mode, "--models", "hybrid", "--device", "cpu", *both])
         assert "attn_every=2 and attn_layers=0" in err
     assert not os.listdir(tmp_path)  # nothing written, by train or bench
+    with pytest.raises(ValueError, match="attn_every=2 and attn_layers=0"):  # and build_model
+        build_model("hybrid", "tiny", attn_every=2, attn_layers="0")
+    assert build_model("hybrid", "tiny", attn_layers="0").config.attention_layers() == [0]
 
 
 def test_val_docs_with_val_fraction_is_refused(tmp_path, corpus, capsys):

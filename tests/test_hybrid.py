@@ -18,7 +18,7 @@ from longseq.testing import assert_close
 
 def hybrid(**overrides) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model("hybrid", "tiny", **{"n_layers": 4, "attn_every": 2, "attn_kv_heads": 1, **overrides}).double()
+    return build_model("hybrid", "tiny", **{"n_layers": 4, "attn_kv_heads": 1, **overrides}).double()  # tiny: attn_every=2
 
 
 def token_ids(B: int, T: int, seed: int) -> torch.Tensor:

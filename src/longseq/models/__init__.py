@@ -44,12 +44,15 @@ def config_class(kind: str) -> type[ModelConfig]:
 
 
 def build_model(kind: str, preset: str = "tiny", **overrides: Any) -> LanguageModel:
-    """Build a model by kind (``"transformer"``, ``"gla"``, ...), preset name and config overrides.
+    """Build a model by kind (``"transformer"``, ``"gla"``, ...), preset name and config overrides. Overrides that
+    contradict each other are refused (:meth:`ModelConfig.check_overrides`, e.g. a hybrid's ``attn_layers`` with a
+    nonzero ``attn_every``), as ``--set`` flags are.
 
     >>> model = build_model("gla", "tiny", n_layers=1)
     >>> model.config.n_layers
     1
     """
+    config_class(kind).check_overrides(overrides)
     cfg = config_class(kind).from_preset(preset, **overrides)
     return model_from_config(cfg)
 
