@@ -18,7 +18,8 @@ from longseq.testing import assert_close
 
 def hybrid(**overrides) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model("hybrid", "tiny", **{"n_layers": 4, "attn_kv_heads": 1, **overrides}).double()  # tiny: attn_every=2
+    # tiny has attn_every=2 (given here too, it would contradict an attn_layers override)
+    return build_model("hybrid", "tiny", **{"n_layers": 4, "attn_kv_heads": 1, **overrides}).double()
 
 
 def token_ids(B: int, T: int, seed: int) -> torch.Tensor:
