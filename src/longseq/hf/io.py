@@ -195,13 +195,9 @@ def _load_args(device: torch.device | str, dtype: torch.dtype | None) -> torch.d
     """``device`` as a ``torch.device``, after checking it and ``dtype`` (before anything is read)."""
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype such as torch.bfloat16 (or None); got {dtype!r}")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0'; got {device!r} ({e})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available")
-    return device
+    from ..train.distributed import pick_device
+
+    return pick_device(device, name="device")
 
 
 def _tokenizer(config: dict[str, Any], cfg: Any, folder: Path) -> Tokenizer:

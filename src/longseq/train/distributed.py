@@ -51,11 +51,11 @@ DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 DEVICE_FORMS = "cpu, cuda, cuda:N (the GPU numbered N), mps or xpu"
 
 
-def pick_device(requested: str | None, local_rank: int = 0) -> torch.device:
-    """``requested`` (``cpu``, ``cuda``, ``cuda:1``, ...) or CUDA when available, else CPU.
+def pick_device(requested: str | torch.device | None, local_rank: int = 0, name: str = "--device") -> torch.device:
+    """``requested`` (``cpu``, ``cuda``, ``cuda:1``, a ``torch.device``, ...) or CUDA when available, else CPU.
 
-    Raises ``ValueError`` naming ``--device`` and its value for a string torch cannot parse (``tpu``,
-    ``cuda:x``), a type that cannot run a model, or a device this machine does not have: torch's own
+    Raises ``ValueError`` naming ``name`` (the flag or argument) and its value for a string torch cannot parse
+    (``tpu``, ``cuda:x``), a type that cannot run a model, or a device this machine does not have: torch's own
     ``RuntimeError`` would reach the user as a traceback."""
     if requested in (None, "", "auto"):
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -64,22 +64,22 @@ def pick_device(requested: str | None, local_rank: int = 0) -> torch.device:
     except (RuntimeError, TypeError):
         device = None
     if device is None or device.type not in DEVICE_TYPES:
-        raise ValueError(f"--device {requested!r} is not a device longseq can use; use {DEVICE_FORMS} "
-                         "(or leave --device out: cuda if available, else cpu)")
+        raise ValueError(f"{name} {str(requested)!r} is not a device longseq can use; use {DEVICE_FORMS} "
+                         f"(or leave {name} out: cuda if available, else cpu)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {requested} asked for CUDA but torch.cuda.is_available() is False")
+            raise ValueError(f"{name} {requested} asked for CUDA but torch.cuda.is_available() is False")
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise ValueError(f"--device {requested}: this machine has {count} CUDA device(s), cuda:0 ... "
+            raise ValueError(f"{name} {requested}: this machine has {count} CUDA device(s), cuda:0 ... "
                              f"cuda:{count - 1}")
         if device.index is None:
             device = torch.device("cuda", local_rank)
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {requested} asked for Apple's MPS but torch.backends.mps.is_available() is "
+        raise ValueError(f"{name} {requested} asked for Apple's MPS but torch.backends.mps.is_available() is "
                          "False")
     elif device.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
-        raise ValueError(f"--device {requested} asked for an Intel XPU but torch.xpu.is_available() is False")
+        raise ValueError(f"{name} {requested} asked for an Intel XPU but torch.xpu.is_available() is False")
     return device
 
 
