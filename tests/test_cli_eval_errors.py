@@ -203,10 +203,19 @@ def test_a_sweep_into_its_earlier_folder_names_the_files_it_replaces(run, tmp_pa
 
 # ----------------------------------------------------------------------- 4: only the full cache
 def test_a_sweep_of_only_the_full_cache_has_its_row():
-    model = build_model("transformer", "tiny").eval()
-    result = run_sweep(model, [("a", b"some text to score" * 2)], ["full"], [16])
-    table = result.to_markdown("loss")
-    assert f"| full | - | {result.full.loss:.4f} |" in table.splitlines()
+    """The one row holds the document's loss, recomputed here from a plain forward pass."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = build_model("transformer", "tiny").double().eval()
+    text = b"some text to score" * 2
+    result = run_sweep(model, [("a", text)], ["full"], [16])
+    ids = torch.tensor(list(text))
+    with torch.no_grad():
+        want = F.cross_entropy(model(ids[None])[0, :-1], ids[1:]).item()
+    assert result.full.tokens == len(text) - 1 and abs(result.full.loss - want) < 1e-9
+    assert f"| full | - | {want:.4f} |" in result.to_markdown("loss").splitlines()
 
 
 # ----------------------------------------------------------------------- 5: eval's own flags in its errors
