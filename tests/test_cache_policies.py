@@ -434,17 +434,22 @@ def test_full_cache_grows_geometrically_and_reserve_preallocates():
     assert reserved.layers[0].k.data_ptr() == ptr and reserved.layers[0].capacity == 100
 
 
+def _qkv_source():
+    """``qkv(T)``: one row of T random float64 queries (4 heads) and keys and values (2 kv heads, dim 8)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def qkv(T):
+        return tuple(torch.randn(1, h, T, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
+
+    return qkv
+
+
 @pytest.mark.parametrize("policy", [TOVA(4), H2O(4, recent=1), TOVA(4, per_head=True)], ids=str)
 def test_caches_at_their_budget_share_one_layout_however_they_got_there(policy):
     """A bounded cache grows until it holds its budget, then keeps budget + 1 slots: one row that reached the
     budget exactly and one that evicted on the way concatenate (as the HF cache merges padded rows), and the
     merged cache continues exactly as the two rows do on their own."""
-    gen = torch.Generator().manual_seed(0)
-
-    def qkv(T):
-        return (torch.randn(1, 4, T, 8, generator=gen, dtype=torch.float64),
-                torch.randn(1, 2, T, 8, generator=gen, dtype=torch.float64),
-                torch.randn(1, 2, T, 8, generator=gen, dtype=torch.float64))
+    qkv = _qkv_source()
 
     exact, over = KVCache(policy), KVCache(policy)
     exact.attend(*qkv(4), torch.arange(4))
@@ -463,12 +468,7 @@ def test_caches_at_their_budget_share_one_layout_however_they_got_there(policy):
 def test_growing_caches_fed_in_other_chunks_concatenate(policy):
     """Below its budget a dynamic cache's capacity depends on how tokens arrived (5 at once: 5 slots; 3 + 1 + 1:
     6). Such caches still concatenate, and the merged cache continues exactly as each row does on its own."""
-    gen = torch.Generator().manual_seed(0)
-
-    def qkv(T):
-        return (torch.randn(1, 4, T, 8, generator=gen, dtype=torch.float64),
-                torch.randn(1, 2, T, 8, generator=gen, dtype=torch.float64),
-                torch.randn(1, 2, T, 8, generator=gen, dtype=torch.float64))
+    qkv = _qkv_source()
 
     once, steps = KVCache(policy), KVCache(policy)
     once.attend(*qkv(5), torch.arange(5))
