@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from longseq.data import load_corpus
 from longseq.data.errors import DataError
@@ -173,3 +174,61 @@ def test_a_row_too_short_for_the_mix_fails_before_any_write(corpus):
     with pytest.raises(DataError, match="too short for passkey examples"):
         train(cfg_for(root, "short", seq_len=100))
     assert not (root / "short").exists()
+
+
+def test_answer_weights_mark_each_answer_and_average_to_one(corpus):
+    """Weights are ``W`` on exactly the answer's targets of example rows (decoded: `` 12345.``), equal elsewhere,
+    and their mean over the global batch is 1 (so a weighted mean needs no other normalization); each rank's
+    share is the slice of the whole batch's weights."""
+    _, data = corpus
+    W = 10.0
+    mixed = PasskeyMixSampler(WindowSampler(data, [0, 1, 2], WINDOW, seed=3), ByteTokenizer(), 0.5, 3, answer_weight=W)
+    shares = [PasskeyMixSampler(WindowSampler(data, [0, 1, 2], WINDOW, seed=3), ByteTokenizer(), 0.5, 3,
+                                answer_weight=W) for _ in range(2)]
+    for _ in range(3):
+        batch, weights = mixed.next_weighted_batch(8)
+        assert weights.shape == (8, WINDOW - 1) and weights.dtype == torch.float32
+        assert weights.double().mean().item() == pytest.approx(1.0, rel=1e-6)
+        base = weights.min()
+        n_examples = 0
+        for row, w in zip(batch, weights, strict=True):
+            heavy = torch.nonzero(w != base).flatten()
+            if heavy.numel() == 0:
+                assert NEEDLE.search(bytes(row.tolist())) is None  # an unmixed row
+                continue
+            n_examples += 1
+            key, _, _ = take_apart(bytes(row.tolist()))
+            assert heavy.tolist() == list(range(WINDOW - 1 - 7, WINDOW - 1))  # the last 7 targets
+            assert bytes(row[1:][heavy].tolist()) == f" {key}.".encode()
+            assert torch.allclose(w[heavy], base * W)
+        # the mean is 1: base * (n_targets + (W - 1) * 7 * n_examples) = n_targets
+        assert base.item() == pytest.approx(1 / (1 + (W - 1) * 7 * n_examples / (8 * (WINDOW - 1))), rel=1e-6)
+        for rank, share in enumerate(shares):
+            part, part_weights = share.next_weighted_batch(8, rank, 2)
+            assert (part == batch[rank * 4 : (rank + 1) * 4]).all()
+            assert torch.equal(part_weights, weights[rank * 4 : (rank + 1) * 4])
+
+
+def test_answer_weight_is_checked_and_needs_the_mix(corpus):
+    _, data = corpus
+    for bad in (0.0, -2.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="passkey-answer-weight"):
+            TrainConfig(passkey_mix=0.5, passkey_answer_weight=bad)
+        with pytest.raises(ValueError, match="passkey-answer-weight"):
+            PasskeyMixSampler(WindowSampler(data, [0], WINDOW), ByteTokenizer(), 0.5, answer_weight=bad)
+    with pytest.raises(ValueError, match="--passkey-answer-weight 30.0 needs --passkey-mix"):
+        TrainConfig(passkey_answer_weight=30.0)
+
+
+def test_weighted_loss_is_one_weighted_mean_over_micro_batches(corpus):
+    """With answer weights, step 1's loss (before any update) is the same in one batch or in two micro-batches:
+    each micro-batch's share is normalized by the whole batch's weight. Weight 1 is the plain loss exactly."""
+    root, _ = corpus
+    whole = train(cfg_for(root, "w-whole", passkey_answer_weight=30.0, steps=1, eval_every=0))
+    halves = train(cfg_for(root, "w-halves", passkey_answer_weight=30.0, steps=1, eval_every=0, grad_accum=2))
+    plain = train(cfg_for(root, "w-plain", steps=1, eval_every=0))
+    unit = train(cfg_for(root, "w-unit", passkey_answer_weight=1.0, steps=1, eval_every=0))
+    assert halves.losses[1] == pytest.approx(whole.losses[1], rel=1e-5)
+    assert whole.losses[1] != pytest.approx(plain.losses[1], rel=1e-3)
+    assert unit.losses[1] == plain.losses[1]
+    assert load_run_config(root / "w-whole")["train"]["passkey_answer_weight"] == 30.0

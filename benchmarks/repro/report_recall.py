@@ -81,12 +81,15 @@ def _passkey_table(r: dict[str, Any], w: Write) -> int | None:
         w("Result: not run (`--stage eval-recall --recall-parts passkey`).")
         w("")
         return None
-    w(f"Every kind at the `{s.get('preset', 'small')}` preset, trained on the built-in corpus for {s['steps']} "
-      f"steps of {s['batch_size']} "
+    size = ("the MQAR part's sizes (two layers of width 128)" if s.get("sizes") else
+            f"the `{s.get('preset', 'small')}` preset")
+    weight = (f", their answers' loss weighted {s['answer_weight']:g}x (`--passkey-answer-weight`)"
+              if s.get("answer_weight", 1) != 1 else "")
+    w(f"Every kind at {size}, trained on the built-in corpus for {s['steps']} steps of {s['batch_size']} "
       f"rows of {s['seq_len']} bytes, a fraction {s['mix']} of the rows made passkey examples of their own text "
-      "(`longseq train --passkey-mix`). Scored by `longseq eval --task passkey` with the held-out works (Hamlet, "
-      f"The Tempest, the Sonnets) as filler, {s['trials']} keys at each of 5 depths per cell; bpb: the run's last "
-      "validation on the held-out works (all of their bytes)." if s["eval_tokens"] == 0 else
+      f"(`longseq train --passkey-mix`){weight}. Scored by `longseq eval --task passkey` with the held-out works "
+      f"(Hamlet, The Tempest, the Sonnets) as filler, {s['trials']} keys at each of 5 depths per cell; bpb: the "
+      "run's last validation on the held-out works (all of their bytes)." if s["eval_tokens"] == 0 else
       f"Smoke-test sizes: {s['steps']} steps of {s['batch_size']} rows of {s['seq_len']} bytes, passkey mix "
       f"{s['mix']}, {s['trials']} key per depth.")
     w("")

@@ -67,6 +67,11 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
         help="make this fraction of training rows passkey examples (a key hidden in the row's text, asked for "
         "at its end), so the model learns the passkey task (default 0)",
     )
+    p.add_argument(
+        "--passkey-answer-weight", type=float, metavar="W",
+        help="loss weight of the passkey examples' answer ids, the other targets weighing 1 (default 1; the "
+        "answer is a few ids of a long row, and small models learn retrieval sooner with W of ~30)",
+    )
     p.add_argument("--seq-len", type=int, help="ids (bytes, or tokens with --tokenizer) per training sequence "
                    "(default 256)")
     p.add_argument("--batch-size", type=int, help="global batch in sequences per optimizer step (default 16)")

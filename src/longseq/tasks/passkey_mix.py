@@ -9,8 +9,11 @@ answer::
     [prefix] instruction  filler[:cut]  key sentence  filler[cut:]  question  " 12345."
 
 The filler is the window's first ids (so the example's text is the corpus's, the row keeps its length), the
-key is a fresh random 5-digit number and the depth is uniform over the filler. The loss stays the plain
-next-token loss over the whole row: the answer's few ids are where retrieval is learned.
+key is a fresh random 5-digit number and the depth is uniform over the filler. The loss is the next-token loss
+over the whole row; the answer's few ids are where retrieval is learned, and with ``--passkey-answer-weight W``
+their targets weigh ``W`` times the others' (:meth:`PasskeyMixSampler.next_weighted_batch`). The answer is 7 of
+a row's hundreds of bytes: in a CPU pilot (2-layer Transformer, width 128, 256-byte rows, every row an
+example) the plain loss had learned no retrieval after 1,000 steps, with ``W = 30`` it began to.
 
 Which rows are mixed, and their keys and depths, come from a generator seeded by ``(seed, batch index)``
 for the whole global batch, so every rank agrees, any world size sees the same global batches, and a resumed
@@ -19,6 +22,7 @@ run draws exactly the rows it would have.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -61,11 +65,15 @@ class PasskeyMixSampler:
     ``[global_batch / world_size, window]`` int64 ids; ``state_dict`` is the wrapped sampler's (the mixing
     is a function of its batch counter)."""
 
-    def __init__(self, sampler: WindowSampler, tokenizer: Tokenizer, fraction: float, seed: int = 0) -> None:
+    def __init__(self, sampler: WindowSampler, tokenizer: Tokenizer, fraction: float, seed: int = 0,
+                 answer_weight: float = 1.0) -> None:
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"passkey-mix must be in (0, 1] (the fraction of training rows); got {fraction}")
+        if not (math.isfinite(answer_weight) and answer_weight > 0):
+            raise ValueError(f"passkey-answer-weight must be a finite number > 0; got {answer_weight}")
         check_room(tokenizer, sampler.window, sampler.corpus.unit)
         self.sampler, self.tokenizer, self.fraction, self.seed = sampler, tokenizer, float(fraction), int(seed)
+        self.answer_weight = float(answer_weight)
 
     @property
     def window(self) -> int:
@@ -94,13 +102,29 @@ class PasskeyMixSampler:
 
     def next_batch(self, global_batch: int, rank: int = 0, world_size: int = 1) -> Tensor:
         """This rank's share of the next global batch, its passkey rows built in place."""
+        return self.next_weighted_batch(global_batch, rank, world_size)[0]
+
+    def next_weighted_batch(self, global_batch: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
+        """:meth:`next_batch`, and the weight of each of its targets: ``[per, window - 1]`` float32 (targets are
+        ``ids[:, 1:]``), ``answer_weight`` on the answer ids of example rows and 1 elsewhere, divided by the mean
+        weight over the whole global batch. The mean of ``weights * per-target loss`` over every rank's share is
+        then the weighted mean over the global batch, whatever the world size or micro-batching."""
         index = self.sampler.batches_drawn
         batch = self.sampler.next_batch(global_batch, rank, world_size)
-        per = batch.shape[0]
-        for i, row in enumerate(self.plan(index, global_batch)[rank * per : (rank + 1) * per]):
-            if row is not None:
-                batch[i] = self.example(batch[i], *row)
-        return batch
+        per, window = batch.shape
+        plan = self.plan(index, global_batch)
+        weights = torch.ones(per, window - 1)
+        extra = 0.0  # over the global batch: sum of (answer_weight - 1) per answer id
+        for i, row in enumerate(plan):
+            if row is None:
+                continue
+            n_answer = len(self.tokenizer.encode(ANSWER.format(key=row[0]), special=False))
+            extra += (self.answer_weight - 1.0) * n_answer
+            mine = i - rank * per
+            if 0 <= mine < per:
+                batch[mine] = self.example(batch[mine], *row)
+                weights[mine, -n_answer:] = self.answer_weight
+        return batch, weights / (1.0 + extra / (global_batch * (window - 1)))
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()

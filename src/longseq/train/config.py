@@ -26,6 +26,7 @@ class TrainConfig:
     val_fraction: float | None = None
     within_docs: bool = False
     passkey_mix: float = 0.0  # fraction of training rows made passkey examples (``longseq.tasks.passkey_mix``)
+    passkey_answer_weight: float = 1.0  # loss weight of those examples' answer ids (the other targets weigh 1)
     cache_dir: str | None = None
     seq_len: int = 256
     batch_size: int = 16
@@ -63,6 +64,13 @@ class TrainConfig:
         _check("grad_clip", self.grad_clip, math.isfinite(self.grad_clip) and self.grad_clip >= 0,
                ">= 0 (0 disables it)")
         _check("passkey_mix", self.passkey_mix, 0 <= self.passkey_mix <= 1, "in [0, 1]")
+        _check("passkey_answer_weight", self.passkey_answer_weight,
+               math.isfinite(self.passkey_answer_weight) and self.passkey_answer_weight > 0, "> 0")
+        if self.passkey_answer_weight != 1 and not self.passkey_mix:
+            raise ValueError(
+                f"--passkey-answer-weight {self.passkey_answer_weight} needs --passkey-mix: without passkey "
+                "examples there is no answer to weigh"
+            )
         if self.val_fraction is not None:
             _check("val_fraction", self.val_fraction, 0 <= self.val_fraction < 1, "in [0, 1)")
             if self.val_docs is not None:  # the split would use val_docs and silently ignore the fraction

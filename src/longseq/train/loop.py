@@ -153,7 +153,8 @@ def train(
     ids = corpus if tokenizer is None else tokenize_corpus(corpus, tokenizer, progress=cfg.progress and first_rank)
     sampler = WindowSampler(ids, split.train, cfg.seq_len + 1, seed=cfg.seed, within_docs=cfg.within_docs)
     if cfg.passkey_mix:
-        sampler = PasskeyMixSampler(sampler, tokenizer or BYTES, cfg.passkey_mix, seed=cfg.seed)
+        sampler = PasskeyMixSampler(sampler, tokenizer or BYTES, cfg.passkey_mix, seed=cfg.seed,
+                                    answer_weight=cfg.passkey_answer_weight)
     val_set = corpus_documents(corpus, split.val, cfg.eval_tokens) if split.val else []
     if split.val and sum(len(t) for _, t in val_set) - len(val_set) < 1:
         raise DataError("the validation documents hold no byte to score (each needs at least 2 bytes)")
@@ -344,19 +345,35 @@ class _Session:
         lr = setup.schedule(step)
         for group in setup.optimizer.param_groups:
             group["lr"] = lr
-        batch = self.sampler.next_batch(cfg.batch_size, info.rank, info.world_size).to(device, non_blocking=True)
+        batch, weights = self._draw()
         loss_sum = torch.zeros((), device=device)
         for i in range(cfg.grad_accum):
             x = batch[i * self.micro : (i + 1) * self.micro]
             with set_grad_sync(setup.wrapped, info, sync=i == cfg.grad_accum - 1), autocast(device):
                 logits = setup.forward(x[:, :-1])
-                loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()) / cfg.grad_accum
+                if weights is None:
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+                else:
+                    per_target = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="none")
+                    loss = (per_target * weights[i * self.micro : (i + 1) * self.micro].flatten()).mean()
+                loss = loss / cfg.grad_accum
                 loss.backward()
             loss_sum += loss.detach()
         grad_norm = _clip(setup.wrapped, cfg.grad_clip)
         setup.optimizer.step()
         setup.optimizer.zero_grad(set_to_none=True)
         return lr, float(all_reduce_mean(loss_sum, self.info)), grad_norm
+
+    def _draw(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's share of the next global batch on the device, and its targets' loss weights (None: all 1)."""
+        cfg, info = self.cfg, self.info
+        weights = None
+        if isinstance(self.sampler, PasskeyMixSampler) and self.sampler.answer_weight != 1:
+            batch, weights = self.sampler.next_weighted_batch(cfg.batch_size, info.rank, info.world_size)
+            weights = weights.to(info.device, non_blocking=True)
+        else:
+            batch = self.sampler.next_batch(cfg.batch_size, info.rank, info.world_size)
+        return batch.to(info.device, non_blocking=True), weights
 
     def report(self, step: int, lr: float, loss_val: float, grad_norm: float) -> None:
         """Log the step (throughput over the steps since the last report) and refresh the progress bar."""
