@@ -121,7 +121,8 @@ def test_quick_run_writes_the_report(tmp_path):
     assert "| Hybrid (GLA + attention layers) | tova:ctx/8 |" in text and "| GLA | own state |" in text
     # ... and trained on the corpus with passkey examples mixed in: held-out bpb and passkey accuracy.
     assert "| model | cache | params | held-out bpb | state @ 16K | passkey @ 240 |" in text
-    assert "longseq train --out OUT/runs/recall-hybrid --model hybrid" in text and "--passkey-mix 0.5 --passkey-answer-weight 30.0" in text
+    assert "longseq train --out OUT/runs/recall-hybrid --model hybrid" in text
+    assert "--passkey-mix 0.5 --passkey-answer-weight 30.0" in text
     # 30 steps teach the full Transformer neither task: the verdicts say the cells do not test the claim.
     assert text.count("so this cell does not test the claim") == 2
     recall = json.loads((out_dir / "results" / "recall.json").read_text())
