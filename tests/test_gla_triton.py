@@ -133,12 +133,15 @@ def test_head_dims_tiled_over_several_blocks(poison, monkeypatch):
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_forward_without_grad_matches_recurrent(poison, intra_path, monkeypatch, packed):
-    """Prefill and evaluation (no grad) take the forward kernels outside autograd, and A is never stored:
-    outputs and final states against the float64 recurrence, 2 chunks and a partial one (or packed
-    sequences of 37 and 93)."""
+@pytest.mark.parametrize("v_tiles", [1, 2])
+def test_forward_without_grad_matches_recurrent(poison, intra_path, monkeypatch, packed, v_tiles):
+    """Prefill and evaluation (no grad) take the forward kernels outside autograd, and A is not kept for a
+    backward: outputs and final states against the float64 recurrence, 2 chunks and a partial one (or packed
+    sequences of 37 and 93). With one V tile the output kernel forms A itself; with two, a kernel forms it once
+    for both."""
     from longseq.ops.gla.triton import autograd
 
+    monkeypatch.setattr(chunk_fwd, "OUTPUT_MAX_BV", 32 // v_tiles)
     stored = []
     real = autograd.chunk_output
     monkeypatch.setattr(autograd, "chunk_output", lambda *a: stored.append(a[-1]) or real(*a))

@@ -1,10 +1,13 @@
 """Forward kernels of chunkwise GLA: chunk-boundary states, then the outputs with the intra-chunk attention
 formed in the same program.
 
-Two launches. The gate cumsums are computed in each kernel from ``g`` (a ``tl.cumsum`` of a tile already in
-registers) instead of being stored by a kernel of their own and read back by two: on the bf16 path that is
-the forward's largest round trip through memory after the states. ``A`` is never read back either: the
-output kernel forms it, multiplies it into ``v`` and stores it only when the backward will need it.
+Two launches (three when the outputs span several V tiles). The gate cumsums are computed in each kernel from
+``g`` (a ``tl.cumsum`` of a tile already in registers) instead of being stored by a kernel of their own and read
+back by two: on the bf16 path that is the forward's largest round trip through memory after the states. When
+``V`` fits one output tile, ``A`` is not read back either: the output kernel forms it, multiplies it into ``v``
+and stores it only when the backward will need it. Wider ``V`` (512: four tiles) has one kernel form ``A`` and
+the output tiles read it, since forming it in each tile repeats its K-long product and was 1.7x slower than
+fla's forward at H = 4, K = 256, V = 512 (H100).
 
 Layouts (packed, see :mod:`.common`): ``q, k, g`` ``[TT, H, K]``, ``v`` ``[TT, H, V]`` with
 ``TT = B * T`` (or the packed length), contiguous; ``b`` (in registers; :func:`chunk_cumsum` stores it for
@@ -192,6 +195,82 @@ def chunk_states_kernel(
 
 
 @triton.jit
+def attention_part(qq, kk, qd, b, b_last, o_t, sub, pos, BC: tl.constexpr, NC: tl.constexpr, DT: tl.constexpr,
+                   PREC: tl.constexpr, MAX_DECAY: tl.constexpr):
+    """One K tile's share of a chunk's unscaled attention matrix ``[BT, BT]``: ``sum_k q_ik k_jk exp(b_ik - b_jk)``
+    for ``j <= i``, from the tiles ``qq``, ``kk`` (fp32), ``qd = qq * exp(b)`` and the gate cumsums ``b``.
+
+    Where every gate cumsum of the tile stays above ``-MAX_DECAY`` (so ``exp(-b)`` cannot overflow and
+    ``exp(b)`` cannot underflow), this is one product ``(q e^{b}) (k e^{-b})^T``: each term is a product of two
+    correctly rounded factors, as exact as the split below. Otherwise (strong gates, resets) the secondary
+    split in log space:
+
+    Off-diagonal sub-chunk blocks (query sub-chunk ``I``, keys before ``I``): the decay is split at
+    ``r_I``, the cumsum at the last row before ``I``: ``(q_i e^{b_i - r_I}) . (k_j e^{r_I - b_j})``,
+    one ``tl.dot`` per ``I`` with the rows of other sub-chunks masked out. Diagonal 16 x 16 blocks:
+    pairwise in log space, all four blocks at once, one key offset ``jj`` per iteration; the key rows
+    ``j(i)`` of ``k`` and ``b`` are picked from the tiles in registers by an exact one-hot product.
+    """
+    if tl.min(b_last, axis=0) >= -MAX_DECAY:
+        kd = kk * tl.exp(-b)
+        qk = tl.dot(qd.to(DT), tl.trans(kd.to(DT)), input_precision=PREC)
+        part = tl.where(o_t[:, None] >= o_t[None, :], qk, 0.0)
+    else:
+        part = tl.zeros([o_t.shape[0], o_t.shape[0]], dtype=tl.float32)
+        for i_i in tl.static_range(1, NC):
+            r = row_of(b, o_t, i_i * BC - 1)
+            qs = qq * tl.exp(tl.where(sub[:, None] == i_i, b - r[None, :], float("-inf")))
+            ks = kk * tl.exp(tl.where(sub[:, None] < i_i, r[None, :] - b, float("-inf")))
+            part += tl.dot(qs.to(DT), tl.trans(ks.to(DT)), input_precision=PREC)
+        for jj in range(0, BC):
+            j = sub * BC + jj  # row i's key
+            pick = (o_t[None, :] == j[:, None]).to(tl.float32)  # [BT, BT] one-hot rows: exact in IEEE fp32
+            kj = tl.dot(pick, kk, input_precision="ieee")
+            bj = tl.dot(pick, b, input_precision="ieee")
+            e = tl.exp(tl.where((pos >= jj)[:, None], b - bj, float("-inf")))
+            col = tl.sum(qq * kj * e, axis=1)
+            part += tl.where(o_t[None, :] == j[:, None], col[:, None], 0.0)
+    return part
+
+
+@triton.jit
+def intra_attention_kernel(
+    q_ptr,
+    k_ptr,
+    g_ptr,
+    a_ptr,
+    chunk_idx_ptr,
+    cu_ptr,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    DT: tl.constexpr,
+    PREC: tl.constexpr,
+    MAX_DECAY: tl.constexpr,
+    FLOOR: tl.constexpr,
+):
+    """A chunk's whole scaled attention matrix ``A`` ``[BT, BT]`` (:func:`attention_part` over the K tiles),
+    for outputs of several V tiles, which then read it instead of each forming it; grid (NT, H)."""
+    i_n, i_h = tl.program_id(0), tl.program_id(1)
+    _, t0, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT)
+    o_t, t, m_t, _ = chunk_rows(t0, eos, BT)
+    att = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
+        qq = tl.load(q_ptr + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        kk = tl.load(k_ptr + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b, b_last = gate_cumsum(g_ptr, o_t, t, m_t, o_k, m_k, i_h, H, K, BT, FLOOR)
+        att += attention_part(qq, kk, qq * tl.exp(b), b, b_last, o_t, o_t // BC, o_t % BC, BC, BT // BC, DT, PREC,
+                              MAX_DECAY)
+    tl.store(a_ptr + (t[:, None] * H + i_h) * BT + o_t[None, :], att * scale, mask=m_t[:, None])
+
+
+@triton.jit
 def output_kernel(
     q_ptr,
     k_ptr,
@@ -214,32 +293,21 @@ def output_kernel(
     PREC: tl.constexpr,
     MAX_DECAY: tl.constexpr,
     FLOOR: tl.constexpr,
-    STORE_A: tl.constexpr,
+    A_MODE: tl.constexpr,
 ):
-    """``o = scale * (q * exp(b)) @ H_chunk + A @ v`` for one (V tile, chunk, head), with the chunk's scaled
-    attention matrix ``A`` ``[BT, BT]`` formed here (and stored by the first V tile when ``STORE_A``).
+    """``o = scale * (q * exp(b)) @ H_chunk + A @ v`` for one (V tile, chunk, head).
 
-    ``A_ij = sum_k q_ik k_jk exp(b_ik - b_jk)`` for ``j <= i``. Where every gate cumsum of a K tile stays
-    above ``-MAX_DECAY`` (so ``exp(-b)`` cannot overflow and ``exp(b)`` cannot underflow), that tile's part
-    is one product ``(q e^{b}) (k e^{-b})^T``, whose left factor the inter-chunk term uses too: each term
-    is a product of two correctly rounded factors, as exact as the split below. Otherwise (strong gates,
-    resets) the secondary split in log space:
-
-    Off-diagonal sub-chunk blocks (query sub-chunk ``I``, keys before ``I``): the decay is split at
-    ``r_I``, the cumsum at the last row before ``I``: ``(q_i e^{b_i - r_I}) . (k_j e^{r_I - b_j})``,
-    one ``tl.dot`` per ``I`` with the rows of other sub-chunks masked out. Diagonal 16 x 16 blocks:
-    pairwise in log space, all four blocks at once, one key offset ``jj`` per iteration; the key rows
-    ``j(i)`` of ``k`` and ``b`` are picked from the tiles in registers by an exact one-hot product.
+    ``A_MODE``: 0 forms the chunk's scaled attention matrix ``A`` here (:func:`attention_part`, sharing
+    ``q * exp(b)`` with the inter-chunk term) and keeps it in registers; 1 does the same and stores it for the
+    backward; 2 reads it, as :func:`intra_attention_kernel` stored it.
     """
-    NC: tl.constexpr = BT // BC
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_s, t0, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT)
     o_t, t, m_t, _ = chunk_rows(t0, eos, BT)
-    sub = o_t // BC  # sub-chunk of each row
-    pos = o_t % BC  # row within its sub-chunk
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     slot = i_n + i_s
+    a_off = (t[:, None] * H + i_h) * BT + o_t[None, :]
 
     acc = tl.zeros([BT, BV], dtype=tl.float32)
     att = tl.zeros([BT, BT], dtype=tl.float32)
@@ -249,7 +317,6 @@ def output_kernel(
         m_tk = m_t[:, None] & m_k[None, :]
         qk_off = (t[:, None] * H + i_h) * K + o_k[None, :]
         qq = tl.load(q_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
-        kk = tl.load(k_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
         b, b_last = gate_cumsum(g_ptr, o_t, t, m_t, o_k, m_k, i_h, H, K, BT, FLOOR)
         hs = tl.load(
             h_ptr + (slot * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
@@ -258,29 +325,15 @@ def output_kernel(
         )
         qd = qq * tl.exp(b)
         acc += tl.dot(qd.to(DT), hs.to(DT), input_precision=PREC)
-        if tl.min(b_last, axis=0) >= -MAX_DECAY:
-            # Bounded decay over the whole chunk: one product with the decay split at the chunk start.
-            kd = kk * tl.exp(-b)
-            qk = tl.dot(qd.to(DT), tl.trans(kd.to(DT)), input_precision=PREC)
-            att += tl.where(o_t[:, None] >= o_t[None, :], qk, 0.0)
-        else:
-            for i_i in tl.static_range(1, NC):
-                r = row_of(b, o_t, i_i * BC - 1)
-                qs = qq * tl.exp(tl.where(sub[:, None] == i_i, b - r[None, :], float("-inf")))
-                ks = kk * tl.exp(tl.where(sub[:, None] < i_i, r[None, :] - b, float("-inf")))
-                att += tl.dot(qs.to(DT), tl.trans(ks.to(DT)), input_precision=PREC)
-            for jj in range(0, BC):
-                j = sub * BC + jj  # row i's key
-                pick = (o_t[None, :] == j[:, None]).to(tl.float32)  # [BT, BT] one-hot rows: exact in IEEE fp32
-                kj = tl.dot(pick, kk, input_precision="ieee")
-                bj = tl.dot(pick, b, input_precision="ieee")
-                e = tl.exp(tl.where((pos >= jj)[:, None], b - bj, float("-inf")))
-                col = tl.sum(qq * kj * e, axis=1)
-                att += tl.where(o_t[None, :] == j[:, None], col[:, None], 0.0)
-    att = att * scale
-    if STORE_A:
-        if i_v == 0:
-            tl.store(a_ptr + (t[:, None] * H + i_h) * BT + o_t[None, :], att, mask=m_t[:, None])
+        if A_MODE < 2:
+            kk = tl.load(k_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
+            att += attention_part(qq, kk, qd, b, b_last, o_t, o_t // BC, o_t % BC, BC, BT // BC, DT, PREC, MAX_DECAY)
+    if A_MODE < 2:
+        att = att * scale
+        if A_MODE == 1:
+            tl.store(a_ptr + a_off, att, mask=m_t[:, None])
+    else:
+        att = tl.load(a_ptr + a_off, mask=m_t[:, None], other=0.0)
     vv = tl.load(v_ptr + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
     acc = acc * scale + tl.dot(att.to(DT), vv.to(DT), input_precision=PREC)
     tl.store(
@@ -351,37 +404,25 @@ def chunk_output(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, h: Tensor, scale: float, info: SeqInfo, kd: KernelDtypes,
     store_a: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """Launch :func:`output_kernel`; returns ``o`` ``[TT, H, V]`` in ``v``'s dtype and, if ``store_a``, the
-    intra-chunk attention ``A`` ``[TT, H, 64]`` fp32 (for the backward)."""
+    """Launch :func:`output_kernel` (and :func:`intra_attention_kernel` first when the outputs span several V
+    tiles); returns ``o`` ``[TT, H, V]`` in ``v``'s dtype and, if ``store_a`` or several V tiles, the intra-chunk
+    attention ``A`` ``[TT, H, 64]`` fp32 (for the backward)."""
     TT, H, K = q.shape
     V = v.shape[-1]
     BK, BV = block_size(K), max(16, min(OUTPUT_MAX_BV, triton.next_power_of_2(V)))
     o = torch.empty_like(v)
-    a = q.new_empty(TT, H, CHUNK, dtype=torch.float32) if store_a else None
+    one_tile = triton.cdiv(V, BV) == 1
+    a = q.new_empty(TT, H, CHUNK, dtype=torch.float32) if store_a or not one_tile else None
+    consts = dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DT=kd.dot, PREC=kd.prec, MAX_DECAY=common.MAX_DECAY,
+                  FLOOR=G_FLOOR)
+    if not one_tile:  # each V tile would form the same A: form it once
+        intra_attention_kernel[(info.num_chunks, H)](
+            q, k, g, a, info.chunk_indices, info.cu_seqlens, scale, **consts, num_warps=4 if BK <= 32 else 8,
+            num_stages=1,
+        )
     output_kernel[(triton.cdiv(V, BV), info.num_chunks, H)](
-        q,
-        k,
-        v,
-        g,
-        h,
-        o,
-        a if a is not None else o,
-        info.chunk_indices,
-        info.cu_seqlens,
-        scale,
-        H=H,
-        K=K,
-        V=V,
-        BT=CHUNK,
-        BC=SUB_CHUNK,
-        BK=BK,
-        BV=BV,
-        DT=kd.dot,
-        PREC=kd.prec,
-        MAX_DECAY=common.MAX_DECAY,
-        FLOOR=G_FLOOR,
-        STORE_A=store_a,
-        num_warps=OUTPUT_WARPS,
+        q, k, v, g, h, o, a if a is not None else o, info.chunk_indices, info.cu_seqlens, scale, V=V, BV=BV,
+        **consts, A_MODE=2 if not one_tile else 1 if store_a else 0, num_warps=OUTPUT_WARPS if one_tile else 4,
         num_stages=2,
     )
     return o, a
