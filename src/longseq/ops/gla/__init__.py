@@ -244,7 +244,7 @@ def _run_triton(
     if q.shape[1] <= _RECURRENT_MAX_T and not needs_grad:
         # Decoding: the fused recurrent kernel, no chunk padding. Its state is always computed.
         return recurrent_gla(q, k, v, g, scale, initial_state, cu_seqlens)
-    return chunk_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, needs_grad)
+    return chunk_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
 
 
 def _dense_packed(

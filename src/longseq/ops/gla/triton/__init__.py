@@ -14,8 +14,7 @@ before the chunk:
 
 * states (``chunk_states_kernel``, sequential over chunks, one program per (K tile, V tile, seq, head)):
   ``H_{c+1} = diag(exp(b_C)) H_c + sum_j (k_j * exp(b_C - b_j))^T v_j``;
-* intra-chunk attention (``attention_part``; formed inside ``output_kernel`` when ``V`` fits one output tile,
-  else once per chunk by ``intra_attention_kernel``): ``A_ij = scale sum_k q_ik k_jk exp(b_ik - b_jk)``
+* intra-chunk attention (``intra_attention_kernel``): ``A_ij = scale sum_k q_ik k_jk exp(b_ik - b_jk)``
   for ``j <= i``, on sub-chunks of 16. For query sub-chunk ``I`` and key sub-chunk ``J < I`` the decay
   is split at the end ``p`` of sub-chunk ``I - 1``: ``exp(b_i - b_p) * exp(b_p - b_j)``, both factors
   ``exp(<= 0)``, each computed as a segment sum (the cumsum inside ``I``; the gates after ``j`` in

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .chunk_bwd import chunk_backward
-from .chunk_fwd import chunk_cumsum, chunk_output, chunk_states
+from .chunk_fwd import chunk_cumsum, chunk_output, chunk_states, intra_attention
 from .common import CHUNK, MAX_CHUNKS, MAX_HEAD_DIM, KernelDtypes, SeqInfo, kernel_dtypes, seq_info
 from .recurrent import fused_recurrent
 
@@ -17,14 +17,17 @@ class ChunkGLAFunction(torch.autograd.Function):
     """Packed inputs ``q, k, g`` ``[TT, H, K]``, ``v`` ``[TT, H, V]``, ``h0`` ``[N, H, K, V]`` or None.
 
     Saves the inputs and the intra-chunk attention ``A`` (``[TT, H, 64]`` fp32: the bytes of one
-    bf16 input with K = 128), so the backward does not redo its exp-heavy product; it recomputes the gate
-    cumsums and the chunk states (``h`` would cost far more to keep).
+    bf16 input with K = 128), so the backward does not redo the forward's most exp-heavy kernel;
+    it recomputes the gate cumsums and the chunk states (``h`` would cost far more to keep).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, g, h0, scale: float, info: SeqInfo, output_final_state: bool):
-        o, ht, a = chunk_forward(q, k, v, g, h0, scale, info, output_final_state, store_a=True)
         kd = kernel_dtypes_for(q, k, v)
+        b = chunk_cumsum(g, info)
+        h, ht = chunk_states(k, v, b, h0, info, kd, output_final_state)
+        a = intra_attention(q, k, b, scale, info, kd)
+        o = chunk_output(q, v, b, h, a, scale, info, kd)
         ctx.save_for_backward(q, k, v, g, h0, a)
         ctx.scale, ctx.info, ctx.kd = scale, info, kd
         return o, ht
@@ -33,8 +36,8 @@ class ChunkGLAFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, g, h0, a = ctx.saved_tensors
         info, kd, scale = ctx.info, ctx.kd, ctx.scale
-        h, _ = chunk_states(k, v, g, h0, info, kd, want_final=False)
         b = chunk_cumsum(g, info)
+        h, _ = chunk_states(k, v, b, h0, info, kd, want_final=False)
         dht = dht.contiguous() if dht is not None else None
         dq, dk, dv, dg, dh0 = chunk_backward(
             q,
@@ -52,18 +55,6 @@ class ChunkGLAFunction(torch.autograd.Function):
             need_dh0=h0 is not None and ctx.needs_input_grad[4],
         )
         return dq, dk, dv, dg, dh0.to(h0.dtype) if dh0 is not None else None, None, None, None
-
-
-def chunk_forward(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, h0: Tensor | None, scale: float, info: SeqInfo,
-    want_final: bool, store_a: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """The forward on packed inputs (layouts as :class:`ChunkGLAFunction`), two launches: ``(o, final
-    states or None, A or None)``. Without ``store_a`` (no backward to come) ``A`` never reaches memory."""
-    kd = kernel_dtypes_for(q, k, v)
-    h, ht = chunk_states(k, v, g, h0, info, kd, want_final)
-    o, a = chunk_output(q, k, v, g, h, scale, info, kd, store_a)
-    return o, ht, a
 
 
 def kernel_dtypes_for(q: Tensor, k: Tensor, v: Tensor) -> KernelDtypes:
@@ -89,7 +80,6 @@ def chunk_gla(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: Tensor | None = None,
-    needs_grad: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Chunkwise GLA in Triton, differentiable in q, k, v, g and initial_state.
 
@@ -97,8 +87,6 @@ def chunk_gla(
         q, k, g: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (fp32, bf16 or fp16; g is best fp32).
         initial_state: ``[N, H, K, V]`` (``N = B``, or the number of packed sequences), or None.
         cu_seqlens: ``[N + 1]`` int offsets of packed sequences (then ``B == 1``), or None.
-        needs_grad: False when no backward will run (prefill, evaluation): the kernels then run outside
-            autograd and skip storing what only the backward reads.
     Returns:
         ``o`` ``[B, T, H, V]`` in v's dtype and the final state ``[N, H, K, V]`` fp32 (or None).
     """
@@ -112,10 +100,7 @@ def chunk_gla(
         )
     flat = [x.reshape(B * T, H, x.shape[-1]).contiguous() for x in (q, k, v, g)]
     h0 = initial_state.contiguous() if initial_state is not None else None
-    if needs_grad:
-        o, ht = ChunkGLAFunction.apply(*flat, h0, scale, info, output_final_state)
-    else:
-        o, ht, _ = chunk_forward(*flat, h0, scale, info, output_final_state, store_a=False)
+    o, ht = ChunkGLAFunction.apply(*flat, h0, scale, info, output_final_state)
     return o.view(B, T, H, V), ht
 
 

@@ -69,7 +69,7 @@ def state_grads_kernel(
     for r in range(0, n_chunks):
         c = n_chunks - 1 - r
         tl.store(dh_ptr + ((n0 + c) * H + i_h) * K * V + kv_off, dstate.to(dh_ptr.dtype.element_ty), mask=m_kv)
-        b, b_last, qq, do = chunk_tiles(q_ptr, do_ptr, b_ptr, c, bos, eos, o_k, m_k, o_v, i_h, H, K, V, BT, False, 0.0)
+        b, b_last, qq, do = chunk_tiles(q_ptr, do_ptr, b_ptr, c, bos, eos, o_k, m_k, o_v, i_h, H, K, V, BT)
         qd = (qq * tl.exp(b)).to(DT)
         dstate = dstate * tl.exp(b_last)[:, None] + scale * tl.dot(tl.trans(qd), do.to(DT), input_precision=PREC)
     if HAS_DH0:

@@ -1,19 +1,10 @@
-"""Forward kernels of chunkwise GLA: chunk-boundary states, then the outputs with the intra-chunk attention
-formed in the same program.
-
-Two launches (three when the outputs span several V tiles). The gate cumsums are computed in each kernel from
-``g`` (a ``tl.cumsum`` of a tile already in registers) instead of being stored by a kernel of their own and read
-back by two: on the bf16 path that is the forward's largest round trip through memory after the states. When
-``V`` fits one output tile, ``A`` is not read back either: the output kernel forms it, multiplies it into ``v``
-and stores it only when the backward will need it. Wider ``V`` (512: four tiles) has one kernel form ``A`` and
-the output tiles read it, since forming it in each tile repeats its K-long product and was 1.7x slower than
-fla's forward at H = 4, K = 256, V = 512 (H100).
+"""Forward kernels of chunkwise GLA: in-chunk gate cumsums, chunk-boundary states, intra-chunk
+attention, outputs.
 
 Layouts (packed, see :mod:`.common`): ``q, k, g`` ``[TT, H, K]``, ``v`` ``[TT, H, V]`` with
-``TT = B * T`` (or the packed length), contiguous; ``b`` (in registers; :func:`chunk_cumsum` stores it for
-the backward) the inclusive cumsum of the clamped gates from the start of each chunk, fp32; ``h``
-``[NT + N, H, K, V]`` (``kd.states``); ``A`` ``[TT, H, 64]`` fp32 (row ``t``, column ``j`` = key ``j`` of
-``t``'s chunk, scaled, zero above the diagonal).
+``TT = B * T`` (or the packed length), contiguous; ``b`` ``[TT, H, K]`` fp32 (inclusive cumsum of the
+clamped gates from the start of each chunk); ``h`` ``[NT + N, H, K, V]`` fp32; ``A`` ``[TT, H, 64]``
+fp32 (row ``t``, column ``j`` = key ``j`` of ``t``'s chunk, scaled, zero above the diagonal).
 
 Every exponent passed to exp is ``<= 0``, masked to ``-inf``, or bounded by ``MAX_DECAY`` (see
 :mod:`.common`).
@@ -32,9 +23,6 @@ from .common import CHUNK, G_FLOOR, SUB_CHUNK, KernelDtypes, SeqInfo, block_size
 # V tile of the output kernel: wider than the other kernels' (MAX_BLOCK) so that q, its gate factors and
 # the chunk's A are read (and exp(b) computed) fewer times per chunk: 8% faster forward at V=512 (H200).
 OUTPUT_MAX_BV = 128
-# Warps of the output kernel. A program holds the output tile, the chunk's A and a few [64, BK] tiles (about
-# 30K fp32 values at BK = 64, BV = 128): 8 warps keep that near 128 registers a thread (reasoned, untimed).
-OUTPUT_WARPS = 8
 
 
 @triton.jit
@@ -70,28 +58,13 @@ def load_cumsum(b_ptr, t, m_t, last, o_k, m_k, i_h, H: tl.constexpr, K: tl.const
 
 
 @triton.jit
-def gate_cumsum(g_ptr, o_t, t, m_t, o_k, m_k, i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                FLOOR: tl.constexpr):
-    """The chunk's gate cumsums ``[BT, BK]`` (of ``max(g, FLOOR)``, fp32) and their last row ``[BK]``, computed
-    from the gates. Rows past the sequence's end add a gate of 0, so they equal the last valid row, as
-    :func:`load_cumsum` makes them."""
-    gg = tl.load(g_ptr + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-    b = tl.cumsum(tl.maximum(gg.to(tl.float32), FLOOR), axis=0)
-    return b, row_of(b, o_t, BT - 1)
-
-
-@triton.jit
 def chunk_tiles(x_ptr, y_ptr, b_ptr, c, bos, eos, o_k, m_k, o_v, i_h, H: tl.constexpr, K: tl.constexpr,
-                V: tl.constexpr, BT: tl.constexpr, GATES: tl.constexpr, FLOOR: tl.constexpr):
+                V: tl.constexpr, BT: tl.constexpr):
     """What a state recurrence needs of chunk ``c`` of a sequence: the gate cumsums ``b`` ``[BT, BK]`` and
     their last row ``[BK]``, an fp32 key-side tile ``[BT, BK]`` of ``x`` (k, or q going backwards) and a
-    value-side tile ``[BT, BV]`` of ``y`` (v, or do), zero past the sequence's end. ``GATES``: ``b_ptr``
-    holds the gates themselves, summed here (else the stored cumsums)."""
-    o_t, t, m_t, last = chunk_rows(bos + c * BT, eos, BT)
-    if GATES:
-        b, b_last = gate_cumsum(b_ptr, o_t, t, m_t, o_k, m_k, i_h, H, K, BT, FLOOR)
-    else:
-        b, b_last = load_cumsum(b_ptr, t, m_t, last, o_k, m_k, i_h, H, K)
+    value-side tile ``[BT, BV]`` of ``y`` (v, or do), zero past the sequence's end."""
+    _, t, m_t, last = chunk_rows(bos + c * BT, eos, BT)
+    b, b_last = load_cumsum(b_ptr, t, m_t, last, o_k, m_k, i_h, H, K)
     x = tl.load(x_ptr + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
     y = tl.load(y_ptr + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & (o_v[None, :] < V), other=0.0)
     return b, b_last, x.to(tl.float32), y
@@ -130,21 +103,22 @@ def cumsum_kernel(
     BK: tl.constexpr,
     FLOOR: tl.constexpr,
 ):
-    """``b = cumsum(max(g, FLOOR))`` inside each chunk, fp32, for the backward; grid (K tiles, NT, H)."""
+    """``b = cumsum(max(g, FLOOR))`` inside each chunk, fp32; grid (K tiles, NT, H)."""
     i_k, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, t0, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT)
-    o_t, t, m_t, _ = chunk_rows(t0, eos, BT)
+    _, t, _, _ = chunk_rows(t0, eos, BT)
     o_k = i_k * BK + tl.arange(0, BK)
-    m_k = o_k < K
-    b, _ = gate_cumsum(g_ptr, o_t, t, m_t, o_k, m_k, i_h, H, K, BT, FLOOR)
-    tl.store(b_ptr + (t[:, None] * H + i_h) * K + o_k[None, :], b, mask=m_t[:, None] & m_k[None, :])
+    m = (t[:, None] < eos) & (o_k[None, :] < K)
+    off = (t[:, None] * H + i_h) * K + o_k[None, :]
+    gg = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(b_ptr + off, tl.cumsum(tl.maximum(gg, FLOOR), axis=0), mask=m)
 
 
 @triton.jit
 def chunk_states_kernel(
     k_ptr,
     v_ptr,
-    g_ptr,
+    b_ptr,
     h0_ptr,
     h_ptr,
     ht_ptr,
@@ -160,13 +134,12 @@ def chunk_states_kernel(
     STORE_HT: tl.constexpr,
     DT: tl.constexpr,
     PREC: tl.constexpr,
-    FLOOR: tl.constexpr,
 ):
     """State before every chunk and after the last, one program per (K tile, V tile, sequence x head).
 
-    ``H_{c+1} = diag(exp(b_last)) H_c + (k * exp(b_last - b))^T v``, ``b`` summed here from the gates;
-    sequential over the sequence's chunks, the running state in fp32 registers. ``h`` gets every state
-    (storage dtype), ``ht`` the final one in fp32.
+    ``H_{c+1} = diag(exp(b_last)) H_c + (k * exp(b_last - b))^T v``; sequential over the sequence's
+    chunks, the running state in fp32 registers. ``h`` gets every state (storage dtype), ``ht`` the
+    final one in fp32.
     """
     i_k, i_v, i_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_s, i_h = (i_sh // H).to(tl.int64), i_sh % H  # int64: state offsets reach N * H * K * V
@@ -186,7 +159,7 @@ def chunk_states_kernel(
         state = tl.load(h0_ptr + (i_s * H + i_h) * K * V + kv_off, mask=m_kv, other=0.0).to(tl.float32)
     for c in range(0, n_chunks):
         tl.store(h_ptr + ((slot0 + c) * H + i_h) * K * V + kv_off, state.to(h_ptr.dtype.element_ty), mask=m_kv)
-        b, b_last, kk, vv = chunk_tiles(k_ptr, v_ptr, g_ptr, c, bos, eos, o_k, m_k, o_v, i_h, H, K, V, BT, True, FLOOR)
+        b, b_last, kk, vv = chunk_tiles(k_ptr, v_ptr, b_ptr, c, bos, eos, o_k, m_k, o_v, i_h, H, K, V, BT)
         kd = (kk * tl.exp(b_last[None, :] - b)).to(DT)
         state = state * tl.exp(b_last)[:, None] + tl.dot(tl.trans(kd), vv.to(DT), input_precision=PREC)
     tl.store(h_ptr + ((slot0 + n_chunks) * H + i_h) * K * V + kv_off, state.to(h_ptr.dtype.element_ty), mask=m_kv)
@@ -195,49 +168,10 @@ def chunk_states_kernel(
 
 
 @triton.jit
-def attention_part(qq, kk, qd, b, b_last, o_t, sub, pos, BC: tl.constexpr, NC: tl.constexpr, DT: tl.constexpr,
-                   PREC: tl.constexpr, MAX_DECAY: tl.constexpr):
-    """One K tile's share of a chunk's unscaled attention matrix ``[BT, BT]``: ``sum_k q_ik k_jk exp(b_ik - b_jk)``
-    for ``j <= i``, from the tiles ``qq``, ``kk`` (fp32), ``qd = qq * exp(b)`` and the gate cumsums ``b``.
-
-    Where every gate cumsum of the tile stays above ``-MAX_DECAY`` (so ``exp(-b)`` cannot overflow and
-    ``exp(b)`` cannot underflow), this is one product ``(q e^{b}) (k e^{-b})^T``: each term is a product of two
-    correctly rounded factors, as exact as the split below. Otherwise (strong gates, resets) the secondary
-    split in log space:
-
-    Off-diagonal sub-chunk blocks (query sub-chunk ``I``, keys before ``I``): the decay is split at
-    ``r_I``, the cumsum at the last row before ``I``: ``(q_i e^{b_i - r_I}) . (k_j e^{r_I - b_j})``,
-    one ``tl.dot`` per ``I`` with the rows of other sub-chunks masked out. Diagonal 16 x 16 blocks:
-    pairwise in log space, all four blocks at once, one key offset ``jj`` per iteration; the key rows
-    ``j(i)`` of ``k`` and ``b`` are picked from the tiles in registers by an exact one-hot product.
-    """
-    if tl.min(b_last, axis=0) >= -MAX_DECAY:
-        kd = kk * tl.exp(-b)
-        qk = tl.dot(qd.to(DT), tl.trans(kd.to(DT)), input_precision=PREC)
-        part = tl.where(o_t[:, None] >= o_t[None, :], qk, 0.0)
-    else:
-        part = tl.zeros([o_t.shape[0], o_t.shape[0]], dtype=tl.float32)
-        for i_i in tl.static_range(1, NC):
-            r = row_of(b, o_t, i_i * BC - 1)
-            qs = qq * tl.exp(tl.where(sub[:, None] == i_i, b - r[None, :], float("-inf")))
-            ks = kk * tl.exp(tl.where(sub[:, None] < i_i, r[None, :] - b, float("-inf")))
-            part += tl.dot(qs.to(DT), tl.trans(ks.to(DT)), input_precision=PREC)
-        for jj in range(0, BC):
-            j = sub * BC + jj  # row i's key
-            pick = (o_t[None, :] == j[:, None]).to(tl.float32)  # [BT, BT] one-hot rows: exact in IEEE fp32
-            kj = tl.dot(pick, kk, input_precision="ieee")
-            bj = tl.dot(pick, b, input_precision="ieee")
-            e = tl.exp(tl.where((pos >= jj)[:, None], b - bj, float("-inf")))
-            col = tl.sum(qq * kj * e, axis=1)
-            part += tl.where(o_t[None, :] == j[:, None], col[:, None], 0.0)
-    return part
-
-
-@triton.jit
 def intra_attention_kernel(
     q_ptr,
     k_ptr,
-    g_ptr,
+    b_ptr,
     a_ptr,
     chunk_idx_ptr,
     cu_ptr,
@@ -250,35 +184,62 @@ def intra_attention_kernel(
     DT: tl.constexpr,
     PREC: tl.constexpr,
     MAX_DECAY: tl.constexpr,
-    FLOOR: tl.constexpr,
 ):
-    """A chunk's whole scaled attention matrix ``A`` ``[BT, BT]`` (:func:`attention_part` over the K tiles),
-    for outputs of several V tiles, which then read it instead of each forming it; grid (NT, H)."""
+    """A chunk's whole scaled attention matrix ``A`` ``[BT, BT]``; grid (NT, H), loop over K tiles.
+
+    Where every gate cumsum of the tile stays above ``-MAX_DECAY`` (so ``exp(-b)`` cannot overflow
+    and ``exp(b)`` cannot underflow), ``A`` is one product ``(q e^{b}) (k e^{-b})^T``: each term is a
+    product of two correctly rounded factors, as exact as the split below. Otherwise (strong gates,
+    resets) the secondary split in log space:
+
+    Off-diagonal sub-chunk blocks (query sub-chunk ``I``, keys before ``I``): the decay is split at
+    ``r_I``, the cumsum at the last row before ``I``: ``(q_i e^{b_i - r_I}) . (k_j e^{r_I - b_j})``,
+    one ``tl.dot`` per ``I`` with the rows of other sub-chunks masked out. Diagonal 16 x 16 blocks:
+    pairwise in log space, all four blocks at once, one key offset ``jj`` per iteration.
+    """
+    NC: tl.constexpr = BT // BC
     i_n, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT)
-    o_t, t, m_t, _ = chunk_rows(t0, eos, BT)
-    att = tl.zeros([BT, BT], dtype=tl.float32)
+    o_t, t, m_t, last = chunk_rows(t0, eos, BT)
+    sub = o_t // BC  # sub-chunk of each row
+    pos = o_t % BC  # row within its sub-chunk
+
+    acc = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
-        qq = tl.load(q_ptr + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        kk = tl.load(k_ptr + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        b, b_last = gate_cumsum(g_ptr, o_t, t, m_t, o_k, m_k, i_h, H, K, BT, FLOOR)
-        att += attention_part(qq, kk, qq * tl.exp(b), b, b_last, o_t, o_t // BC, o_t % BC, BC, BT // BC, DT, PREC,
-                              MAX_DECAY)
-    tl.store(a_ptr + (t[:, None] * H + i_h) * BT + o_t[None, :], att * scale, mask=m_t[:, None])
+        qk_off = (t[:, None] * H + i_h) * K + o_k[None, :]
+        qq = tl.load(q_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
+        kk = tl.load(k_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
+        b, b_last = load_cumsum(b_ptr, t, m_t, last, o_k, m_k, i_h, H, K)
+        if tl.min(b_last, axis=0) >= -MAX_DECAY:
+            # Bounded decay over the whole chunk: one product with the decay split at the chunk start.
+            qd = qq * tl.exp(b)
+            kd = kk * tl.exp(-b)
+            qk = tl.dot(qd.to(DT), tl.trans(kd.to(DT)), input_precision=PREC)
+            acc += tl.where(o_t[:, None] >= o_t[None, :], qk, 0.0)
+        else:
+            for i_i in tl.static_range(1, NC):
+                r = row_of(b, o_t, i_i * BC - 1)
+                qd = qq * tl.exp(tl.where(sub[:, None] == i_i, b - r[None, :], float("-inf")))
+                kd = kk * tl.exp(tl.where(sub[:, None] < i_i, r[None, :] - b, float("-inf")))
+                acc += tl.dot(qd.to(DT), tl.trans(kd.to(DT)), input_precision=PREC)
+            for jj in range(0, BC):
+                j, kj, e = diagonal_pairs(k_ptr, b_ptr, b, b_last, t0, eos, sub, pos, jj, o_k, m_k, i_h, H, K, BC)
+                col = tl.sum(qq * kj * e, axis=1)
+                acc += tl.where(o_t[None, :] == j[:, None], col[:, None], 0.0)
+    tl.store(a_ptr + (t[:, None] * H + i_h) * BT + o_t[None, :], acc * scale, mask=m_t[:, None])
 
 
 @triton.jit
 def output_kernel(
     q_ptr,
-    k_ptr,
     v_ptr,
-    g_ptr,
+    b_ptr,
     h_ptr,
-    o_ptr,
     a_ptr,
+    o_ptr,
     chunk_idx_ptr,
     cu_ptr,
     scale,
@@ -286,56 +247,34 @@ def output_kernel(
     K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
-    BC: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
     DT: tl.constexpr,
     PREC: tl.constexpr,
-    MAX_DECAY: tl.constexpr,
-    FLOOR: tl.constexpr,
-    A_MODE: tl.constexpr,
 ):
-    """``o = scale * (q * exp(b)) @ H_chunk + A @ v`` for one (V tile, chunk, head).
-
-    ``A_MODE``: 0 forms the chunk's scaled attention matrix ``A`` here (:func:`attention_part`, sharing
-    ``q * exp(b)`` with the inter-chunk term) and keeps it in registers; 1 does the same and stores it for the
-    backward; 2 reads it, as :func:`intra_attention_kernel` stored it.
-    """
+    """``o = scale * (q * exp(b)) @ H_chunk + A @ v`` for one (V tile, chunk, head)."""
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_s, t0, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT)
-    o_t, t, m_t, _ = chunk_rows(t0, eos, BT)
+    o_t, t, m_t, last = chunk_rows(t0, eos, BT)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     slot = i_n + i_s
-    a_off = (t[:, None] * H + i_h) * BT + o_t[None, :]
 
     acc = tl.zeros([BT, BV], dtype=tl.float32)
-    att = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        m_tk = m_t[:, None] & m_k[None, :]
-        qk_off = (t[:, None] * H + i_h) * K + o_k[None, :]
-        qq = tl.load(q_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
-        b, b_last = gate_cumsum(g_ptr, o_t, t, m_t, o_k, m_k, i_h, H, K, BT, FLOOR)
+        qq = tl.load(q_ptr + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b, _ = load_cumsum(b_ptr, t, m_t, last, o_k, m_k, i_h, H, K)
         hs = tl.load(
             h_ptr + (slot * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
             mask=m_k[:, None] & m_v[None, :],
             other=0.0,
         )
-        qd = qq * tl.exp(b)
-        acc += tl.dot(qd.to(DT), hs.to(DT), input_precision=PREC)
-        if A_MODE < 2:
-            kk = tl.load(k_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
-            att += attention_part(qq, kk, qd, b, b_last, o_t, o_t // BC, o_t % BC, BC, BT // BC, DT, PREC, MAX_DECAY)
-    if A_MODE < 2:
-        att = att * scale
-        if A_MODE == 1:
-            tl.store(a_ptr + a_off, att, mask=m_t[:, None])
-    else:
-        att = tl.load(a_ptr + a_off, mask=m_t[:, None], other=0.0)
+        acc += tl.dot((qq.to(tl.float32) * tl.exp(b)).to(DT), hs.to(DT), input_precision=PREC)
+    aa = tl.load(a_ptr + (t[:, None] * H + i_h) * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
     vv = tl.load(v_ptr + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-    acc = acc * scale + tl.dot(att.to(DT), vv.to(DT), input_precision=PREC)
+    acc = acc * scale + tl.dot(aa.to(DT), vv.to(DT), input_precision=PREC)
     tl.store(
         o_ptr + (t[:, None] * H + i_h) * V + o_v[None, :],
         acc.to(o_ptr.dtype.element_ty),
@@ -364,10 +303,10 @@ def state_block_sizes(K: int, V: int, programs_per_tile: int) -> tuple[int, int]
 
 
 def chunk_states(
-    k: Tensor, v: Tensor, g: Tensor, h0: Tensor | None, info: SeqInfo, kd: KernelDtypes, want_final: bool
+    k: Tensor, v: Tensor, b: Tensor, h0: Tensor | None, info: SeqInfo, kd: KernelDtypes, want_final: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """Launch :func:`chunk_states_kernel` on the gates ``g`` ``[TT, H, K]``; returns ``h`` ``[NT + N, H, K, V]``
-    in ``kd.states`` (see :mod:`.common`) and, if ``want_final``, the final states ``[N, H, K, V]`` fp32."""
+    """Launch :func:`chunk_states_kernel`; returns ``h`` ``[NT + N, H, K, V]`` in ``kd.states`` (see
+    :mod:`.common`) and, if ``want_final``, the final states ``[N, H, K, V]`` fp32."""
     _, H, K = k.shape
     V = v.shape[-1]
     BK, BV = state_block_sizes(K, V, info.num_seqs * H)
@@ -377,7 +316,7 @@ def chunk_states(
     chunk_states_kernel[grid](
         k,
         v,
-        g,
+        b,
         h0 if h0 is not None else h,
         h,
         ht if ht is not None else h,
@@ -393,36 +332,66 @@ def chunk_states(
         STORE_HT=want_final,
         DT=kd.dot,
         PREC=kd.prec,
-        FLOOR=G_FLOOR,
         num_warps=4,
         num_stages=2,
     )
     return h, ht
 
 
+def intra_attention(q: Tensor, k: Tensor, b: Tensor, scale: float, info: SeqInfo, kd: KernelDtypes) -> Tensor:
+    """Launch :func:`intra_attention_kernel`; returns ``A`` ``[TT, H, 64]`` fp32."""
+    TT, H, K = q.shape
+    BK = block_size(K)
+    a = q.new_empty(TT, H, CHUNK, dtype=torch.float32)
+    intra_attention_kernel[(info.num_chunks, H)](
+        q,
+        k,
+        b,
+        a,
+        info.chunk_indices,
+        info.cu_seqlens,
+        scale,
+        H=H,
+        K=K,
+        BT=CHUNK,
+        BC=SUB_CHUNK,
+        BK=BK,
+        DT=kd.dot,
+        PREC=kd.prec,
+        MAX_DECAY=common.MAX_DECAY,
+        num_warps=4 if BK <= 32 else 8,
+        num_stages=1,
+    )
+    return a
+
+
 def chunk_output(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, h: Tensor, scale: float, info: SeqInfo, kd: KernelDtypes,
-    store_a: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """Launch :func:`output_kernel` (and :func:`intra_attention_kernel` first when the outputs span several V
-    tiles); returns ``o`` ``[TT, H, V]`` in ``v``'s dtype and, if ``store_a`` or several V tiles, the intra-chunk
-    attention ``A`` ``[TT, H, 64]`` fp32 (for the backward)."""
+    q: Tensor, v: Tensor, b: Tensor, h: Tensor, a: Tensor, scale: float, info: SeqInfo, kd: KernelDtypes
+) -> Tensor:
+    """Launch :func:`output_kernel`; returns ``o`` ``[TT, H, V]`` in ``v``'s dtype."""
     TT, H, K = q.shape
     V = v.shape[-1]
     BK, BV = block_size(K), max(16, min(OUTPUT_MAX_BV, triton.next_power_of_2(V)))
     o = torch.empty_like(v)
-    one_tile = triton.cdiv(V, BV) == 1
-    a = q.new_empty(TT, H, CHUNK, dtype=torch.float32) if store_a or not one_tile else None
-    consts = dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, BK=BK, DT=kd.dot, PREC=kd.prec, MAX_DECAY=common.MAX_DECAY,
-                  FLOOR=G_FLOOR)
-    if not one_tile:  # each V tile would form the same A: form it once
-        intra_attention_kernel[(info.num_chunks, H)](
-            q, k, g, a, info.chunk_indices, info.cu_seqlens, scale, **consts, num_warps=4 if BK <= 32 else 8,
-            num_stages=1,
-        )
     output_kernel[(triton.cdiv(V, BV), info.num_chunks, H)](
-        q, k, v, g, h, o, a if a is not None else o, info.chunk_indices, info.cu_seqlens, scale, V=V, BV=BV,
-        **consts, A_MODE=2 if not one_tile else 1 if store_a else 0, num_warps=OUTPUT_WARPS if one_tile else 4,
+        q,
+        v,
+        b,
+        h,
+        a,
+        o,
+        info.chunk_indices,
+        info.cu_seqlens,
+        scale,
+        H=H,
+        K=K,
+        V=V,
+        BT=CHUNK,
+        BK=BK,
+        BV=BV,
+        DT=kd.dot,
+        PREC=kd.prec,
+        num_warps=4,
         num_stages=2,
     )
-    return o, a
+    return o
