@@ -26,6 +26,25 @@ def _label(kind: str, spec: str) -> str:
     return f"{LABELS.get(kind, kind)} | {'own state' if spec == '-' else spec}"
 
 
+def _measured(part: dict[str, Any]) -> str:
+    """Where and at which commit each kind of a part was measured (calls of one setup may span several device
+    calls and commits), and which kinds were rebuilt from a call's log."""
+    groups: dict[tuple, list[str]] = {}
+    for kind, m in part.items():
+        env = m["env"]
+        key = (env["device"], env["torch"], env["commit"], m.get("from_log"))
+        groups.setdefault(key, []).append(LABELS.get(kind, kind))
+    out = []
+    for (device, torch, commit, log), kinds in groups.items():
+        text = f"{' and '.join(kinds)} on {device} (torch {torch}, commit {commit})"
+        if log:
+            text += (f": that call ran out of device time before it wrote its results file, so these rows come from "
+                     f"its log (`results/{log}`), accuracies and training seconds as logged, parameter counts and "
+                     "state bytes recomputed from the same configs on a CPU")
+        out.append(text)
+    return "Measured: " + "; ".join(out) + "."
+
+
 def _mqar_table(r: dict[str, Any], w: Write) -> tuple[int, int] | None:
     """The MQAR grid; returns the hardest cell ``(L, pairs)`` (the plot's and the verdict's)."""
     part, s = r.get("mqar") or {}, r["setup"]
@@ -37,7 +56,6 @@ def _mqar_table(r: dict[str, Any], w: Write) -> tuple[int, int] | None:
         return None
     sizes = "; ".join(f"{LABELS.get(k, k)}: " + ", ".join(f"{n}={v}" for n, v in o.items())
                       for k, o in (s.get("sizes") or {}).items())
-    logged = sorted({m["from_log"] for m in part.values() if m.get("from_log")})
     w(f"Every kind at the `{s['preset']}` preset" + (f" with Zoology's width and depth ({sizes}; the `small` "
       "preset, 25M parameters at L = 512, learned no recall in 2000 steps: the Transformer's loss, 3.13, was "
       "that of a guess among the row's values)" if sizes else "")
@@ -52,11 +70,7 @@ def _mqar_table(r: dict[str, Any], w: Write) -> tuple[int, int] | None:
       "The attention models are also decoded through `model.step` with a cache of 1/8 "
       f"of the row. State: the bytes of a static state of {r['state_len']:,} tokens (`init_state(..., max_len)`).")
     w("")
-    env = next(iter(part.values()))["env"]
-    w(f"Measured on {env['device']} (torch {env['torch']}, commit {env['commit']})."
-      + (f" The call ran out of device time before it wrote its results file, so these rows come from its log "
-         f"(`results/{', '.join(logged)}`): accuracies and training seconds as logged, parameter counts and state "
-         "bytes recomputed from the same configs on a CPU." if logged else ""))
+    w(_measured(part))
     w("")
     cells = [(L, n) for L, by_n in next(iter(part.values()))["accuracy"]["-"].items() for n in by_n]
     w("| model | cache | params | state @ 16K | " + " | ".join(f"L={L}, {n} pairs" for L, n in cells) + " |")
@@ -93,6 +107,8 @@ def _passkey_table(r: dict[str, Any], w: Write) -> int | None:
       f"Smoke-test sizes: {s['steps']} steps of {s['batch_size']} rows of {s['seq_len']} bytes, passkey mix "
       f"{s['mix']}, {s['trials']} key per depth.")
     w("")
+    w(_measured(part))
+    w("")
     lengths = sorted({int(L) for m in part.values() for acc in m["accuracy"].values() for L in acc})
     w("| model | cache | params | held-out bpb | state @ 16K | " + " | ".join(f"passkey @ {L}" for L in lengths) + " |")
     w("|---|---|---:|---:|---:|" + "---:|" * len(lengths))
@@ -101,6 +117,15 @@ def _passkey_table(r: dict[str, Any], w: Write) -> int | None:
         w(f"| {_label(kind, spec)} | {m['params'] / 1e6:.2f}M | {m['val_bpb']:.3f} | "
           f"{fmt_bytes(m['state_bytes'][spec])} | " + " | ".join("-" if a is None else f"{a:.2f}" for a in acc) + " |")
     w("")
+    for kind, m in part.items():  # a model that retrieves at the trained length but not at a shorter one
+        own = {int(L): a for L, a in m["accuracy"].get("-", {}).items()}
+        short = [L for L in own if L < lengths[-1] and own[L] + 0.5 <= own.get(lengths[-1], 0.0)]
+        if short:
+            w(f"{LABELS.get(kind, kind)} with its own state finds the key in {own[lengths[-1]]:.2f} of the "
+              f"{lengths[-1]}-byte prompts but {', '.join(f'{own[L]:.2f} at {L}' for L in short)} bytes: every "
+              f"training example filled a whole {s['seq_len']}-byte row, question last, so a prompt much shorter "
+              "than the rows is one it never saw.")
+            w("")
     w("Commands (OUT: the output folder; each kind its own run):")
     w("")
     w("```")
@@ -126,9 +151,14 @@ def report_recall(r: dict[str, Any] | None, w: Write, figs: Figures) -> None:
         return
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    # One colour per model kind and one marker per cache, the same in both panels.
+    kinds = [k for k in LABELS if any(k in part for _, part, _ in panels)]
+    markers = {"-": "o", "tova": "X", "h2o": "^", "window": "s"}
     for ax, (name, part, get) in zip(axes[0], panels, strict=True):
-        for kind, spec, m in _rows(part):
-            ax.scatter(m["state_bytes"][spec], get(m, spec), label=_label(kind, spec).replace(" | ", " "))
+        for kind, spec, m in sorted(_rows(part), key=lambda row: kinds.index(row[0]) if row[0] in kinds else 99):
+            ax.scatter(m["state_bytes"][spec], get(m, spec), label=_label(kind, spec).replace(" | ", " "),
+                       color=f"C{kinds.index(kind) if kind in kinds else 9}",
+                       marker=markers.get(spec.split(":")[0], "D"), s=45, alpha=0.85)
         ax.set_xscale("log")
         ax.set_xlabel(f"state bytes at {r['state_len']:,} tokens")
         where = f"L={cell[0]}, {cell[1]} pairs" if name == "MQAR" else f"prompt of {longest} bytes"
