@@ -36,12 +36,12 @@ for s in "${steps[@]}"; do
     tests) run tests 300 python3 -m pytest -q -m gpu tests -rs --durations=10 ;;
     profile) run profile 200 python3 benchmarks/profile_decode.py --device cuda ;;
     gla) run gla 120 python3 benchmarks/bench_gla_op.py --device cuda --dtype bfloat16 --B 4 --T 2048 8192 --H 4 --K 128 --V 256 --backends chunk ;;
-    triton) run triton 440 python3 benchmarks/bench_gla_triton.py --sdpa cudnn --shapes 16x128x128 --out "$OUT/gla_triton.jsonl" ;;
+    triton) run triton 540 python3 benchmarks/bench_gla_triton.py --sdpa flash cudnn --shapes 16x128x128 --decode-batch 64 --out "$OUT/gla_triton.jsonl" ;;
     triton-decode) run triton-decode 120 python3 benchmarks/bench_gla_triton.py --decode-only --out "$OUT/gla_decode.jsonl" ;;
     tune-rules)  # the GEMV tiling on wider models and the FUSED_STEP_MAX_ROWS crossover (docs/tuning.md)
       run tune-wide 200 python3 benchmarks/tune_decode_block.py --shapes wide
       run tune-rows 200 python3 benchmarks/tune_decode_block.py --shapes wide --rows 1,2,4,8,12,16,32 ;;
-    triton2) run triton2 570 python3 benchmarks/bench_gla_triton.py --no-sdpa --no-check --shapes 4x256x512 --out "$OUT/gla_triton2.jsonl" ;;
+    triton2) run triton2 540 python3 benchmarks/bench_gla_triton.py --no-sdpa --shapes 4x256x512 --decode-batch 64 --out "$OUT/gla_triton2.jsonl" ;;
     triton-profile) run triton-profile 120 python3 benchmarks/profile_gla_triton.py --no-fla ;;
     decode) run decode 570 python3 -m longseq bench decode --models gla,transformer,megabyte:paper95m --presets 85m --contexts 4096,16384 --batch-sizes 1,32,max --max-batch 512 --policies full,tova:ctx/8 --gen-tokens 64 --compile --against hf --memory-limit-gib 40 --jsonl "$OUT/decode.jsonl" ;;
     decode-b1) run decode-b1 240 python3 -m longseq bench decode --models gla,transformer,megabyte:paper95m --presets 85m --contexts 4096 --batch-sizes 1 --policies full,tova:ctx/8 --gen-tokens 64 --compile --jsonl "$OUT/decode_b1.jsonl" ;;

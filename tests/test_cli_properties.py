@@ -53,6 +53,7 @@ TRAIN_FLAGS = {
     **{flag: _below(0) for flag in ("--warmup", "--eval-every", "--eval-tokens")},
     "--lr": _not_positive(), "--weight-decay": _negative(), "--grad-clip": _negative(),
     "--min-lr-ratio": _outside(0.0, 1.0), "--val-fraction": _outside(0.0, 1.0, high_ok=False),
+    "--passkey-mix": _outside(0.0, 1.0), "--passkey-answer-weight": _not_positive(),
 }
 # (model kind, config field): out-of-range values of every kind's numeric fields.
 SET_FIELDS = {

@@ -119,13 +119,17 @@ def test_examples_in_a_tokenizers_ids(corpus, tmp_path):
     docs = make_corpus(tmp_path / "docs")
     tok = open_tokenizer(make_tokenizer(tmp_path / "tok", docs))
     ids = tokenize_corpus(load_corpus([docs], tmp_path / "cache"), tok)
-    mixed = PasskeyMixSampler(WindowSampler(ids, [0, 1, 2], 200, seed=0), tok, 1.0)
+    mixed = PasskeyMixSampler(WindowSampler(ids, [0, 1, 2], 200, seed=0), tok, 1.0, answer_weight=5.0)
     bos = tok.encode("x")[0]
-    for row in mixed.next_batch(4):
+    batch, weights = mixed.next_weighted_batch(4)
+    for row, w in zip(batch, weights, strict=True):
         assert row.shape == (200,) and int(row[0]) == bos
         text = tok.decode(row.tolist())
         key, _, _ = take_apart(text)
         assert text.endswith(f"{QUESTION} {key}.".encode())
+        heavy = torch.nonzero(w != w.min()).flatten()  # the answer's targets: the tokenized " {key}."
+        assert heavy.tolist() == list(range(199 - heavy.numel(), 199))
+        assert row[1:][heavy].tolist() == tok.encode(f" {key}.", special=False)
 
 
 def test_bad_mix_settings_are_refused(corpus):
@@ -221,11 +225,12 @@ def test_answer_weight_is_checked_and_needs_the_mix(corpus):
 
 
 def test_weighted_loss_is_one_weighted_mean_over_micro_batches(corpus):
-    """With answer weights, step 1's loss (before any update) is the same in one batch or in two micro-batches:
-    each micro-batch's share is normalized by the whole batch's weight. Weight 1 is the plain loss exactly."""
+    """With answer weights, step 1's loss (before any update) is the same in one batch or in one micro-batch per
+    row (rows with and without an answer): each micro-batch's share is normalized by the whole batch's weight, not
+    its own. Weight 1 is the plain loss exactly."""
     root, _ = corpus
     whole = train(cfg_for(root, "w-whole", passkey_answer_weight=30.0, steps=1, eval_every=0))
-    halves = train(cfg_for(root, "w-halves", passkey_answer_weight=30.0, steps=1, eval_every=0, grad_accum=2))
+    halves = train(cfg_for(root, "w-halves", passkey_answer_weight=30.0, steps=1, eval_every=0, grad_accum=4))
     plain = train(cfg_for(root, "w-plain", steps=1, eval_every=0))
     unit = train(cfg_for(root, "w-unit", passkey_answer_weight=1.0, steps=1, eval_every=0))
     assert halves.losses[1] == pytest.approx(whole.losses[1], rel=1e-5)

@@ -120,7 +120,7 @@ def _mqar(ctx: Ctx, kind: str, overrides: dict[str, Any], policies: list[str], d
 
     rs = QUICK if ctx.setup.quick else FULL
     torch.manual_seed(0)
-    model = build_model(kind, rs.preset, **{**overrides, **rs.sizes.get(kind, {})}).to(dev)
+    model = build_model(kind, rs.preset, **{**rs.sizes.get(kind, {}), **overrides}).to(dev)
     t0 = time.perf_counter()
     losses = train_mqar(model, rs.train_len, rs.train_pairs, rs.steps, batch_size=rs.batch_size, lr=rs.lr,
                         warmup=max(1, rs.steps // 20), device=dev, dense=rs.dense)

@@ -69,8 +69,9 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--passkey-answer-weight", type=float, metavar="W",
-        help="loss weight of the passkey examples' answer ids, the other targets weighing 1 (default 1; the "
-        "answer is a few ids of a long row, and small models learn retrieval sooner with W of ~30)",
+        help="with --passkey-mix: loss weight of the passkey examples' answer ids, the other targets weighing 1 "
+        "(default 1; the answer is a few ids of a long row, and small models learn retrieval sooner with W of "
+        "~30). The logged training loss is then the weighted mean; validation bpb is not weighted",
     )
     p.add_argument("--seq-len", type=int, help="ids (bytes, or tokens with --tokenizer) per training sequence "
                    "(default 256)")

@@ -26,7 +26,8 @@ class TrainConfig:
     val_fraction: float | None = None
     within_docs: bool = False
     passkey_mix: float = 0.0  # fraction of training rows made passkey examples (``longseq.tasks.passkey_mix``)
-    passkey_answer_weight: float = 1.0  # loss weight of those examples' answer ids (the other targets weigh 1)
+    # loss weight of those examples' answer ids (the other targets weigh 1); the logged train loss is then weighted
+    passkey_answer_weight: float = 1.0
     cache_dir: str | None = None
     seq_len: int = 256
     batch_size: int = 16
@@ -69,7 +70,8 @@ class TrainConfig:
         if self.passkey_answer_weight != 1 and not self.passkey_mix:
             raise ValueError(
                 f"--passkey-answer-weight {self.passkey_answer_weight} needs --passkey-mix: without passkey "
-                "examples there is no answer to weigh"
+                "examples there is no answer to weigh (a resumed run takes the weight from its config.json: pass "
+                "--passkey-answer-weight 1 to drop it)"
             )
         if self.val_fraction is not None:
             _check("val_fraction", self.val_fraction, 0 <= self.val_fraction < 1, "in [0, 1)")
