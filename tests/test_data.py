@@ -244,3 +244,17 @@ def test_concurrent_builders_of_one_cache_build_it_once(tmp_path):
     assert not other.exists()
     corpus_mod.build_cache_dir(other, write)
     assert (other / "index.json").is_file()
+
+
+def test_run_holdout_is_how_train_and_eval_split_a_run():
+    """Named documents win (an empty list holds out nothing); the built-in corpus without a fraction holds out its
+    fixed works; otherwise a hash split of the fraction, 0.1 by default."""
+    from longseq.data import BUILTIN_VAL_DOCS, DEFAULT_VAL_FRACTION, run_holdout
+
+    assert DEFAULT_VAL_FRACTION == 0.1
+    assert run_holdout(True, ["hamlet"], None) == (["hamlet"], 0.1)
+    assert run_holdout(False, [], 0.2) == ([], 0.2)
+    assert run_holdout(True, None, None) == (list(BUILTIN_VAL_DOCS), 0.1)
+    assert run_holdout(True, None, 0.25) == (None, 0.25)
+    assert run_holdout(False, None, None) == (None, 0.1)
+    assert run_holdout(False, None, 0.0) == (None, 0.0)

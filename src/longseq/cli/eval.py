@@ -31,8 +31,6 @@ PRETRAINED_SEQ_LEN = 2048
 BATCH_SIZE = 8
 #: Default table metric of a sweep (None as a flag default for the same reason).
 METRIC = "bpb"
-#: Default held-out share of --data's documents when the run recorded none (train's --val-fraction default).
-VAL_FRACTION = 0.1
 
 #: The optional eval flags (argparse names) each mode reads; one given to another mode is refused, never
 #: ignored. ``task_out`` is --out, the short form of --out-dir.
@@ -370,7 +368,7 @@ def _eval_hf(args: argparse.Namespace) -> int:
 def _eval_documents(args: argparse.Namespace, train_cfg: dict[str, Any]) -> tuple[list, str | None]:
     """The (name, bytes) documents ``longseq eval`` scores, chosen as the run chose its split, and a note saying
     which documents those are and why when that is not simply the run's own split (None otherwise)."""
-    from ..data import BUILTIN_VAL_DOCS, builtin_corpus_path, load_corpus, split_documents
+    from ..data import builtin_corpus_path, load_corpus, run_holdout, split_documents
     from ..evaluate import corpus_documents
 
     data = args.data if args.data is not None else train_cfg.get("data")
@@ -380,14 +378,11 @@ def _eval_documents(args: argparse.Namespace, train_cfg: dict[str, Any]) -> tupl
     if args.split == "all":
         ids = list(range(corpus.num_docs))
     else:
-        fraction = train_cfg.get("val_fraction")
-        fraction = VAL_FRACTION if fraction is None else fraction
+        # the run's own data: exactly the split it trained with
+        val_docs, fraction = run_holdout(builtin, train_cfg.get("val_docs"), train_cfg.get("val_fraction"))
         if args.val_docs is not None:
             val_docs = args.val_docs
-        elif args.data is None:  # the run's own data: exactly the split it trained with
-            builtin_split = builtin and train_cfg.get("val_fraction") is None and not train_cfg.get("val_docs")
-            val_docs = list(BUILTIN_VAL_DOCS) if builtin_split else train_cfg.get("val_docs")
-        else:
+        elif args.data is not None:
             val_docs, note = _held_out_in_data(args, train_cfg, corpus.names, fraction)
         if val_docs is None and fraction > 0 and corpus.num_docs < 2:
             # split_documents' own message suggests train's --val-fraction, which eval does not have
@@ -406,7 +401,7 @@ def _held_out_in_data(
 ) -> tuple[list[str] | None, str]:
     """``(val_docs, note)`` for ``--data`` other than the run's own: the run's held-out documents where --data
     has them (so "val" never means documents the run trained on), else a hash split of --data, said so."""
-    from ..data.split import _matches  # split_documents' own name matching, so both agree on what is present
+    from ..data import name_matches  # split_documents' own name matching, so both agree on what is present
 
     hashed = (f"split {args.split} is a hash split holding out {fraction:.0%} of --data's {len(names)} documents "
               "(as train's --val-fraction does)")
@@ -416,7 +411,7 @@ def _held_out_in_data(
     if held_out is None:
         return None, f"the run's held-out documents are unknown (its data is not readable): {hashed}, which may " \
                      "include documents the run trained on"
-    present = [want for want in held_out if any(_matches(name, want) for name in names)]
+    present = [want for want in held_out if any(name_matches(name, want) for name in names)]
     if not present:
         return None, (f"--data holds none of the run's held-out documents ({', '.join(held_out)}): {hashed}, "
                       "which may include documents the run trained on")
@@ -432,17 +427,15 @@ def _run_held_out(train_cfg: dict[str, Any]) -> list[str] | None:
     run that held out a fraction of its data, that split recomputed from its data (None if it cannot be read)."""
     import posixpath
 
-    from ..data import BUILTIN_VAL_DOCS, DataError, builtin_corpus_path, load_corpus, split_documents
+    from ..data import DataError, builtin_corpus_path, load_corpus, run_holdout, split_documents
 
-    if train_cfg.get("val_docs"):
-        return list(train_cfg["val_docs"])
-    fraction = train_cfg.get("val_fraction")
     builtin = train_cfg.get("data") is None
-    if builtin and fraction is None:
-        return list(BUILTIN_VAL_DOCS)
+    val_docs, fraction = run_holdout(builtin, train_cfg.get("val_docs"), train_cfg.get("val_fraction"))
+    if val_docs is not None:
+        return val_docs
     try:
         corpus = load_corpus([builtin_corpus_path()] if builtin else train_cfg["data"], train_cfg.get("cache_dir"))
-        split = split_documents(corpus.names, None, VAL_FRACTION if fraction is None else fraction)
+        split = split_documents(corpus.names, None, fraction)
     except (DataError, OSError):
         return None
     # by base name: --data may name the same files from another folder

@@ -10,7 +10,7 @@ from .builtin import BUILTIN_NAME, BUILTIN_VAL_DOCS, builtin_corpus_path
 from .corpus import ByteCorpus, default_cache_dir, load_corpus, resolve_sources
 from .errors import DataError
 from .sampler import WindowSampler
-from .split import Split, split_documents
+from .split import DEFAULT_VAL_FRACTION, Split, name_matches, run_holdout, split_documents
 from .tokens import TokenCorpus, tokenize_corpus
 
 __all__ = [
@@ -26,5 +26,8 @@ __all__ = [
     "load_corpus",
     "resolve_sources",
     "split_documents",
+    "DEFAULT_VAL_FRACTION",
+    "name_matches",
+    "run_holdout",
     "tokenize_corpus",
 ]

@@ -19,10 +19,31 @@ class Split:
     val: list[int]
 
 
-def _matches(name: str, wanted: str) -> bool:
+# A run that names no validation documents and no fraction holds out this share of its own data.
+DEFAULT_VAL_FRACTION = 0.1
+
+
+def name_matches(name: str, wanted: str) -> bool:
     """A document answers to its full name, its base name, or its base name without extension."""
     base = posixpath.basename(name)
     return wanted in (name, base, posixpath.splitext(base)[0])
+
+
+def run_holdout(
+    builtin: bool, val_docs: Sequence[str] | None, val_fraction: float | None
+) -> tuple[list[str] | None, float]:
+    """How a training run holds out documents, as ``(val_docs, val_fraction)`` for :func:`split_documents`:
+    its ``--val-docs`` when given; on the built-in corpus without ``--val-fraction``, the built-in held-out works;
+    otherwise a hash split of ``val_fraction`` (default :data:`DEFAULT_VAL_FRACTION`). ``longseq train`` and
+    ``longseq eval`` (which re-derives a run's split) both call this, so they cannot disagree."""
+    from .builtin import BUILTIN_VAL_DOCS
+
+    fraction = DEFAULT_VAL_FRACTION if val_fraction is None else float(val_fraction)
+    if val_docs is not None:
+        return list(val_docs), fraction
+    if builtin and val_fraction is None:
+        return list(BUILTIN_VAL_DOCS), fraction
+    return None, fraction
 
 
 def split_documents(
@@ -44,7 +65,7 @@ def split_documents(
     if val_docs is not None:
         val = set()
         for wanted in val_docs:
-            hits = [i for i, name in enumerate(names) if _matches(name, wanted)]
+            hits = [i for i, name in enumerate(names) if name_matches(name, wanted)]
             if not hits:
                 shown = ", ".join(list(names)[:8]) + (", ..." if n > 8 else "")
                 raise DataError(f"validation document {wanted!r} is not in the corpus (documents: {shown})")

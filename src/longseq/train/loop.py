@@ -21,14 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data import (
-    BUILTIN_VAL_DOCS,
-    DataError,
-    WindowSampler,
-    builtin_corpus_path,
-    load_corpus,
-    split_documents,
-)
+from ..data import DataError, WindowSampler, builtin_corpus_path, load_corpus, run_holdout, split_documents
 from ..data.tokens import tokenize_corpus
 from ..evaluate import EvaluationStopped, check_seq_len, corpus_documents, evaluate_bpb, model_tokenizer
 from ..models import config_class, model_from_config
@@ -138,13 +131,7 @@ def train(
 
     builtin = cfg.data is None
     corpus = load_corpus([builtin_corpus_path()] if builtin else cfg.data, cfg.cache_dir)
-    val_docs = (
-        cfg.val_docs
-        if cfg.val_docs is not None
-        else (list(BUILTIN_VAL_DOCS) if builtin and cfg.val_fraction is None else None)
-    )
-    val_fraction = cfg.val_fraction if cfg.val_fraction is not None else 0.1
-    split = split_documents(corpus.names, val_docs, val_fraction)
+    split = split_documents(corpus.names, *run_holdout(builtin, cfg.val_docs, cfg.val_fraction))
     # Training windows are drawn from the ids (bytes, or the corpus tokenized once and cached); validation
     # scores the documents' text, which the model's tokenizer turns into ids (bits per UTF-8 byte either way).
     # Under torchrun every rank gets here before the process group exists: the first builds the token cache
