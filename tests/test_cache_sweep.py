@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -104,3 +105,23 @@ def test_kept_position_stats():
     assert all(s.first_token == 1.0 and s.recent[4] == 1.0 for s in full)
     tova = kept_position_stats(model, doc, "tova_head:8", every=10)
     assert all(0.0 <= s.first_token <= 1.0 and 0 < s.recent[1] <= 1.0 for s in tova)
+
+
+def test_run_sweep_refuses_an_out_dir_it_cannot_fill_before_scoring(tmp_path):
+    """A file at out_dir or above it, and a folder where one of the sweep's files goes, are refused before any
+    scoring (no progress line) and without writing anything."""
+    model = tiny()
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "taken" / "sweep.json").mkdir(parents=True)
+    cases = [
+        (tmp_path / "a_file", NotADirectoryError, "is a file, not a folder for sweep.md"),
+        (tmp_path / "a_file" / "sub", NotADirectoryError, f"{tmp_path / 'a_file'} is a file, so no folder"),
+        (tmp_path / "taken", IsADirectoryError, "sweep.json there is a folder, where a file would be written"),
+    ]
+    for out_dir, error, message in cases:
+        lines: list[str] = []
+        with pytest.raises(error, match=re.escape(message)):
+            run_sweep(model, DOCS, ["window"], [8], out_dir=out_dir, progress=lines.append)
+        assert lines == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "taken"]
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["sweep.json"]

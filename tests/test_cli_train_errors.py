@@ -188,7 +188,10 @@ def test_plot_refuses_a_directory_or_an_unknown_format(tmp_path, capsys):
     assert f"-o {tmp_path / 'figs'} names a directory" in err
     assert "names a directory" in _error(capsys, ["plot", str(runs), "-o", str(tmp_path / "new") + "/"])
     assert "cannot write '.txtx' images" in _error(capsys, ["plot", str(runs), "-o", str(tmp_path / "a.txtx")])
-    assert sorted(os.listdir(tmp_path)) == before and not os.listdir(tmp_path / "figs")  # no figs.png beside it
+    (tmp_path / "notes.txt").write_text("x")  # a file where the image's folder would be made
+    err = _error(capsys, ["plot", str(runs), "-o", str(tmp_path / "notes.txt" / "c.png")])
+    assert f"{tmp_path / 'notes.txt'} is a file, so no folder can be made there" in err
+    assert sorted(os.listdir(tmp_path)) == sorted([*before, "notes.txt"]) and not os.listdir(tmp_path / "figs")
 
 
 # ------------------------------------------------------------------------------- 5: quickstart --resume

@@ -26,7 +26,7 @@ from torch import Tensor
 from . import jsonio
 from .cache.policies import CachePolicy, Full, parse_policy
 from .evaluate import Document, Score, scored_bytes, tokenize
-from .fileio import write_atomically
+from .fileio import check_output_folder, write_atomically
 from .tokenizer import BYTES, Tokenizer
 
 METRICS = ("ppl", "bpb", "loss")
@@ -204,7 +204,8 @@ def run_sweep(
         max_tokens: truncate each document to its first ``max_tokens`` tokens (bytes are counted after).
         out_dir: if given, write ``sweep.md`` (table), ``sweep.json`` (all numbers, per document too)
             and ``sweep.png`` (``metric`` vs budget) there, each written whole or not at all (an existing file
-            is replaced in one rename); ``out_dir`` being a file is refused before any scoring.
+            is replaced in one rename); an ``out_dir`` that cannot take them (a file, a folder that cannot be
+            made or written, a folder where a file goes) is refused before any scoring.
         metric: the table/plot metric: ``"ppl"`` (per-token perplexity), ``"bpb"`` (bits per UTF-8 byte) or
             ``"loss"`` (nats per token).
         progress: called with a short line after each (policy, budget, document) evaluation.
@@ -220,9 +221,8 @@ def run_sweep(
         raise ValueError(f"budgets must be >= 1; got {budgets}")
     specs = [p.strip() for p in policies if p.strip().lower() != "full"]
     runs = _sweep_runs(specs, budgets, include_full)
-    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
-        # checked before the scoring, which may take hours, rather than when the files are written
-        raise NotADirectoryError(f"out_dir {out_dir} is a file, not a folder for {', '.join(SWEEP_FILES)}")
+    if out_dir is not None:  # checked before the scoring, which may take hours, rather than when the files are written
+        check_output_folder(out_dir, f"out_dir {out_dir}", SWEEP_FILES)
     docs = _sweep_documents(documents, max_tokens, sweep_tokenizer(model))
 
     result = SweepResult(policies=specs, budgets=budgets, documents=[name for name, _ in docs])

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .. import jsonio
-from ..fileio import write_atomically
+from ..fileio import check_creatable, write_atomically
 
 #: Errors that mean the user asked for something impossible: ``main`` prints them as one line and exits
 #: with status 2 instead of showing a traceback.
@@ -112,18 +111,6 @@ def _run_owner(path: Path) -> str | None:
     return None
 
 
-def _check_creatable(path: Path, what: str) -> None:
-    """The nearest existing folder above ``path`` is a folder we may write in, so ``path`` can be created."""
-    for folder in path.absolute().parents:
-        if not folder.exists():
-            continue
-        if not folder.is_dir():
-            raise NotADirectoryError(f"{what}: {folder} is a file, so no folder can be made there")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise PermissionError(f"{what}: no permission to write in {folder}")
-        return
-
-
 def _refuse_unsafe_file(path: Path, what: str, kind: str) -> None:
     """Refuse a folder, a run's or checkpoint's own file, and a path whose folder cannot be made."""
     if path.is_dir():
@@ -131,7 +118,7 @@ def _refuse_unsafe_file(path: Path, what: str, kind: str) -> None:
     owner = _run_owner(path)
     if owner is not None:
         raise FileExistsError(f"{what}: refusing to write the {kind} there: {owner}")
-    _check_creatable(path, what)
+    check_creatable(path, what)
 
 
 def check_output_file(
@@ -173,7 +160,7 @@ def check_output_dir(
     owner = _run_owner(path)
     if owner is not None:
         raise FileExistsError(f"{what}: refusing to write the {kind} there: {owner}")
-    _check_creatable(path / files[0], what)  # from the folder itself: an existing read-only one is refused too
+    check_creatable(path / files[0], what)  # from the folder itself: an existing read-only one is refused too
     present = [name for name in files if (path / name).exists() or (path / name).is_symlink()]
     if present:
         if any((path / name).is_dir() for name in present) or not is_kind(path):

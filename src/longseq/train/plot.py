@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from ..fileio import check_creatable
+
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """The records of ``RUN_DIR/metrics.jsonl`` (ValueError when the run has none)."""
@@ -25,7 +27,9 @@ def image_path(out: str | os.PathLike) -> Path:
     path = Path(text)
     if path.is_dir() or text.endswith(("/", os.sep)):
         raise ValueError(f"-o {text} names a directory; give the image's file name, e.g. -o {path / 'curves.png'}")
-    return path if path.suffix else path.with_name(path.name + ".png")
+    path = path if path.suffix else path.with_name(path.name + ".png")
+    check_creatable(path, f"-o {text}")  # before the runs are read and drawn
+    return path
 
 
 def plot_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
