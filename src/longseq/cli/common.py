@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .. import jsonio
-from ..fileio import check_creatable, write_atomically
+from ..fileio import check_creatable, check_output_folder, write_atomically
 
 #: Errors that mean the user asked for something impossible: ``main`` prints them as one line and exits
 #: with status 2 instead of showing a traceback.
@@ -149,9 +149,10 @@ def check_output_dir(
     """Check, before any work, that the ``files`` of a ``kind`` (e.g. sweep.md/.json/.png) can be written into
     the folder ``path`` without losing anything.
 
-    Refused: an existing file at ``path``, a folder of a run's checkpoints, a folder that cannot be made, and a
-    folder already holding any of ``files`` unless ``is_kind(path)`` says they are an earlier output of the same
-    kind (then the files to be replaced are announced on stderr now). Returns the path.
+    Refused: an existing file at ``path``, a folder of a run's checkpoints, a folder that cannot be made or
+    written, a folder where one of ``files`` would go, and a folder already holding any of ``files`` unless
+    ``is_kind(path)`` says they are an earlier output of the same kind (then the files to be replaced are announced
+    on stderr now). Returns the path.
     """
     path = Path(path)
     what = _label(flag, path)
@@ -160,10 +161,10 @@ def check_output_dir(
     owner = _run_owner(path)
     if owner is not None:
         raise FileExistsError(f"{what}: refusing to write the {kind} there: {owner}")
-    check_creatable(path / files[0], what)  # from the folder itself: an existing read-only one is refused too
+    check_output_folder(path, what, files)  # writable, and no folder where one of the files goes
     present = [name for name in files if (path / name).exists() or (path / name).is_symlink()]
     if present:
-        if any((path / name).is_dir() for name in present) or not is_kind(path):
+        if not is_kind(path):
             raise FileExistsError(f"{what} already holds {', '.join(present)}, not an earlier {kind}; they would "
                                   "be overwritten: choose another folder or remove them")
         log(f"note: {what} holds an earlier {kind}: replacing {', '.join(str(path / n) for n in present)}")
