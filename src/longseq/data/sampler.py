@@ -87,6 +87,12 @@ class WindowSampler:
         self.batches_drawn += 1
         return self.windows(starts)
 
+    def next_weighted_batch(self, global_batch: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, None]:
+        """:meth:`next_batch` and the loss weights of its targets: None, every target weighs the same (the
+        training loop asks every sampler this way; :class:`~longseq.tasks.passkey_mix.PasskeyMixSampler` may
+        weigh some more)."""
+        return self.next_batch(global_batch, rank, world_size), None
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "rng": self.rng.bit_generator.state,

@@ -104,11 +104,14 @@ class PasskeyMixSampler:
         """This rank's share of the next global batch, its passkey rows built in place."""
         return self.next_weighted_batch(global_batch, rank, world_size)[0]
 
-    def next_weighted_batch(self, global_batch: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
+    def next_weighted_batch(
+        self, global_batch: int, rank: int = 0, world_size: int = 1
+    ) -> tuple[Tensor, Tensor | None]:
         """:meth:`next_batch`, and the weight of each of its targets: ``[per, window - 1]`` float32 (targets are
         ``ids[:, 1:]``), ``answer_weight`` on the answer ids of example rows and 1 elsewhere, divided by the mean
         weight over the whole global batch. The mean of ``weights * per-target loss`` over every rank's share is
-        then the weighted mean over the global batch, whatever the world size or micro-batching."""
+        then the weighted mean over the global batch, whatever the world size or micro-batching. None (every
+        target alike) when ``answer_weight`` is 1."""
         index = self.sampler.batches_drawn
         batch = self.sampler.next_batch(global_batch, rank, world_size)
         per, window = batch.shape
@@ -124,6 +127,8 @@ class PasskeyMixSampler:
             if 0 <= mine < per:
                 batch[mine] = self.example(batch[mine], *row)
                 weights[mine, -n_answer:] = self.answer_weight
+        if self.answer_weight == 1:
+            return batch, None
         return batch, weights / (1.0 + extra / (global_batch * (window - 1)))
 
     def state_dict(self) -> dict[str, Any]:

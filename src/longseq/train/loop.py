@@ -353,14 +353,9 @@ class _Session:
 
     def _draw(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This rank's share of the next global batch on the device, and its targets' loss weights (None: all 1)."""
-        cfg, info = self.cfg, self.info
-        weights = None
-        if isinstance(self.sampler, PasskeyMixSampler) and self.sampler.answer_weight != 1:
-            batch, weights = self.sampler.next_weighted_batch(cfg.batch_size, info.rank, info.world_size)
-            weights = weights.to(info.device, non_blocking=True)
-        else:
-            batch = self.sampler.next_batch(cfg.batch_size, info.rank, info.world_size)
-        return batch.to(info.device, non_blocking=True), weights
+        batch, weights = self.sampler.next_weighted_batch(self.cfg.batch_size, self.info.rank, self.info.world_size)
+        device = self.info.device
+        return batch.to(device, non_blocking=True), None if weights is None else weights.to(device, non_blocking=True)
 
     def report(self, step: int, lr: float, loss_val: float, grad_norm: float) -> None:
         """Log the step (throughput over the steps since the last report) and refresh the progress bar."""
