@@ -6,10 +6,12 @@
 
 Fixed tokens per batch (B * T = --tokens, default 32,768), bf16 q/k/v, fp32 gates (as the GLA layer
 passes them), two shapes: H=16, K=V=128 and H=4, K=256, V=512. Columns: longseq fwd and fwd+bwd
-(ms, triton.testing.do_bench, median), fla ``chunk_gla`` on the same inputs when ``fla`` imports,
+(ms, triton.testing.do_bench, median; a fwd+bwd resets the inputs' ``.grad`` to None before each run, so
+accumulating into it is not timed), fla ``chunk_gla`` on the same inputs when ``fla`` imports,
 SDPA causal (flash and cuDNN backends, H=16, D=128, same B and T), the longseq/fla ratio, and the
 first call's wall time (Triton compile; the script points TRITON_CACHE_DIR at a fresh temporary
-directory unless --keep-cache). Before timing, each shape is checked against the PyTorch ``chunk``
+directory, seeded with the old one's autotune winners, unless --keep-cache). Before timing, each
+shape is checked against the PyTorch ``chunk``
 backend in fp32 (relative RMS error of o, final state and every gradient), so a wrong kernel is
 visible in the same log. Decode: one token (T=1) through the fused recurrent kernel at B in {1, 64}
 (vs fla ``fused_recurrent_gla``): the kernel alone, updating the state in place, timed from a CUDA graph
@@ -30,12 +32,15 @@ Prints a Markdown table per section and one JSON line per measurement (device an
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 
 def parse_args() -> argparse.Namespace:
@@ -60,10 +65,28 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def fresh_cache_keeping_autotune() -> None:
+    """Point TRITON_CACHE_DIR at a fresh folder (so the first-call column measures a real compile) that starts
+    with the autotune winners of the old one (``*.autotune.json``: fla tunes each kernel for minutes on a
+    fresh host) and hands new winners back to it at exit."""
+    old = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    fresh = Path(tempfile.mkdtemp(prefix="longseq-triton-cache-"))
+
+    def copy_autotune(src: Path, dst: Path) -> None:
+        for f in src.rglob("*.autotune.json") if src.is_dir() else ():
+            target = dst / f.relative_to(src)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, target)
+
+    copy_autotune(old, fresh)
+    atexit.register(copy_autotune, fresh, old)
+    os.environ["TRITON_CACHE_DIR"] = str(fresh)
+
+
 ARGS = parse_args()
 if not ARGS.keep_cache:
-    # Before triton is imported, so the first-call column measures a real compile.
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="longseq-triton-cache-")
+    fresh_cache_keeping_autotune()  # before triton is imported
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -124,8 +147,11 @@ def inputs(B: int, T: int, H: int, K: int, V: int, requires_grad: bool = True, s
     return [x.requires_grad_(requires_grad) for x in (q, k, v, g)]
 
 
-def ms(fn) -> float:
-    return do_bench(fn, warmup=25, rep=100)
+def ms(fn, grads: list[torch.Tensor] | None = None) -> float:
+    """Median ms; ``grads``: the leaves a backward fills, reset to None before each run (untimed), so a
+    fwd+bwd is not also timed accumulating into ``.grad`` (an elementwise pass over every input, ~0.65 ms at
+    B*T = 32K, H16 K=V=128, that a model's activations never pay)."""
+    return do_bench(fn, warmup=25, rep=100, grad_to_none=grads)
 
 
 GRAPH_CALLS = 20
@@ -208,7 +234,7 @@ def bench_chunk_one(B: int, T: int, H: int, K: int, V: int, compile_s: tuple[flo
     fwd, fwd_bwd = triton_calls(q, k, v, g, do)
     if compile_s is None:
         compile_s = (first_call_s(fwd), first_call_s(fwd_bwd))
-    row = dict(kind="chunk", B=B, T=T, H=H, K=K, V=V, fwd_ms=ms(fwd), fwd_bwd_ms=ms(fwd_bwd))
+    row = dict(kind="chunk", B=B, T=T, H=H, K=K, V=V, fwd_ms=ms(fwd), fwd_bwd_ms=ms(fwd_bwd, [q, k, v, g]))
     row["fwd_checked_ms"] = ms(triton_calls(q, k, v, g, do, check_values=True)[0])
     row["compile_fwd_s"], row["compile_fwd_bwd_s"] = compile_s
     flops = B * H * T * (4 * K * V + CHUNK * (K + V))
@@ -226,7 +252,7 @@ def bench_chunk_one(B: int, T: int, H: int, K: int, V: int, compile_s: tuple[flo
             o.backward(do)
 
         try:
-            row["fla_fwd_ms"], row["fla_fwd_bwd_ms"] = ms(fla_fwd), ms(fla_fwd_bwd)
+            row["fla_fwd_ms"], row["fla_fwd_bwd_ms"] = ms(fla_fwd), ms(fla_fwd_bwd, [q, k, v, g])
         except Exception as e:  # an fla version that rejects these inputs: report, keep going
             print(f"fla chunk_gla failed at T={T}: {type(e).__name__}: {e}", file=sys.stderr)
     row["ratio_fwd"] = row["fwd_ms"] / row["fla_fwd_ms"] if row["fla_fwd_ms"] else None
@@ -259,7 +285,7 @@ def bench_sdpa(B: int, T: int, which: str) -> tuple[float | None, float | None]:
             F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
 
     try:
-        return ms(fwd), ms(fwd_bwd)
+        return ms(fwd), ms(fwd_bwd, [q, k, v])
     except RuntimeError as e:  # backend not built in / not supported on this GPU
         print(f"SDPA {which} unavailable at T={T}: {str(e).splitlines()[0]}", file=sys.stderr)
         return None, None
@@ -343,7 +369,8 @@ def bench_variants(H: int, K: int, V: int) -> None:
                 B = max(1, ARGS.tokens // T)
                 q, k, v, g = inputs(B, T, H, K, V)
                 fwd, fwd_bwd = triton_calls(q, k, v, g, torch.randn_like(v))
-                emit(dict(kind="variant", B=B, T=T, H=H, K=K, V=V, fwd_ms=ms(fwd), fwd_bwd_ms=ms(fwd_bwd), **tag))
+                emit(dict(kind="variant", B=B, T=T, H=H, K=K, V=V, fwd_ms=ms(fwd),
+                          fwd_bwd_ms=ms(fwd_bwd, [q, k, v, g]), **tag))
         recurrent.DECODE_MANY_PROGRAMS = 0  # every grid takes DECODE_WARPS
         for B in ARGS.decode_batch:
             decode_variants(B, H, K, V)

@@ -17,6 +17,17 @@ if [ -n "$wheels" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
+# fla autotunes each kernel on the first call of a shape (~330 s per shape on a fresh host) and keeps the winners in
+# Triton's cache as *.autotune.json. They travel between calls (and hosts of the same card) in .tcache/ (git-ignored;
+# name it in the call's carry list); every run leaves the current set in $OUT/tcache.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache} TRITON_CACHE_AUTOTUNING=1
+mkdir -p "$TRITON_CACHE_DIR"
+[ -d .tcache ] && cp -rn .tcache/. "$TRITON_CACHE_DIR"/
+save_autotune() {
+  mkdir -p "$OUT/tcache"
+  (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 | tar -cf - --null -T -) | tar -xf - -C "$OUT/tcache"
+}
+trap save_autotune EXIT
 # The built-in corpus's works as files (the pretrained-model steps take --data files).
 WORKS=${WORKS:-/tmp/works}
 SWEEP_WORKS=${SWEEP_WORKS:-"hamlet tempest sonnets macbeth lear othello romeo_and_juliet twelfth_night julius_caesar midsummer_nights_dream merchant_of_venice richard_iii"}
@@ -24,7 +35,7 @@ if [ ! -d "$WORKS" ]; then mkdir -p "$WORKS" && tar -xJf src/longseq/data/corpus
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(env tests gla triton bench megabyte cache hf)
 run() {  # run NAME SECONDS CMD...
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=${STEP_LIMIT:-$2}; shift 2  # STEP_LIMIT=s overrides every step's limit
   echo "=== $name: $*" | tee -a "$OUT/summary.log"
   local t0=$SECONDS
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
