@@ -57,6 +57,14 @@ def intra_path(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["formed", "prepared"])
+def state_operands(request, monkeypatch):
+    """Force the state passes' decayed operands: ``formed`` per V tile from k/q and the cumsums, or
+    ``prepared`` (stored once by the prepare kernel, read by the passes)."""
+    monkeypatch.setattr(common, "PREPARED_FROM_V_TILES", 1 if request.param == "prepared" else 10**6)
+    return request.param
+
+
 def make_inputs(B, T, H, K, V, *, n_states=None, dtype=torch.float32, gate_lo=None, seed=0, device=DEVICE):
     """q, k, v, g, s0 on ``device``; g = logsigmoid(...) or uniform in ``[gate_lo, 0]``.
 
@@ -117,7 +125,7 @@ def check_against_reference(q, k, v, g, s0, *, cu_seqlens=None, rtol=2e-5, grad_
     "B,T,H,K,V,with_state",
     [(2, 37, 2, 16, 32, True), (1, 130, 1, 16, 32, False), (1, 64, 2, 32, 16, True)],
 )
-def test_chunk_kernels_match_recurrent_fp32(poison, intra_path, B, T, H, K, V, with_state):
+def test_chunk_kernels_match_recurrent_fp32(poison, intra_path, state_operands, B, T, H, K, V, with_state):
     q, k, v, g, s0 = make_inputs(B, T, H, K, V, seed=T)
     g = g / 4  # chunk totals of about -10: valid for both intra-chunk paths
     check_against_reference(q, k, v, g, s0 if with_state else None)
@@ -153,11 +161,31 @@ def test_forward_without_grad_matches_recurrent(poison, intra_path, monkeypatch,
     assert_close(s, s_ref, rtol=2e-5, name="final_state")
 
 
-def test_varlen_three_sequences_with_states(poison, intra_path):
+def test_varlen_three_sequences_with_states(poison, intra_path, state_operands):
     """Packed lengths 37, 0 (empty: its final state is its initial state) and 91, one launch."""
     cu = torch.tensor([0, 37, 37, 128], device=DEVICE)
     q, k, v, g, s0 = make_inputs(1, 128, 2, 16, 32, n_states=3, seed=5)
     check_against_reference(q, k, v, g, s0, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("min_chunks,segments", [(1, (5, 1)), (2, (2, 3))])
+def test_segmented_state_passes(poison, monkeypatch, min_chunks, segments):
+    """Sequences cut into 5 segments of 1 chunk or 2 of 3 for the state passes (forced: the rule cuts only when few long
+    sequences leave the card idle): packed lengths 37, 0, 300 and 130 with initial states and a final-state
+    gradient, so segments carry h0 forwards and dS_T backwards, some sequences have fewer segments than the
+    launch, and the last segment is partial."""
+    monkeypatch.setattr(common, "SEGMENT_BELOW_PROGRAMS_PER_SM", 10**6)
+    monkeypatch.setattr(common, "SEGMENT_FROM_CHUNKS", 1)
+    monkeypatch.setattr(common, "SEGMENT_PROGRAMS_PER_SM", 10**6)
+    monkeypatch.setattr(common, "MIN_SEGMENT_CHUNKS", min_chunks)
+    monkeypatch.setattr(common, "MIN_SEGMENTS", 2)
+    chosen = []
+    rule = common.state_segments
+    monkeypatch.setattr(common, "state_segments", lambda *a: chosen.append(rule(*a)) or chosen[-1])
+    cu = torch.tensor([0, 37, 37, 337, 467], device=DEVICE)
+    q, k, v, g, s0 = make_inputs(1, 467, 2, 16, 32, n_states=4, seed=13)
+    check_against_reference(q, k, v, g, s0, cu_seqlens=cu)
+    assert chosen == [segments]  # one plan for the states, their recomputation and the state gradients
 
 
 def test_varlen_without_initial_state_equals_separate_calls(poison):
@@ -172,7 +200,7 @@ def test_varlen_without_initial_state_equals_separate_calls(poison):
         assert_close(s[i : i + 1], s_i, rtol=2e-5, name=f"state[{i}]")
 
 
-def test_strong_and_infinite_gates_stay_finite_and_exact(poison):
+def test_strong_and_infinite_gates_stay_finite_and_exact(poison, state_operands):
     """Gates down to -20 plus full resets (-inf), including one on the first token of a chunk."""
     q, k, v, g, s0 = make_inputs(1, 100, 2, 16, 16, gate_lo=-20.0, seed=7)
     g = g.clone()
@@ -310,6 +338,7 @@ def _bf16_case(B, T, H, K, V, *, cu_seqlens=None, gate_lo=None, seed):
         (4, 1000, 4, 64, 64),
         (2, 777, 2, 100, 36),
         (8, 63, 4, 16, 256),
+        (1, 16384, 4, 128, 128),  # few long sequences: segmented state passes
     ],
 )
 def test_gpu_bf16_matches_fp32_reference(B, T, H, K, V):

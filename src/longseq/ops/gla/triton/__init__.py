@@ -9,11 +9,14 @@ initial state). Batches are handled as packed sequences (``cu_seqlens``; see :mo
 Forward, chunks of ``C = 64`` tokens
 ------------------------------------
 Inside chunk ``c`` (tokens ``i, j``; per key channel) let ``b_i = sum_{m <= i} g_m`` (inclusive
-cumsum from the chunk start, computed in-kernel) and ``b_C`` the chunk total. With ``H_c`` the state
-before the chunk:
+cumsum from the chunk start) and ``b_C`` the chunk total. ``prepare_kernel`` stores ``b`` with the
+decayed operands ``q_i * exp(b_i)``, ``k_j * exp(b_C - b_j)`` and the decay ``exp(b_C)``, once, for the
+kernels below. With ``H_c`` the state before the chunk:
 
 * states (``chunk_states_kernel``, sequential over chunks, one program per (K tile, V tile, seq, head)):
-  ``H_{c+1} = diag(exp(b_C)) H_c + sum_j (k_j * exp(b_C - b_j))^T v_j``;
+  ``H_{c+1} = diag(exp(b_C)) H_c + sum_j (k_j * exp(b_C - b_j))^T v_j``. When few long sequences would
+  leave the card idle, each is cut into segments: one launch finds every segment's contribution from a
+  zero start and its total decay, a second walks the segments again from their carried-in states;
 * intra-chunk attention (``intra_attention_kernel``): ``A_ij = scale sum_k q_ik k_jk exp(b_ik - b_jk)``
   for ``j <= i``, on sub-chunks of 16. For query sub-chunk ``I`` and key sub-chunk ``J < I`` the decay
   is split at the end ``p`` of sub-chunk ``I - 1``: ``exp(b_i - b_p) * exp(b_p - b_j)``, both factors
@@ -31,8 +34,9 @@ Backward
 ``A`` is saved by the forward; the gate cumsums and ``h`` are recomputed. With ``dH_{c+1}`` the gradient
 w.r.t. the state after chunk ``c`` (``dS_T``, the final state's gradient, for the last chunk; 0 if none):
 
-* ``dH_c = diag(exp(b_C)) dH_{c+1} + scale sum_i (q_i * exp(b_i))^T do_i`` (``state_grads_kernel``),
-  and ``d initial_state = dH_0``: the backward state carried past the first chunk;
+* ``dH_c = diag(exp(b_C)) dH_{c+1} + scale sum_i (q_i * exp(b_i))^T do_i`` (``state_grads_kernel``,
+  segmented as the forward's states, mirrored), and ``d initial_state = dH_0``: the backward state
+  carried past the first chunk;
 * ``dA_ij = do_i . v_j`` (``j <= i``); ``dv_j = sum_i A_ij do_i + (k_j * exp(b_C - b_j)) dH_{c+1}``;
 * ``dq_i = scale exp(b_i) * (do_i H_c^T) + scale sum_{j<=i} dA_ij k_j exp(b_i - b_j)``,
   ``dk_j = exp(b_C - b_j) * (v_j dH_{c+1}^T) + scale sum_{i>=j} dA_ij q_i exp(b_i - b_j)`` (intra parts

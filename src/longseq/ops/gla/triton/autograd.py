@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .chunk_bwd import chunk_backward
-from .chunk_fwd import chunk_cumsum, chunk_output, chunk_states, intra_attention
+from .chunk_fwd import chunk_output, chunk_states, intra_attention, plan_state_passes, prepare_chunks
 from .common import CHUNK, MAX_CHUNKS, MAX_HEAD_DIM, KernelDtypes, SeqInfo, kernel_dtypes, seq_info
 from .recurrent import fused_recurrent
 
@@ -18,33 +18,35 @@ class ChunkGLAFunction(torch.autograd.Function):
 
     Saves the inputs and the intra-chunk attention ``A`` (``[TT, H, 64]`` fp32: the bytes of one
     bf16 input with K = 128), so the backward does not redo the forward's most exp-heavy kernel;
-    it recomputes the gate cumsums and the chunk states (``h`` would cost far more to keep).
+    it recomputes the prepared operands (cumsums, decayed q and k) and the chunk states (``h`` would cost
+    far more to keep).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, g, h0, scale: float, info: SeqInfo, output_final_state: bool):
         kd = kernel_dtypes_for(q, k, v)
-        b = chunk_cumsum(g, info)
-        h, ht = chunk_states(k, v, b, h0, info, kd, output_final_state)
-        a = intra_attention(q, k, b, scale, info, kd)
-        o = chunk_output(q, v, b, h, a, scale, info, kd)
+        plan = plan_state_passes(k.shape[-1], v.shape[-1], k.shape[1], info, q.device)
+        p = prepare_chunks(q, k, g, info, kd, plan, want_qd=False)
+        h, ht = chunk_states(p, k, v, h0, info, kd, plan, output_final_state)
+        a = intra_attention(q, k, p.b, scale, info, kd)
+        o = chunk_output(q, v, p.b, h, a, scale, info, kd)
         ctx.save_for_backward(q, k, v, g, h0, a)
-        ctx.scale, ctx.info, ctx.kd = scale, info, kd
+        ctx.scale, ctx.info, ctx.kd, ctx.plan = scale, info, kd, plan
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, g, h0, a = ctx.saved_tensors
-        info, kd, scale = ctx.info, ctx.kd, ctx.scale
-        b = chunk_cumsum(g, info)
-        h, _ = chunk_states(k, v, b, h0, info, kd, want_final=False)
+        info, kd, scale, plan = ctx.info, ctx.kd, ctx.scale, ctx.plan
+        p = prepare_chunks(q, k, g, info, kd, plan, want_qd=True)
+        h, _ = chunk_states(p, k, v, h0, info, kd, plan, want_final=False)
         dht = dht.contiguous() if dht is not None else None
         dq, dk, dv, dg, dh0 = chunk_backward(
             q,
             k,
             v,
             g,
-            b,
+            p,
             h,
             a,
             do.contiguous(),
@@ -52,6 +54,7 @@ class ChunkGLAFunction(torch.autograd.Function):
             scale,
             info,
             kd,
+            plan,
             need_dh0=h0 is not None and ctx.needs_input_grad[4],
         )
         return dq, dk, dv, dg, dh0.to(h0.dtype) if dh0 is not None else None, None, None, None

@@ -2,7 +2,8 @@
 
 Inputs are the forward's (packed, see :mod:`.common`) plus ``do`` ``[TT, H, V]`` and the gradient of the
 final state ``dht`` ``[N, H, K, V]`` (or None). The intra-chunk attention ``A`` ``[TT, H, 64]`` is saved
-by the forward; the gate cumsums ``b`` and the chunk states ``h`` ``[NT + N, H, K, V]`` are recomputed.
+by the forward; the gate cumsums ``b``, the decayed operands ``qd``, ``kd`` and decays (:class:`.Prepared`)
+and the chunk states ``h`` ``[NT + N, H, K, V]`` are recomputed.
 Intermediate: ``dh`` ``[NT, H, K, V]`` fp32, the gradient w.r.t. the state at the *end*
 of chunk ``n``.
 
@@ -19,7 +20,20 @@ import triton.language as tl
 from torch import Tensor
 
 from . import common
-from .chunk_fwd import chunk_rows, chunk_span, chunk_tiles, diagonal_pairs, load_cumsum, row_of, state_block_sizes
+from .chunk_fwd import (
+    Prepared,
+    StatePlan,
+    as_block,
+    carried_state,
+    chunk_rows,
+    chunk_span,
+    diagonal_pairs,
+    load_cumsum,
+    row_of,
+    segment_buffers,
+    state_operands,
+    store_segment,
+)
 from .common import CHUNK, G_FLOOR, SUB_CHUNK, KernelDtypes, SeqInfo, block_size
 
 
@@ -27,35 +41,52 @@ from .common import CHUNK, G_FLOOR, SUB_CHUNK, KernelDtypes, SeqInfo, block_size
 def state_grads_kernel(
     q_ptr,
     b_ptr,
+    decay_ptr,
     do_ptr,
     dht_ptr,
     dh_ptr,
     dh0_ptr,
+    seg_end_ptr,
+    seg_decay_ptr,
     cu_ptr,
     chunk_off_ptr,
     scale,
+    seg_chunks,
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    NSEG: tl.constexpr,
+    LOCAL: tl.constexpr,
+    PREPARED: tl.constexpr,
     HAS_DHT: tl.constexpr,
     HAS_DH0: tl.constexpr,
     DT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Backward state recurrence, last chunk first, one program per (K tile, V tile, sequence x head).
+    """Backward state recurrence, last chunk first; one program per (K tile, V tile, sequence x head x segment).
 
-    ``dH_c = diag(exp(b_last)) dH_{c+1} + scale (q * exp(b))^T do``; stores ``dh[n] = dH_{c+1}`` (the
-    gradient w.r.t. the state after chunk ``n``) and ``dh0 = dH_0`` (w.r.t. the initial state, fp32).
+    ``dH_c = diag(e^{b_C}) dH_{c+1} + scale qd^T do`` (``qd = q e^{b}`` read prepared or formed here, as in
+    :func:`.chunk_states_kernel`); stores ``dh[n] = dH_{c+1}`` (the gradient w.r.t. the
+    state after chunk ``n``) and ``dh0 = dH_0`` (w.r.t. the initial state, fp32). Segments as in
+    :func:`.chunk_states_kernel`, mirrored: ``LOCAL`` walks each segment back from a zero start (``dht`` for
+    the last), the second launch carries the later segments' results in.
     """
-    i_k, i_v, i_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_k, i_v, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_sh, i_seg = i_p // NSEG, i_p % NSEG
     i_s, i_h = (i_sh // H).to(tl.int64), i_sh % H  # int64: state offsets reach N * H * K * V
     bos = tl.load(cu_ptr + i_s).to(tl.int64)
     eos = tl.load(cu_ptr + i_s + 1).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, BT)
     n0 = tl.load(chunk_off_ptr + i_s).to(tl.int64)
+    if NSEG == 1:
+        c0, c1 = 0, n_chunks
+    else:
+        c0 = i_seg * seg_chunks
+        c1 = tl.minimum(c0 + seg_chunks, n_chunks)
+    live = c0 < n_chunks
 
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -64,16 +95,30 @@ def state_grads_kernel(
     kv_off = o_k[:, None] * V + o_v[None, :]
 
     dstate = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DHT:
-        dstate = tl.load(dht_ptr + (i_s * H + i_h) * K * V + kv_off, mask=m_kv, other=0.0).to(tl.float32)
-    for r in range(0, n_chunks):
-        c = n_chunks - 1 - r
-        tl.store(dh_ptr + ((n0 + c) * H + i_h) * K * V + kv_off, dstate.to(dh_ptr.dtype.element_ty), mask=m_kv)
-        b, b_last, qq, do = chunk_tiles(q_ptr, do_ptr, b_ptr, c, bos, eos, o_k, m_k, o_v, i_h, H, K, V, BT)
-        qd = (qq * tl.exp(b)).to(DT)
-        dstate = dstate * tl.exp(b_last)[:, None] + scale * tl.dot(tl.trans(qd), do.to(DT), input_precision=PREC)
-    if HAS_DH0:
-        tl.store(dh0_ptr + (i_s * H + i_h) * K * V + kv_off, dstate, mask=m_kv)
+    if HAS_DHT:  # into the last segment (segment 0 of an empty sequence)
+        first_in = (c1 == n_chunks) & (live | (i_seg == 0))
+        dht = tl.load(dht_ptr + (i_s * H + i_h) * K * V + kv_off, mask=m_kv & as_block(first_in, o_k)[:, None],
+                      other=0.0)
+        dstate = dht.to(tl.float32)
+    if NSEG > 1 and not LOCAL:
+        n_seg = tl.cdiv(n_chunks, seg_chunks)
+        dstate = carried_state(dstate, seg_end_ptr, seg_decay_ptr, i_s * NSEG + n_seg - 1, -1,
+                               tl.where(live, n_seg - 1 - i_seg, 0), i_h, o_k, m_k, kv_off, m_kv, H, K, V)
+    seg_dec = tl.full([BK], 1.0, dtype=tl.float32)
+    for r in range(0, c1 - c0):
+        c = c1 - 1 - r
+        if not LOCAL:
+            tl.store(dh_ptr + ((n0 + c) * H + i_h) * K * V + kv_off, dstate.to(dh_ptr.dtype.element_ty), mask=m_kv)
+        decay, qd, do = state_operands(q_ptr, do_ptr, b_ptr, decay_ptr, n0 + c, bos + c * BT, eos, o_k, m_k, o_v, i_h,
+                                       H, K, V, BT, PREPARED, False, DT)
+        dstate = dstate * decay[:, None] + scale * tl.dot(tl.trans(qd), do.to(DT), input_precision=PREC)
+        if LOCAL:
+            seg_dec = seg_dec * decay
+    if LOCAL:
+        store_segment(dstate, seg_dec, seg_end_ptr, seg_decay_ptr, i_s * NSEG + i_seg, live, i_v, i_h, o_k, m_k,
+                      kv_off, m_kv, H, K, V)
+    elif HAS_DH0:
+        tl.store(dh0_ptr + (i_s * H + i_h) * K * V + kv_off, dstate, mask=m_kv & as_block(i_seg == 0, o_k)[:, None])
 
 
 @triton.jit
@@ -95,7 +140,8 @@ def value_grad_kernel(
     DT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """``dv = A^T do + (k * exp(b_last - b)) dh[n]``; one program per (V tile, chunk, head)."""
+    """``dv = A^T do + (k * exp(b_last - b)) dh[n]``; one program per (V tile, chunk, head). The decayed keys
+    are formed here, not read from ``kd`` (see :func:`.output_kernel`)."""
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, t0, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT)
     o_t, t, m_t, last = chunk_rows(t0, eos, BT)
@@ -257,7 +303,7 @@ def chunk_backward(
     k: Tensor,
     v: Tensor,
     g: Tensor,
-    b: Tensor,
+    p: Prepared,
     h: Tensor,
     a: Tensor,
     do: Tensor,
@@ -265,60 +311,70 @@ def chunk_backward(
     scale: float,
     info: SeqInfo,
     kd: KernelDtypes,
+    plan: StatePlan,
     need_dh0: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """All gradients: ``dq, dk`` (q's/k's dtype), ``dv`` (v's), ``dg`` (g's), ``dh0`` fp32 or None.
 
-    Packed layouts (see :mod:`.common`): q, k, g, b ``[TT, H, K]``; v, do ``[TT, H, V]``; h ``[NT + N, H, K, V]``;
-    a ``[TT, H, 64]``; dht ``[N, H, K, V]`` or None.
+    Packed layouts (see :mod:`.common`): q, k, g ``[TT, H, K]``; v, do ``[TT, H, V]``; h ``[NT + N, H, K, V]``;
+    a ``[TT, H, 64]``; dht ``[N, H, K, V]`` or None; ``p`` from :func:`.prepare_chunks`.
     """
-    dh, dh0 = state_grads(q, b, do, dht, scale, info, kd, need_dh0)
-    dv = value_grads(k, v, b, a, do, dh, info, kd)
-    dq, dk, dg = qkg_grads(q, k, v, g, b, h, do, dh, scale, info, kd)
+    dh, dh0 = state_grads(p, q, do, dht, scale, info, kd, plan, need_dh0)
+    dv = value_grads(k, v, p.b, a, do, dh, info, kd)
+    dq, dk, dg = qkg_grads(q, k, v, g, p.b, h, do, dh, scale, info, kd)
     return dq, dk, dv, dg, dh0
 
 
 def state_grads(
+    p: Prepared,
     q: Tensor,
-    b: Tensor,
     do: Tensor,
     dht: Tensor | None,
     scale: float,
     info: SeqInfo,
     kd: KernelDtypes,
+    plan: StatePlan,
     need_dh0: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """Launch :func:`state_grads_kernel`; returns ``dh`` ``[NT, H, K, V]`` in ``kd.dstates`` and, if
-    ``need_dh0``, ``dh0`` ``[N, H, K, V]`` fp32."""
+    """Launch :func:`state_grads_kernel` (twice, when the sequences are cut into segments); returns ``dh``
+    ``[NT, H, K, V]`` in ``kd.dstates`` and, if ``need_dh0``, ``dh0`` ``[N, H, K, V]`` fp32."""
     _, H, K = q.shape
     V = do.shape[-1]
     N, NT = info.num_seqs, info.num_chunks
-    SK, SV = state_block_sizes(K, V, N * H)
     dh = q.new_empty(NT, H, K, V, dtype=kd.dstates)
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None
-    state_grads_kernel[(triton.cdiv(K, SK), triton.cdiv(V, SV), N * H)](
-        q,
-        b,
-        do,
-        dht if dht is not None else dh,
-        dh,
-        dh0 if dh0 is not None else dh,
-        info.cu_seqlens,
-        info.chunk_offsets,
-        scale,
-        H=H,
-        K=K,
-        V=V,
-        BT=CHUNK,
-        BK=SK,
-        BV=SV,
-        HAS_DHT=dht is not None,
-        HAS_DH0=need_dh0,
-        DT=kd.dot,
-        PREC=kd.prec,
-        num_warps=4,
-        num_stages=2,
-    )
+    seg_end, seg_decay = segment_buffers(N * plan.segments, H, K, V, q.device)
+    for local in (True, False) if plan.segments > 1 else (False,):
+        state_grads_kernel[plan.grid](
+            p.qd if plan.prepared else q,
+            p.b,
+            p.decay if plan.prepared else p.b,
+            do,
+            dht if dht is not None else dh,
+            dh,
+            dh0 if dh0 is not None else dh,
+            seg_end,
+            seg_decay,
+            info.cu_seqlens,
+            info.chunk_offsets,
+            scale,
+            plan.seg_chunks,
+            H=H,
+            K=K,
+            V=V,
+            BT=CHUNK,
+            BK=plan.BK,
+            BV=plan.BV,
+            NSEG=plan.segments,
+            LOCAL=local,
+            PREPARED=plan.prepared,
+            HAS_DHT=dht is not None,
+            HAS_DH0=need_dh0,
+            DT=kd.dot,
+            PREC=kd.prec,
+            num_warps=4,
+            num_stages=2,
+        )
     return dh, dh0
 
 

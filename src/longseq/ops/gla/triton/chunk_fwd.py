@@ -6,11 +6,19 @@ Layouts (packed, see :mod:`.common`): ``q, k, g`` ``[TT, H, K]``, ``v`` ``[TT, H
 clamped gates from the start of each chunk); ``h`` ``[NT + N, H, K, V]`` fp32; ``A`` ``[TT, H, 64]``
 fp32 (row ``t``, column ``j`` = key ``j`` of ``t``'s chunk, scaled, zero above the diagonal).
 
+:func:`prepare_chunks` also stores the *decayed operands* of the state products, ``kd = k e^{b_C - b}`` and
+(for the backward) ``qd = q e^{b}`` ``[TT, H, K]`` in the products' dtype, and each chunk's decay
+``e^{b_C}`` ``[NT, H, K]`` fp32, when the state passes re-read the key side for several V tiles or are cut
+into segments (:func:`plan_state_passes`): they then read one 2-byte operand per key element instead of a
+2-byte input and a 4-byte cumsum (once per V tile), and spend no exp on their critical path.
+
 Every exponent passed to exp is ``<= 0``, masked to ``-inf``, or bounded by ``MAX_DECAY`` (see
 :mod:`.common`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -58,16 +66,34 @@ def load_cumsum(b_ptr, t, m_t, last, o_k, m_k, i_h, H: tl.constexpr, K: tl.const
 
 
 @triton.jit
-def chunk_tiles(x_ptr, y_ptr, b_ptr, c, bos, eos, o_k, m_k, o_v, i_h, H: tl.constexpr, K: tl.constexpr,
-                V: tl.constexpr, BT: tl.constexpr):
-    """What a state recurrence needs of chunk ``c`` of a sequence: the gate cumsums ``b`` ``[BT, BK]`` and
-    their last row ``[BK]``, an fp32 key-side tile ``[BT, BK]`` of ``x`` (k, or q going backwards) and a
-    value-side tile ``[BT, BV]`` of ``y`` (v, or do), zero past the sequence's end."""
-    _, t, m_t, last = chunk_rows(bos + c * BT, eos, BT)
-    b, b_last = load_cumsum(b_ptr, t, m_t, last, o_k, m_k, i_h, H, K)
-    x = tl.load(x_ptr + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-    y = tl.load(y_ptr + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & (o_v[None, :] < V), other=0.0)
-    return b, b_last, x.to(tl.float32), y
+def state_operands(x_ptr, y_ptr, b_ptr, decay_ptr, n, t0, eos, o_k, m_k, o_v, i_h, H: tl.constexpr, K: tl.constexpr,
+                   V: tl.constexpr, BT: tl.constexpr, PREPARED: tl.constexpr, TO_END: tl.constexpr, DT: tl.constexpr):
+    """What a state recurrence needs of global chunk ``n`` (tokens from ``t0``): its decay ``e^{b_C}`` ``[BK]``
+    fp32, the decayed key-side tile ``[BT, BK]`` in ``DT`` (``k e^{b_C - b}`` if ``TO_END``, else
+    ``q e^{b}``) and the value-side tile ``[BT, BV]`` of ``y`` (v, or do), zero past the sequence's end.
+
+    ``PREPARED``: ``x`` holds the decayed tile already and ``decay_ptr`` the decays (:func:`prepare_kernel`);
+    otherwise ``x`` is k or q and both are formed here from the cumsums ``b``.
+    """
+    _, t, m_t, last = chunk_rows(t0, eos, BT)
+    x_off = (t[:, None] * H + i_h) * K + o_k[None, :]
+    m_tk = m_t[:, None] & m_k[None, :]
+    y_off = (t[:, None] * H + i_h) * V + o_v[None, :]
+    m_tv = m_t[:, None] & (o_v[None, :] < V)
+    if PREPARED:  # (this order is the one the GPU tests and the A/B of session 23 ran)
+        x = tl.load(x_ptr + x_off, mask=m_tk, other=0.0)
+        y = tl.load(y_ptr + y_off, mask=m_tv, other=0.0)
+        decay = tl.load(decay_ptr + (n * H + i_h) * K + o_k, mask=m_k, other=0.0)
+    else:  # the loads in the order of the kernels before the prepared operands (259dde4)
+        b, b_last = load_cumsum(b_ptr, t, m_t, last, o_k, m_k, i_h, H, K)
+        x = tl.load(x_ptr + x_off, mask=m_tk, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + y_off, mask=m_tv, other=0.0)
+        decay = tl.exp(b_last)
+        if TO_END:
+            x = (x * tl.exp(b_last[None, :] - b)).to(DT)
+        else:
+            x = (x * tl.exp(b)).to(DT)
+    return decay, x, y
 
 
 @triton.jit
@@ -92,9 +118,14 @@ def row_of(x, o_t, row):
 
 
 @triton.jit
-def cumsum_kernel(
+def prepare_kernel(
     g_ptr,
+    q_ptr,
+    k_ptr,
     b_ptr,
+    qd_ptr,
+    kd_ptr,
+    decay_ptr,
     chunk_idx_ptr,
     cu_ptr,
     H: tl.constexpr,
@@ -102,16 +133,59 @@ def cumsum_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     FLOOR: tl.constexpr,
+    STORE_DECAYED: tl.constexpr,
+    STORE_QD: tl.constexpr,
 ):
-    """``b = cumsum(max(g, FLOOR))`` inside each chunk, fp32; grid (K tiles, NT, H)."""
+    """Per (K tile, chunk, head): ``b = cumsum(max(g, FLOOR))`` inside the chunk (fp32) and, if
+    ``STORE_DECAYED``, the decay ``e^{b_C}``, the decayed keys ``kd = k e^{b_C - b}`` and (if ``STORE_QD``)
+    queries ``qd = q e^{b}`` in ``kd``'s dtype."""
     i_k, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, t0, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT)
-    _, t, _, _ = chunk_rows(t0, eos, BT)
+    o_t, t, m_t, last = chunk_rows(t0, eos, BT)
     o_k = i_k * BK + tl.arange(0, BK)
-    m = (t[:, None] < eos) & (o_k[None, :] < K)
+    m_k = o_k < K
+    m = m_t[:, None] & m_k[None, :]
     off = (t[:, None] * H + i_h) * K + o_k[None, :]
     gg = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
-    tl.store(b_ptr + off, tl.cumsum(tl.maximum(gg, FLOOR), axis=0), mask=m)
+    b = tl.cumsum(tl.maximum(gg, FLOOR), axis=0)
+    tl.store(b_ptr + off, b, mask=m)
+    if STORE_DECAYED:
+        b_last = row_of(b, o_t, last - t0)  # the stored value of the last valid row, as the other kernels read it
+        if STORE_QD:
+            qq = tl.load(q_ptr + off, mask=m, other=0.0).to(tl.float32)
+            tl.store(qd_ptr + off, (qq * tl.exp(b)).to(qd_ptr.dtype.element_ty), mask=m)
+        kk = tl.load(k_ptr + off, mask=m, other=0.0).to(tl.float32)
+        tl.store(kd_ptr + off, (kk * tl.exp(b_last[None, :] - b)).to(kd_ptr.dtype.element_ty), mask=m)
+        tl.store(decay_ptr + (i_n * H + i_h) * K + o_k, tl.exp(b_last), mask=m_k)
+
+
+@triton.jit
+def as_block(cond, o):
+    """A scalar condition as a block shaped like ``o``: masks combine blocks only (the interpreter rejects a
+    scalar ANDed into a block mask)."""
+    return (tl.zeros_like(o) + cond.to(tl.int32)) != 0
+
+
+@triton.jit
+def carried_state(state, seg_end_ptr, seg_decay_ptr, j0, step, count, i_h, o_k, m_k, kv_off, m_kv, H: tl.constexpr,
+                  K: tl.constexpr, V: tl.constexpr):
+    """``state`` carried through ``count`` segments from segment ``j0`` by ``step`` (+1 forwards, -1 backwards):
+    ``state = D_j state + E_j`` each, where ``E_j`` ``[K, V]`` is segment ``j``'s result from a zero start and
+    ``D_j`` ``[K]`` its total decay (the product of its chunks' ``e^{b_C}``)."""
+    for r in range(0, count):
+        j = j0 + r * step
+        d = tl.load(seg_decay_ptr + (j * H + i_h) * K + o_k, mask=m_k, other=0.0)
+        e = tl.load(seg_end_ptr + (j * H + i_h) * K * V + kv_off, mask=m_kv, other=0.0)
+        state = state * d[:, None] + e
+    return state
+
+
+@triton.jit
+def store_segment(state, seg_dec, seg_end_ptr, seg_decay_ptr, j, live, i_v, i_h, o_k, m_k, kv_off, m_kv,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """Store segment ``j``'s zero-start result ``[BK, BV]`` and (once per K tile) its total decay ``[BK]``."""
+    tl.store(seg_end_ptr + (j * H + i_h) * K * V + kv_off, state, mask=m_kv & as_block(live, o_k)[:, None])
+    tl.store(seg_decay_ptr + (j * H + i_h) * K + o_k, seg_dec, mask=m_k & as_block(live & (i_v == 0), o_k))
 
 
 @triton.jit
@@ -119,34 +193,52 @@ def chunk_states_kernel(
     k_ptr,
     v_ptr,
     b_ptr,
+    decay_ptr,
     h0_ptr,
     h_ptr,
     ht_ptr,
+    seg_end_ptr,
+    seg_decay_ptr,
     cu_ptr,
     chunk_off_ptr,
+    seg_chunks,
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    NSEG: tl.constexpr,
+    LOCAL: tl.constexpr,
+    PREPARED: tl.constexpr,
     HAS_H0: tl.constexpr,
     STORE_HT: tl.constexpr,
     DT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """State before every chunk and after the last, one program per (K tile, V tile, sequence x head).
+    """State before every chunk and after the last; one program per (K tile, V tile, sequence x head x segment).
 
-    ``H_{c+1} = diag(exp(b_last)) H_c + (k * exp(b_last - b))^T v``; sequential over the sequence's
-    chunks, the running state in fp32 registers. ``h`` gets every state (storage dtype), ``ht`` the
-    final one in fp32.
+    ``H_{c+1} = diag(e^{b_C}) H_c + kd^T v``, sequential over chunks, the running state in fp32 registers;
+    ``kd`` read prepared (``PREPARED``: ``k_ptr`` holds it) or formed from k and ``b`` (:func:`state_operands`).
+    With ``NSEG`` segments of ``seg_chunks`` chunks per sequence (:func:`.common.state_segments`) it runs
+    twice: ``LOCAL`` walks each segment from a zero start (``h0`` for the first) and stores its result and
+    total decay; the second launch starts each segment from the earlier segments' results carried through
+    their decays, and stores the states. ``h`` gets every state (storage dtype), ``ht`` the final one in fp32.
     """
-    i_k, i_v, i_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_k, i_v, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_sh, i_seg = i_p // NSEG, i_p % NSEG
     i_s, i_h = (i_sh // H).to(tl.int64), i_sh % H  # int64: state offsets reach N * H * K * V
     bos = tl.load(cu_ptr + i_s).to(tl.int64)
     eos = tl.load(cu_ptr + i_s + 1).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, BT)
-    slot0 = tl.load(chunk_off_ptr + i_s).to(tl.int64) + i_s
+    n0 = tl.load(chunk_off_ptr + i_s).to(tl.int64)
+    slot0 = n0 + i_s
+    if NSEG == 1:
+        c0, c1 = 0, n_chunks
+    else:
+        c0 = i_seg * seg_chunks
+        c1 = tl.minimum(c0 + seg_chunks, n_chunks)
+    live = c0 < n_chunks  # the segment holds chunks
 
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -156,15 +248,31 @@ def chunk_states_kernel(
 
     state = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
-        state = tl.load(h0_ptr + (i_s * H + i_h) * K * V + kv_off, mask=m_kv, other=0.0).to(tl.float32)
-    for c in range(0, n_chunks):
-        tl.store(h_ptr + ((slot0 + c) * H + i_h) * K * V + kv_off, state.to(h_ptr.dtype.element_ty), mask=m_kv)
-        b, b_last, kk, vv = chunk_tiles(k_ptr, v_ptr, b_ptr, c, bos, eos, o_k, m_k, o_v, i_h, H, K, V, BT)
-        kd = (kk * tl.exp(b_last[None, :] - b)).to(DT)
-        state = state * tl.exp(b_last)[:, None] + tl.dot(tl.trans(kd), vv.to(DT), input_precision=PREC)
-    tl.store(h_ptr + ((slot0 + n_chunks) * H + i_h) * K * V + kv_off, state.to(h_ptr.dtype.element_ty), mask=m_kv)
-    if STORE_HT:
-        tl.store(ht_ptr + (i_s * H + i_h) * K * V + kv_off, state, mask=m_kv)
+        h0_off = (i_s * H + i_h) * K * V + kv_off
+        state = tl.load(h0_ptr + h0_off, mask=m_kv & as_block(i_seg == 0, o_k)[:, None],
+                        other=0.0).to(tl.float32)
+    if NSEG > 1 and not LOCAL:
+        state = carried_state(state, seg_end_ptr, seg_decay_ptr, i_s * NSEG, 1, tl.where(live, i_seg, 0), i_h,
+                              o_k, m_k, kv_off, m_kv, H, K, V)
+    seg_dec = tl.full([BK], 1.0, dtype=tl.float32)
+    for c in range(c0, c1):
+        if not LOCAL:
+            tl.store(h_ptr + ((slot0 + c) * H + i_h) * K * V + kv_off, state.to(h_ptr.dtype.element_ty), mask=m_kv)
+        decay, kd, vv = state_operands(k_ptr, v_ptr, b_ptr, decay_ptr, n0 + c, bos + c * BT, eos, o_k, m_k, o_v, i_h,
+                                       H, K, V, BT, PREPARED, True, DT)
+        state = state * decay[:, None] + tl.dot(tl.trans(kd), vv.to(DT), input_precision=PREC)
+        if LOCAL:
+            seg_dec = seg_dec * decay
+    if LOCAL:
+        store_segment(state, seg_dec, seg_end_ptr, seg_decay_ptr, i_s * NSEG + i_seg, live, i_v, i_h, o_k, m_k,
+                      kv_off, m_kv, H, K, V)
+    else:
+        # An empty sequence's segment 0 stores h0 as its final state.
+        is_last = as_block((c1 == n_chunks) & (live | (i_seg == 0)), o_k)[:, None]
+        out = (slot0 + n_chunks) * H + i_h
+        tl.store(h_ptr + out * K * V + kv_off, state.to(h_ptr.dtype.element_ty), mask=m_kv & is_last)
+        if STORE_HT:
+            tl.store(ht_ptr + (i_s * H + i_h) * K * V + kv_off, state, mask=m_kv & is_last)
 
 
 @triton.jit
@@ -252,7 +360,12 @@ def output_kernel(
     DT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """``o = scale * (q * exp(b)) @ H_chunk + A @ v`` for one (V tile, chunk, head)."""
+    """``o = scale * (q * exp(b)) @ H_chunk + A @ v`` for one (V tile, chunk, head).
+
+    ``q * exp(b)`` is formed here, not read from :func:`prepare_chunks`' ``qd``: a ``tl.dot`` whose first
+    operand comes straight from a load gave wrong outputs on an H100 (Triton 3.6) at some small tiles
+    (e.g. K = 64, V = 32 in one K tile), where this form was right; the same holds in ``value_grad_kernel``.
+    """
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_s, t0, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT)
     o_t, t, m_t, last = chunk_rows(t0, eos, BT)
@@ -282,15 +395,34 @@ def output_kernel(
     )
 
 
-def chunk_cumsum(g: Tensor, info: SeqInfo) -> Tensor:
-    """Launch :func:`cumsum_kernel`; returns ``b`` ``[TT, H, K]`` fp32."""
+@dataclass(frozen=True)
+class Prepared:
+    """What :func:`prepare_chunks` stores (layouts in the module docstring)."""
+
+    b: Tensor  # [TT, H, K] fp32 gate cumsums inside each chunk
+    kd: Tensor | None  # [TT, H, K] k e^{b_C - b}, in the products' dtype (prepared state passes only)
+    qd: Tensor | None  # [TT, H, K] q e^{b}, likewise (for the backward state pass)
+    decay: Tensor | None  # [NT, H, K] fp32 e^{b_C}
+
+
+def prepare_chunks(
+    q: Tensor, k: Tensor, g: Tensor, info: SeqInfo, kd: KernelDtypes, plan: StatePlan, want_qd: bool
+) -> Prepared:
+    """Launch :func:`prepare_kernel`: the gate cumsums and, for prepared state passes (``plan.prepared``),
+    the decayed keys (and queries, if ``want_qd``) and the chunk decays."""
     TT, H, K = g.shape
     BK = block_size(K)
-    b = torch.empty(TT, H, K, device=g.device, dtype=torch.float32)
-    cumsum_kernel[(triton.cdiv(K, BK), info.num_chunks, H)](
-        g, b, info.chunk_indices, info.cu_seqlens, H=H, K=K, BT=CHUNK, BK=BK, FLOOR=G_FLOOR, num_warps=4
+    b = g.new_empty(TT, H, K, dtype=torch.float32)
+    store = plan.prepared
+    kd_ = g.new_empty(TT, H, K, dtype=kd.dot_torch) if store else None
+    qd = g.new_empty(TT, H, K, dtype=kd.dot_torch) if store and want_qd else None
+    decay = g.new_empty(info.num_chunks, H, K, dtype=torch.float32) if store else None
+    prepare_kernel[(triton.cdiv(K, BK), info.num_chunks, H)](
+        g, q, k, b, qd if qd is not None else b, kd_ if store else b, decay if store else b, info.chunk_indices,
+        info.cu_seqlens, H=H, K=K, BT=CHUNK, BK=BK, FLOOR=G_FLOOR, STORE_DECAYED=store, STORE_QD=qd is not None,
+        num_warps=4,
     )
-    return b
+    return Prepared(b, kd_, qd, decay)
 
 
 def state_block_sizes(K: int, V: int, programs_per_tile: int) -> tuple[int, int]:
@@ -302,40 +434,86 @@ def state_block_sizes(K: int, V: int, programs_per_tile: int) -> tuple[int, int]
     return BK, BV
 
 
+@dataclass(frozen=True)
+class StatePlan:
+    """How both sequential state passes (forward states, backward state gradients) run for one call."""
+
+    BK: int
+    BV: int
+    grid: tuple[int, int, int]  # (K tiles, V tiles, sequences x heads x segments)
+    segments: int  # per sequence (1: not cut)
+    seg_chunks: int  # chunks per segment
+    prepared: bool  # read the decayed operands from prepare_chunks instead of forming them per V tile
+
+
+def plan_state_passes(K: int, V: int, H: int, info: SeqInfo, device: torch.device) -> StatePlan:
+    """Tiles, segments (:func:`.common.state_segments`) and operand source of the state passes. The decayed
+    operands are stored once when the passes are cut into segments or re-read each key tile for several V
+    tiles (``common.PREPARED_FROM_V_TILES``): then one 2-byte read replaces a 2-byte input, a 4-byte cumsum
+    and an exp per V tile."""
+    BK, BV = state_block_sizes(K, V, info.num_seqs * H)
+    tiles = (triton.cdiv(K, BK), triton.cdiv(V, BV))
+    segments, seg_chunks = common.state_segments(info.max_seq_chunks, tiles[0] * tiles[1] * info.num_seqs * H, device)
+    prepared = segments > 1 or tiles[1] >= common.PREPARED_FROM_V_TILES
+    return StatePlan(BK, BV, (*tiles, info.num_seqs * H * segments), segments, seg_chunks, prepared)
+
+
 def chunk_states(
-    k: Tensor, v: Tensor, b: Tensor, h0: Tensor | None, info: SeqInfo, kd: KernelDtypes, want_final: bool
+    p: Prepared,
+    k: Tensor,
+    v: Tensor,
+    h0: Tensor | None,
+    info: SeqInfo,
+    kd: KernelDtypes,
+    plan: StatePlan,
+    want_final: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """Launch :func:`chunk_states_kernel`; returns ``h`` ``[NT + N, H, K, V]`` in ``kd.states`` (see
-    :mod:`.common`) and, if ``want_final``, the final states ``[N, H, K, V]`` fp32."""
+    """Launch :func:`chunk_states_kernel` (twice, when the sequences are cut into segments); returns ``h``
+    ``[NT + N, H, K, V]`` in ``kd.states`` (see :mod:`.common`) and, if ``want_final``, the final states
+    ``[N, H, K, V]`` fp32."""
     _, H, K = k.shape
     V = v.shape[-1]
-    BK, BV = state_block_sizes(K, V, info.num_seqs * H)
     h = k.new_empty(info.num_chunks + info.num_seqs, H, K, V, dtype=kd.states)
     ht = k.new_empty(info.num_seqs, H, K, V, dtype=torch.float32) if want_final else None
-    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), info.num_seqs * H)
-    chunk_states_kernel[grid](
-        k,
-        v,
-        b,
-        h0 if h0 is not None else h,
-        h,
-        ht if ht is not None else h,
-        info.cu_seqlens,
-        info.chunk_offsets,
-        H=H,
-        K=K,
-        V=V,
-        BT=CHUNK,
-        BK=BK,
-        BV=BV,
-        HAS_H0=h0 is not None,
-        STORE_HT=want_final,
-        DT=kd.dot,
-        PREC=kd.prec,
-        num_warps=4,
-        num_stages=2,
-    )
+    seg_end, seg_decay = segment_buffers(info.num_seqs * plan.segments, H, K, V, k.device)
+    for local in (True, False) if plan.segments > 1 else (False,):
+        chunk_states_kernel[plan.grid](
+            p.kd if plan.prepared else k,
+            v,
+            p.b,
+            p.decay if plan.prepared else p.b,
+            h0 if h0 is not None else h,
+            h,
+            ht if ht is not None else h,
+            seg_end,
+            seg_decay,
+            info.cu_seqlens,
+            info.chunk_offsets,
+            plan.seg_chunks,
+            H=H,
+            K=K,
+            V=V,
+            BT=CHUNK,
+            BK=plan.BK,
+            BV=plan.BV,
+            NSEG=plan.segments,
+            LOCAL=local,
+            PREPARED=plan.prepared,
+            HAS_H0=h0 is not None,
+            STORE_HT=want_final,
+            DT=kd.dot,
+            PREC=kd.prec,
+            num_warps=4,
+            num_stages=2,
+        )
     return h, ht
+
+
+def segment_buffers(segments: int, H: int, K: int, V: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Scratch of a segmented state pass: each segment's zero-start result ``[S, H, K, V]`` and total decay
+    ``[S, H, K]``, fp32 (``S`` = sequences x segments; one element each when the pass is not segmented)."""
+    shapes = ((1,), (1,)) if segments <= 1 else ((segments, H, K, V), (segments, H, K))
+    return tuple(torch.empty(shape, device=device, dtype=torch.float32) for shape in shapes)
 
 
 def intra_attention(q: Tensor, k: Tensor, b: Tensor, scale: float, info: SeqInfo, kd: KernelDtypes) -> Tensor:

@@ -43,6 +43,26 @@ MAX_DECAY = 40.0
 # Upper bound on BLOCK_K / BLOCK_V. Head dims above it are tiled and looped over. Tests lower it to
 # exercise the tile loops at small head dims.
 MAX_BLOCK = 64
+# The sequential state passes walk each sequence's chunks one after another, one program per (K tile, V tile,
+# sequence, head). When few long sequences leave the card idle, each sequence is cut into segments: a first
+# launch finds every segment's state contribution from a zero start, a second one walks each segment again
+# from its carried-in state (the earlier segments' contributions, decayed), storing the chunk states. Twice
+# the work, in parallel. A/B on an H100 at B*T = 32K (RESULTS.md, session 23): at T = 32K (128 or 256 programs
+# of 512 chunks) 16 programs per SM beat 8 and 4 (fwd+bwd 2-6% faster); at T = 8K (256 or 512 programs of 128
+# chunks) a cut into 4 was 6-13% slower, and at 16K not cutting was 3% faster at H4 K256 V512 and 1% slower
+# at H16 K=V=128. So: cut only below SEGMENT_BELOW_PROGRAMS_PER_SM programs per SM and from
+# SEGMENT_FROM_CHUNKS chunks (T = 32K), aiming at SEGMENT_PROGRAMS_PER_SM programs per SM, segments of at
+# least MIN_SEGMENT_CHUNKS chunks. Tests force tiny segments through these constants.
+SEGMENT_BELOW_PROGRAMS_PER_SM = 2
+SEGMENT_FROM_CHUNKS = 512
+SEGMENT_PROGRAMS_PER_SM = 16
+MIN_SEGMENT_CHUNKS = 32
+MIN_SEGMENTS = 3  # fewer segments than this would not repay the doubled work
+# The state passes read decayed operands stored once (instead of forming them per V tile) from this many V
+# tiles, or when cut into segments; see chunk_fwd.plan_state_passes. H100, B*T = 32K, H16 K=V=128 (2 V tiles):
+# from 2 tiles fwd+bwd took 4.33 ms at T = 4K against 4.53 from 4 tiles, and no more at any other T from 1K to
+# 32K (RESULTS.md, session 23). Tests set 1 (always) or a large value (never).
+PREPARED_FROM_V_TILES = 2
 # Storage of the chunk states h and their gradients dh on the bf16 path (see KernelDtypes); the
 # benchmark's variant runs flip them.
 STATES_IN_BF16 = True
@@ -58,6 +78,7 @@ class SeqInfo:
     chunk_indices: Tensor  # [NT, 2] int32
     num_seqs: int
     num_chunks: int
+    max_seq_chunks: int  # chunks of the longest sequence
 
 
 def seq_info(batch: int, seqlen: int, cu_seqlens: Tensor | None, device: torch.device) -> SeqInfo:
@@ -71,18 +92,44 @@ def seq_info(batch: int, seqlen: int, cu_seqlens: Tensor | None, device: torch.d
         offsets = torch.arange(batch + 1, device=device, dtype=torch.int32) * per_seq
         seq = torch.arange(batch, device=device, dtype=torch.int32).repeat_interleave(per_seq)
         idx = torch.arange(per_seq, device=device, dtype=torch.int32).repeat(batch)
-        return SeqInfo(cu, offsets, torch.stack([seq, idx], 1).contiguous(), batch, batch * per_seq)
+        return SeqInfo(cu, offsets, torch.stack([seq, idx], 1).contiguous(), batch, batch * per_seq, per_seq)
     cu = cu_seqlens.to(device=device, dtype=torch.int32)
     lengths = cu[1:] - cu[:-1]
     nchunks = (lengths + CHUNK - 1) // CHUNK
     offsets = torch.cat([nchunks.new_zeros(1), nchunks.cumsum(0)]).to(torch.int32)
-    total = int(offsets[-1])
     n = cu.numel() - 1
+    total, longest = torch.stack([offsets[-1], nchunks.max() if n else offsets[-1]]).tolist()  # one host sync
     seq = torch.repeat_interleave(
         torch.arange(n, device=device, dtype=torch.int32), nchunks, output_size=total
     )
     idx = torch.arange(total, device=device, dtype=torch.int32) - offsets[seq.long()]
-    return SeqInfo(cu, offsets, torch.stack([seq, idx], 1).contiguous(), n, total)
+    return SeqInfo(cu, offsets, torch.stack([seq, idx], 1).contiguous(), n, total, longest)
+
+
+_SM_COUNTS: dict[torch.device, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere: the interpreter runs one program at a time)."""
+    if device.type != "cuda":
+        return 1
+    if device not in _SM_COUNTS:
+        _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNTS[device]
+
+
+def state_segments(max_seq_chunks: int, programs: int, device: torch.device) -> tuple[int, int]:
+    """(segments per sequence, chunks per segment) for a sequential state pass of ``programs`` programs
+    over sequences of at most ``max_seq_chunks`` chunks; ``(1, max_seq_chunks)`` when the programs already
+    fill the card or the sequences are too short to cut (see ``SEGMENT_PROGRAMS_PER_SM``)."""
+    sms = sm_count(device)
+    if programs >= SEGMENT_BELOW_PROGRAMS_PER_SM * sms or max_seq_chunks < SEGMENT_FROM_CHUNKS:
+        return 1, max(max_seq_chunks, 1)
+    segments = min(SEGMENT_PROGRAMS_PER_SM * sms // max(programs, 1), max_seq_chunks // max(MIN_SEGMENT_CHUNKS, 1))
+    if segments < MIN_SEGMENTS:
+        return 1, max(max_seq_chunks, 1)
+    per_segment = -(-max_seq_chunks // segments)
+    return -(-max_seq_chunks // per_segment), per_segment
 
 
 def block_size(dim: int) -> int:
@@ -116,6 +163,13 @@ class KernelDtypes:
     prec: str
     states: torch.dtype = torch.float32
     dstates: torch.dtype = torch.float32
+
+    @property
+    def dot_torch(self) -> torch.dtype:
+        """``dot`` as a torch dtype: the storage of operands stored ready for a product (bf16 or fp32)."""
+        import triton.language as tl
+
+        return torch.bfloat16 if self.dot == tl.bfloat16 else torch.float32
 
 
 def kernel_dtypes(dtype: torch.dtype) -> KernelDtypes:

@@ -1,0 +1,134 @@
+"""A/B of Triton GLA kernel versions in one process: the repository's kernels against frozen copies.
+
+A kernel change is only judged against the kernels it replaces, timed in the same process on the same card
+(two hosts of one card model have timed the same kernels 12-25% apart). Freeze a version as a plain package:
+
+    mkdir -p benchmarks/tmp_ab/base_triton
+    for f in __init__ autograd chunk_bwd chunk_fwd common recurrent; do
+      git show <commit>:src/longseq/ops/gla/triton/$f.py > benchmarks/tmp_ab/base_triton/$f.py; done
+    python benchmarks/ab_gla_triton.py --variants base_triton [more_dirs ...] [--out ab.jsonl]
+
+A variant ``folder:NAME=VALUE,...`` times a copy of ``folder`` with those constants of its ``common`` module
+set (e.g. ``seg_triton:SEGMENT_PROGRAMS_PER_SM=8``), to time a tuning rule's settings side by side.
+
+(``benchmarks/tmp_ab/`` is git-ignored: name it in a device call's carry list.) Each variant is timed
+forward-only (no grad) and forward+backward with ``triton.testing.do_bench`` (median ms), interleaved per
+shape so clock drift hits every variant alike, and its outputs and gradients are compared with the
+repository's: ``max_abs_diff`` is 0 when a change only moved work between kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [  # (H, K, V, B, T) at B * T = 32K: the issue's two shapes, short and long sequences
+    (16, 128, 128, 16, 2048),
+    (16, 128, 128, 4, 8192),
+    (16, 128, 128, 1, 32768),
+    (4, 256, 512, 16, 2048),
+    (4, 256, 512, 4, 8192),
+    (4, 256, 512, 1, 32768),
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", nargs="+", required=True, help="package folders under --root to time")
+    p.add_argument("--root", default="benchmarks/tmp_ab", help="folder holding the frozen packages")
+    p.add_argument("--shapes", nargs="+", default=None, help="HxKxVxBxT, e.g. 16x128x128x16x2048")
+    p.add_argument("--rep", type=int, default=60, help="do_bench's rep (ms)")
+    p.add_argument("--out", default=None, help="append one JSON line per (shape, variant)")
+    return p.parse_args(argv)
+
+
+def load_variant(root: Path, spec: str, index: int):
+    """``chunk_gla`` of the package ``root/folder`` for ``folder[:NAME=VALUE,...]``; with settings, of a copy
+    (a package imports once per name) whose ``common`` constants are set to them."""
+    folder, _, settings = spec.partition(":")
+    if not settings:
+        return importlib.import_module(folder).chunk_gla
+    name = f"_ab{index}_{folder}"
+    shutil.rmtree(root / name, ignore_errors=True)
+    shutil.copytree(root / folder, root / name)
+    package = importlib.import_module(name)
+    common = importlib.import_module(f"{name}.common")
+    for item in settings.split(","):
+        key, value = item.split("=")
+        if not hasattr(common, key):
+            raise SystemExit(f"{folder}/common.py has no constant {key!r} (variant {spec!r})")
+        setattr(common, key, type(getattr(common, key))(float(value)) if value.replace(".", "").isdigit()
+                else value)
+    return package.chunk_gla
+
+
+def make_inputs(H, K, V, B, T, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q, k = (torch.randn(B, T, H, K, device="cuda", generator=gen).bfloat16().requires_grad_() for _ in range(2))
+    v = torch.randn(B, T, H, V, device="cuda", generator=gen).bfloat16().requires_grad_()
+    g = (F.logsigmoid(torch.randn(B, T, H, K, device="cuda", generator=gen)) / 16).requires_grad_()
+    do = torch.randn(B, T, H, V, device="cuda", generator=gen).bfloat16()
+    return (q, k, v, g), do
+
+
+def outputs_and_grads(fn, leaves, do):
+    for x in leaves:
+        x.grad = None
+    o, _ = fn(*leaves, leaves[0].shape[-1] ** -0.5)
+    o.backward(do)
+    return [o.detach()] + [x.grad.clone() for x in leaves]
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from longseq.ops.gla.triton import chunk_gla as current
+
+    root = Path(args.root).resolve()
+    sys.path.insert(0, str(root))
+    fns = {"current": current}
+    for i, spec in enumerate(args.variants):
+        fns[spec] = load_variant(root, spec, i)
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    for H, K, V, B, T in shapes:
+        leaves, do = make_inputs(H, K, V, B, T)
+        reference = outputs_and_grads(current, leaves, do)
+        for name, fn in fns.items():
+            got = outputs_and_grads(fn, leaves, do)
+            diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(got, reference, strict=True))
+            fwd_ms, fwd_bwd_ms = time_variant(fn, leaves, do, args.rep)
+            row = {"H": H, "K": K, "V": V, "B": B, "T": T, "variant": name, "fwd_ms": fwd_ms,
+                   "fwd_bwd_ms": fwd_bwd_ms, "max_abs_diff_vs_current": diff}
+            print(f"H{H} K{K} V{V} B{B} T{T} {name:>14}: fwd {fwd_ms:.3f} ms, fwd+bwd {fwd_bwd_ms:.3f} ms, "
+                  f"max |diff| vs current {diff:.3g}", flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        torch.cuda.empty_cache()
+
+
+def time_variant(fn, leaves, do, rep: int) -> tuple[float, float]:
+    """Median ms of a no-grad forward and of a forward+backward."""
+    from triton.testing import do_bench
+
+    scale = leaves[0].shape[-1] ** -0.5
+
+    def fwd():
+        with torch.no_grad():
+            fn(*leaves, scale)
+
+    def fwd_bwd():
+        fn(*leaves, scale)[0].backward(do)
+
+    return (do_bench(fwd, warmup=10, rep=rep),
+            do_bench(fwd_bwd, warmup=10, rep=rep, grad_to_none=leaves))
+
+if __name__ == "__main__":
+    main()
