@@ -28,9 +28,9 @@ from .chunk_fwd import (
     chunk_rows,
     chunk_span,
     diagonal_pairs,
+    launch_state_pass,
     load_cumsum,
     row_of,
-    segment_buffers,
     state_operands,
     store_segment,
 )
@@ -40,17 +40,17 @@ from .common import CHUNK, G_FLOOR, SUB_CHUNK, KernelDtypes, SeqInfo, block_size
 @triton.jit
 def state_grads_kernel(
     q_ptr,
+    do_ptr,
     b_ptr,
     decay_ptr,
-    do_ptr,
     dht_ptr,
     dh_ptr,
     dh0_ptr,
+    scale,
     seg_end_ptr,
     seg_decay_ptr,
     cu_ptr,
     chunk_off_ptr,
-    scale,
     seg_chunks,
     H: tl.constexpr,
     K: tl.constexpr,
@@ -343,38 +343,12 @@ def state_grads(
     N, NT = info.num_seqs, info.num_chunks
     dh = q.new_empty(NT, H, K, V, dtype=kd.dstates)
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None
-    seg_end, seg_decay = segment_buffers(N * plan.segments, H, K, V, q.device)
-    for local in (True, False) if plan.segments > 1 else (False,):
-        state_grads_kernel[plan.grid](
-            p.qd if plan.prepared else q,
-            p.b,
-            p.decay if plan.prepared else p.b,
-            do,
-            dht if dht is not None else dh,
-            dh,
-            dh0 if dh0 is not None else dh,
-            seg_end,
-            seg_decay,
-            info.cu_seqlens,
-            info.chunk_offsets,
-            scale,
-            plan.seg_chunks,
-            H=H,
-            K=K,
-            V=V,
-            BT=CHUNK,
-            BK=plan.BK,
-            BV=plan.BV,
-            NSEG=plan.segments,
-            LOCAL=local,
-            PREPARED=plan.prepared,
-            HAS_DHT=dht is not None,
-            HAS_DH0=need_dh0,
-            DT=kd.dot,
-            PREC=kd.prec,
-            num_warps=4,
-            num_stages=2,
-        )
+    launch_state_pass(
+        state_grads_kernel,
+        (p.qd if plan.prepared else q, do, p.b, p.decay if plan.prepared else p.b,
+         dht if dht is not None else dh, dh, dh0 if dh0 is not None else dh, scale),
+        plan, info, H, K, V, kd, HAS_DHT=dht is not None, HAS_DH0=need_dh0,
+    )
     return dh, dh0
 
 

@@ -475,16 +475,26 @@ def chunk_states(
     V = v.shape[-1]
     h = k.new_empty(info.num_chunks + info.num_seqs, H, K, V, dtype=kd.states)
     ht = k.new_empty(info.num_seqs, H, K, V, dtype=torch.float32) if want_final else None
-    seg_end, seg_decay = segment_buffers(info.num_seqs * plan.segments, H, K, V, k.device)
+    launch_state_pass(
+        chunk_states_kernel,
+        (p.kd if plan.prepared else k, v, p.b, p.decay if plan.prepared else p.b, h0 if h0 is not None else h, h,
+         ht if ht is not None else h),
+        plan, info, H, K, V, kd, HAS_H0=h0 is not None, STORE_HT=want_final,
+    )
+    return h, ht
+
+
+def launch_state_pass(
+    kernel, leading: tuple, plan: StatePlan, info: SeqInfo, H: int, K: int, V: int, kd: KernelDtypes, **flags
+) -> None:
+    """Launch a sequential state-pass kernel (:func:`chunk_states_kernel` or ``state_grads_kernel``) as
+    ``plan`` says: once, or twice when its sequences are cut into segments (zero-start segment results,
+    then the walk from carried-in states). ``leading``: the kernel's arguments before its segment buffers;
+    ``flags``: its own constexprs."""
+    seg_end, seg_decay = segment_buffers(info.num_seqs * plan.segments, H, K, V, info.cu_seqlens.device)
     for local in (True, False) if plan.segments > 1 else (False,):
-        chunk_states_kernel[plan.grid](
-            p.kd if plan.prepared else k,
-            v,
-            p.b,
-            p.decay if plan.prepared else p.b,
-            h0 if h0 is not None else h,
-            h,
-            ht if ht is not None else h,
+        kernel[plan.grid](
+            *leading,
             seg_end,
             seg_decay,
             info.cu_seqlens,
@@ -499,14 +509,12 @@ def chunk_states(
             NSEG=plan.segments,
             LOCAL=local,
             PREPARED=plan.prepared,
-            HAS_H0=h0 is not None,
-            STORE_HT=want_final,
             DT=kd.dot,
             PREC=kd.prec,
             num_warps=4,
             num_stages=2,
+            **flags,
         )
-    return h, ht
 
 
 def segment_buffers(segments: int, H: int, K: int, V: int, device: torch.device) -> tuple[Tensor, Tensor]:
