@@ -20,6 +20,7 @@ repository's: ``max_abs_diff`` is 0 when a change only moved work between kernel
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import json
 import shutil
@@ -64,8 +65,7 @@ def load_variant(root: Path, spec: str, index: int):
         key, value = item.split("=")
         if not hasattr(common, key):
             raise SystemExit(f"{folder}/common.py has no constant {key!r} (variant {spec!r})")
-        setattr(common, key, type(getattr(common, key))(float(value)) if value.replace(".", "").isdigit()
-                else value)
+        setattr(common, key, type(getattr(common, key))(ast.literal_eval(value)))  # "-1", "1e6", "False"
     return package.chunk_gla
 
 

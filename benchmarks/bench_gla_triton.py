@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -79,9 +80,16 @@ def fresh_cache_keeping_autotune() -> None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(f, target)
 
+    def hand_back() -> None:
+        copy_autotune(fresh, old)
+        shutil.rmtree(fresh, ignore_errors=True)
+
     copy_autotune(old, fresh)
-    atexit.register(copy_autotune, fresh, old)
+    atexit.register(hand_back)
+    # A step limit (`timeout`, SIGTERM) must not lose minutes of tuning: exit normally, so atexit runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     os.environ["TRITON_CACHE_DIR"] = str(fresh)
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")  # winners on disk even where fla does not ask
 
 
 ARGS = parse_args()

@@ -168,12 +168,14 @@ def test_varlen_three_sequences_with_states(poison, intra_path, state_operands):
     check_against_reference(q, k, v, g, s0, cu_seqlens=cu)
 
 
+@pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize("min_chunks,segments", [(1, (5, 1)), (2, (2, 3))])
-def test_segmented_state_passes(poison, monkeypatch, min_chunks, segments):
+def test_segmented_state_passes(poison, monkeypatch, min_chunks, segments, tiled):
     """Sequences cut into 5 segments of 1 chunk or 2 of 3 for the state passes (forced: the rule cuts only when few long
     sequences leave the card idle): packed lengths 37, 0, 300 and 130 with initial states and a final-state
     gradient, so segments carry h0 forwards and dS_T backwards, some sequences have fewer segments than the
-    launch, and the last segment is partial."""
+    launch, and the last segment is partial. ``tiled``: K = V = 32 in blocks of 16, so each segment's result
+    and decay come from several K and V tiles."""
     monkeypatch.setattr(common, "SEGMENT_BELOW_PROGRAMS_PER_SM", 10**6)
     monkeypatch.setattr(common, "SEGMENT_FROM_CHUNKS", 1)
     monkeypatch.setattr(common, "SEGMENT_PROGRAMS_PER_SM", 10**6)
@@ -182,8 +184,10 @@ def test_segmented_state_passes(poison, monkeypatch, min_chunks, segments):
     chosen = []
     rule = common.state_segments
     monkeypatch.setattr(common, "state_segments", lambda *a: chosen.append(rule(*a)) or chosen[-1])
+    if tiled:
+        monkeypatch.setattr(common, "MAX_BLOCK", 16)
     cu = torch.tensor([0, 37, 37, 337, 467], device=DEVICE)
-    q, k, v, g, s0 = make_inputs(1, 467, 2, 16, 32, n_states=4, seed=13)
+    q, k, v, g, s0 = make_inputs(1, 467, 2, 32 if tiled else 16, 32, n_states=4, seed=13)
     check_against_reference(q, k, v, g, s0, cu_seqlens=cu)
     assert chosen == [segments]  # one plan for the states, their recomputation and the state gradients
 
@@ -338,7 +342,7 @@ def _bf16_case(B, T, H, K, V, *, cu_seqlens=None, gate_lo=None, seed):
         (4, 1000, 4, 64, 64),
         (2, 777, 2, 100, 36),
         (8, 63, 4, 16, 256),
-        (1, 16384, 4, 128, 128),  # few long sequences: segmented state passes
+        (1, 32768, 4, 128, 128),  # few long sequences: segmented state passes (16 segments on an H100)
     ],
 )
 def test_gpu_bf16_matches_fp32_reference(B, T, H, K, V):

@@ -9,9 +9,9 @@ initial state). Batches are handled as packed sequences (``cu_seqlens``; see :mo
 Forward, chunks of ``C = 64`` tokens
 ------------------------------------
 Inside chunk ``c`` (tokens ``i, j``; per key channel) let ``b_i = sum_{m <= i} g_m`` (inclusive
-cumsum from the chunk start) and ``b_C`` the chunk total. ``prepare_kernel`` stores ``b`` with the
-decayed operands ``q_i * exp(b_i)``, ``k_j * exp(b_C - b_j)`` and the decay ``exp(b_C)``, once, for the
-kernels below. With ``H_c`` the state before the chunk:
+cumsum from the chunk start) and ``b_C`` the chunk total. ``prepare_kernel`` stores ``b`` and, when the
+state passes below read them (several V tiles, or segments), the decayed operands ``k_j * exp(b_C - b_j)``,
+``q_i * exp(b_i)`` and the decay ``exp(b_C)``. With ``H_c`` the state before the chunk:
 
 * states (``chunk_states_kernel``, sequential over chunks, one program per (K tile, V tile, seq, head)):
   ``H_{c+1} = diag(exp(b_C)) H_c + sum_j (k_j * exp(b_C - b_j))^T v_j``. When few long sequences would

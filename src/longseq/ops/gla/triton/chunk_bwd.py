@@ -4,10 +4,11 @@ Inputs are the forward's (packed, see :mod:`.common`) plus ``do`` ``[TT, H, V]``
 final state ``dht`` ``[N, H, K, V]`` (or None). The intra-chunk attention ``A`` ``[TT, H, 64]`` is saved
 by the forward; the gate cumsums ``b``, the decayed operands ``qd``, ``kd`` and decays (:class:`.Prepared`)
 and the chunk states ``h`` ``[NT + N, H, K, V]`` are recomputed.
-Intermediate: ``dh`` ``[NT, H, K, V]`` fp32, the gradient w.r.t. the state at the *end*
+Intermediate: ``dh`` ``[NT, H, K, V]`` in ``KernelDtypes.dstates``, the gradient w.r.t. the state at the *end*
 of chunk ``n``.
 
-Three launches: the reverse state recurrence (``state_grads_kernel``), ``dv`` (``value_grad_kernel``)
+Three kernels: the reverse state recurrence (``state_grads_kernel``; two launches when segmented), ``dv``
+(``value_grad_kernel``)
 and one kernel for ``dq``, ``dk`` and ``dg`` together (``qkg_grad_kernel``), which also forms
 ``dA = do v^T`` itself from the ``do`` and ``v`` tiles it already loads.
 """
@@ -51,6 +52,7 @@ def state_grads_kernel(
     seg_decay_ptr,
     cu_ptr,
     chunk_off_ptr,
+    nseg,
     seg_chunks,
     H: tl.constexpr,
     K: tl.constexpr,
@@ -58,7 +60,7 @@ def state_grads_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
-    NSEG: tl.constexpr,
+    SEGMENTED: tl.constexpr,
     LOCAL: tl.constexpr,
     PREPARED: tl.constexpr,
     HAS_DHT: tl.constexpr,
@@ -75,13 +77,13 @@ def state_grads_kernel(
     the last), the second launch carries the later segments' results in.
     """
     i_k, i_v, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_sh, i_seg = i_p // NSEG, i_p % NSEG
+    i_sh, i_seg = i_p // nseg, i_p % nseg
     i_s, i_h = (i_sh // H).to(tl.int64), i_sh % H  # int64: state offsets reach N * H * K * V
     bos = tl.load(cu_ptr + i_s).to(tl.int64)
     eos = tl.load(cu_ptr + i_s + 1).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, BT)
     n0 = tl.load(chunk_off_ptr + i_s).to(tl.int64)
-    if NSEG == 1:
+    if not SEGMENTED:
         c0, c1 = 0, n_chunks
     else:
         c0 = i_seg * seg_chunks
@@ -100,9 +102,9 @@ def state_grads_kernel(
         dht = tl.load(dht_ptr + (i_s * H + i_h) * K * V + kv_off, mask=m_kv & as_block(first_in, o_k)[:, None],
                       other=0.0)
         dstate = dht.to(tl.float32)
-    if NSEG > 1 and not LOCAL:
+    if SEGMENTED and not LOCAL:
         n_seg = tl.cdiv(n_chunks, seg_chunks)
-        dstate = carried_state(dstate, seg_end_ptr, seg_decay_ptr, i_s * NSEG + n_seg - 1, -1,
+        dstate = carried_state(dstate, seg_end_ptr, seg_decay_ptr, i_s * nseg + n_seg - 1, -1,
                                tl.where(live, n_seg - 1 - i_seg, 0), i_h, o_k, m_k, kv_off, m_kv, H, K, V)
     seg_dec = tl.full([BK], 1.0, dtype=tl.float32)
     for r in range(0, c1 - c0):
@@ -115,7 +117,7 @@ def state_grads_kernel(
         if LOCAL:
             seg_dec = seg_dec * decay
     if LOCAL:
-        store_segment(dstate, seg_dec, seg_end_ptr, seg_decay_ptr, i_s * NSEG + i_seg, live, i_v, i_h, o_k, m_k,
+        store_segment(dstate, seg_dec, seg_end_ptr, seg_decay_ptr, i_s * nseg + i_seg, live, i_v, i_h, o_k, m_k,
                       kv_off, m_kv, H, K, V)
     elif HAS_DH0:
         tl.store(dh0_ptr + (i_s * H + i_h) * K * V + kv_off, dstate, mask=m_kv & as_block(i_seg == 0, o_k)[:, None])

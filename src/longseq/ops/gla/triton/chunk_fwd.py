@@ -3,14 +3,15 @@ attention, outputs.
 
 Layouts (packed, see :mod:`.common`): ``q, k, g`` ``[TT, H, K]``, ``v`` ``[TT, H, V]`` with
 ``TT = B * T`` (or the packed length), contiguous; ``b`` ``[TT, H, K]`` fp32 (inclusive cumsum of the
-clamped gates from the start of each chunk); ``h`` ``[NT + N, H, K, V]`` fp32; ``A`` ``[TT, H, 64]``
-fp32 (row ``t``, column ``j`` = key ``j`` of ``t``'s chunk, scaled, zero above the diagonal).
+clamped gates from the start of each chunk); ``h`` ``[NT + N, H, K, V]`` in ``KernelDtypes.states`` (bf16 on
+the bf16 path, else fp32); ``A`` ``[TT, H, 64]`` fp32 (row ``t``, column ``j`` = key ``j`` of ``t``'s chunk,
+scaled, zero above the diagonal).
 
 :func:`prepare_chunks` also stores the *decayed operands* of the state products, ``kd = k e^{b_C - b}`` and
 (for the backward) ``qd = q e^{b}`` ``[TT, H, K]`` in the products' dtype, and each chunk's decay
 ``e^{b_C}`` ``[NT, H, K]`` fp32, when the state passes re-read the key side for several V tiles or are cut
-into segments (:func:`plan_state_passes`): they then read one 2-byte operand per key element instead of a
-2-byte input and a 4-byte cumsum (once per V tile), and spend no exp on their critical path.
+into segments (:func:`plan_state_passes`): they then read one operand per key element (2 bytes on the bf16
+path) instead of an input and a 4-byte cumsum (once per V tile), and spend no exp on their critical path.
 
 Every exponent passed to exp is ``<= 0``, masked to ``-inf``, or bounded by ``MAX_DECAY`` (see
 :mod:`.common`).
@@ -156,7 +157,7 @@ def prepare_kernel(
             tl.store(qd_ptr + off, (qq * tl.exp(b)).to(qd_ptr.dtype.element_ty), mask=m)
         kk = tl.load(k_ptr + off, mask=m, other=0.0).to(tl.float32)
         tl.store(kd_ptr + off, (kk * tl.exp(b_last[None, :] - b)).to(kd_ptr.dtype.element_ty), mask=m)
-        tl.store(decay_ptr + (i_n * H + i_h) * K + o_k, tl.exp(b_last), mask=m_k)
+        tl.store(decay_ptr + (i_n.to(tl.int64) * H + i_h) * K + o_k, tl.exp(b_last), mask=m_k)
 
 
 @triton.jit
@@ -201,6 +202,7 @@ def chunk_states_kernel(
     seg_decay_ptr,
     cu_ptr,
     chunk_off_ptr,
+    nseg,
     seg_chunks,
     H: tl.constexpr,
     K: tl.constexpr,
@@ -208,7 +210,7 @@ def chunk_states_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
-    NSEG: tl.constexpr,
+    SEGMENTED: tl.constexpr,
     LOCAL: tl.constexpr,
     PREPARED: tl.constexpr,
     HAS_H0: tl.constexpr,
@@ -220,20 +222,21 @@ def chunk_states_kernel(
 
     ``H_{c+1} = diag(e^{b_C}) H_c + kd^T v``, sequential over chunks, the running state in fp32 registers;
     ``kd`` read prepared (``PREPARED``: ``k_ptr`` holds it) or formed from k and ``b`` (:func:`state_operands`).
-    With ``NSEG`` segments of ``seg_chunks`` chunks per sequence (:func:`.common.state_segments`) it runs
+    With ``nseg`` segments of ``seg_chunks`` chunks per sequence (:func:`.common.state_segments`; runtime
+    values, so a new longest sequence does not recompile; ``SEGMENTED`` says whether ``nseg > 1``) it runs
     twice: ``LOCAL`` walks each segment from a zero start (``h0`` for the first) and stores its result and
     total decay; the second launch starts each segment from the earlier segments' results carried through
     their decays, and stores the states. ``h`` gets every state (storage dtype), ``ht`` the final one in fp32.
     """
     i_k, i_v, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_sh, i_seg = i_p // NSEG, i_p % NSEG
+    i_sh, i_seg = i_p // nseg, i_p % nseg
     i_s, i_h = (i_sh // H).to(tl.int64), i_sh % H  # int64: state offsets reach N * H * K * V
     bos = tl.load(cu_ptr + i_s).to(tl.int64)
     eos = tl.load(cu_ptr + i_s + 1).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, BT)
     n0 = tl.load(chunk_off_ptr + i_s).to(tl.int64)
     slot0 = n0 + i_s
-    if NSEG == 1:
+    if not SEGMENTED:
         c0, c1 = 0, n_chunks
     else:
         c0 = i_seg * seg_chunks
@@ -251,8 +254,8 @@ def chunk_states_kernel(
         h0_off = (i_s * H + i_h) * K * V + kv_off
         state = tl.load(h0_ptr + h0_off, mask=m_kv & as_block(i_seg == 0, o_k)[:, None],
                         other=0.0).to(tl.float32)
-    if NSEG > 1 and not LOCAL:
-        state = carried_state(state, seg_end_ptr, seg_decay_ptr, i_s * NSEG, 1, tl.where(live, i_seg, 0), i_h,
+    if SEGMENTED and not LOCAL:
+        state = carried_state(state, seg_end_ptr, seg_decay_ptr, i_s * nseg, 1, tl.where(live, i_seg, 0), i_h,
                               o_k, m_k, kv_off, m_kv, H, K, V)
     seg_dec = tl.full([BK], 1.0, dtype=tl.float32)
     for c in range(c0, c1):
@@ -264,7 +267,7 @@ def chunk_states_kernel(
         if LOCAL:
             seg_dec = seg_dec * decay
     if LOCAL:
-        store_segment(state, seg_dec, seg_end_ptr, seg_decay_ptr, i_s * NSEG + i_seg, live, i_v, i_h, o_k, m_k,
+        store_segment(state, seg_dec, seg_end_ptr, seg_decay_ptr, i_s * nseg + i_seg, live, i_v, i_h, o_k, m_k,
                       kv_off, m_kv, H, K, V)
     else:
         # An empty sequence's segment 0 stores h0 as its final state.
@@ -491,22 +494,24 @@ def launch_state_pass(
     ``plan`` says: once, or twice when its sequences are cut into segments (zero-start segment results,
     then the walk from carried-in states). ``leading``: the kernel's arguments before its segment buffers;
     ``flags``: its own constexprs."""
-    seg_end, seg_decay = segment_buffers(info.num_seqs * plan.segments, H, K, V, info.cu_seqlens.device)
-    for local in (True, False) if plan.segments > 1 else (False,):
+    segmented = plan.segments > 1
+    seg_end, seg_decay = segment_buffers(info.num_seqs * plan.segments, H, K, V, info.cu_seqlens)
+    for local in (True, False) if segmented else (False,):
         kernel[plan.grid](
             *leading,
             seg_end,
             seg_decay,
             info.cu_seqlens,
             info.chunk_offsets,
-            plan.seg_chunks,
+            plan.segments,
+            plan.seg_chunks if segmented else 1,  # 1 when unused: one specialization for every length
             H=H,
             K=K,
             V=V,
             BT=CHUNK,
             BK=plan.BK,
             BV=plan.BV,
-            NSEG=plan.segments,
+            SEGMENTED=segmented,
             LOCAL=local,
             PREPARED=plan.prepared,
             DT=kd.dot,
@@ -517,11 +522,11 @@ def launch_state_pass(
         )
 
 
-def segment_buffers(segments: int, H: int, K: int, V: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Scratch of a segmented state pass: each segment's zero-start result ``[S, H, K, V]`` and total decay
-    ``[S, H, K]``, fp32 (``S`` = sequences x segments; one element each when the pass is not segmented)."""
+def segment_buffers(segments: int, H: int, K: int, V: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Scratch of a segmented state pass on ``like``'s device: each segment's zero-start result ``[S, H, K, V]``
+    and total decay ``[S, H, K]``, fp32 (``S`` = sequences x segments; one element each when not segmented)."""
     shapes = ((1,), (1,)) if segments <= 1 else ((segments, H, K, V), (segments, H, K))
-    return tuple(torch.empty(shape, device=device, dtype=torch.float32) for shape in shapes)
+    return tuple(like.new_empty(shape, dtype=torch.float32) for shape in shapes)
 
 
 def intra_attention(q: Tensor, k: Tensor, b: Tensor, scale: float, info: SeqInfo, kd: KernelDtypes) -> Tensor:
