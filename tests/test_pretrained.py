@@ -176,6 +176,28 @@ def test_smollm2_gguf_converts_exactly_and_generates_as_hf_does():
     assert b"Paris" in native.tokenizer.decode(ref[0].tolist())
 
 
+def test_gguf_dequantisation_bar_follows_progress(capsys):
+    """``progress=False`` (the CLI's ``--no-progress``) silences the bar transformers draws while it dequantises
+    a .gguf file, through the same module-level ``tqdm`` it calls, and puts it back afterwards."""
+    gguf_utils = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+    from longseq.pretrained.load import _gguf_progress_bar
+
+    drawn = gguf_utils.tqdm
+    with _gguf_progress_bar(False):
+        for _ in gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+    assert gguf_utils.tqdm is drawn
+    assert "de-quantizing" not in capsys.readouterr().err
+    with _gguf_progress_bar(True):
+        assert gguf_utils.tqdm is drawn
+
+
+@pytest.mark.pretrained
+def test_smollm2_gguf_loads_quietly_without_progress(capfd):
+    load_pretrained(smollm2_path(), progress=False)
+    assert "de-quantizing" not in capfd.readouterr().err
+
+
 def test_a_converted_model_saved_with_save_hf_keeps_its_tokenizer(tmp_path, capsys):
     """save_hf writes the converted model and its tokenizer; open_model (and so the CLI) reads both back."""
     from longseq.cli import main

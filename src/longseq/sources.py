@@ -53,11 +53,12 @@ def is_saved_longseq_folder(path: str | os.PathLike) -> bool:
     return fields is not None and "longseq_kind" in fields
 
 
-def open_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> LanguageModel:
+def open_model(path: str | os.PathLike, device: torch.device | str = "cpu", *, progress: bool = True) -> LanguageModel:
     """The model at ``path``, in eval mode on ``device``: a converted pretrained model (``.gguf`` file or HF
     folder of the Llama family; an HF folder of another family raises ``load_pretrained``'s error naming its
     ``model_type``), a folder written by ``longseq.hf.save_hf`` (with its tokenizer), else a longseq run or
-    checkpoint directory. A model folder whose ``config.json`` is not JSON raises ``ValueError`` naming it."""
+    checkpoint directory. A model folder whose ``config.json`` is not JSON raises ``ValueError`` naming it.
+    ``progress=False``: no progress bar while a ``.gguf`` file is dequantised."""
     if not Path(path).exists():
         raise FileNotFoundError(f"{path} does not exist (expected a run or checkpoint directory, a .gguf file or "
                                 "a model folder)")
@@ -70,7 +71,7 @@ def open_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> L
         # Any HF model folder, converted or not: load_pretrained names a model_type it does not convert.
         from .pretrained import load_pretrained
 
-        return load_pretrained(path, device=device)
+        return load_pretrained(path, device=device, progress=progress)
     from .train.checkpoint import load_model
 
     return load_model(path, device)

@@ -244,7 +244,7 @@ def _load(args: argparse.Namespace, path: Path, device: Any):
     from ..sources import open_model
     from ..train.checkpoint import load_model
 
-    return open_model(path, device) if args.pretrained else load_model(path, device)
+    return open_model(path, device, progress=args.progress) if args.pretrained else load_model(path, device)
 
 
 def _result_dir(args: argparse.Namespace, path: Path) -> Path:

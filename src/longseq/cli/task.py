@@ -146,7 +146,7 @@ def run_task(args: argparse.Namespace) -> int:
     device = pick_device(args.device)  # a ValueError naming --device for a bad or missing device
     if not Path(args.checkpoint).exists():
         raise FileNotFoundError(f"no such model: {args.checkpoint}")
-    model = open_model(args.checkpoint, device)
+    model = open_model(args.checkpoint, device, progress=args.progress)
     with torch.inference_mode():
         result = run_passkey(model, **settings, progress=log if args.progress else None)
     files = result.write(out)

@@ -4,7 +4,10 @@ eviction, the sweep, captured decoding with the fused kernels) runs on it unchan
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,11 @@ from .weights import native_state_dict
 
 
 def load_pretrained(
-    source: str | Path | nn.Module, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    source: str | Path | nn.Module,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
 ) -> TransformerLM:
     """The native Transformer carrying ``source``'s weights (and, where ``source`` has one, its tokenizer as
     ``model.tokenizer``; see :mod:`longseq.tokenizer`).
@@ -27,6 +34,7 @@ def load_pretrained(
     transformers; needs the ``gguf`` package), or a loaded HF ``PreTrainedModel``. Families: Llama (with
     Llama 3 RoPE scaling), Mistral, Qwen2, Qwen3. Anything the native model cannot represent raises one
     ``ValueError`` naming the config field, before any weight is read. Nothing is downloaded.
+    ``progress=False`` silences transformers' progress bar while it dequantises a ``.gguf`` file.
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype such as torch.bfloat16; got {dtype!r}")
@@ -40,7 +48,7 @@ def load_pretrained(
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, dtype, device)
+        return _load_gguf(path, dtype, device, progress)
     if path.is_dir():
         return _load_folder(path, dtype, device)
     raise ValueError(f"{path} is neither an HF model folder (with config.json) nor a .gguf file")
@@ -93,7 +101,7 @@ def _load_folder(path: Path, dtype: torch.dtype, device: Any) -> TransformerLM:
     return _build(cfg, get, list(where), dtype, device, _folder_tokenizer(path))
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device: Any) -> TransformerLM:
+def _load_gguf(path: Path, dtype: torch.dtype, device: Any, progress: bool) -> TransformerLM:
     from ..hf._deps import require_transformers
 
     require_transformers()
@@ -108,12 +116,35 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: Any) -> TransformerLM:
     # reads: read it once and hand it to the model.
     hf_config = AutoConfig.from_pretrained(folder, gguf_file=name)
     cfg = config_from_hf(hf_config.to_dict())
-    hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=hf_config, dtype=torch.float32)
+    with _gguf_progress_bar(progress):
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=hf_config,
+                                                        dtype=torch.float32)
     tensors = dict(hf_model.state_dict())
     from ..tokenizer import HFTokenizer
 
     tokenizer = HFTokenizer.from_pretrained(folder, gguf_file=name)
     return _build(cfg, tensors.__getitem__, list(tensors), dtype, device, tokenizer)
+
+
+@contextlib.contextmanager
+def _gguf_progress_bar(enabled: bool) -> Iterator[None]:
+    """transformers draws its GGUF dequantisation bar with its own ``tqdm`` import, which its progress-bar
+    switch does not reach: without ``enabled``, that module's ``tqdm`` is swapped for a disabled one for the
+    duration of the load."""
+    if enabled:
+        yield
+        return
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:  # another transformers layout: nothing to silence
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def _folder_tokenizer(path: Path) -> Any:
