@@ -117,6 +117,23 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- evaluation
+def test_corpus_documents_spread_a_byte_budget_exactly(tmp_path):
+    """``max_bytes`` scored bytes in all (each document's first byte is context only), shares differing by at most
+    one, documents without a share dropped; no budget: whole documents."""
+    from longseq.data import load_corpus
+    from longseq.evaluate import corpus_documents
+
+    for k, size in enumerate([50, 40, 30]):
+        (tmp_path / f"{'abc'[k]}.txt").write_bytes(bytes(range(60, 60 + size)))
+    corpus = load_corpus([tmp_path])
+    whole = corpus_documents(corpus, [0, 1, 2])
+    assert [len(ids) for _, ids in whole] == [corpus.doc(i).size for i in range(3)]
+    spread = corpus_documents(corpus, [0, 1, 2], max_bytes=20)
+    assert [len(ids) - 1 for _, ids in spread] == [7, 7, 6]
+    assert all(ids.tolist() == corpus.doc(i)[: ids.size].tolist() for i, (_, ids) in enumerate(spread))
+    assert [len(ids) - 1 for _, ids in corpus_documents(corpus, [0, 1, 2], max_bytes=2)] == [1, 1]
+
+
 def test_plan_windows_scores_every_byte_once():
     for n, T, S in [(1, 8, 8), (2, 8, 8), (50, 8, 8), (50, 8, 3), (9, 8, 1), (100, 16, 5)]:
         windows = plan_windows(n, T, S)

@@ -319,9 +319,15 @@ def evaluate_bpb(
 def corpus_documents(
     corpus: ByteCorpus, doc_ids: Sequence[int], max_bytes: int | None = None
 ) -> list[tuple[str, np.ndarray]]:
-    """``(name, bytes)`` of the chosen documents; ``max_bytes`` spreads a byte budget evenly over them,
-    keeping each document's first ``ceil(max_bytes / len(doc_ids)) + 1`` bytes (deterministic)."""
+    """``(name, bytes)`` of the chosen documents. ``max_bytes`` spreads a budget of scored bytes over them,
+    exactly: ``max_bytes // n`` each and one more for the first ``max_bytes % n`` (rounding every share up would
+    score more than asked), each share after the document's first byte, which is context only. Documents left
+    without a share are dropped. Deterministic."""
     if not doc_ids:
         raise DataError("no documents to evaluate on (the validation split is empty)")
-    cap = None if max_bytes is None else math.ceil(max_bytes / len(doc_ids)) + 1
-    return [(corpus.names[i], corpus.doc(i)[:cap] if cap else corpus.doc(i)) for i in doc_ids]
+    docs = [(corpus.names[i], corpus.doc(i)) for i in doc_ids]
+    if max_bytes is None:
+        return docs
+    base, extra = divmod(max_bytes, len(docs))
+    shares = [base + (i < extra) for i in range(len(docs))]
+    return [(name, ids[: share + 1]) for (name, ids), share in zip(docs, shares, strict=True) if share > 0]

@@ -392,8 +392,7 @@ def _eval_documents(args: argparse.Namespace, train_cfg: dict[str, Any]) -> tupl
                              "score every document with --split all")
         split = split_documents(corpus.names, val_docs, fraction)
         ids = split.val if args.split == "val" else split.train
-    docs = corpus_documents(corpus, ids)
-    return (docs if args.max_bytes is None else _spread_bytes(docs, args.max_bytes)), note
+    return corpus_documents(corpus, ids, args.max_bytes), note
 
 
 def _held_out_in_data(
@@ -440,15 +439,6 @@ def _run_held_out(train_cfg: dict[str, Any]) -> list[str] | None:
         return None
     # by base name: --data may name the same files from another folder
     return [posixpath.basename(corpus.names[i]) for i in split.val]
-
-
-def _spread_bytes(docs: list, max_bytes: int) -> list:
-    """The documents cut to ``max_bytes`` scored bytes in all: ``max_bytes // n`` each, one more for the first
-    ``max_bytes % n`` (rounding every share up scored more than asked), each share after the document's first
-    byte, which is context only. Documents left without a share are dropped."""
-    base, extra = divmod(max_bytes, len(docs))
-    shares = [base + (i < extra) for i in range(len(docs))]
-    return [(name, ids[: share + 1]) for (name, ids), share in zip(docs, shares, strict=True) if share > 0]
 
 
 def _eval_bpb(args: argparse.Namespace) -> int:
