@@ -273,7 +273,8 @@ class KVCache(_Eviction, _StaticMode, LayerState):
 
     def kept_positions(self) -> Tensor:
         """Original positions of the kept tokens in temporal order: ``[B, n]``, or ``[B, H_kv, n]`` for
-        per-head policies (each kv head keeps its own set)."""
+        per-head policies (each kv head keeps its own set). Before its first write a dynamic cache knows no
+        batch size yet: ``[0, 0]``."""
         if self.slot_pos is None:
             return torch.empty(0, 0, dtype=torch.long)
         if self.static:
