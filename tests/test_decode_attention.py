@@ -140,6 +140,13 @@ def test_weights_match_brute_force(G, T, n_slots):
         torch.testing.assert_close(w.cpu().double(), expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(o, decode_attention(*args, num_splits=splits, block_n=16), rtol=0, atol=0)
         torch.testing.assert_close(o.cpu(), o_ref, rtol=1e-5, atol=1e-5)
+        # The same rows before their normalisation (for a consumer that normalises as it reads them).
+        o2, logits, lse = decode_attention(*args, num_splits=splits, block_n=16, return_logits=True)
+        assert logits.shape == (B, Hkv * G, T, S) and lse.shape == (B, Hkv * G, T)
+        torch.testing.assert_close(o2, o, rtol=0, atol=0)
+        torch.testing.assert_close(torch.exp2(logits - lse[..., None]).cpu().double(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="the weights or their logits, not both"):
+        decode_attention(*args, return_weights=True, return_logits=True)
 
 
 def test_attention_over_cache_weights_of_a_query_that_sees_nothing_are_zero():

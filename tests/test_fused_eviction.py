@@ -48,15 +48,23 @@ def random_cache(B, G, C, H, n_kept, seed, empty_first=False):
 @pytest.mark.parametrize("key, sinks, recent", [(KEY_POSITION, 0, -1), (KEY_POSITION, 3, -1), (KEY_ATTENTION, 0, -1),
                                                 (KEY_ACCUMULATED, 0, 4), (KEY_ACCUMULATED, 0, 0)])
 @pytest.mark.parametrize("G", [1, 2])
-def test_evict_kernel_equals_its_definition(key, sinks, recent, G):
+@pytest.mark.parametrize("as_logits", [False, True])
+def test_evict_kernel_equals_its_definition(key, sinks, recent, G, as_logits):
+    """``as_logits``: the kernel gets the attention rows as log2 logits and their log2-sum-exp (as the split-KV
+    kernel leaves them) and normalises them itself; the definition gets ``exp2(logits - lse)``."""
     B, C, H = 3, 19, 4
     for seed, n_kept in ((0, C - 1), (1, C - 1), (2, 7)):  # full rows evict; a row with room does not
         slot_pos, pos, w, score = random_cache(B, G, C, H, n_kept, seed)
+        lse = None
+        if as_logits and key != KEY_POSITION:
+            lse = torch.randn(B, H, generator=torch.Generator().manual_seed(seed)).to(DEVICE) * 4
+            w, lse = torch.log2(w) + lse[..., None], lse  # empty slots: -inf
         mask = torch.tensor([True, False, True], device=DEVICE)
         want_sp, want_sc = slot_pos.clone(), score.clone()
-        evict_reference(want_sp, pos, key, sinks, recent, w, want_sc, mask)
+        evict_reference(want_sp, pos, key, sinks, recent, w if lse is None else torch.exp2(w - lse[..., None]),
+                        want_sc, mask)
         got_sp, got_sc = slot_pos.clone(), score.clone()
-        decode_kernels.evict(got_sp, pos, key, sinks, recent, w, got_sc, mask)
+        decode_kernels.evict(got_sp, pos, key, sinks, recent, w, got_sc, mask, lse)
         assert torch.equal(got_sp, want_sp), (seed, got_sp - want_sp)
         torch.testing.assert_close(got_sc, want_sc, rtol=1e-6, atol=1e-7)
         evicted = (slot_pos >= 0) & (got_sp < 0)
@@ -121,6 +129,8 @@ def test_evict_rejects_bad_input():
         decode_block.evict(slot_pos, pos.float(), KEY_POSITION)
     with pytest.raises(ValueError, match="unknown eviction key 7"):
         decode_block.evict(slot_pos, pos, 7)
+    with pytest.raises(ValueError, match=r"lse must be fp32 \[B, H\] = \(2, 2\)"):
+        decode_block.evict(slot_pos, pos, KEY_ATTENTION, weights=w, lse=torch.zeros(2, 3))
 
 
 CASES = [

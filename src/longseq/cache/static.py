@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..ops.attention import attention_over_cache
+from ..ops.attention import attention_for_eviction, attention_over_cache
 from .buffers import CacheBuffers
 
 if TYPE_CHECKING:
@@ -58,17 +58,26 @@ class _StaticMode(CacheBuffers):
                 and self.slot_pos.shape[2] <= decode_block.EVICT_MAX_SLOTS
                 and (x.is_cuda if FUSED_EVICTION is None else FUSED_EVICTION) and decode_block.use_kernels(x))
 
-    def _evict_fused(self, pos: Tensor, weights: Tensor | None, row_mask: Tensor | None) -> None:
-        """The step's eviction in one kernel (``pos`` ``[B]``, ``weights`` ``[B, H, 1, C]`` or None)."""
+    def _attend_and_evict(self, q: Tensor, positions: Tensor, row_mask: Tensor | None) -> Tensor:
+        """A bounded static cache's attention ``q`` ``[B, H, 1, D]`` at ``positions`` ``[B, 1]`` over its slots,
+        then the step's eviction in one kernel. Attention-scored policies hand the kernel the softmax logits
+        and their log-sum-exp to normalise as it reads them (:func:`attention_for_eviction`)."""
         from ..ops import decode_block
 
         assert self.slot_pos is not None and self.budget is not None
         rule = self.policy.eviction_rule
         assert rule is not None
-        w = weights[:, :, 0] if weights is not None else None
+        rows = lse = None
+        if self.policy.needs_attention_weights:
+            o, rows, lse = attention_for_eviction(q, self.k, self.v, positions, self.slot_pos)
+            rows, lse = rows[:, :, 0], (lse[:, :, 0] if lse is not None else None)
+        else:
+            o, _ = attention_over_cache(q, self.k, self.v, positions, self.slot_pos)
         recent = -1 if rule.recent is None else rule.recent
-        decode_block.evict(self.slot_pos, pos, rule.key, rule.sinks, recent, w, self.score, row_mask)
+        decode_block.evict(self.slot_pos, positions[:, 0], rule.key, rule.sinks, recent, rows, self.score, row_mask,
+                           lse)
         self._n = min(self._n + 1, self.budget)
+        return o
 
     def attend_packed(
         self, qkv: Tensor, positions: Tensor, n_heads: int, inv_freq: Tensor, row_mask: Tensor | None = None
@@ -90,10 +99,7 @@ class _StaticMode(CacheBuffers):
         if self.budget is not None:  # bounded: write into the first empty slot, attend, evict: three kernels
             q = decode_block.rope_write(qkv, pos, row_mask, self.k, self.v, self.slot_pos, n_heads, Hkv, inv_freq,
                                         first_empty=True)
-            o, w = attention_over_cache(q, self.k, self.v, positions, self.slot_pos,
-                                        return_weights=self.policy.needs_attention_weights)
-            self._evict_fused(pos, w, row_mask)
-            return o
+            return self._attend_and_evict(q, positions, row_mask)
         self._n += 1
         if row_mask is None and S <= PATCH_KERNEL_MAX_SLOTS:
             o = decode_block.patch_attention(qkv, pos, self.k, self.v, self.slot_pos, n_heads, Hkv, inv_freq)
@@ -225,10 +231,7 @@ class _StaticMode(CacheBuffers):
         self.slot_pos.scatter_(2, slot, new_pos)
         scores = None
         if self.budget is not None and self._fused_eviction(q):  # scores, choice and release in one kernel
-            o, w = attention_over_cache(q, self.k, self.v, pos, self.slot_pos,
-                                        return_weights=self.policy.needs_attention_weights)
-            self._evict_fused(pos[:, 0], w, active)
-            return o.to(out_dtype)
+            return self._attend_and_evict(q, pos, active).to(out_dtype)
         if self.policy.needs_attention_weights:
             o, w = attention_over_cache(q, self.k, self.v, pos, self.slot_pos, return_weights=True)
             assert w is not None

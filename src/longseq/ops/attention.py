@@ -116,6 +116,26 @@ def attention_over_cache(
     return _blocked_attention(q, k, v, q_pos, k_pos, return_weights, sum_over_queries, window, sinks, block_size)
 
 
+def attention_for_eviction(
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`attention_over_cache` for a decode step that scores its cache (TOVA, H2O): ``(o, rows, lse)``.
+
+    On the split-KV kernel ``rows`` ``[B, H, T, S]`` are the softmax logits in log2 units and ``lse``
+    ``[B, H, T]`` their log2-sum-exp, left for the consumer to normalise as it reads them
+    (``exp2(rows - lse)``, as :func:`~longseq.ops.decode_block.evict` does): two passes over the rows fewer
+    than normalising here. Elsewhere ``rows`` are the weights themselves and ``lse`` is None."""
+    B, _, T, _ = q.shape
+    if q_pos.dim() == 1:
+        q_pos = q_pos.expand(B, T)
+    if _decode_kernel_applies(q, k, v, None):
+        from .decode_attention import decode_attention
+
+        return decode_attention(q, k, v, q_pos, k_pos, None, return_logits=True)
+    o, w = attention_over_cache(q, k, v, q_pos, k_pos, return_weights=True)
+    return o, w, None
+
+
 def kv_head_positions(k_pos: Tensor, B: int, S: int) -> Tensor:
     """Key positions ``[S]``, ``[B, S]`` or ``[B, Gk, S]`` as a ``[B, Gk, S]`` view (``Gk`` = 1: one layout
     shared by all kv heads, or ``H_kv``: per-kv-head caches)."""

@@ -272,7 +272,8 @@ def decode_attention(
     num_splits: int | None = None,
     block_n: int | None = None,
     return_weights: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+    return_logits: bool = False,
+) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Attention of ``T <= 16`` new queries over a cache, split over the key axis (see the module docstring).
 
     Args:
@@ -284,9 +285,16 @@ def decode_attention(
         num_splits, block_n: override the static choices (tests; tuning).
         return_weights: also return the softmax weights ``[B, H, T, S]`` fp32 (0 for keys a query cannot
             see and for slots at or beyond ``n_slots``), from the same pass over the keys.
+        return_logits: instead, the weights before their normalisation: ``(o, logits, lse)`` with ``logits``
+            ``[B, H, T, S]`` in log2 units (``-inf`` where invisible) and ``lse`` ``[B, H, T]`` their log2-sum-exp
+            (``+inf`` for a query that sees nothing), so ``weights = exp2(logits - lse)``: for a consumer that
+            normalises as it reads them (the fused eviction), two passes over the rows fewer.
     Returns:
-        ``o`` ``[B, H, T, D]`` in ``q``'s dtype (softmax in fp32 with scale ``D ** -0.5``), or ``(o, weights)``.
+        ``o`` ``[B, H, T, D]`` in ``q``'s dtype (softmax in fp32 with scale ``D ** -0.5``), ``(o, weights)`` or
+        ``(o, logits, lse)``.
     """
+    if return_weights and return_logits:
+        raise ValueError("decode_attention returns the weights or their logits, not both")
     check_decode_shapes(q, k, v)
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -303,7 +311,8 @@ def decode_attention(
     lsum = torch.empty_like(m)
     acc = torch.empty(B, H, T, num_splits, D, dtype=torch.float32, device=q.device)
     o = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
-    logits, lse = _weight_buffers(q, S, n_slots is not None) if return_weights else (m, m)  # m: unused pointers
+    rows = return_weights or return_logits
+    logits, lse = _weight_buffers(q, S, n_slots is not None) if rows else (m, m)  # m: unused pointers
     block_m = max(16, triton.next_power_of_2(G * T))
     _split_kernel[(num_splits, Hkv, B)](
         q, k, v, qp, kp, n_arg,
@@ -318,13 +327,15 @@ def decode_attention(
         HAS_KPOS=k_pos is not None, HAS_N=n_slots is not None,
         # fp32 caches get exact fp32 products (TF32 would cost ~3 digits); 16-bit ones use tensor cores.
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        STORE_LOGITS=return_weights,
+        STORE_LOGITS=rows,
         num_warps=4, num_stages=2,
     )
     _merge_kernel[(B * H * T,)](
         m, lsum, acc, o, lse, num_splits, D=D, BLOCK_S=triton.next_power_of_2(num_splits),
-        STORE_LSE=return_weights, num_warps=4 if D >= 128 else 2,
+        STORE_LSE=rows, num_warps=4 if D >= 128 else 2,
     )
+    if return_logits:
+        return o, logits, lse
     if not return_weights:
         return o
     return o, logits.sub_(lse[..., None]).exp2_()

@@ -237,11 +237,13 @@ EVICT_MAX_SLOTS = 16384
 
 def evict(
     slot_pos: Tensor, pos: Tensor, key: int, sinks: int = 0, recent: int = 0, weights: Tensor | None = None,
-    score: Tensor | None = None, row_mask: Tensor | None = None,
+    score: Tensor | None = None, row_mask: Tensor | None = None, lse: Tensor | None = None,
 ) -> None:
     """The eviction of one decode step of a static bounded cache, in place: one kernel for the key, the
     choice among the candidates and the slot's release. See :func:`.reference.evict_reference` for the
-    definition and layouts (``slot_pos`` ``[B, G, C]``, ``weights`` ``[B, H, C]`` fp32, ``score`` ``[B, G, C]``)."""
+    definition and layouts (``slot_pos`` ``[B, G, C]``, ``weights`` ``[B, H, C]`` fp32, ``score`` ``[B, G, C]``).
+    With ``lse`` ``[B, H]`` fp32, ``weights`` holds the attention logits in log2 units and the kernel reads
+    ``exp2(weights - lse)`` (:func:`~longseq.ops.attention.attention_for_eviction`'s rows)."""
     B, G, C = slot_pos.shape
     if slot_pos.dtype != torch.int64 or slot_pos.stride(-1) != 1:
         raise ValueError(f"slot_pos must be int64 with unit stride along the slots; got {slot_pos.dtype}")
@@ -252,12 +254,17 @@ def evict(
                                 or weights.shape[2] != C or weights.shape[1] % G or weights.stride(-1) != 1):
         raise ValueError(f"weights must be [B={B}, H (a multiple of G={G}), C={C}] with unit stride; got "
                          f"{None if weights is None else tuple(weights.shape)}")
+    if lse is not None and (weights is None or lse.shape != weights.shape[:2] or lse.dtype != torch.float32):
+        raise ValueError(f"lse must be fp32 [B, H] = {None if weights is None else tuple(weights.shape[:2])}, "
+                         f"one per row of weights; got {tuple(lse.shape)} {lse.dtype}")
     if key == KEY_ACCUMULATED and (score is None or score.shape != slot_pos.shape or score.stride(-1) != 1):
         raise ValueError(f"score must be [B, G, C] = {tuple(slot_pos.shape)} with unit stride")
     if C > EVICT_MAX_SLOTS:
         raise ValueError(f"evict takes caches of at most {EVICT_MAX_SLOTS} slots; got {C}")
     if not use_kernels(slot_pos):
+        if lse is not None:
+            weights = torch.exp2(weights - lse[..., None])
         return evict_reference(slot_pos, pos, key, sinks, recent, weights, score, row_mask)
     from .kernels import evict as kernel
 
-    kernel(slot_pos, pos, key, sinks, recent, weights, score, row_mask)
+    kernel(slot_pos, pos, key, sinks, recent, weights, score, row_mask, lse)

@@ -390,12 +390,15 @@ def evict_kernel(
     sp_ptr,
     pos_ptr,
     w_ptr,
+    lse_ptr,
     score_ptr,
     mask_ptr,
     stride_spb,
     stride_spg,
     stride_wb,
     stride_wh,
+    stride_lb,
+    stride_lh,
     stride_scb,
     stride_scg,
     C,
@@ -404,6 +407,7 @@ def evict_kernel(
     KEY: tl.constexpr,
     HPG: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    HAS_LSE: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """One program per (row, group): the group's key per slot, the lowest among the candidates (ties to the
@@ -423,7 +427,11 @@ def evict_kernel(
     else:
         total = tl.zeros((BLOCK_C,), tl.float32)
         for h in range(HPG):  # heads in order, then a division: PyTorch's mean over the group's heads
-            total += tl.load(w_ptr + b * stride_wb + (g * HPG + h) * stride_wh + offs, mask=inside, other=0.0)
+            w = tl.load(w_ptr + b * stride_wb + (g * HPG + h) * stride_wh + offs, mask=inside, other=0.0)
+            if HAS_LSE:  # log2 logits: the softmax here, as decode_attention's return_weights would form it
+                w = tl.exp2(w - tl.load(lse_ptr + b * stride_lb + (g * HPG + h) * stride_lh))
+                w = tl.where(inside, w, 0.0)
+            total += w
         mean = total / HPG
         if KEY == 2:
             sc_row = score_ptr + b * stride_scb + g * stride_scg
@@ -448,16 +456,19 @@ def evict_kernel(
 
 
 def evict(slot_pos: Tensor, pos: Tensor, key: int, sinks: int, recent: int, weights: Tensor | None,
-          score: Tensor | None, row_mask: Tensor | None) -> None:
-    """Launch :func:`evict_kernel` (arguments as :func:`.reference.evict_reference`)."""
+          score: Tensor | None, row_mask: Tensor | None, lse: Tensor | None = None) -> None:
+    """Launch :func:`evict_kernel` (arguments as :func:`.reference.evict_reference`; with ``lse`` ``[B, H]``,
+    ``weights`` are log2 logits normalised in the kernel)."""
     B, G, C = slot_pos.shape
     w = weights if weights is not None else slot_pos
     sc = score if score is not None else slot_pos
+    ls = lse if lse is not None else slot_pos
     evict_kernel[(B, G)](
-        slot_pos, pos.contiguous(), w, sc, row_mask if row_mask is not None else pos,
+        slot_pos, pos.contiguous(), w, ls, sc, row_mask if row_mask is not None else pos,
         slot_pos.stride(0), slot_pos.stride(1), w.stride(0) if weights is not None else 0,
-        w.stride(1) if weights is not None else 0, sc.stride(0) if score is not None else 0,
+        w.stride(1) if weights is not None else 0, ls.stride(0) if lse is not None else 0,
+        ls.stride(1) if lse is not None else 0, sc.stride(0) if score is not None else 0,
         sc.stride(1) if score is not None else 0, C, sinks, recent,
         KEY=key, HPG=weights.shape[1] // G if weights is not None else 1, HAS_MASK=row_mask is not None,
-        BLOCK_C=triton.next_power_of_2(C), num_warps=4 if C <= 2048 else 8,
+        HAS_LSE=lse is not None, BLOCK_C=triton.next_power_of_2(C), num_warps=4 if C <= 2048 else 8,
     )
