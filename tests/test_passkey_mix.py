@@ -1,8 +1,8 @@
 """``train --passkey-mix``: rows of a training batch turned into passkey examples made of their own corpus text.
 
 Each mixed row is checked against the plain sampler's row (same seed) by taking the text apart: the instruction
-first, one key sentence somewhere, the question and the same key last, and in between exactly the window's
-first ids. Unmixed rows must be the plain rows, untouched."""
+first, one key sentence somewhere, then the question and the same key, in between exactly the window's first
+ids, and after the example the window's text that follows them. Unmixed rows must be the plain rows, untouched."""
 
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ def samplers(corpus, fraction: float, seed: int = 3) -> tuple[WindowSampler, Pas
     return plain, mixed
 
 
-def take_apart(row: bytes) -> tuple[str, bytes, int]:
-    """``(key, filler, cut)`` of a byte passkey example, asserting its layout."""
+def take_apart(row: bytes) -> tuple[str, bytes, int, int]:
+    """``(key, filler, cut, length)`` of the byte passkey example a row begins with, asserting its layout."""
     head, question = INSTRUCTION.encode(), QUESTION.encode()
     assert row.startswith(head)
     found = list(NEEDLE.finditer(row))
@@ -54,26 +54,32 @@ def take_apart(row: bytes) -> tuple[str, bytes, int]:
     key = found[0].group(1).decode()
     assert found[0].group(2).decode() == key
     tail = question + f" {key}.".encode()
-    assert row.endswith(tail)
-    start, end = found[0].span()
-    filler = row[len(head) : start] + row[end : len(row) - len(tail)]
-    return key, filler, start - len(head)
+    start, stop = found[0].span()
+    length = row.index(tail, stop) + len(tail)
+    filler = row[len(head) : start] + row[stop : length - len(tail)]
+    return key, filler, start - len(head), length
 
 
 def test_every_row_becomes_an_example_of_its_own_text(corpus):
     _, data = corpus
     plain, mixed = samplers(data, 1.0)
-    keys, cuts = set(), []
+    keys, cuts, lengths = set(), [], []
     for _ in range(4):
         want, got = plain.next_batch(8), mixed.next_batch(8)
         assert got.shape == want.shape == (8, WINDOW)
         for w, g in zip(want, got, strict=True):
-            key, filler, cut = take_apart(bytes(g.tolist()))
-            assert filler == bytes(w.tolist())[: len(filler)]  # the window's own first bytes, in order
+            row, window = bytes(g.tolist()), bytes(w.tolist())
+            key, filler, cut, length = take_apart(row)
+            assert filler == window[: len(filler)]  # the window's own first bytes, in order
+            assert row[length:] == window[len(filler) : len(filler) + WINDOW - length]  # then the text after them
             keys.add(key)
             cuts.append(cut / len(filler))
+            lengths.append(length)
     assert len(keys) == 32  # a fresh key per row
     assert min(cuts) < 0.2 and max(cuts) > 0.8  # depths spread over the filler
+    # Lengths spread from the shortest example (176 fixed bytes + 16 of filler) to the whole row.
+    assert min(lengths) >= 192 and max(lengths) <= WINDOW
+    assert min(lengths) < 192 + 0.2 * (WINDOW - 192) and max(lengths) > WINDOW - 0.2 * (WINDOW - 192)
 
 
 def test_unmixed_rows_are_untouched_and_the_fraction_holds(corpus):
@@ -124,12 +130,11 @@ def test_examples_in_a_tokenizers_ids(corpus, tmp_path):
     batch, weights = mixed.next_weighted_batch(4)
     for row, w in zip(batch, weights, strict=True):
         assert row.shape == (200,) and int(row[0]) == bos
-        text = tok.decode(row.tolist())
-        key, _, _ = take_apart(text)
-        assert text.endswith(f"{QUESTION} {key}.".encode())
+        key, _, _, _ = take_apart(tok.decode(row.tolist()))
         heavy = torch.nonzero(w != w.min()).flatten()  # the answer's targets: the tokenized " {key}."
-        assert heavy.tolist() == list(range(199 - heavy.numel(), 199))
+        assert heavy.tolist() == list(range(int(heavy[0]), int(heavy[0]) + heavy.numel()))
         assert row[1:][heavy].tolist() == tok.encode(f" {key}.", special=False)
+        assert tok.decode(row[: int(heavy[-1]) + 2].tolist()).endswith(f"{QUESTION} {key}.".encode())
 
 
 def test_bad_mix_settings_are_refused(corpus):
@@ -201,8 +206,8 @@ def test_answer_weights_mark_each_answer_and_average_to_one(corpus):
                 assert NEEDLE.search(bytes(row.tolist())) is None  # an unmixed row
                 continue
             n_examples += 1
-            key, _, _ = take_apart(bytes(row.tolist()))
-            assert heavy.tolist() == list(range(WINDOW - 1 - 7, WINDOW - 1))  # the last 7 targets
+            key, _, _, length = take_apart(bytes(row.tolist()))
+            assert heavy.tolist() == list(range(length - 1 - 7, length - 1))  # the example's last 7 targets
             assert bytes(row[1:][heavy].tolist()) == f" {key}.".encode()
             assert torch.allclose(w[heavy], base * W)
         # the mean is 1: base * (n_targets + (W - 1) * 7 * n_examples) = n_targets

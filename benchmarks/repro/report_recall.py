@@ -122,10 +122,11 @@ def _passkey_table(r: dict[str, Any], w: Write) -> int | None:
         short = [L for L in own if L < lengths[-1] and own[L] + 0.5 <= own.get(lengths[-1], 0.0)]
         if short:
             w(f"{LABELS.get(kind, kind)} with its own state finds the key in {own[lengths[-1]]:.2f} of the "
-              f"{lengths[-1]}-byte prompts but {', '.join(f'{own[L]:.2f} at {L}' for L in short)} bytes, probably "
-              f"because every training example filled a whole {s['seq_len']}-byte row, question last: a much "
-              "shorter prompt is one it never saw (a model that generalizes over where the question sits, as "
-              "others here do, is not hurt by it).")
+              f"{lengths[-1]}-byte prompts but {', '.join(f'{own[L]:.2f} at {L}' for L in short)} bytes: it "
+              "answers where its training examples put the question and not elsewhere (a model that generalizes "
+              "over where the question sits, as others here do, is not hurt by it). Runs before session 23 "
+              f"trained on examples that filled the whole {s['seq_len']}-byte row, question last; since then "
+              "examples have random lengths (`longseq.tasks.passkey_mix`).")
             w("")
     w("Commands (OUT: the output folder; each kind its own run):")
     w("")

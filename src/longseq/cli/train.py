@@ -64,8 +64,9 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--passkey-mix", type=float, metavar="F",
-        help="make this fraction of training rows passkey examples (a key hidden in the row's text, asked for "
-        "at its end), so the model learns the passkey task (default 0)",
+        help="make this fraction of training rows begin with a passkey example (a key hidden in the row's text, "
+        "asked for after it; examples of random length, the row going on with text), so the model learns the "
+        "passkey task (default 0)",
     )
     p.add_argument(
         "--passkey-answer-weight", type=float, metavar="W",

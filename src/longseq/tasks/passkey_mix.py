@@ -2,14 +2,18 @@
 
 A model trained on documents alone has never been asked to read a number back from far away, so a passkey
 test of it measures the task's novelty as much as the model's memory. With ``--passkey-mix F``, each row of
-a training batch becomes, with probability ``F``, a passkey example built from that row's own window of the
-corpus -- the same prompt layout as the test (:func:`longseq.tasks.passkey.make_prompts`), followed by the
-answer::
+a training batch begins, with probability ``F``, with a passkey example built from that row's own window of
+the corpus -- the same prompt layout as the test (:func:`longseq.tasks.passkey.make_prompts`), followed by the
+answer -- and goes on with the corpus text after the example's filler::
 
-    [prefix] instruction  filler[:cut]  key sentence  filler[cut:]  question  " 12345."
+    [prefix] instruction  filler[:cut]  key sentence  filler[cut:]  question  " 12345."  more text ...
 
 The filler is the window's first ids (so the example's text is the corpus's, the row keeps its length), the
-key is a fresh random 5-digit number and the depth is uniform over the filler. The loss is the next-token loss
+key is a fresh random 5-digit number, the depth is uniform over the filler, and the example's length is
+uniform from the shortest that keeps :data:`MIN_FILLER` ids of filler to the whole row. Examples of one
+length only (the whole row, before session 23) taught a Transformer to answer at that length alone: it
+found the key in 82% of 500-byte prompts and in none of 256 bytes, since a test prompt starts at position 0
+and ends where its question does. The loss is the next-token loss
 over the whole row; the answer's few ids are where retrieval is learned, and with ``--passkey-answer-weight W``
 their targets weigh ``W`` times the others' (:meth:`PasskeyMixSampler.next_weighted_batch`). The answer is 7 of
 a row's hundreds of bytes: in a CPU pilot (2-layer Transformer, width 128, 256-byte rows, every row an
@@ -79,25 +83,35 @@ class PasskeyMixSampler:
     def window(self) -> int:
         return self.sampler.window
 
-    def example(self, window: Tensor, key: str, depth: float) -> Tensor:
-        """The passkey example made from one ``[window]`` row of corpus ids: same length, the prompt layout of
-        :func:`~longseq.tasks.passkey.make_prompts` with ``key`` hidden at ``depth`` (a fraction of the
-        filler), then the answer."""
+    def example(self, window: Tensor, key: str, depth: float, span: float = 1.0) -> tuple[Tensor, int]:
+        """One ``[window]`` row of corpus ids made to begin with a passkey example, and the example's length:
+        the prompt layout of :func:`~longseq.tasks.passkey.make_prompts` with ``key`` hidden at ``depth`` (a
+        fraction of the filler), then the answer, then the corpus text that follows the filler in the window.
+        ``span`` places the example's length between the shortest (:data:`MIN_FILLER` ids of filler, 0) and
+        the whole row (1)."""
         head, needle, question = prompt_parts(self.tokenizer, key)
         tail = question + self.tokenizer.encode(ANSWER.format(key=key), special=False)
-        n_filler = self.window - len(head) - len(needle) - len(tail)  # >= MIN_FILLER by check_room
+        room = self.window - len(head) - len(needle) - len(tail)  # >= MIN_FILLER by check_room
+        n_filler = MIN_FILLER + round(span * (room - MIN_FILLER))
         cut = round(depth * n_filler)
-        filler = window[:n_filler].tolist()
-        return torch.tensor(head + filler[:cut] + needle + filler[cut:] + tail, dtype=window.dtype)
+        ids = window.tolist()
+        example = head + ids[:cut] + needle + ids[cut:n_filler] + tail
+        rest = ids[n_filler : n_filler + self.window - len(example)]
+        return torch.tensor(example + rest, dtype=window.dtype), len(example)
 
-    def plan(self, batch_index: int, global_batch: int) -> list[tuple[str, float] | None]:
-        """For each row of global batch ``batch_index``: ``(key, depth)`` if it becomes an example, else None."""
+    def plan(self, batch_index: int, global_batch: int) -> list[tuple[str, float, float] | None]:
+        """For each row of global batch ``batch_index``: ``(key, depth, span)`` if it becomes an example, else
+        None (see :meth:`example`)."""
         rng = random.Random(f"passkey-mix:{self.seed}:{batch_index}")
-        out: list[tuple[str, float] | None] = []
-        for _ in range(global_batch):  # three draws per row whatever is kept: rows do not shift each other
+        # The lengths come from a stream of their own, so which rows mix and their keys and depths are the
+        # ones drawn before examples had lengths.
+        lengths = random.Random(f"passkey-mix-length:{self.seed}:{batch_index}")
+        out: list[tuple[str, float, float] | None] = []
+        for _ in range(global_batch):  # the same draws per row whatever is kept: rows do not shift each other
             mixed = rng.random() < self.fraction
             key, depth = str(rng.randrange(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS)), rng.random()
-            out.append((key, depth) if mixed else None)
+            span = lengths.random()
+            out.append((key, depth, span) if mixed else None)
         return out
 
     def next_batch(self, global_batch: int, rank: int = 0, world_size: int = 1) -> Tensor:
@@ -108,7 +122,8 @@ class PasskeyMixSampler:
         self, global_batch: int, rank: int = 0, world_size: int = 1
     ) -> tuple[Tensor, Tensor | None]:
         """:meth:`next_batch`, and the weight of each of its targets: ``[per, window - 1]`` float32 (targets are
-        ``ids[:, 1:]``), ``answer_weight`` on the answer ids of example rows and 1 elsewhere, divided by the mean
+        ``ids[:, 1:]``), ``answer_weight`` on the answer ids of example rows (where the example ends) and 1
+        elsewhere, divided by the mean
         weight over the whole global batch. The mean of ``weights * per-target loss`` over every rank's share is
         then the weighted mean over the global batch, whatever the world size or micro-batching. None (every
         target alike) when ``answer_weight`` is 1."""
@@ -125,8 +140,8 @@ class PasskeyMixSampler:
             extra += (self.answer_weight - 1.0) * n_answer
             mine = i - rank * per
             if 0 <= mine < per:
-                batch[mine] = self.example(batch[mine], *row)
-                weights[mine, -n_answer:] = self.answer_weight
+                batch[mine], end = self.example(batch[mine], *row)
+                weights[mine, end - 1 - n_answer : end - 1] = self.answer_weight  # targets are ids[1:]
         if self.answer_weight == 1:
             return batch, None
         return batch, weights / (1.0 + extra / (global_batch * (window - 1)))
