@@ -34,14 +34,13 @@ so a key block is loaded once per kv head, not once per query head. A query with
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from .attention import kv_head_positions
+from .hardware import cuda_sm_count
 
 __all__ = ["decode_attention", "decode_attention_reference", "num_splits_for", "check_decode_shapes"]
 
@@ -71,11 +70,6 @@ def check_decode_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _DEFAULT_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _block_n(head_dim: int) -> int:
@@ -301,7 +295,7 @@ def decode_attention(
     G = H // Hkv
     block_n = block_n or _block_n(D)
     if num_splits is None:
-        num_splits = num_splits_for(S, B * Hkv, _sm_count(q.device), block_n)
+        num_splits = num_splits_for(S, B * Hkv, cuda_sm_count(q.device) or _DEFAULT_SMS, block_n)
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}]; got {num_splits}")
     qp, kp, qp_strides, kp_strides = _position_args(q, k, q_pos, k_pos)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ...hardware import cuda_sm_count
+
 CHUNK = 64  # tokens per chunk (C in the paper); fixed: the kernels' sub-chunk layout assumes 4 x 16
 SUB_CHUNK = 16  # tokens per sub-chunk (c); 16 is also the smallest tl.dot tile
 # Chunk kernels put the chunk index on grid axis 1, which CUDA caps at 65535: at most 65535 * 64 ~ 4.2M
@@ -106,23 +108,11 @@ def seq_info(batch: int, seqlen: int, cu_seqlens: Tensor | None, device: torch.d
     return SeqInfo(cu, offsets, torch.stack([seq, idx], 1).contiguous(), n, total, longest)
 
 
-_SM_COUNTS: dict[torch.device, int] = {}
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (1 elsewhere: the interpreter runs one program at a time)."""
-    if device.type != "cuda":
-        return 1
-    if device not in _SM_COUNTS:
-        _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SM_COUNTS[device]
-
-
 def state_segments(max_seq_chunks: int, programs: int, device: torch.device) -> tuple[int, int]:
     """(segments per sequence, chunks per segment) for a sequential state pass of ``programs`` programs
     over sequences of at most ``max_seq_chunks`` chunks; ``(1, max_seq_chunks)`` when the programs already
     fill the card or the sequences are too short to cut (see ``SEGMENT_PROGRAMS_PER_SM``)."""
-    sms = sm_count(device)
+    sms = cuda_sm_count(device) or 1  # off CUDA: the interpreter, one program at a time
     if programs >= SEGMENT_BELOW_PROGRAMS_PER_SM * sms or max_seq_chunks < SEGMENT_FROM_CHUNKS:
         return 1, max(max_seq_chunks, 1)
     segments = min(SEGMENT_PROGRAMS_PER_SM * sms // max(programs, 1), max_seq_chunks // max(MIN_SEGMENT_CHUNKS, 1))
