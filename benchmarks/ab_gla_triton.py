@@ -54,6 +54,10 @@ def load_variant(root: Path, spec: str, index: int):
     """``chunk_gla`` of the package ``root/folder`` for ``folder[:NAME=VALUE,...]``; with settings, of a copy
     (a package imports once per name) whose ``common`` constants are set to them."""
     folder, _, settings = spec.partition(":")
+    if not (root / folder / "__init__.py").is_file():
+        raise SystemExit(f"variant {spec!r}: {root / folder} is not a frozen kernel package (see the docstring)")
+    if settings and not all(item.count("=") == 1 for item in settings.split(",")):
+        raise SystemExit(f"variant {spec!r}: settings must read NAME=VALUE,...")
     if not settings:
         return importlib.import_module(folder).chunk_gla
     name = f"_ab{index}_{folder}"
