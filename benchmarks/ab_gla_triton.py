@@ -6,6 +6,8 @@ A kernel change is only judged against the kernels it replaces, timed in the sam
     mkdir -p benchmarks/tmp_ab/base_triton
     for f in __init__ autograd chunk_bwd chunk_fwd common recurrent; do
       git show <commit>:src/longseq/ops/gla/triton/$f.py > benchmarks/tmp_ab/base_triton/$f.py; done
+    # a frozen copy is a top-level package: its imports from the rest of longseq become absolute
+    sed -i 's/^from \.\.\.hardware import/from longseq.ops.hardware import/' benchmarks/tmp_ab/base_triton/common.py
     python benchmarks/ab_gla_triton.py --variants base_triton [more_dirs ...] [--out ab.jsonl]
 
 A variant ``folder:NAME=VALUE,...`` times a copy of ``folder`` with those constants of its ``common`` module

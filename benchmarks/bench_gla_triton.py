@@ -102,7 +102,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 from longseq.ops.gla import gated_linear_attention, gla_decode_step  # noqa: E402
-from longseq.ops.gla.triton import chunk_fwd, common, recurrent, recurrent_gla  # noqa: E402
+from longseq.ops.gla.triton import common, recurrent, recurrent_gla  # noqa: E402
 from longseq.testing import relative_rms_error  # noqa: E402
 
 try:
@@ -366,11 +366,11 @@ DECODE_VARIANTS = [(tile, warps, bv) for tile in (8192, 16384) for warps in (1, 
 def bench_variants(H: int, K: int, V: int) -> None:
     """Each choice behind the constants of ``longseq.ops.gla.triton`` measured in one process (the
     constants are module attributes read at launch)."""
-    saved = (common.STATES_IN_BF16, common.DSTATES_IN_BF16, chunk_fwd.OUTPUT_MAX_BV,
+    saved = (common.STATES_IN_BF16, common.DSTATES_IN_BF16, common.OUTPUT_BV,
              recurrent.DECODE_TILE, recurrent.DECODE_WARPS, recurrent.DECODE_MAX_BV, recurrent.DECODE_MANY_PROGRAMS)
     try:
         for h16, dh16, bv in STATE_VARIANTS:
-            common.STATES_IN_BF16, common.DSTATES_IN_BF16, chunk_fwd.OUTPUT_MAX_BV = h16, dh16, bv
+            common.STATES_IN_BF16, common.DSTATES_IN_BF16, common.OUTPUT_BV = h16, dh16, bv
             tag = dict(variant=f"h {'bf16' if h16 else 'fp32'}, dh {'bf16' if dh16 else 'fp32'}, output BV {bv}")
             check(2, 2048, H, K, V, **tag)
             for T in ARGS.T:
@@ -383,7 +383,7 @@ def bench_variants(H: int, K: int, V: int) -> None:
         for B in ARGS.decode_batch:
             decode_variants(B, H, K, V)
     finally:
-        (common.STATES_IN_BF16, common.DSTATES_IN_BF16, chunk_fwd.OUTPUT_MAX_BV, recurrent.DECODE_TILE,
+        (common.STATES_IN_BF16, common.DSTATES_IN_BF16, common.OUTPUT_BV, recurrent.DECODE_TILE,
          recurrent.DECODE_WARPS, recurrent.DECODE_MAX_BV, recurrent.DECODE_MANY_PROGRAMS) = saved
 
 

@@ -135,9 +135,23 @@ def test_head_dims_tiled_over_several_blocks(poison, monkeypatch):
     """Blocks capped at 16: K=24 and V=40 each span 2-3 tiles, the last one partly masked (the output kernel's
     V tiles too)."""
     monkeypatch.setattr(common, "MAX_BLOCK", 16)
-    monkeypatch.setattr(chunk_fwd, "OUTPUT_MAX_BV", 16)
+    monkeypatch.setattr(common, "OUTPUT_BV", 16)
     q, k, v, g, s0 = make_inputs(1, 70, 1, 24, 40, seed=3)
     check_against_reference(q, k, v, g, s0)
+
+
+def test_each_kernel_tiles_on_its_own(poison, monkeypatch):
+    """Every kernel with tiles of its own (the launch constants of :mod:`.common`), no two alike where a
+    kernel takes both: a kernel that assumed another's tiling would read or write the wrong blocks. K = V = 32,
+    two sequences with a partial chunk, initial states, both state-operand sources."""
+    tiles = dict(PREPARE_BK=16, STATE_BK=32, STATE_BV=16, INTRA_BK=16, OUTPUT_BK=16, OUTPUT_BV=32,
+                 VALUE_GRAD_BK=32, VALUE_GRAD_BV=16, QKG_BK=16, QKG_BV=32)
+    for name, value in tiles.items():
+        monkeypatch.setattr(common, name, value)
+    q, k, v, g, s0 = make_inputs(2, 100, 1, 32, 32, seed=21)
+    for prepared in (True, False):
+        monkeypatch.setattr(common, "PREPARED_FROM_V_TILES", 1 if prepared else 10**6)
+        check_against_reference(q, k, v, g, s0)
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -146,7 +160,7 @@ def test_forward_without_grad_matches_recurrent(poison, intra_path, monkeypatch,
     """Prefill and evaluation (no grad, inputs that require grad): outputs and final states against the float64
     recurrence, 2 chunks and a partial one (or packed sequences of 37 and 93), the outputs in one or two V
     tiles."""
-    monkeypatch.setattr(chunk_fwd, "OUTPUT_MAX_BV", 32 // v_tiles)
+    monkeypatch.setattr(common, "OUTPUT_BV", 32 // v_tiles)
     cu = torch.tensor([0, 37, 130], device=DEVICE) if packed else None
     q, k, v, g, s0 = make_inputs(1 if packed else 2, 130, 2, 16, 32, n_states=2, seed=4)
     g = g / 4  # chunk totals of about -10: valid for both intra-chunk paths

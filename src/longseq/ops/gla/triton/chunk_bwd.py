@@ -360,7 +360,7 @@ def value_grads(
     """Launch :func:`value_grad_kernel`; returns ``dv`` ``[TT, H, V]`` in ``v``'s dtype."""
     _, H, K = k.shape
     V = v.shape[-1]
-    BK, BV = block_size(K), block_size(V)
+    BK, BV = block_size(K, common.VALUE_GRAD_BK), block_size(V, common.VALUE_GRAD_BV)
     dv = torch.empty_like(v)
     value_grad_kernel[(triton.cdiv(V, BV), info.num_chunks, H)](
         k,
@@ -379,8 +379,8 @@ def value_grads(
         BV=BV,
         DT=kd.dot,
         PREC=kd.prec,
-        num_warps=4,
-        num_stages=2,
+        num_warps=common.VALUE_GRAD_WARPS,
+        num_stages=common.VALUE_GRAD_STAGES,
     )
     return dv
 
@@ -401,7 +401,7 @@ def qkg_grads(
     """Launch :func:`qkg_grad_kernel`; returns ``dq``, ``dk``, ``dg`` ``[TT, H, K]`` in q's, k's, g's dtypes."""
     _, H, K = q.shape
     V = v.shape[-1]
-    BK, BV = block_size(K), block_size(V)
+    BK, BV = block_size(K, common.QKG_BK), block_size(V, common.QKG_BV)
     dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g)
     qkg_grad_kernel[(triton.cdiv(K, BK), info.num_chunks, H)](
         q,
@@ -429,7 +429,7 @@ def qkg_grads(
         PREC=kd.prec,
         FLOOR=G_FLOOR,
         MAX_DECAY=common.MAX_DECAY,
-        num_warps=8,
-        num_stages=1,
+        num_warps=common.QKG_WARPS,
+        num_stages=common.QKG_STAGES,
     )
     return dq, dk, dg

@@ -29,10 +29,6 @@ from torch import Tensor
 from . import common
 from .common import CHUNK, G_FLOOR, SUB_CHUNK, KernelDtypes, SeqInfo, block_size
 
-# V tile of the output kernel: wider than the other kernels' (MAX_BLOCK) so that q, its gate factors and
-# the chunk's A are read (and exp(b) computed) fewer times per chunk: 8% faster forward at V=512 (H200).
-OUTPUT_MAX_BV = 128
-
 
 @triton.jit
 def chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT: tl.constexpr):
@@ -414,7 +410,7 @@ def prepare_chunks(
     """Launch :func:`prepare_kernel`: the gate cumsums and, for prepared state passes (``plan.prepared``),
     the decayed keys (and queries, if ``want_qd``) and the chunk decays."""
     TT, H, K = g.shape
-    BK = block_size(K)
+    BK = block_size(K, common.PREPARE_BK)
     b = g.new_empty(TT, H, K, dtype=torch.float32)
     store = plan.prepared
     kd_ = g.new_empty(TT, H, K, dtype=kd.dot_torch) if store else None
@@ -423,7 +419,7 @@ def prepare_chunks(
     prepare_kernel[(triton.cdiv(K, BK), info.num_chunks, H)](
         g, q, k, b, qd if qd is not None else b, kd_ if store else b, decay if store else b, info.chunk_indices,
         info.cu_seqlens, H=H, K=K, BT=CHUNK, BK=BK, FLOOR=G_FLOOR, STORE_DECAYED=store, STORE_QD=qd is not None,
-        num_warps=4,
+        num_warps=common.PREPARE_WARPS,
     )
     return Prepared(b, kd_, qd, decay)
 
@@ -431,7 +427,7 @@ def prepare_chunks(
 def state_block_sizes(K: int, V: int, programs_per_tile: int) -> tuple[int, int]:
     """(BK, BV) of the sequential state kernels: a narrower V tile when few (sequence, head) pairs
     would leave most SMs idle, since each program walks its sequence's chunks one after another."""
-    BK, BV = block_size(K), block_size(V)
+    BK, BV = block_size(K, common.STATE_BK), block_size(V, common.STATE_BV)
     if BV > 32 and programs_per_tile * triton.cdiv(K, BK) * triton.cdiv(V, BV) < 256:
         BV = 32
     return BK, BV
@@ -516,8 +512,8 @@ def launch_state_pass(
             PREPARED=plan.prepared,
             DT=kd.dot,
             PREC=kd.prec,
-            num_warps=4,
-            num_stages=2,
+            num_warps=common.STATE_WARPS,
+            num_stages=common.STATE_STAGES,
             **flags,
         )
 
@@ -532,7 +528,7 @@ def segment_buffers(segments: int, H: int, K: int, V: int, like: Tensor) -> tupl
 def intra_attention(q: Tensor, k: Tensor, b: Tensor, scale: float, info: SeqInfo, kd: KernelDtypes) -> Tensor:
     """Launch :func:`intra_attention_kernel`; returns ``A`` ``[TT, H, 64]`` fp32."""
     TT, H, K = q.shape
-    BK = block_size(K)
+    BK = block_size(K, common.INTRA_BK)
     a = q.new_empty(TT, H, CHUNK, dtype=torch.float32)
     intra_attention_kernel[(info.num_chunks, H)](
         q,
@@ -550,7 +546,7 @@ def intra_attention(q: Tensor, k: Tensor, b: Tensor, scale: float, info: SeqInfo
         DT=kd.dot,
         PREC=kd.prec,
         MAX_DECAY=common.MAX_DECAY,
-        num_warps=4 if BK <= 32 else 8,
+        num_warps=4 if BK <= 32 else common.INTRA_WARPS,
         num_stages=1,
     )
     return a
@@ -562,7 +558,7 @@ def chunk_output(
     """Launch :func:`output_kernel`; returns ``o`` ``[TT, H, V]`` in ``v``'s dtype."""
     TT, H, K = q.shape
     V = v.shape[-1]
-    BK, BV = block_size(K), max(16, min(OUTPUT_MAX_BV, triton.next_power_of_2(V)))
+    BK, BV = block_size(K, common.OUTPUT_BK), block_size(V, common.OUTPUT_BV)
     o = torch.empty_like(v)
     output_kernel[(triton.cdiv(V, BV), info.num_chunks, H)](
         q,
@@ -582,7 +578,7 @@ def chunk_output(
         BV=BV,
         DT=kd.dot,
         PREC=kd.prec,
-        num_warps=4,
-        num_stages=2,
+        num_warps=common.OUTPUT_WARPS,
+        num_stages=common.OUTPUT_STAGES,
     )
     return o

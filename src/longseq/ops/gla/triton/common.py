@@ -30,7 +30,7 @@ SUB_CHUNK = 16  # tokens per sub-chunk (c); 16 is also the smallest tl.dot tile
 # Chunk kernels put the chunk index on grid axis 1, which CUDA caps at 65535: at most 65535 * 64 ~ 4.2M
 # tokens per call (B * T, or the packed length); larger calls are rejected up front with that reason.
 MAX_CHUNKS = 65535
-MAX_HEAD_DIM = 512  # K and V are tiled in blocks of MAX_BLOCK, so this bounds only registers per tile loop
+MAX_HEAD_DIM = 512  # K and V are tiled (see the tile constants below), so this bounds only registers per tile loop
 # -inf gates (a full reset) are clamped to this floor inside the kernels: every decay spanning such a
 # gate is then exp(<= -100), which is 0 or a denormal in fp32, exactly as exp(-inf) = 0 would be, but
 # cumulative sums stay finite, so differences of them never form -inf - -inf = NaN. The gradient of
@@ -42,9 +42,34 @@ G_FLOOR = -100.0
 # two correctly rounded factors and the whole block is one matrix product. Stronger decay takes the
 # sub-chunk path. Tests set it to -1 (never) and +inf-like values to exercise both paths.
 MAX_DECAY = 40.0
-# Upper bound on BLOCK_K / BLOCK_V. Head dims above it are tiled and looped over. Tests lower it to
-# exercise the tile loops at small head dims.
-MAX_BLOCK = 64
+# Cap on every tile (BLOCK_K / BLOCK_V) of the chunk kernels; head dims above a kernel's tile are looped over.
+# Tests lower it to exercise the tile loops at small head dims.
+MAX_BLOCK = 128
+# Launch shape of each chunk kernel: the widest K and V tiles it takes (a head dim gets its next power of two,
+# up to this and MAX_BLOCK), its warps and its software-pipeline stages. Module attributes read at launch, so
+# `benchmarks/ab_gla_triton.py` times other settings side by side (rules and evidence: docs/tuning.md).
+PREPARE_BK = 64
+PREPARE_WARPS = 4
+STATE_BK = 64  # both sequential state passes (forward states, backward state gradients)
+STATE_BV = 64
+STATE_WARPS = 4
+STATE_STAGES = 2
+INTRA_BK = 64
+INTRA_WARPS = 8  # from 64-wide K tiles; narrower ones take 4
+OUTPUT_BK = 64
+# The output kernel's V tile is wider than the others', so q, its gate factors and the chunk's A are read (and
+# exp(b) computed) fewer times per chunk: 8% faster forward at V = 512 (H200).
+OUTPUT_BV = 128
+OUTPUT_WARPS = 4
+OUTPUT_STAGES = 2
+VALUE_GRAD_BK = 64
+VALUE_GRAD_BV = 64
+VALUE_GRAD_WARPS = 4
+VALUE_GRAD_STAGES = 2
+QKG_BK = 64
+QKG_BV = 64
+QKG_WARPS = 8
+QKG_STAGES = 1
 # The sequential state passes walk each sequence's chunks one after another, one program per (K tile, V tile,
 # sequence, head). When few long sequences leave the card idle, each sequence is cut into segments: a first
 # launch finds every segment's state contribution from a zero start, a second one walks each segment again
@@ -122,9 +147,10 @@ def state_segments(max_seq_chunks: int, programs: int, device: torch.device) -> 
     return -(-max_seq_chunks // per_segment), per_segment
 
 
-def block_size(dim: int) -> int:
-    """Tile width for a head dim: the next power of two, at least 16 (tl.dot's minimum), at most MAX_BLOCK."""
-    return max(16, min(MAX_BLOCK, triton_next_power_of_2(dim)))
+def block_size(dim: int, cap: int) -> int:
+    """Tile width for a head dim: the next power of two, at least 16 (tl.dot's minimum), at most ``cap`` (a
+    kernel's tile constant above) and MAX_BLOCK."""
+    return max(16, min(cap, MAX_BLOCK, triton_next_power_of_2(dim)))
 
 
 def triton_next_power_of_2(n: int) -> int:
