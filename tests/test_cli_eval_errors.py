@@ -250,6 +250,18 @@ def test_eval_on_other_data_scores_the_runs_held_out_documents(run, corpus, tmp_
     assert "--data holds none of the run's held-out documents (doc3)" in note and "may include documents" in note
 
 
+def test_a_sweep_keeps_its_split_note_in_its_files(run, corpus, tmp_path, capsys):
+    """The note that says which documents a sweep scored travels with its table, not only to the terminal."""
+    copy = shutil.copytree(corpus, tmp_path / "copy")
+    (copy / "doc3.txt").unlink()  # none of the run's held-out documents: a hash split, said to be one
+    out = tmp_path / "sweep"
+    assert main(["eval", str(run), "--data", str(copy), "--policies", "window", "--budgets", "8",
+                 "--seq-len", "32", "--out-dir", str(out), "--device", "cpu", "--no-progress"]) == 0
+    note = json.loads((out / "sweep.json").read_text())["note"]
+    assert "--data holds none of the run's held-out documents (doc3)" in note
+    assert f"note: {note}" in (out / "sweep.md").read_text() and f"note: {note}" in capsys.readouterr().err
+
+
 def test_a_run_that_held_out_a_fraction_is_scored_on_that_fraction(corpus, tmp_path, capsys):
     run = _train(tmp_path / "run", corpus, val_docs=None, val_fraction=0.25)  # holds out doc1 of doc0..doc3
     more = make_corpus(tmp_path / "more", n_docs=8)  # a hash split of these 8 would hold out doc1 and doc6

@@ -110,6 +110,7 @@ class SweepResult:
     full: Score | None = None
     per_document: dict[str, dict[str, Any]] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    note: str | None = None  # which documents these are and why, when the caller had something to say
 
     def value(self, policy: str, budget: int | None, metric: str = "ppl") -> float:
         """One table cell: ``budget=None`` (or policy ``"full"``) is the full cache."""
@@ -124,6 +125,7 @@ class SweepResult:
         lines = [
             f"{names[metric]} by cache budget (tokens kept per layer); "
             f"documents: {', '.join(self.documents)}",
+            *([f"note: {self.note}"] if self.note else []),
             "",
             "| " + " | ".join(head) + " |",
             "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
@@ -145,6 +147,7 @@ class SweepResult:
             "scores": {p: {str(b): s.as_dict() for b, s in row.items()} for p, row in self.scores.items()},
             "full": self.full.as_dict() if self.full is not None else None,
             "per_document": self.per_document,
+            "note": self.note,
         }
 
     def plot(self, path: str | Path, metric: str = "ppl") -> Path:
@@ -186,6 +189,7 @@ def run_sweep(
     out_dir: str | Path | None = None,
     metric: str = "ppl",
     progress: Callable[[str], None] | None = None,
+    note: str | None = None,
 ) -> SweepResult:
     """Evaluate every policy at every budget (and the full cache) on every document.
 
@@ -209,6 +213,8 @@ def run_sweep(
         metric: the table/plot metric: ``"ppl"`` (per-token perplexity), ``"bpb"`` (bits per UTF-8 byte) or
             ``"loss"`` (nats per token).
         progress: called with a short line after each (policy, budget, document) evaluation.
+        note: a line about the documents (e.g. which split they are and why), kept in ``sweep.md`` and
+            ``sweep.json`` so the files say what the table was scored on.
     Returns:
         A :class:`SweepResult`; ``result.files`` names the files written.
     """
@@ -225,7 +231,7 @@ def run_sweep(
         check_output_folder(out_dir, f"out_dir {out_dir}", SWEEP_FILES)
     docs = _sweep_documents(documents, max_tokens, sweep_tokenizer(model))
 
-    result = SweepResult(policies=specs, budgets=budgets, documents=[name for name, _ in docs])
+    result = SweepResult(policies=specs, budgets=budgets, documents=[name for name, _ in docs], note=note)
     for name, ids in docs:
         result.per_document[name] = {"tokens": ids.numel(), "scores": {}}
     for spec, budget, policy in runs:

@@ -327,7 +327,7 @@ def _eval_sweep(args: argparse.Namespace) -> int:
     model = _load(args, ckpt, pick_device(args.device)).eval()
     result = run_sweep(
         model, docs, args.policies, args.budgets, max_tokens=args.seq_len, out_dir=out_dir, metric=args.metric,
-        progress=log if args.progress else None,
+        progress=log if args.progress else None, note=note,
     )
     _print_sweep(result, args.metric)
     return 0
