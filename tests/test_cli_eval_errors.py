@@ -168,6 +168,8 @@ def test_the_library_grids_refuse_a_spec_with_its_own_budget():
      "--stride, --batch-size do not apply to a policy sweep"),
     (["--task", "passkey", "--lengths", "256", "--split", "train"], "--split does not apply to --task passkey"),
     (["--task", "passkey", "--lengths", "256", "--metric", "loss"], "--metric does not apply to --task passkey"),
+    (["--task", "passkey", "--lengths", "256", "--data", "d.txt", "--seq-len", "64"],
+     "--data, --seq-len do not apply to --task passkey"),
 ])
 def test_flags_another_mode_reads_are_refused(tmp_path, capsys, flags, message):
     assert message in _error(capsys, ["eval", str(tmp_path / "missing"), *flags])

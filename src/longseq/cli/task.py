@@ -18,8 +18,6 @@ from .common import log
 
 TASKS = ("passkey",)
 DEFAULT_DEPTHS = "0.1,0.3,0.5,0.7,0.9"
-# eval flags that choose documents or bits-per-byte settings: they mean nothing to a task.
-_NOT_FOR_TASKS = ("data", "val_docs", "seq_len", "stride", "max_bytes", "json", "hf")
 # Flags only a task reads.
 _TASK_ONLY = ("lengths", "depths", "trials", "seed", "task_out", "filler", "max_new_tokens")
 
@@ -85,16 +83,14 @@ def _one_int(flag: str, text: str | None, default: int, low: int) -> int:
 
 
 def check_task_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Every task flag checked and converted, before anything is opened; returns ``run_passkey``'s settings."""
+    """Every task flag checked and converted, before anything is opened; returns ``run_passkey``'s settings.
+    (``eval`` has already refused the flags a task does not read: ``cli.eval._MODE_FLAGS``.)"""
     from ..tasks.passkey import FILLER_NAMES, KEY_DIGITS, named_filler, parse_budget, plan_rows
 
     if args.task not in TASKS:
         raise ValueError(f"--task: unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
     if args.hf is not None:
         raise ValueError("--task takes the model as MODEL (a run, checkpoint, HF folder or .gguf), not --hf")
-    for name in _NOT_FOR_TASKS:
-        if getattr(args, name, None) is not None:
-            raise ValueError(f"--{name.replace('_', '-')} does not apply to --task {args.task}")
     if args.checkpoint is None:
         raise ValueError(f"--task {args.task} needs MODEL: a longseq run or checkpoint, an HF folder or a .gguf file")
     lengths = _numbers("lengths", args.lengths, None, int)
