@@ -1,4 +1,4 @@
-"""A/B of Triton GLA kernel versions in one process: the repository's kernels against frozen copies.
+r"""A/B of Triton GLA kernel versions in one process: the repository's kernels against frozen copies.
 
 A kernel change is only judged against the kernels it replaces, timed in the same process on the same card
 (two hosts of one card model have timed the same kernels 12-25% apart). Freeze a version as a plain package:
