@@ -1,14 +1,11 @@
 r"""A/B of Triton GLA kernel versions in one process: the repository's kernels against frozen copies.
 
 A kernel change is only judged against the kernels it replaces, timed in the same process on the same card
-(two hosts of one card model have timed the same kernels 12-25% apart). Freeze a version as a plain package:
+(two hosts of one card model have timed the same kernels 12-25% apart). Freeze a version as a plain package
+(``--freeze REV:FOLDER``, REV a git revision or ``worktree``; no GPU needed), edit copies as you like, then time:
 
-    mkdir -p benchmarks/tmp_ab/base_triton
-    for f in __init__ autograd chunk_bwd chunk_fwd common recurrent; do
-      git show <commit>:src/longseq/ops/gla/triton/$f.py > benchmarks/tmp_ab/base_triton/$f.py; done
-    # a frozen copy is a top-level package: its imports from the rest of longseq become absolute
-    sed -i 's/^from \.\.\.hardware import/from longseq.ops.hardware import/' benchmarks/tmp_ab/base_triton/common.py
-    python benchmarks/ab_gla_triton.py --variants base_triton [more_dirs ...] [--out ab.jsonl]
+    python benchmarks/ab_gla_triton.py --freeze 259dde4:base_triton worktree:mine
+    python benchmarks/ab_gla_triton.py --variants base_triton mine [more_dirs ...] [--out ab.jsonl]
 
 A variant ``folder:NAME=VALUE,...`` times a copy of ``folder`` with those constants of its ``common`` module
 set (e.g. ``seg_triton:SEGMENT_PROGRAMS_PER_SM=8``), to time a tuning rule's settings side by side.
@@ -25,7 +22,9 @@ import argparse
 import ast
 import importlib
 import json
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,12 +43,52 @@ SHAPES = [  # (H, K, V, B, T) at B * T = 32K: the issue's two shapes, short and 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", nargs="+", required=True, help="package folders under --root to time")
+    p.add_argument("--variants", nargs="+", help="package folders under --root to time")
+    p.add_argument("--freeze", nargs="+", metavar="REV:FOLDER",
+                   help="copy the kernel package at git revision REV (or 'worktree') into --root/FOLDER and stop")
     p.add_argument("--root", default="benchmarks/tmp_ab", help="folder holding the frozen packages")
     p.add_argument("--shapes", nargs="+", default=None, help="HxKxVxBxT, e.g. 16x128x128x16x2048")
     p.add_argument("--rep", type=int, default=60, help="do_bench's rep (ms)")
     p.add_argument("--out", default=None, help="append one JSON line per (shape, variant)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.variants and not args.freeze:
+        p.error("give --variants to time, or --freeze to make frozen copies")
+    return args
+
+
+PACKAGE = "src/longseq/ops/gla/triton"
+
+
+def freeze(root: Path, spec: str) -> Path:
+    """Write the kernel package of git revision ``REV`` (or of the working tree) into ``root/FOLDER`` as a
+    top-level package: its relative imports from the rest of longseq (``from ...hardware``) become absolute."""
+    rev, sep, folder = spec.partition(":")
+    if not sep or not rev or not folder or "/" in folder:
+        raise SystemExit(f"--freeze {spec!r}: expected REV:FOLDER, e.g. 259dde4:base_triton or worktree:mine")
+    repo = Path(__file__).resolve().parents[1]
+    if rev == "worktree":
+        sources = {f.name: f.read_text() for f in sorted((repo / PACKAGE).glob("*.py"))}
+    else:
+        def git(*cmd):
+            done = subprocess.run(["git", "-C", str(repo), *cmd], capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"--freeze {spec!r}: git {' '.join(cmd)} failed: {done.stderr.strip()}")
+            return done.stdout
+
+        names = [n for n in git("ls-tree", "--name-only", f"{rev}:{PACKAGE}").split() if n.endswith(".py")]
+        sources = {n: git("show", f"{rev}:{PACKAGE}/{n}") for n in names}
+    if "__init__.py" not in sources:
+        raise SystemExit(f"--freeze {spec!r}: no kernel package at {PACKAGE}")
+    out = root / folder
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    levels = PACKAGE.split("/")[1:]  # longseq, ops, gla, triton: `from ..x` is longseq.ops.gla.x
+    for name, text in sources.items():
+        def absolute(m):
+            return f"from {'.'.join(levels[: len(levels) + 1 - len(m.group(1))])}.{m.group(2)} import"
+
+        (out / name).write_text(re.sub(r"^from (\.{2,})(\w[\w.]*) import", absolute, text, flags=re.M))
+    return out
 
 
 def load_variant(root: Path, spec: str, index: int):
@@ -94,9 +133,13 @@ def outputs_and_grads(fn, leaves, do):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    root = Path(args.root).resolve()
+    for spec in args.freeze or []:
+        print(f"froze {spec} into {freeze(root, spec)}")
+    if not args.variants:
+        return
     from longseq.ops.gla.triton import chunk_gla as current
 
-    root = Path(args.root).resolve()
     sys.path.insert(0, str(root))
     fns = {"current": current}
     for i, spec in enumerate(args.variants):
