@@ -411,3 +411,28 @@ def test_gpu_auto_picks_triton():
     o_auto, _ = gated_linear_attention(q, k, v, g, initial_state=s0)
     o_triton, _ = gated_linear_attention(q, k, v, g, initial_state=s0, backend="triton")
     torch.testing.assert_close(o_auto, o_triton, rtol=0, atol=0)
+
+
+def test_frozen_copy_for_ab_runs_like_the_package(tmp_path, monkeypatch):
+    """``benchmarks/ab_gla_triton.py --freeze worktree:NAME`` makes a top-level package of these kernels (its
+    imports from the rest of longseq made absolute) that computes what the package computes, bit for bit."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ab_gla_triton.py"
+    done = subprocess.run([sys.executable, str(script), "--root", str(tmp_path), "--freeze", "worktree:frozen_gla"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "from ..." not in "".join(f.read_text() for f in (tmp_path / "frozen_gla").glob("*.py"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import frozen_gla
+
+    q, k, v, g, s0 = make_inputs(1, 70, 2, 16, 32, seed=8)
+    got = frozen_gla.chunk_gla(q, k, v, g, 0.25, initial_state=s0, output_final_state=True)
+    want = gated_linear_attention(q, k, v, g, scale=0.25, initial_state=s0, output_final_state=True,
+                                  backend="triton")
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    for name in [m for m in sys.modules if m == "frozen_gla" or m.startswith("frozen_gla.")]:
+        del sys.modules[name]
