@@ -89,9 +89,10 @@ SEGMENT_PROGRAMS_PER_SM = 16
 MIN_SEGMENT_CHUNKS = 32
 MIN_SEGMENTS = 3  # fewer segments than this would not repay the doubled work
 # The state passes read decayed operands stored once (instead of forming them per V tile) from this many V
-# tiles, or when cut into segments; see chunk_fwd.plan_state_passes. H100, B*T = 32K, H16 K=V=128 (2 V tiles):
-# from 2 tiles fwd+bwd took 4.33 ms at T = 4K against 4.53 from 4 tiles, and no more at any other T from 1K to
-# 32K (RESULTS.md, session 23). Tests set 1 (always) or a large value (never).
+# tiles, or when cut into segments; see chunk_fwd.plan_state_passes. H100, B*T = 32K, H16 K=V=128 with 64-wide
+# V tiles (2 tiles): from 2 tiles fwd+bwd took 4.33 ms at T = 4K against 4.53 from 4 tiles, and no more at any
+# other T from 1K to 32K (RESULTS.md, session 23); with STATE_BV = 128 that shape has one V tile. Tests set 1
+# (always) or a large value (never).
 PREPARED_FROM_V_TILES = 2
 # Storage of the chunk states h and their gradients dh on the bf16 path (see KernelDtypes); the
 # benchmark's variant runs flip them.
