@@ -154,6 +154,21 @@ def test_each_kernel_tiles_on_its_own(poison, monkeypatch):
         check_against_reference(q, k, v, g, s0)
 
 
+def test_wide_v_tiles_only_for_bf16_products():
+    """The 128-wide V tiles of the state passes and dv were timed on bf16 products; fp32 products (fp16 and fp32
+    inputs, twice the registers per operand element) keep 64-wide ones. 256 (sequence, head) pairs: no narrowing
+    for an idle card."""
+    import triton.language as tl
+
+    info = common.seq_info(16, 2048, None, torch.device("cpu"))
+    bf16 = common.KernelDtypes(tl.bfloat16, "tf32", torch.bfloat16, torch.bfloat16)
+    fp32, tf32 = common.kernel_dtypes(torch.float32), common.KernelDtypes(tl.float32, "tf32")
+    for kd, width in [(bf16, 128), (fp32, 64), (tf32, 64)]:
+        assert chunk_fwd.plan_state_passes(128, 128, 16, info, kd, torch.device("cpu")).BV == width
+        assert common.v_block_size(128, common.VALUE_GRAD_BV, kd) == width
+        assert common.v_block_size(48, common.VALUE_GRAD_BV, kd) == 64  # a narrower head dim keeps its own width
+
+
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("v_tiles", [1, 2])
 def test_forward_without_grad_matches_recurrent(poison, intra_path, monkeypatch, packed, v_tiles):

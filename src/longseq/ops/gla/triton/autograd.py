@@ -25,7 +25,7 @@ class ChunkGLAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, h0, scale: float, info: SeqInfo, output_final_state: bool):
         kd = kernel_dtypes_for(q, k, v)
-        plan = plan_state_passes(k.shape[-1], v.shape[-1], k.shape[1], info, q.device)
+        plan = plan_state_passes(k.shape[-1], v.shape[-1], k.shape[1], info, kd, q.device)
         p = prepare_chunks(q, k, g, info, kd, plan, want_qd=False)
         h, ht = chunk_states(p, k, v, h0, info, kd, plan, output_final_state)
         a = intra_attention(q, k, p.b, scale, info, kd)

@@ -360,7 +360,7 @@ def value_grads(
     """Launch :func:`value_grad_kernel`; returns ``dv`` ``[TT, H, V]`` in ``v``'s dtype."""
     _, H, K = k.shape
     V = v.shape[-1]
-    BK, BV = block_size(K, common.VALUE_GRAD_BK), block_size(V, common.VALUE_GRAD_BV)
+    BK, BV = block_size(K, common.VALUE_GRAD_BK), common.v_block_size(V, common.VALUE_GRAD_BV, kd)
     dv = torch.empty_like(v)
     value_grad_kernel[(triton.cdiv(V, BV), info.num_chunks, H)](
         k,

@@ -424,10 +424,10 @@ def prepare_chunks(
     return Prepared(b, kd_, qd, decay)
 
 
-def state_block_sizes(K: int, V: int, programs_per_tile: int) -> tuple[int, int]:
+def state_block_sizes(K: int, V: int, programs_per_tile: int, kd: KernelDtypes) -> tuple[int, int]:
     """(BK, BV) of the sequential state kernels: a narrower V tile when few (sequence, head) pairs
     would leave most SMs idle, since each program walks its sequence's chunks one after another."""
-    BK, BV = block_size(K, common.STATE_BK), block_size(V, common.STATE_BV)
+    BK, BV = block_size(K, common.STATE_BK), common.v_block_size(V, common.STATE_BV, kd)
     if BV > 32 and programs_per_tile * triton.cdiv(K, BK) * triton.cdiv(V, BV) < 256:
         BV = 32
     return BK, BV
@@ -445,12 +445,12 @@ class StatePlan:
     prepared: bool  # read the decayed operands from prepare_chunks instead of forming them per V tile
 
 
-def plan_state_passes(K: int, V: int, H: int, info: SeqInfo, device: torch.device) -> StatePlan:
+def plan_state_passes(K: int, V: int, H: int, info: SeqInfo, kd: KernelDtypes, device: torch.device) -> StatePlan:
     """Tiles, segments (:func:`.common.state_segments`) and operand source of the state passes. The decayed
     operands are stored once when the passes are cut into segments or re-read each key tile for several V
     tiles (``common.PREPARED_FROM_V_TILES``): then one 2-byte read replaces a 2-byte input, a 4-byte cumsum
     and an exp per V tile."""
-    BK, BV = state_block_sizes(K, V, info.num_seqs * H)
+    BK, BV = state_block_sizes(K, V, info.num_seqs * H, kd)
     tiles = (triton.cdiv(K, BK), triton.cdiv(V, BV))
     segments, seg_chunks = common.state_segments(info.max_seq_chunks, tiles[0] * tiles[1] * info.num_seqs * H, device)
     prepared = segments > 1 or tiles[1] >= common.PREPARED_FROM_V_TILES

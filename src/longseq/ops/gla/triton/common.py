@@ -73,6 +73,9 @@ QKG_BK = 64
 QKG_BV = 64
 QKG_WARPS = 8
 QKG_STAGES = 1
+# fp32 products (fp16 and fp32 inputs) hold twice the registers per operand element, and the 128-wide V tiles
+# of the state passes and dv were timed on the bf16 path only: fp32 products keep 64.
+FP32_PRODUCTS_MAX_BV = 64
 # The sequential state passes walk each sequence's chunks one after another, one program per (K tile, V tile,
 # sequence, head). When few long sequences leave the card idle, each sequence is cut into segments: a first
 # launch finds every segment's state contribution from a zero start, a second one walks each segment again
@@ -155,6 +158,12 @@ def block_size(dim: int, cap: int) -> int:
     """Tile width for a head dim: the next power of two, at least 16 (tl.dot's minimum), at most ``cap`` (a
     kernel's tile constant above) and MAX_BLOCK."""
     return max(16, min(cap, MAX_BLOCK, triton_next_power_of_2(dim)))
+
+
+def v_block_size(V: int, cap: int, kd: KernelDtypes) -> int:
+    """:func:`block_size` of a V tile whose width was chosen for bf16 products: at most
+    ``FP32_PRODUCTS_MAX_BV`` when the products take fp32 operands."""
+    return block_size(V, cap if kd.dot_torch == torch.bfloat16 else min(cap, FP32_PRODUCTS_MAX_BV))
 
 
 def triton_next_power_of_2(n: int) -> int:
