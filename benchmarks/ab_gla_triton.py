@@ -45,7 +45,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", nargs="+", help="package folders under --root to time")
     p.add_argument("--freeze", nargs="+", metavar="REV:FOLDER",
-                   help="copy the kernel package at git revision REV (or 'worktree') into --root/FOLDER and stop")
+                   help="first copy the kernel package at git revision REV (or 'worktree') into a new folder "
+                   "--root/FOLDER")
     p.add_argument("--root", default="benchmarks/tmp_ab", help="folder holding the frozen packages")
     p.add_argument("--shapes", nargs="+", default=None, help="HxKxVxBxT, e.g. 16x128x128x16x2048")
     p.add_argument("--rep", type=int, default=60, help="do_bench's rep (ms)")
@@ -59,28 +60,37 @@ def parse_args(argv=None):
 PACKAGE = "src/longseq/ops/gla/triton"
 
 
-def freeze(root: Path, spec: str) -> Path:
-    """Write the kernel package of git revision ``REV`` (or of the working tree) into ``root/FOLDER`` as a
-    top-level package: its relative imports from the rest of longseq (``from ...hardware``) become absolute."""
+def read_frozen(root: Path, spec: str) -> tuple[Path, dict[str, str]]:
+    """For ``--freeze REV:FOLDER``: the folder ``root/FOLDER`` to make and the kernel package's sources at git
+    revision ``REV`` (or in the working tree), each checked before anything is written. A folder that already
+    exists is refused, never replaced: it may hold a variant's edits."""
     rev, sep, folder = spec.partition(":")
-    if not sep or not rev or not folder or "/" in folder:
-        raise SystemExit(f"--freeze {spec!r}: expected REV:FOLDER, e.g. 259dde4:base_triton or worktree:mine")
+    if not sep or not rev or not folder.isidentifier():
+        raise SystemExit(f"--freeze {spec!r}: expected REV:FOLDER with FOLDER a Python package name, e.g. "
+                         "259dde4:base_triton or worktree:mine")
+    out = root / folder
+    if out.exists():
+        raise SystemExit(f"--freeze {spec!r}: {out} already exists; remove it or name another folder")
     repo = Path(__file__).resolve().parents[1]
     if rev == "worktree":
-        sources = {f.name: f.read_text() for f in sorted((repo / PACKAGE).glob("*.py"))}
-    else:
-        def git(*cmd):
-            done = subprocess.run(["git", "-C", str(repo), *cmd], capture_output=True, text=True)
-            if done.returncode:
-                raise SystemExit(f"--freeze {spec!r}: git {' '.join(cmd)} failed: {done.stderr.strip()}")
-            return done.stdout
+        return out, {f.name: f.read_text() for f in sorted((repo / PACKAGE).glob("*.py"))}
 
-        names = [n for n in git("ls-tree", "--name-only", f"{rev}:{PACKAGE}").split() if n.endswith(".py")]
-        sources = {n: git("show", f"{rev}:{PACKAGE}/{n}") for n in names}
+    def git(*cmd):
+        done = subprocess.run(["git", "-C", str(repo), *cmd], capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"--freeze {spec!r}: git {' '.join(cmd)} failed: {done.stderr.strip()}")
+        return done.stdout
+
+    names = [n for n in git("ls-tree", "--name-only", f"{rev}:{PACKAGE}").split() if n.endswith(".py")]
+    sources = {n: git("show", f"{rev}:{PACKAGE}/{n}") for n in names}
     if "__init__.py" not in sources:
-        raise SystemExit(f"--freeze {spec!r}: no kernel package at {PACKAGE}")
-    out = root / folder
-    shutil.rmtree(out, ignore_errors=True)
+        raise SystemExit(f"--freeze {spec!r}: no kernel package at {PACKAGE} in {rev}")
+    return out, sources
+
+
+def write_frozen(out: Path, sources: dict[str, str]) -> None:
+    """Write ``sources`` into ``out`` as a top-level package: its relative imports from the rest of longseq
+    (``from ...hardware``) become absolute."""
     out.mkdir(parents=True)
     levels = PACKAGE.split("/")[1:]  # longseq, ops, gla, triton: `from ..x` is longseq.ops.gla.x
     for name, text in sources.items():
@@ -88,7 +98,6 @@ def freeze(root: Path, spec: str) -> Path:
             return f"from {'.'.join(levels[: len(levels) + 1 - len(m.group(1))])}.{m.group(2)} import"
 
         (out / name).write_text(re.sub(r"^from (\.{2,})(\w[\w.]*) import", absolute, text, flags=re.M))
-    return out
 
 
 def load_variant(root: Path, spec: str, index: int):
@@ -134,8 +143,12 @@ def outputs_and_grads(fn, leaves, do):
 def main(argv=None) -> None:
     args = parse_args(argv)
     root = Path(args.root).resolve()
-    for spec in args.freeze or []:
-        print(f"froze {spec} into {freeze(root, spec)}")
+    frozen = [read_frozen(root, spec) for spec in args.freeze or []]  # every spec checked before any write
+    if len({out for out, _ in frozen}) < len(frozen):
+        raise SystemExit(f"--freeze {' '.join(args.freeze)}: two copies name the same folder")
+    for (out, sources), spec in zip(frozen, args.freeze or [], strict=True):
+        write_frozen(out, sources)
+        print(f"froze {spec} into {out}")
     if not args.variants:
         return
     from longseq.ops.gla.triton import chunk_gla as current

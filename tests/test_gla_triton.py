@@ -430,14 +430,19 @@ def test_gpu_auto_picks_triton():
 
 def test_frozen_copy_for_ab_runs_like_the_package(tmp_path, monkeypatch):
     """``benchmarks/ab_gla_triton.py --freeze worktree:NAME`` makes a top-level package of these kernels (its
-    imports from the rest of longseq made absolute) that computes what the package computes, bit for bit."""
+    imports from the rest of longseq made absolute) that computes what the package computes, bit for bit; a
+    second freeze into that folder is refused before anything is written, so edits to a copy are never lost."""
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "ab_gla_triton.py"
-    done = subprocess.run([sys.executable, str(script), "--root", str(tmp_path), "--freeze", "worktree:frozen_gla"],
-                          capture_output=True, text=True)
+
+    def freeze(*specs):
+        return subprocess.run([sys.executable, str(script), "--root", str(tmp_path), "--freeze", *specs],
+                              capture_output=True, text=True)
+
+    done = freeze("worktree:frozen_gla")
     assert done.returncode == 0, done.stderr
     assert "from ..." not in "".join(f.read_text() for f in (tmp_path / "frozen_gla").glob("*.py"))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -451,3 +456,8 @@ def test_frozen_copy_for_ab_runs_like_the_package(tmp_path, monkeypatch):
         assert torch.equal(a, b)
     for name in [m for m in sys.modules if m == "frozen_gla" or m.startswith("frozen_gla.")]:
         del sys.modules[name]
+
+    (tmp_path / "frozen_gla" / "common.py").write_text("edited")
+    again = freeze("worktree:other_gla", "worktree:frozen_gla")
+    assert again.returncode != 0 and f"{tmp_path / 'frozen_gla'} already exists" in again.stderr
+    assert (tmp_path / "frozen_gla" / "common.py").read_text() == "edited" and not (tmp_path / "other_gla").exists()
