@@ -19,13 +19,13 @@ if [ -n "$wheels" ]; then
 fi
 # fla autotunes each kernel on the first call of a shape (~330 s per shape on a fresh host) and keeps the winners in
 # Triton's cache as *.autotune.json. They travel between calls (and hosts of the same card) in .tcache/ (git-ignored;
-# name it in the call's carry list); every run leaves the current set in $OUT/tcache.
+# name it in the call's carry list); every run leaves the current set in $OUT/tcache.tgz (one file: the device tool
+# returns a limited number of files), to unpack with `mkdir -p .tcache && tar -xzf .../tcache.tgz -C .tcache`.
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache} TRITON_CACHE_AUTOTUNING=1
 mkdir -p "$TRITON_CACHE_DIR"
 [ -d .tcache ] && cp -rn .tcache/. "$TRITON_CACHE_DIR"/
 save_autotune() {
-  mkdir -p "$OUT/tcache"
-  (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 | tar -cf - --null -T -) | tar -xf - -C "$OUT/tcache"
+  (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 | tar -czf "$OUT/tcache.tgz" --null -T -)
 }
 trap save_autotune EXIT
 # The built-in corpus's works as files (the pretrained-model steps take --data files).

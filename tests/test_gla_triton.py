@@ -332,6 +332,7 @@ def test_triton_backend_rejects_unsupported_inputs(monkeypatch):
         gated_linear_attention(big, big, v, big, backend="triton")
 
 
+@(pytest.mark.gpu if HAS_CUDA else (lambda test: test))  # on CUDA the check is read after the launches
 @pytest.mark.parametrize("name, value", [("v", float("nan")), ("k", float("inf"))])
 @pytest.mark.parametrize("T, t", [(130, 100), (5, 3)], ids=["chunk-kernels", "decode-kernel"])
 def test_triton_backend_rejects_non_finite_inputs(name, value, T, t):
@@ -417,6 +418,29 @@ def test_gpu_decode_kernel_bf16(B, T, K, V):
     assert o.dtype == torch.bfloat16
     assert_close(o, o_ref, rtol=4e-3, name="o")
     assert_close(s, s_ref, rtol=1e-5, name="state")
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_decode_step_op_asks_again_for_other_dtypes():
+    """The decode op remembers per device, dtypes and head dims whether Triton can run a call's inputs: after a
+    bf16 call ran the kernel, float64 inputs (no kernel for them) are still refused with the reason, and 'auto'
+    runs them in PyTorch."""
+    from longseq.ops.gla import gla_decode_step
+
+    q, k, v, g, s0 = make_inputs(2, 1, 2, 16, 16, dtype=torch.bfloat16, seed=13)
+    q, k, v, g = (x[:, 0] for x in (q, k, v, g))
+    with torch.no_grad():
+        state = s0.float().clone()
+        gla_decode_step(q, k, v, g, state, backend="triton")
+        wide = [x.double() for x in (q, k, v, g)]
+        with pytest.raises(ValueError, match="float64"):
+            gla_decode_step(*wide, s0.double().clone(), backend="triton")
+        state64 = s0.double().clone()
+        o = gla_decode_step(*wide, state64, backend="auto")
+    o_ref, s_ref = gla_recurrent(*(x[:, None] for x in wide), 0.25, s0.double())
+    assert_close(o, o_ref[:, 0], rtol=1e-12, name="o (float64, PyTorch)")
+    assert_close(state64, s_ref, rtol=1e-12, name="state (float64, PyTorch)")
 
 
 @gpu

@@ -83,7 +83,6 @@ def _check_inputs(
     g: Tensor,
     initial_state: Tensor | None,
     num_states: int | None = None,
-    check_values: bool = True,
 ) -> None:
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g)):
         if x.dim() != 4:
@@ -109,23 +108,46 @@ def _check_inputs(
                 f"with cu_seqlens, initial_state must be [N, H, K, V] = {(num_states, H, K, V)}; "
                 f"got {tuple(initial_state.shape)}"
             )
-    # Value checks read the result back (one host sync); skip them while a graph is being traced.
-    if check_values and not torch.compiler.is_compiling():
-        _check_values(q, k, v, g, initial_state)
+
+class _ValueCheck:
+    """The value check of :func:`gated_linear_attention`: queued on the inputs' device when made, read by
+    :meth:`raise_if_bad`.
+
+    The op queues it, then its kernels, and reads it last, so the host waits only for the screen's reductions
+    (one read of each input) and never leaves the GPU idle while it launches the kernels. Reading it before the
+    launches (a plain ``bool(screen)``) stalled both for 0.65-1.16 ms per call at B*T = 32K, H16 K=V=128 on an
+    H100, 60-90% of the forward (RESULTS.md, session 25). The op's outputs are never returned for bad inputs.
+    """
+
+    @torch.no_grad()
+    def __init__(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Tensor | None):
+        self.inputs = (q, k, v, g, initial_state)
+        named = [q, k, v] + ([initial_state] if initial_state is not None else [])
+        # One reduction per tensor: a sum is NaN/inf whenever a term is (and may overflow on finite ones: the
+        # exact checks then find nothing), and max(g) propagates NaN.
+        screen = sum(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32) for x in named)
+        if g.numel():
+            screen = screen + torch.where(g.max() <= 0, 0.0, float("nan"))
+        self.event = None
+        if screen.is_cuda:  # into pinned host memory, behind the reductions on the current stream
+            screen = screen.to("cpu", non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        self.screen = screen
+
+    def raise_if_bad(self) -> None:
+        """``ValueError`` unless q, k, v and initial_state are finite and g is NaN-free and ``<= 0`` (``-inf``
+        allowed), naming the tensor and its first bad entry."""
+        if self.event is not None:
+            self.event.synchronize()
+        if not bool(torch.isfinite(self.screen)):
+            _raise_on_bad_values(*self.inputs)
 
 
 @torch.no_grad()
-def _check_values(q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Tensor | None) -> None:
-    """``ValueError`` unless q, k, v and initial_state are finite and g is NaN-free and ``<= 0`` (``-inf``
-    allowed), naming the tensor and its first bad entry."""
+def _raise_on_bad_values(q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Tensor | None) -> None:
+    """The exact checks behind a failed screen: raise naming the first bad tensor and entry."""
     named = [("q", q), ("k", k), ("v", v)] + ([("initial_state", initial_state)] if initial_state is not None else [])
-    # A screen of one reduction per tensor and one host sync: a sum is NaN/inf whenever a term is (and
-    # may overflow on finite ones: the exact checks below then find nothing), and max(g) propagates NaN.
-    screen = sum(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32) for _, x in named)
-    if g.numel():
-        screen = screen + torch.where(g.max() <= 0, 0.0, float("nan"))
-    if bool(torch.isfinite(screen)):
-        return
     for name, x in named:
         bad = ~torch.isfinite(x)
         if bad.any():
@@ -168,11 +190,13 @@ def gated_linear_attention(
         cu_seqlens: ``[N + 1]`` integer offsets of ``N`` sequences packed along T (``B == 1``):
             sequence ``i`` is ``[cu_seqlens[i], cu_seqlens[i+1])``; states never cross a boundary.
         check_values: verify that q, k, v and initial_state are finite and that g has no NaN and is
-            ``<= 0``, all with one host sync. The chunkwise backends (``chunk``, ``triton``) mix the tokens
-            of a chunk (32 tokens in PyTorch, 64 in Triton) in matrix products, so a NaN or inf would reach
-            outputs of its chunk *before* it (the recurrent backend only those from it on): every backend
-            rejects it instead. Callers that control their inputs (the models) turn it off so decoding never
-            waits on the GPU; then a non-finite input gives undefined outputs, up to 63 tokens before it.
+            ``<= 0``, with one host sync (on CUDA read after the kernels are queued, so the host waits only
+            for the check's own reductions; the outputs are never returned for bad inputs). The chunkwise
+            backends (``chunk``, ``triton``) mix the tokens of a chunk (32 tokens in PyTorch, 64 in Triton)
+            in matrix products, so a NaN or inf would reach outputs of its chunk *before* it (the recurrent
+            backend only those from it on): every backend rejects it instead. Callers that control their
+            inputs (the models) turn it off so decoding never waits on the GPU; then a non-finite input gives
+            undefined outputs, up to 63 tokens before it.
     Returns:
         ``(o, final_state)``: ``o`` is ``[B, T, H, V]`` in ``v``'s dtype; ``final_state`` is
         ``[B, H, K, V]`` (``[N, H, K, V]`` with ``cu_seqlens``) in float32 (float64 when the inputs
@@ -189,7 +213,13 @@ def gated_linear_attention(
     num_seqs = None
     if cu_seqlens is not None and q.dim() == 4:
         num_seqs = _check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
-    _check_inputs(q, k, v, g, initial_state, num_seqs, check_values)
+    _check_inputs(q, k, v, g, initial_state, num_seqs)
+    # The value check reads its result back (a host sync): skipped while a graph is being traced.
+    value_check = _ValueCheck(q, k, v, g, initial_state) if check_values and not torch.compiler.is_compiling() \
+        else None
+    if value_check is not None and value_check.event is None:
+        value_check.raise_if_bad()  # already on the host: raise before any work
+        value_check = None
     K = q.shape[-1]
     scale = K**-0.5 if scale is None else float(scale)
     needs_grad = torch.is_grad_enabled() and any(
@@ -198,11 +228,12 @@ def gated_linear_attention(
     backend = _resolve_backend(backend, q, k, v, g, initial_state)
     if backend == "triton":
         o, state = _run_triton(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, needs_grad)
-        return o, (state if output_final_state else None)
-    if cu_seqlens is None:
+    elif cu_seqlens is None:
         o, state = _dense(backend, q, k, v, g, scale, initial_state, needs_grad)
     else:
         o, state = _dense_packed(backend, q, k, v, g, scale, initial_state, needs_grad, cu_seqlens)
+    if value_check is not None:
+        value_check.raise_if_bad()
     return o.to(v.dtype), (state if output_final_state else None)
 
 

@@ -72,6 +72,6 @@ start; otherwise they take the sub-chunk split described above.
 
 from __future__ import annotations
 
-from .autograd import SUPPORTED_DTYPES, check_supported, chunk_gla, recurrent_gla
+from .autograd import SUPPORTED_DTYPES, check_supported, chunk_gla, recurrent_gla, recurrent_step
 
-__all__ = ["SUPPORTED_DTYPES", "check_supported", "chunk_gla", "recurrent_gla"]
+__all__ = ["SUPPORTED_DTYPES", "check_supported", "chunk_gla", "recurrent_gla", "recurrent_step"]

@@ -132,6 +132,19 @@ def recurrent_gla(
     return o.view(B, T, H, V), ht
 
 
+def recurrent_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, state: Tensor) -> Tensor:
+    """One token per row, the state updated in place: q, k, g ``[B, H, K]``, v ``[B, H, V]``, state ``[B, H, K, V]``
+    fp32, contiguous. Returns ``o`` ``[B, H, V]`` in v's dtype. No autograd and no checks (the caller's).
+
+    ``[B, H, K]`` rows are already the packed layout of B one-token sequences, so unlike :func:`recurrent_gla`
+    this adds no view or copy around the launch: per-call host time is what a decode loop of small batches
+    waits on.
+    """
+    cu = _dense_offsets(q.shape[0], 1, q.device)
+    o, _ = fused_recurrent(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), scale, cu, state, state)
+    return o
+
+
 _OFFSETS: dict[tuple[int, int, torch.device], Tensor] = {}
 
 
