@@ -8,6 +8,7 @@
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: some steps write to it from other folders
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # Optional anchors (MEGABYTE-pytorch, fla) and the .gguf readers (gguf, accelerate) travel as wheels in .whl/
 # (git-ignored: `bash benchmarks/fetch_wheels.sh` fills it; name .whl in the device call's carry list) or

@@ -485,3 +485,26 @@ def test_frozen_copy_for_ab_runs_like_the_package(tmp_path, monkeypatch):
     again = freeze("worktree:other_gla", "worktree:frozen_gla")
     assert again.returncode != 0 and f"{tmp_path / 'frozen_gla'} already exists" in again.stderr
     assert (tmp_path / "frozen_gla" / "common.py").read_text() == "edited" and not (tmp_path / "other_gla").exists()
+
+
+def test_kernel_resource_report_compiles_every_launch_for_the_gpu():
+    """``benchmarks/gla_kernel_resources.py`` compiles each kernel launch of one forward+backward for an H100 on this
+    CPU-only machine and reads its registers from ptxas: the nine launches in order, a register count for each, and
+    program counts as the launch code's grids give them (dq/dk/dg: K tiles x chunks x heads, here 2 x 2 x 2)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gla_kernel_resources.py"
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(script), "--shapes", "2x32x32x1x128", "--set", "QKG_BK=16"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in done.stdout.splitlines()
+            if line.startswith("| 2x32x32x1x128 |")]
+    forward = ["prepare_kernel", "chunk_states_kernel", "intra_attention_kernel", "output_kernel"]
+    backward = ["prepare_kernel", "chunk_states_kernel", "state_grads_kernel", "value_grad_kernel", "qkg_grad_kernel"]
+    assert [row[1] for row in rows] == forward + backward
+    assert all(0 < int(row[5]) <= 255 for row in rows)
+    assert rows[-1][2] == "8" and rows[-1][3] == "8"  # programs, warps (QKG_WARPS)

@@ -109,6 +109,7 @@ def _check_inputs(
                 f"got {tuple(initial_state.shape)}"
             )
 
+
 class _ValueCheck:
     """The value check of :func:`gated_linear_attention`: queued on the inputs' device when made, read by
     :meth:`raise_if_bad`.
@@ -129,10 +130,11 @@ class _ValueCheck:
         if g.numel():
             screen = screen + torch.where(g.max() <= 0, 0.0, float("nan"))
         self.event = None
-        if screen.is_cuda:  # into pinned host memory, behind the reductions on the current stream
+        if screen.is_cuda:  # into pinned host memory, behind the reductions on the inputs' device's current stream
+            stream = torch.cuda.current_stream(screen.device)
             screen = screen.to("cpu", non_blocking=True)
             self.event = torch.cuda.Event()
-            self.event.record()
+            self.event.record(stream)
         self.screen = screen
 
     def raise_if_bad(self) -> None:
@@ -214,6 +216,7 @@ def gated_linear_attention(
     if cu_seqlens is not None and q.dim() == 4:
         num_seqs = _check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
     _check_inputs(q, k, v, g, initial_state, num_seqs)
+    backend = _resolve_backend(backend, q, k, v, g, initial_state)  # (no device work: before the value check)
     # The value check reads its result back (a host sync): skipped while a graph is being traced.
     value_check = _ValueCheck(q, k, v, g, initial_state) if check_values and not torch.compiler.is_compiling() \
         else None
@@ -225,7 +228,6 @@ def gated_linear_attention(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, g, initial_state)
     )
-    backend = _resolve_backend(backend, q, k, v, g, initial_state)
     if backend == "triton":
         o, state = _run_triton(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, needs_grad)
     elif cu_seqlens is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -103,7 +105,8 @@ def chunk_gla(
         )
     flat = [x.reshape(B * T, H, x.shape[-1]).contiguous() for x in (q, k, v, g)]
     h0 = initial_state.contiguous() if initial_state is not None else None
-    o, ht = ChunkGLAFunction.apply(*flat, h0, scale, info, output_final_state)
+    with device_of(q):
+        o, ht = ChunkGLAFunction.apply(*flat, h0, scale, info, output_final_state)
     return o.view(B, T, H, V), ht
 
 
@@ -128,7 +131,8 @@ def recurrent_gla(
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     flat = [x.reshape(B * T, H, x.shape[-1]).contiguous() for x in (q, k, v, g)]
     h0 = initial_state.contiguous() if initial_state is not None else None
-    o, ht = fused_recurrent(*flat, scale, cu, h0, out_state)
+    with device_of(q):
+        o, ht = fused_recurrent(*flat, scale, cu, h0, out_state)
     return o.view(B, T, H, V), ht
 
 
@@ -141,8 +145,15 @@ def recurrent_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, sta
     waits on.
     """
     cu = _dense_offsets(q.shape[0], 1, q.device)
-    o, _ = fused_recurrent(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), scale, cu, state, state)
+    with device_of(q):
+        o, _ = fused_recurrent(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), scale, cu, state, state)
     return o
+
+
+def device_of(x: Tensor):
+    """The context that makes ``x``'s CUDA device current: Triton launches on the current device, not on its
+    arguments' (a no-op context off CUDA)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 _OFFSETS: dict[tuple[int, int, torch.device], Tensor] = {}
