@@ -152,8 +152,11 @@ def recurrent_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, sta
 
 def device_of(x: Tensor):
     """The context that makes ``x``'s CUDA device current: Triton launches on the current device, not on its
-    arguments' (a no-op context off CUDA)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    arguments'. A no-op context off CUDA, and while ``torch.compile`` traces (the compiled graph launches on its
+    inputs' device; the fullgraph decode step then holds no device switch)."""
+    if not x.is_cuda or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.cuda.device(x.device)
 
 
 _OFFSETS: dict[tuple[int, int, torch.device], Tensor] = {}
