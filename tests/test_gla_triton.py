@@ -423,9 +423,9 @@ def test_gpu_decode_kernel_bf16(B, T, K, V):
 @gpu
 @pytest.mark.gpu
 def test_gpu_decode_step_op_asks_again_for_other_dtypes():
-    """The decode op remembers per device, dtypes and head dims whether Triton can run a call's inputs: after a
-    bf16 call ran the kernel, float64 inputs (no kernel for them) are still refused with the reason, and 'auto'
-    runs them in PyTorch."""
+    """Whether Triton can run a call's inputs is remembered per device, dtypes and head dims: after a bf16 call ran
+    the kernel, float64 inputs (no kernel for them) are still refused with the reason, and 'auto' runs them in
+    PyTorch."""
     from longseq.ops.gla import gla_decode_step
 
     q, k, v, g, s0 = make_inputs(2, 1, 2, 16, 16, dtype=torch.bfloat16, seed=13)

@@ -5,6 +5,8 @@ CUDA graph, in one process. Output: ``2026-12-07_h100_gla_decode_op_ab_s25.log``
     PYTHONPATH=src python benchmarks/results/2026-12-07_h100_gla_decode_op_ab_s25.py
 
 (The run used the same calls written with lambdas and loop-bound closures; rewritten here as functions.)
+Since the commit after debeb59, ``_triton_unusable`` remembers its answers for CUDA tensors, so the
+"before" column of a rerun no longer pays all of what 4900ab9's op paid.
 """
 
 import torch

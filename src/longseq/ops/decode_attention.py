@@ -70,8 +70,6 @@ def check_decode_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
 
 
-
-
 def _block_n(head_dim: int) -> int:
     # Keys per loop iteration: 64 keeps the [D, BLOCK_N] + [BLOCK_N, D] tiles (x 2 pipeline stages) small
     # enough for several programs per SM; halved at D = 256 for registers.

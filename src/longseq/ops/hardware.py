@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -14,3 +15,12 @@ def cuda_sm_count(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The context that makes ``x``'s CUDA device current around a Triton launch: Triton launches on the current
+    device, not on its arguments'. A no-op context off CUDA, and while ``torch.compile`` traces (the compiled graph
+    launches on its inputs' device; a fullgraph decode step then holds no device switch)."""
+    if not x.is_cuda or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.cuda.device(x.device)

@@ -306,7 +306,24 @@ def _dense_packed(
 
 
 def _triton_unusable(q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Tensor | None) -> str | None:
-    """None if the Triton backend can run these inputs, else the reason."""
+    """None if the Triton backend can run these inputs, else the reason.
+
+    For CUDA tensors the answer depends only on the device, the dtypes and the head dims, so it is remembered per
+    those (a decode loop asks once per token and layer); off CUDA it also depends on ``TRITON_INTERPRET`` and is
+    worked out each time (and while ``torch.compile`` traces, which keeps the traced code free of the cache)."""
+    if not q.is_cuda or torch.compiler.is_compiling():
+        return _why_triton_cannot_run(q, k, v, g, initial_state)
+    key = (q.device, q.dtype, k.dtype, v.dtype, g.dtype, initial_state.dtype if initial_state is not None else None,
+           q.shape[-1], v.shape[-1])
+    if key not in _TRITON_ANSWERS:
+        _TRITON_ANSWERS[key] = _why_triton_cannot_run(q, k, v, g, initial_state)
+    return _TRITON_ANSWERS[key]
+
+
+_TRITON_ANSWERS: dict[tuple, str | None] = {}
+
+
+def _why_triton_cannot_run(q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Tensor | None) -> str | None:
     err = _triton_import_error()
     if err is not None:
         return f"the Triton kernels do not import ({err}); pip install 'longseq[triton]'"

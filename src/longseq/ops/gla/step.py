@@ -41,7 +41,9 @@ def gla_decode_step(
     K = q.shape[-1]
     scale = K**-0.5 if scale is None else float(scale)
     if backend != "torch":
-        why_not = _why_not_triton(q, k, v, g, state) if (q.is_cuda or backend == "triton") else "not CUDA"
+        from . import _triton_unusable
+
+        why_not = _triton_unusable(q, k, v, g, state) if (q.is_cuda or backend == "triton") else "not CUDA"
         if why_not is None:
             from .triton import recurrent_step
 
@@ -49,22 +51,6 @@ def gla_decode_step(
         if backend == "triton":
             raise ValueError(f"backend 'triton' cannot run these inputs: {why_not}")
     return _torch_step(q, k, v, g, state, scale)
-
-
-def _why_not_triton(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor) -> str | None:
-    """:func:`~longseq.ops.gla._triton_unusable`, remembered per CUDA device, dtypes and head dims: its answer
-    depends on nothing else there, and a decode loop asks it once per token and layer."""
-    from . import _triton_unusable
-
-    if not q.is_cuda:  # the interpreter's answer also depends on TRITON_INTERPRET: ask each time
-        return _triton_unusable(q, k, v, g, state)
-    key = (q.device, q.dtype, k.dtype, v.dtype, g.dtype, state.dtype, q.shape[-1], v.shape[-1])
-    if key not in _TRITON_ANSWERS:
-        _TRITON_ANSWERS[key] = _triton_unusable(q, k, v, g, state)
-    return _TRITON_ANSWERS[key]
-
-
-_TRITON_ANSWERS: dict[tuple, str | None] = {}
 
 
 @torch.no_grad()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
+from ...hardware import device_of
 from .chunk_bwd import chunk_backward
 from .chunk_fwd import chunk_output, chunk_states, intra_attention, plan_state_passes, prepare_chunks
 from .common import CHUNK, MAX_CHUNKS, MAX_HEAD_DIM, KernelDtypes, SeqInfo, kernel_dtypes, seq_info
@@ -149,14 +148,6 @@ def recurrent_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, sta
         o, _ = fused_recurrent(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), scale, cu, state, state)
     return o
 
-
-def device_of(x: Tensor):
-    """The context that makes ``x``'s CUDA device current: Triton launches on the current device, not on its
-    arguments'. A no-op context off CUDA, and while ``torch.compile`` traces (the compiled graph launches on its
-    inputs' device; the fullgraph decode step then holds no device switch)."""
-    if not x.is_cuda or torch.compiler.is_compiling():
-        return contextlib.nullcontext()
-    return torch.cuda.device(x.device)
 
 
 _OFFSETS: dict[tuple[int, int, torch.device], Tensor] = {}
