@@ -114,13 +114,23 @@ def load_variant(root: Path, spec: str, index: int):
     shutil.rmtree(root / name, ignore_errors=True)
     shutil.copytree(root / folder, root / name)
     package = importlib.import_module(name)
-    common = importlib.import_module(f"{name}.common")
-    for item in settings.split(","):
+    set_constants(importlib.import_module(f"{name}.common"), settings.split(","), f"variant {spec!r}")
+    return package.chunk_gla
+
+
+def set_constants(common, items: list[str], what: str) -> None:
+    """Set ``NAME=VALUE`` constants of a kernel package's ``common`` module, each value converted to the type the
+    constant has (``"-1"``, ``"1e6"``, ``"False"``); ``SystemExit`` naming ``what`` for an unknown name or a value
+    that does not read as one. Also used by ``gla_kernel_resources.py --set``."""
+    for item in items:
         key, value = item.split("=")
         if not hasattr(common, key):
-            raise SystemExit(f"{folder}/common.py has no constant {key!r} (variant {spec!r})")
-        setattr(common, key, type(getattr(common, key))(ast.literal_eval(value)))  # "-1", "1e6", "False"
-    return package.chunk_gla
+            raise SystemExit(f"{what}: {common.__name__} has no constant {key!r}")
+        kind = type(getattr(common, key))
+        try:
+            setattr(common, key, kind(ast.literal_eval(value)))
+        except (ValueError, SyntaxError, TypeError):
+            raise SystemExit(f"{what}: {key}={value} is not of type {kind.__name__} (the type of {key})") from None
 
 
 def make_inputs(H, K, V, B, T, seed=0):

@@ -20,7 +20,6 @@ variants do), to see a tuning choice's effect on registers before timing it.
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import re
 import subprocess
@@ -159,13 +158,11 @@ def run_shape(H: int, K: int, V: int, B: int, T: int):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    from ab_gla_triton import set_constants  # this folder is on the path when run as a script
+
     from longseq.ops.gla.triton import common
 
-    for item in args.set:
-        name, value = item.split("=")
-        if not hasattr(common, name):
-            raise SystemExit(f"--set: longseq.ops.gla.triton.common has no constant {name!r}")
-        setattr(common, name, type(getattr(common, name))(ast.literal_eval(value)))
+    set_constants(common, args.set, "--set")
     common.cuda_sm_count = lambda device: args.sms  # the segment plan, as on a card of --sms SMs
 
     target = GPUTarget("cuda", args.arch, 32)

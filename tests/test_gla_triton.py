@@ -508,3 +508,6 @@ def test_kernel_resource_report_compiles_every_launch_for_the_gpu():
     assert [row[1] for row in rows] == forward + backward
     assert all(0 < int(row[5]) <= 255 for row in rows)
     assert rows[-1][2] == "8" and rows[-1][3] == "8"  # programs, warps (QKG_WARPS)
+    bad = subprocess.run([sys.executable, str(script), "--shapes", "2x32x32x1x128", "--set", "QKG_BK=wide"],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert bad.returncode != 0 and "--set: QKG_BK=wide is not of type int" in bad.stderr and "| 2x32" not in bad.stdout
