@@ -241,6 +241,13 @@ def test_strong_and_infinite_gates_stay_finite_and_exact(poison, state_operands)
     g[0, 64, 1, 3] = float("-inf")
     g[0, 70:75, 1, :5] = float("-inf")
     check_against_reference(q, k, v, g, s0, rtol=5e-5)
+    # Below the clamp floor the gradient is exactly 0 (the clamp's), not a product of order e^-100, also where
+    # the backward reads the clamped gates off the kept cumsums (fp32 g) rather than g itself.
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.ones_like(v)
+        _, _, grads = run_with_grads("triton", q, k, v, g.to(dtype), s0, w, torch.ones_like(s0))
+        dg = grads[3]
+        assert dg.dtype == dtype and bool((dg[g == float("-inf")] == 0).all()) and bool((dg[g > -20] != 0).any())
 
 
 def test_mixed_decay_takes_both_paths_in_one_launch(poison):
@@ -253,6 +260,20 @@ def test_mixed_decay_takes_both_paths_in_one_launch(poison):
     k = k.clone()
     k[0, 64:128, 0, :] *= 30
     g[..., 1, :] = -10.0 * torch.rand_like(g[..., 1, :])
+    assert common.MAX_DECAY == 40.0
+    check_against_reference(q, k, v, g, s0, rtol=5e-5)
+
+
+def test_mixed_decay_across_the_k_tiles_of_one_chunk(poison, monkeypatch):
+    """16-wide K tiles of K = 32: in the middle chunk only the second tile decays past the threshold, so the
+    strong-decay launches own that chunk and take the single product for its bounded first tile (the forward's
+    A sums both tiles' paths), while the other chunks stay with the bounded launches; every output written once
+    (``poison``)."""
+    monkeypatch.setattr(common, "MAX_BLOCK", 16)
+    q, k, v, g, s0 = make_inputs(1, 150, 2, 32, 16, seed=13)
+    g = g.clone()
+    g[...] = -0.05
+    g[0, 64:128, :, 16:] = -2.0  # ~-128 across the chunk in the second K tile only
     assert common.MAX_DECAY == 40.0
     check_against_reference(q, k, v, g, s0, rtol=5e-5)
 
@@ -489,7 +510,8 @@ def test_frozen_copy_for_ab_runs_like_the_package(tmp_path, monkeypatch):
 
 def test_kernel_resource_report_compiles_every_launch_for_the_gpu():
     """``benchmarks/gla_kernel_resources.py`` compiles each kernel launch of one forward+backward for an H100 on this
-    CPU-only machine and reads its registers from ptxas: the nine launches in order, a register count for each, and
+    CPU-only machine and reads its registers from ptxas: the eleven launches in order (the intra-chunk and dq/dk/dg
+    kernels launch twice: bounded decay, then strong), a register count for each, and
     program counts as the launch code's grids give them (dq/dk/dg: K tiles x chunks x heads, here 2 x 2 x 2)."""
     import os
     import subprocess
@@ -503,11 +525,13 @@ def test_kernel_resource_report_compiles_every_launch_for_the_gpu():
     assert done.returncode == 0, done.stderr
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in done.stdout.splitlines()
             if line.startswith("| 2x32x32x1x128 |")]
-    forward = ["prepare_kernel", "chunk_states_kernel", "intra_attention_kernel", "output_kernel"]
-    backward = ["prepare_kernel", "chunk_states_kernel", "state_grads_kernel", "value_grad_kernel", "qkg_grad_kernel"]
+    forward = ["prepare_kernel", "chunk_states_kernel", "intra_attention_kernel",
+               "intra_attention_kernel (strong decay)", "output_kernel"]
+    backward = ["prepare_kernel", "chunk_states_kernel", "state_grads_kernel", "value_grad_kernel", "qkg_grad_kernel",
+                "qkg_grad_kernel (strong decay)"]
     assert [row[1] for row in rows] == forward + backward
     assert all(0 < int(row[5]) <= 255 for row in rows)
-    assert rows[-1][2] == "8" and rows[-1][3] == "8"  # programs, warps (QKG_WARPS)
+    assert all(row[2] == "8" and row[3] == "8" for row in rows[-2:])  # programs, warps (QKG_WARPS)
     bad = subprocess.run([sys.executable, str(script), "--shapes", "2x32x32x1x128", "--set", "QKG_BK=wide"],
                          capture_output=True, text=True, env=env, timeout=900)
     assert bad.returncode != 0 and "--set: QKG_BK=wide is not of type int" in bad.stderr and "| 2x32" not in bad.stdout

@@ -19,8 +19,10 @@ class ChunkGLAFunction(torch.autograd.Function):
 
     Saves the inputs and the intra-chunk attention ``A`` (``[TT, H, 64]`` fp32: the bytes of one
     bf16 input with K = 128), so the backward does not redo the forward's most exp-heavy kernel;
-    it recomputes the prepared operands (cumsums, decayed q and k) and the chunk states (``h`` would cost
-    far more to keep).
+    it recomputes the decayed q and k and the chunk states (``h`` would cost far more to keep). An fp32 ``g``
+    is kept as its chunk cumsums instead, which take the same bytes and spare the backward their recompute
+    (a bf16 ``g`` would double); the backward reads clamped gates off the cumsums' steps
+    (:func:`.chunk_bwd.qkg_grad_kernel`).
     """
 
     @staticmethod
@@ -31,7 +33,8 @@ class ChunkGLAFunction(torch.autograd.Function):
         h, ht = chunk_states(p, k, v, h0, info, kd, plan, output_final_state)
         a = intra_attention(q, k, p.b, scale, info, kd)
         o = chunk_output(q, v, p.b, h, a, scale, info, kd)
-        ctx.save_for_backward(q, k, v, g, h0, a)
+        ctx.g_as_cumsum = g.dtype == torch.float32
+        ctx.save_for_backward(q, k, v, p.b if ctx.g_as_cumsum else g, h0, a)
         ctx.scale, ctx.info, ctx.kd, ctx.plan = scale, info, kd, plan
         return o, ht
 
@@ -39,7 +42,8 @@ class ChunkGLAFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, g, h0, a = ctx.saved_tensors
         info, kd, scale, plan = ctx.info, ctx.kd, ctx.scale, ctx.plan
-        p = prepare_chunks(q, k, g, info, kd, plan, want_qd=True)
+        b, g = (g, None) if ctx.g_as_cumsum else (None, g)
+        p = prepare_chunks(q, k, g, info, kd, plan, want_qd=True, b=b)
         h, _ = chunk_states(p, k, v, h0, info, kd, plan, want_final=False)
         dht = dht.contiguous() if dht is not None else None
         dq, dk, dv, dg, dh0 = chunk_backward(

@@ -132,10 +132,12 @@ def prepare_kernel(
     FLOOR: tl.constexpr,
     STORE_DECAYED: tl.constexpr,
     STORE_QD: tl.constexpr,
+    FROM_CUMSUM: tl.constexpr,
 ):
     """Per (K tile, chunk, head): ``b = cumsum(max(g, FLOOR))`` inside the chunk (fp32) and, if
     ``STORE_DECAYED``, the decay ``e^{b_C}``, the decayed keys ``kd = k e^{b_C - b}`` and (if ``STORE_QD``)
-    queries ``qd = q e^{b}`` in ``kd``'s dtype."""
+    queries ``qd = q e^{b}`` in ``kd``'s dtype. ``FROM_CUMSUM``: ``b`` is read (the forward's, kept for the
+    backward), not formed from ``g``."""
     i_k, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, t0, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT)
     o_t, t, m_t, last = chunk_rows(t0, eos, BT)
@@ -143,9 +145,12 @@ def prepare_kernel(
     m_k = o_k < K
     m = m_t[:, None] & m_k[None, :]
     off = (t[:, None] * H + i_h) * K + o_k[None, :]
-    gg = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
-    b = tl.cumsum(tl.maximum(gg, FLOOR), axis=0)
-    tl.store(b_ptr + off, b, mask=m)
+    if FROM_CUMSUM:
+        b = tl.load(b_ptr + off, mask=m, other=0.0)
+    else:
+        gg = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
+        b = tl.cumsum(tl.maximum(gg, FLOOR), axis=0)
+        tl.store(b_ptr + off, b, mask=m)
     if STORE_DECAYED:
         b_last = row_of(b, o_t, last - t0)  # the stored value of the last valid row, as the other kernels read it
         if STORE_QD:
@@ -275,6 +280,14 @@ def chunk_states_kernel(
 
 
 @triton.jit
+def bounded_attention(qq, kk, b, o_t, DT: tl.constexpr, PREC: tl.constexpr):
+    """One K tile's causal ``(q e^{b}) (k e^{-b})^T`` ``[BT, BT]`` fp32, the decay split at the chunk start (valid
+    where the tile's decay across the chunk is bounded, see :func:`intra_attention_kernel`)."""
+    qk = tl.dot((qq * tl.exp(b)).to(DT), tl.trans((kk * tl.exp(-b)).to(DT)), input_precision=PREC)
+    return tl.where(o_t[:, None] >= o_t[None, :], qk, 0.0)
+
+
+@triton.jit
 def intra_attention_kernel(
     q_ptr,
     k_ptr,
@@ -291,18 +304,23 @@ def intra_attention_kernel(
     DT: tl.constexpr,
     PREC: tl.constexpr,
     MAX_DECAY: tl.constexpr,
+    STRONG: tl.constexpr,
 ):
     """A chunk's whole scaled attention matrix ``A`` ``[BT, BT]``; grid (NT, H), loop over K tiles.
 
-    Where every gate cumsum of the tile stays above ``-MAX_DECAY`` (so ``exp(-b)`` cannot overflow
+    Where every gate cumsum of the chunk stays above ``-MAX_DECAY`` (so ``exp(-b)`` cannot overflow
     and ``exp(b)`` cannot underflow), ``A`` is one product ``(q e^{b}) (k e^{-b})^T``: each term is a
     product of two correctly rounded factors, as exact as the split below. Otherwise (strong gates,
-    resets) the secondary split in log space:
+    resets) each K tile whose decay is not bounded takes the secondary split in log space:
 
     Off-diagonal sub-chunk blocks (query sub-chunk ``I``, keys before ``I``): the decay is split at
     ``r_I``, the cumsum at the last row before ``I``: ``(q_i e^{b_i - r_I}) . (k_j e^{r_I - b_j})``,
     one ``tl.dot`` per ``I`` with the rows of other sub-chunks masked out. Diagonal 16 x 16 blocks:
     pairwise in log space, all four blocks at once, one key offset ``jj`` per iteration.
+
+    Launched twice over the same grid, as :func:`.chunk_bwd.qkg_grad_kernel`: ``STRONG=False`` takes the
+    chunks whose every K tile is bounded, ``STRONG=True`` the others. The bounded path alone needs 105
+    registers instead of 216 at 8 warps, so two programs share an SM.
     """
     NC: tl.constexpr = BT // BC
     i_n, i_h = tl.program_id(0), tl.program_id(1)
@@ -311,32 +329,40 @@ def intra_attention_kernel(
     sub = o_t // BC  # sub-chunk of each row
     pos = o_t % BC  # row within its sub-chunk
 
-    acc = tl.zeros([BT, BT], dtype=tl.float32)
+    lowest = tl.zeros([BK], dtype=tl.float32)  # the chunk's strongest decay, per column of a K tile
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        m_tk = m_t[:, None] & m_k[None, :]
-        qk_off = (t[:, None] * H + i_h) * K + o_k[None, :]
-        qq = tl.load(q_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
-        kk = tl.load(k_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
-        b, b_last = load_cumsum(b_ptr, t, m_t, last, o_k, m_k, i_h, H, K)
-        if tl.min(b_last, axis=0) >= -MAX_DECAY:
-            # Bounded decay over the whole chunk: one product with the decay split at the chunk start.
-            qd = qq * tl.exp(b)
-            kd = kk * tl.exp(-b)
-            qk = tl.dot(qd.to(DT), tl.trans(kd.to(DT)), input_precision=PREC)
-            acc += tl.where(o_t[:, None] >= o_t[None, :], qk, 0.0)
-        else:
-            for i_i in tl.static_range(1, NC):
-                r = row_of(b, o_t, i_i * BC - 1)
-                qd = qq * tl.exp(tl.where(sub[:, None] == i_i, b - r[None, :], float("-inf")))
-                kd = kk * tl.exp(tl.where(sub[:, None] < i_i, r[None, :] - b, float("-inf")))
-                acc += tl.dot(qd.to(DT), tl.trans(kd.to(DT)), input_precision=PREC)
-            for jj in range(0, BC):
-                j, kj, e = diagonal_pairs(k_ptr, b_ptr, b, b_last, t0, eos, sub, pos, jj, o_k, m_k, i_h, H, K, BC)
-                col = tl.sum(qq * kj * e, axis=1)
-                acc += tl.where(o_t[None, :] == j[:, None], col[:, None], 0.0)
-    tl.store(a_ptr + (t[:, None] * H + i_h) * BT + o_t[None, :], acc * scale, mask=m_t[:, None])
+        lowest = tl.minimum(lowest, tl.load(b_ptr + (last * H + i_h) * K + o_k, mask=o_k < K, other=0.0))
+    if STRONG:
+        mine = tl.min(lowest, axis=0) < -MAX_DECAY
+    else:
+        mine = tl.min(lowest, axis=0) >= -MAX_DECAY
+    if mine:
+        acc = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            m_tk = m_t[:, None] & m_k[None, :]
+            qk_off = (t[:, None] * H + i_h) * K + o_k[None, :]
+            qq = tl.load(q_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
+            kk = tl.load(k_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
+            b, b_last = load_cumsum(b_ptr, t, m_t, last, o_k, m_k, i_h, H, K)
+            if not STRONG:
+                acc += bounded_attention(qq, kk, b, o_t, DT, PREC)
+            elif tl.min(b_last, axis=0) >= -MAX_DECAY:  # a bounded tile of a chunk decaying strongly elsewhere
+                acc += bounded_attention(qq, kk, b, o_t, DT, PREC)
+            else:
+                for i_i in tl.static_range(1, NC):
+                    r = row_of(b, o_t, i_i * BC - 1)
+                    qd = qq * tl.exp(tl.where(sub[:, None] == i_i, b - r[None, :], float("-inf")))
+                    kd = kk * tl.exp(tl.where(sub[:, None] < i_i, r[None, :] - b, float("-inf")))
+                    acc += tl.dot(qd.to(DT), tl.trans(kd.to(DT)), input_precision=PREC)
+                for jj in range(0, BC):
+                    j, kj, e = diagonal_pairs(k_ptr, b_ptr, b, b_last, t0, eos, sub, pos, jj, o_k, m_k, i_h, H, K,
+                                              BC)
+                    col = tl.sum(qq * kj * e, axis=1)
+                    acc += tl.where(o_t[None, :] == j[:, None], col[:, None], 0.0)
+        tl.store(a_ptr + (t[:, None] * H + i_h) * BT + o_t[None, :], acc * scale, mask=m_t[:, None])
 
 
 @triton.jit
@@ -405,21 +431,33 @@ class Prepared:
 
 
 def prepare_chunks(
-    q: Tensor, k: Tensor, g: Tensor, info: SeqInfo, kd: KernelDtypes, plan: StatePlan, want_qd: bool
+    q: Tensor,
+    k: Tensor,
+    g: Tensor | None,
+    info: SeqInfo,
+    kd: KernelDtypes,
+    plan: StatePlan,
+    want_qd: bool,
+    b: Tensor | None = None,
 ) -> Prepared:
     """Launch :func:`prepare_kernel`: the gate cumsums and, for prepared state passes (``plan.prepared``),
-    the decayed keys (and queries, if ``want_qd``) and the chunk decays."""
-    TT, H, K = g.shape
+    the decayed keys (and queries, if ``want_qd``) and the chunk decays. Given the cumsums ``b`` (the backward,
+    from the forward's), only the decayed operands are made, and nothing is launched when none are needed."""
+    TT, H, K = q.shape
     BK = block_size(K, common.PREPARE_BK)
-    b = g.new_empty(TT, H, K, dtype=torch.float32)
     store = plan.prepared
-    kd_ = g.new_empty(TT, H, K, dtype=kd.dot_torch) if store else None
-    qd = g.new_empty(TT, H, K, dtype=kd.dot_torch) if store and want_qd else None
-    decay = g.new_empty(info.num_chunks, H, K, dtype=torch.float32) if store else None
+    if b is not None and not store:
+        return Prepared(b, None, None, None)
+    from_cumsum = b is not None
+    if b is None:
+        b = q.new_empty(TT, H, K, dtype=torch.float32)
+    kd_ = q.new_empty(TT, H, K, dtype=kd.dot_torch) if store else None
+    qd = q.new_empty(TT, H, K, dtype=kd.dot_torch) if store and want_qd else None
+    decay = q.new_empty(info.num_chunks, H, K, dtype=torch.float32) if store else None
     prepare_kernel[(triton.cdiv(K, BK), info.num_chunks, H)](
-        g, q, k, b, qd if qd is not None else b, kd_ if store else b, decay if store else b, info.chunk_indices,
-        info.cu_seqlens, H=H, K=K, BT=CHUNK, BK=BK, FLOOR=G_FLOOR, STORE_DECAYED=store, STORE_QD=qd is not None,
-        num_warps=common.PREPARE_WARPS,
+        b if from_cumsum else g, q, k, b, qd if qd is not None else b, kd_ if store else b, decay if store else b,
+        info.chunk_indices, info.cu_seqlens, H=H, K=K, BT=CHUNK, BK=BK, FLOOR=G_FLOOR, STORE_DECAYED=store,
+        STORE_QD=qd is not None, FROM_CUMSUM=from_cumsum, num_warps=common.PREPARE_WARPS,
     )
     return Prepared(b, kd_, qd, decay)
 
@@ -530,25 +568,27 @@ def intra_attention(q: Tensor, k: Tensor, b: Tensor, scale: float, info: SeqInfo
     TT, H, K = q.shape
     BK = block_size(K, common.INTRA_BK)
     a = q.new_empty(TT, H, CHUNK, dtype=torch.float32)
-    intra_attention_kernel[(info.num_chunks, H)](
-        q,
-        k,
-        b,
-        a,
-        info.chunk_indices,
-        info.cu_seqlens,
-        scale,
-        H=H,
-        K=K,
-        BT=CHUNK,
-        BC=SUB_CHUNK,
-        BK=BK,
-        DT=kd.dot,
-        PREC=kd.prec,
-        MAX_DECAY=common.MAX_DECAY,
-        num_warps=4 if BK <= 32 else common.INTRA_WARPS,
-        num_stages=1,
-    )
+    for strong in (False, True):  # the chunks of bounded decay, then the others (see the kernel's docstring)
+        intra_attention_kernel[(info.num_chunks, H)](
+            q,
+            k,
+            b,
+            a,
+            info.chunk_indices,
+            info.cu_seqlens,
+            scale,
+            H=H,
+            K=K,
+            BT=CHUNK,
+            BC=SUB_CHUNK,
+            BK=BK,
+            DT=kd.dot,
+            PREC=kd.prec,
+            MAX_DECAY=common.MAX_DECAY,
+            STRONG=strong,
+            num_warps=4 if BK <= 32 else common.INTRA_WARPS,
+            num_stages=1,
+        )
     return a
 
 
