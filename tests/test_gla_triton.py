@@ -169,6 +169,17 @@ def test_wide_v_tiles_only_for_bf16_products():
         assert common.v_block_size(48, common.VALUE_GRAD_BV, kd) == 64  # a narrower head dim keeps its own width
 
 
+def test_intra_kernel_takes_all_of_k_in_one_tile_only_where_timed():
+    """One whole-K tile in the intra-chunk kernel was timed faster at K = 128 on bf16 products and slower as two
+    128-wide tiles at K = 256: bf16 up to K = 128 takes K in one tile, wider K and fp32 products 64-wide tiles."""
+    import triton.language as tl
+
+    bf16 = common.KernelDtypes(tl.bfloat16, "tf32", torch.bfloat16, torch.bfloat16)
+    fp32 = common.kernel_dtypes(torch.float32)
+    assert [chunk_fwd.intra_block_size(K, bf16) for K in (32, 100, 128, 256, 512)] == [32, 128, 128, 64, 64]
+    assert [chunk_fwd.intra_block_size(K, fp32) for K in (32, 128, 256)] == [32, 64, 64]
+
+
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("v_tiles", [1, 2])
 def test_forward_without_grad_matches_recurrent(poison, intra_path, monkeypatch, packed, v_tiles):

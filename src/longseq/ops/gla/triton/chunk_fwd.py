@@ -563,10 +563,17 @@ def segment_buffers(segments: int, H: int, K: int, V: int, like: Tensor) -> tupl
     return tuple(like.new_empty(shape, dtype=torch.float32) for shape in shapes)
 
 
+def intra_block_size(K: int, kd: KernelDtypes) -> int:
+    """K tile of :func:`intra_attention_kernel`: all of K in one tile on the bf16 path up to
+    ``INTRA_WHOLE_K_MAX``, else ``INTRA_BK``-wide tiles (see :mod:`.common`)."""
+    whole_k = kd.dot_torch == torch.bfloat16 and K <= common.INTRA_WHOLE_K_MAX
+    return block_size(K, common.INTRA_WHOLE_K_MAX if whole_k else common.INTRA_BK)
+
+
 def intra_attention(q: Tensor, k: Tensor, b: Tensor, scale: float, info: SeqInfo, kd: KernelDtypes) -> Tensor:
     """Launch :func:`intra_attention_kernel`; returns ``A`` ``[TT, H, 64]`` fp32."""
     TT, H, K = q.shape
-    BK = block_size(K, common.INTRA_BK)
+    BK = intra_block_size(K, kd)
     a = q.new_empty(TT, H, CHUNK, dtype=torch.float32)
     for strong in (False, True):  # the chunks of bounded decay, then the others (see the kernel's docstring)
         intra_attention_kernel[(info.num_chunks, H)](

@@ -58,6 +58,10 @@ STATE_BV = 128
 STATE_WARPS = 4
 STATE_STAGES = 2
 INTRA_BK = 64
+# On the bf16 path a K of at most this many columns takes one whole-K tile in the intra-chunk kernel: at K = 128 the
+# forward was 5-6% faster than with two 64-wide tiles (fwd+bwd 1.2-1.8%), while at K = 256 two 128-wide tiles were
+# 6-7% slower forward than four 64-wide ones (H100, RESULTS "session 26"). fp32 products keep INTRA_BK (untimed).
+INTRA_WHOLE_K_MAX = 128
 INTRA_WARPS = 8  # from 64-wide K tiles; narrower ones take 4
 OUTPUT_BK = 64
 # A 128-wide output V tile reads q, its gate factors and the chunk's A (and computes exp(b)) fewer times per
