@@ -42,7 +42,7 @@ MAX_WARPS_PER_SM = 64
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["16x128x128x8x4096", "4x256x512x8x4096"],
-                   help="HxKxVxBxT per shape (bf16 inputs)")
+                   help="HxKxVxBxT per shape (bf16 q, k, v; fp32 gate)")
     p.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
                    help="constants of longseq.ops.gla.triton.common to set first")
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper) or 80 (Ampere)")
@@ -144,13 +144,14 @@ def programs_per_sm(regs: int, warps: int, shared: int, smem_kib: int) -> int:
 
 
 def run_shape(H: int, K: int, V: int, B: int, T: int):
-    """The package's bf16 forward and backward on CPU tensors of this shape (values never computed)."""
+    """The package's forward and backward on CPU tensors of this shape (values never computed): bf16 q, k, v and an
+    fp32 gate, as the GLA layer and the benchmarks pass them (the backward then reuses the forward's cumsums)."""
     from longseq.ops.gla.triton.autograd import chunk_gla
 
     def run():
         q, k = (torch.zeros(B, T, H, K, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
         v = torch.zeros(B, T, H, V, dtype=torch.bfloat16, requires_grad=True)
-        g = torch.zeros(B, T, H, K, dtype=torch.bfloat16, requires_grad=True)
+        g = torch.zeros(B, T, H, K, dtype=torch.float32, requires_grad=True)
         o, _ = chunk_gla(q, k, v, g, K**-0.5)
         o.backward(torch.zeros_like(o))
 

@@ -261,7 +261,7 @@ def test_strong_and_infinite_gates_stay_finite_and_exact(poison, state_operands)
         assert dg.dtype == dtype and bool((dg[g == float("-inf")] == 0).all()) and bool((dg[g > -20] != 0).any())
 
 
-def test_mixed_decay_takes_both_paths_in_one_launch(poison):
+def test_mixed_decay_takes_both_paths_in_one_call(poison):
     """Default threshold: head 0 decays by ~4 per chunk (single product), head 1 by ~600 (split), and in
     head 0 one chunk sits just above the threshold with large keys, where exp(-b) reaches e^39."""
     q, k, v, g, s0 = make_inputs(1, 192, 2, 16, 16, seed=12)
@@ -276,16 +276,27 @@ def test_mixed_decay_takes_both_paths_in_one_launch(poison):
 
 
 def test_mixed_decay_across_the_k_tiles_of_one_chunk(poison, monkeypatch):
-    """16-wide K tiles of K = 32: in the middle chunk only the second tile decays past the threshold, so the
-    strong-decay launches own that chunk and take the single product for its bounded first tile (the forward's
-    A sums both tiles' paths), while the other chunks stay with the bounded launches; every output written once
-    (``poison``)."""
+    """16-wide K tiles of K = 32: in the middle chunk only the second tile decays past the threshold. The forward's
+    strong-decay launch owns that whole chunk (A sums both tiles) and takes the single product for its bounded first
+    tile; in the backward that first tile stays with the bounded launch and the second goes to the strong one. The
+    other chunks stay with the bounded launches; every output written once (``poison``)."""
     monkeypatch.setattr(common, "MAX_BLOCK", 16)
     q, k, v, g, s0 = make_inputs(1, 150, 2, 32, 16, seed=13)
     g = g.clone()
     g[...] = -0.05
     g[0, 64:128, :, 16:] = -2.0  # ~-128 across the chunk in the second K tile only
     assert common.MAX_DECAY == 40.0
+    check_against_reference(q, k, v, g, s0, rtol=5e-5)
+
+
+def test_one_masked_k_tile_wider_than_k(poison, monkeypatch):
+    """A 128-wide intra tile over K = 100 (the bf16 path's whole-K tile, forced here on fp32 products), its last 28
+    columns masked, with one chunk of strong decay among mild ones."""
+    monkeypatch.setattr(common, "INTRA_BK", 128)
+    q, k, v, g, s0 = make_inputs(1, 130, 1, 100, 16, seed=14)
+    g = g.clone()
+    g[...] = -0.05
+    g[0, 64:128, :, 40:60] = -1.5
     check_against_reference(q, k, v, g, s0, rtol=5e-5)
 
 
@@ -521,7 +532,7 @@ def test_frozen_copy_for_ab_runs_like_the_package(tmp_path, monkeypatch):
 
 def test_kernel_resource_report_compiles_every_launch_for_the_gpu():
     """``benchmarks/gla_kernel_resources.py`` compiles each kernel launch of one forward+backward for an H100 on this
-    CPU-only machine and reads its registers from ptxas: the eleven launches in order (the intra-chunk and dq/dk/dg
+    CPU-only machine and reads its registers from ptxas: the ten launches in order (the intra-chunk and dq/dk/dg
     kernels launch twice: bounded decay, then strong), a register count for each, and
     program counts as the launch code's grids give them (dq/dk/dg: K tiles x chunks x heads, here 2 x 2 x 2)."""
     import os
@@ -538,7 +549,8 @@ def test_kernel_resource_report_compiles_every_launch_for_the_gpu():
             if line.startswith("| 2x32x32x1x128 |")]
     forward = ["prepare_kernel", "chunk_states_kernel", "intra_attention_kernel",
                "intra_attention_kernel (strong decay)", "output_kernel"]
-    backward = ["prepare_kernel", "chunk_states_kernel", "state_grads_kernel", "value_grad_kernel", "qkg_grad_kernel",
+    # An fp32 gate's cumsums are kept for the backward, and one V tile forms its state operands: no prepare launch.
+    backward = ["chunk_states_kernel", "state_grads_kernel", "value_grad_kernel", "qkg_grad_kernel",
                 "qkg_grad_kernel (strong decay)"]
     assert [row[1] for row in rows] == forward + backward
     assert all(0 < int(row[5]) <= 255 for row in rows)

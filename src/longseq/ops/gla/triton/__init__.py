@@ -31,7 +31,8 @@ so their absolute error is ~``eps * |b|`` (``|b| <= 64 * 100``): always finite, 
 
 Backward
 --------
-``A`` is saved by the forward; the gate cumsums and ``h`` are recomputed. With ``dH_{c+1}`` the gradient
+``A`` is saved by the forward, and so are the gate cumsums of an fp32 ``g`` (other dtypes recompute them);
+``h`` is recomputed. With ``dH_{c+1}`` the gradient
 w.r.t. the state after chunk ``c`` (``dS_T``, the final state's gradient, for the last chunk; 0 if none):
 
 * ``dH_c = diag(exp(b_C)) dH_{c+1} + scale sum_i (q_i * exp(b_i))^T do_i`` (``state_grads_kernel``,
@@ -61,7 +62,8 @@ w.r.t. the state after chunk ``c`` (``dS_T``, the final state's gradient, for th
     inside ``[m, e]`` cancel up to fp32 accumulation rounding, not bf16 rounding.
 
   All local to the chunk: no sequence-long cumsum (``qkg_grad_kernel``).
-  Below the clamp floor ``dg = 0``.
+  Below the clamp floor ``dg = 0``. (An fp32 ``g``, whose cumsums the backward reads instead, gets 0 also from the
+  floor up to 0.01 above it, where the exact gradient is of order ``e^-100``.)
 
 Precision: ``tl.dot`` operands are bf16 for bf16 inputs, fp32 (TF32) for fp16 inputs and fp32 (IEEE)
 for fp32 inputs, always with fp32 accumulation (:func:`.common.kernel_dtypes`). Gate cumsums, states,

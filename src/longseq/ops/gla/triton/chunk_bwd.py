@@ -238,9 +238,8 @@ def qkg_grad_kernel(
 
     Launched twice over the same grid: ``STRONG=False`` computes the tiles whose decay across the chunk is
     bounded (every tile, for gates like the benchmarks' and trained models'), ``STRONG=True`` the others, and
-    each skips the other's tiles. One kernel holding both paths needed 255 registers and spilled (~690 B per
-    thread at 64-wide K tiles); the bounded path alone fits in 218, or in 128 at 32-wide tiles, so two
-    programs share an SM (``benchmarks/gla_kernel_resources.py``).
+    each skips the other's tiles. One kernel holding both paths spilled ~690 B per thread at 255 registers and
+    64-wide K tiles; the bounded path alone spills nothing (``benchmarks/gla_kernel_resources.py``).
     """
     NC: tl.constexpr = BT // BC
     i_k, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -249,10 +248,11 @@ def qkg_grad_kernel(
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
     b_last = tl.load(b_ptr + (last * H + i_h) * K + o_k, mask=m_k, other=0.0)
+    strong = tl.min(b_last, axis=0) < -MAX_DECAY
     if STRONG:
-        mine = tl.min(b_last, axis=0) < -MAX_DECAY
+        mine = strong
     else:
-        mine = tl.min(b_last, axis=0) >= -MAX_DECAY
+        mine = strong == 0  # the exact complement (a NaN cumsum fails both comparisons)
     if mine:
         m_tk = m_t[:, None] & m_k[None, :]
         qk_off = (t[:, None] * H + i_h) * K + o_k[None, :]

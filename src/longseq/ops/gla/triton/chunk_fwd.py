@@ -319,8 +319,9 @@ def intra_attention_kernel(
     pairwise in log space, all four blocks at once, one key offset ``jj`` per iteration.
 
     Launched twice over the same grid, as :func:`.chunk_bwd.qkg_grad_kernel`: ``STRONG=False`` takes the
-    chunks whose every K tile is bounded, ``STRONG=True`` the others. The bounded path alone needs 105
-    registers instead of 216 at 8 warps, so two programs share an SM.
+    chunks whose every K tile is bounded, ``STRONG=True`` the others (the choice is per chunk, whatever the K
+    tiles of each launch). The bounded path alone needs about 100 registers at 8 warps instead of over 200, so
+    two programs share an SM.
     """
     NC: tl.constexpr = BT // BC
     i_n, i_h = tl.program_id(0), tl.program_id(1)
@@ -333,10 +334,11 @@ def intra_attention_kernel(
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         lowest = tl.minimum(lowest, tl.load(b_ptr + (last * H + i_h) * K + o_k, mask=o_k < K, other=0.0))
+    strong = tl.min(lowest, axis=0) < -MAX_DECAY
     if STRONG:
-        mine = tl.min(lowest, axis=0) < -MAX_DECAY
+        mine = strong
     else:
-        mine = tl.min(lowest, axis=0) >= -MAX_DECAY
+        mine = strong == 0  # the exact complement (a NaN cumsum fails both comparisons)
     if mine:
         acc = tl.zeros([BT, BT], dtype=tl.float32)
         for i_k in range(0, tl.cdiv(K, BK)):
@@ -571,11 +573,13 @@ def intra_block_size(K: int, kd: KernelDtypes) -> int:
 
 
 def intra_attention(q: Tensor, k: Tensor, b: Tensor, scale: float, info: SeqInfo, kd: KernelDtypes) -> Tensor:
-    """Launch :func:`intra_attention_kernel`; returns ``A`` ``[TT, H, 64]`` fp32."""
+    """Launch :func:`intra_attention_kernel` twice (chunks of bounded decay, then the others); returns ``A``
+    ``[TT, H, 64]`` fp32."""
     TT, H, K = q.shape
-    BK = intra_block_size(K, kd)
     a = q.new_empty(TT, H, CHUNK, dtype=torch.float32)
-    for strong in (False, True):  # the chunks of bounded decay, then the others (see the kernel's docstring)
+    for strong in (False, True):
+        # The whole-K tile was timed on the bounded path only; the strong one keeps the tiles it had.
+        BK = block_size(K, common.INTRA_BK) if strong else intra_block_size(K, kd)
         intra_attention_kernel[(info.num_chunks, H)](
             q,
             k,
