@@ -154,7 +154,6 @@ def recurrent_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, sta
     return o
 
 
-
 _OFFSETS: dict[tuple[int, int, torch.device], Tensor] = {}
 
 
