@@ -364,3 +364,21 @@ def test_stop_arguments_keep_utf8_and_decode_escapes():
 def test_eval_sweep_on_a_gla_run_fails_before_loading(run, capsys):
     assert main(["eval", str(run), "--policies", "tova", "--budgets", "8", "--no-progress"]) == 2
     assert "gla model without softmax-attention caches" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_train_compile_trains_through_torch_compile(tmp_path, capsys):
+    """`bench train --compile` times the training steps through torch.compile: dynamo compiles a graph (its
+    counters move), the steps still train (tok/s > 0), and the report and its table say so."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    report = tmp_path / "bench.json"
+    argv = ["bench", "--models", "gla", "--presets", "tiny", "--set", "n_layers=1", "--seq-lens", "16",
+            "--batch-tokens", "32", "--steps", "1", "--warmup", "1", "--gen-prompt", "4", "--gen-tokens", "2",
+            "--device", "cpu", "--compile", "--json", str(report)]
+    assert main(argv) == 0
+    assert counters["stats"]["unique_graphs"] >= 1
+    data = json.loads(report.read_text())
+    assert data["compile"] is True and data["results"][0]["train_tok_s"] > 0
+    assert "training compiled (torch.compile)" in capsys.readouterr().out

@@ -152,7 +152,8 @@ def test_a_run_saved_with_both_val_settings_still_resumes(tmp_path, run, corpus)
     (["bench", "decode", "--steps", "5"], ["--steps (here: --gen-tokens)", "of bench train only"]),
     (["bench", "decode", "--seq-lens", "64", "--gen-batch", "2"], ["--seq-lens", "--gen-batch"]),
     (["bench", "train", "--contexts", "64"], ["--contexts (here: --seq-lens", "of bench decode only"]),
-    (["bench", "--policies", "full", "--compile", "--batch-sizes", "2"], ["--policies", "--compile", "--batch-sizes"]),
+    (["bench", "--policies", "full", "--fused", "--batch-sizes", "2"], ["--policies", "--fused", "--batch-sizes"]),
+    (["bench", "--compile", "--warmup", "0"], ["--compile needs --warmup >= 1", "got --warmup 0"]),
     (["bench", "--memory-limit-gib", "8", "--jsonl", "x.jsonl"], ["--memory-limit-gib", "--jsonl (here: --json)"]),
 ])
 def test_bench_refuses_the_other_modes_flags(tmp_path, capsys, monkeypatch, argv, named):

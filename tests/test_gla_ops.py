@@ -360,6 +360,8 @@ def test_decode_step_op_rejects_bad_input(monkeypatch):
         gla_decode_step(q, k, v, g, s.transpose(-1, -2).contiguous().transpose(-1, -2))
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         gla_decode_step(q, k, v, g, s, backend="cuda")
+    with pytest.raises(ValueError, match="must be on one device; got q on cpu, .* state on meta"):
+        gla_decode_step(q, k, v, g, s.to("meta"))  # meta stands in for another device on a CPU-only machine
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend 'triton' cannot run these inputs"):
         gla_decode_step(q, k, v, g, s, backend="triton")

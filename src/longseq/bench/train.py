@@ -21,16 +21,23 @@ from .timing import OOM, is_oom, peak_memory_gib, release_memory, reset_peak_mem
 
 
 def bench_train(
-    model, batch: int, seq_len: int, steps: int, warmup: int, device: torch.device
+    model, batch: int, seq_len: int, steps: int, warmup: int, device: torch.device, compile: bool = False
 ) -> dict[str, Any]:
-    """Training tokens/s (forward, backward, AdamW step) on random ``[batch, seq_len + 1]`` bytes."""
+    """Training tokens/s (forward, backward, AdamW step) on random ``[batch, seq_len + 1]`` bytes.
+
+    ``compile``: the forward runs through ``torch.compile`` (as ``longseq train --compile`` runs it); it
+    compiles during the warmup steps, so give at least one.
+    """
+    if compile and warmup < 1:
+        raise ValueError(f"compile=True needs warmup >= 1 (the first step compiles); got warmup={warmup}")
     optimizer, _ = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95), device)
     x = torch.randint(0, 256, (batch, seq_len + 1), device=device)
     model.train()
+    forward = torch.compile(model) if compile else model
 
     def one_step() -> None:
         with autocast(device):
-            logits = model(x[:, :-1])
+            logits = forward(x[:, :-1])
         loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
         loss.backward()
         optimizer.step()
@@ -89,6 +96,7 @@ def _run_phase(row: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]],
 def _bench_one(
     kind: str, preset: str, seq_len: int, batch_tokens: int, steps: int, warmup: int,
     gen_batch: int, gen_prompt: int, gen_tokens: int, dev: torch.device, overrides: dict[str, Any],
+    compile: bool = False,
 ) -> dict[str, Any]:
     """One configuration; an out-of-memory phase is reported as ``"OOM"`` and the sweep goes on."""
     row: dict[str, Any] = {"model": kind, "preset": preset, "seq_len": seq_len}
@@ -104,7 +112,7 @@ def _bench_one(
             return row
         batch = max(1, batch_tokens // seq_len)
         # ``bench_train`` is looked up here, at call time, so a test can replace it with a fake OOM.
-        _run_phase(row, "train", lambda: bench_train(model, batch, seq_len, steps, warmup, dev), dev)
+        _run_phase(row, "train", lambda: bench_train(model, batch, seq_len, steps, warmup, dev, compile), dev)
         _run_phase(row, "gen", lambda: bench_generate(model, gen_batch, gen_prompt, gen_tokens, dev), dev)
     except (torch.cuda.OutOfMemoryError, RuntimeError) as err:  # e.g. the model itself does not fit
         if not is_oom(err):
@@ -128,9 +136,11 @@ def run_bench(
     gen_tokens: int = 128,
     device: str | None = None,
     overrides: dict[str, Any] | None = None,
+    compile: bool = False,
     log=print,
 ) -> dict[str, Any]:
-    """Every (model, preset, seq_len) combination; training batch = ``max(1, batch_tokens // seq_len)``.
+    """Every (model, preset, seq_len) combination; training batch = ``max(1, batch_tokens // seq_len)``;
+    ``compile``: the training steps run the model through ``torch.compile`` (see :func:`bench_train`).
 
     Returns the report :func:`markdown_table` prints: the device, versions and settings, and one row per
     configuration under ``"results"`` (each also passed to ``log`` as a line as soon as it is measured).
@@ -147,7 +157,7 @@ def run_bench(
         for preset in presets:
             for seq_len in seq_lens:
                 row = _bench_one(kind, preset, seq_len, batch_tokens, steps, warmup, gen_batch, gen_prompt,
-                                 gen_tokens, dev, overrides)
+                                 gen_tokens, dev, overrides, compile)
                 results.append(row)
                 log(format_row(row))
     return {
@@ -157,6 +167,7 @@ def run_bench(
         "batch_tokens": batch_tokens,
         "steps": steps,
         "warmup": warmup,
+        "compile": compile,
         "gen": {"batch": gen_batch, "prompt": gen_prompt, "new_tokens": gen_tokens},
         "results": results,
     }
@@ -175,7 +186,8 @@ def format_row(row: dict[str, Any]) -> str:
 def markdown_table(report: dict[str, Any]) -> str:
     """The results as a Markdown table headed by the device and library versions."""
     lines = [
-        f"Device: {report['device']}; torch {report['torch']}; {report['dtype']}; "
+        f"Device: {report['device']}; torch {report['torch']}; {report['dtype']}"
+        f"{'; training compiled (torch.compile)' if report.get('compile') else ''}; "
         f"training batch = {report['batch_tokens']} tokens; generation batch {report['gen']['batch']}, "
         f"prompt {report['gen']['prompt']}, {report['gen']['new_tokens']} new tokens.",
         "",

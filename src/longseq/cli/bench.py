@@ -31,7 +31,7 @@ TRAIN_FLAGS = {
 }
 DECODE_FLAGS = {
     "contexts": ([4096], "--seq-lens or --gen-prompt"), "batch_sizes": ([1], "--batch-tokens or --gen-batch"),
-    "max_batch": (512, None), "policies": (["full"], None), "compile": (False, None), "fused": (False, None),
+    "max_batch": (512, None), "policies": (["full"], None), "fused": (False, None),
     "against": (None, None), "memory_limit_gib": (None, None), "jsonl": (None, "--json"),
 }
 
@@ -61,6 +61,12 @@ def add_parser(sub) -> None:
                    help="generated tokens timed; in decode mode, the timed decode steps (default 128)")
     add_device_flag(p)
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
+    p.add_argument(
+        "--compile", action="store_true",
+        help="train mode: torch.compile each model for its training steps (compiles during the warmup steps, "
+        "as `longseq train --compile` runs); decode mode: static state and the decode step captured as a CUDA "
+        "graph (default: eager, dynamic state)",
+    )
     _add_train_flags(p.add_argument_group("train mode"))
     _add_decode_flags(p.add_argument_group("decode mode"))
     p.set_defaults(func=run)
@@ -88,8 +94,6 @@ def _add_decode_flags(d) -> None:
         "--policies", type=csv_list(str),
         help="KV-cache policies for models with attention; budgets may be relative: tova:ctx/8 (default full)",
     )
-    d.add_argument("--compile", action="store_true", default=None,
-                   help="static state + decode step captured as a CUDA graph (default: eager, dynamic state)")
     d.add_argument("--fused", action="store_true", default=None,
                    help="--compile, with the step torch.compile'd before its capture")
     d.add_argument("--against", choices=("hf",),
@@ -140,9 +144,12 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"{_flag(name)} must be >= 1; got {getattr(args, name)}")
     _check_positive_list("--seq-lens", args.seq_lens)
+    if args.compile and args.warmup < 1:
+        raise ValueError("bench train --compile needs --warmup >= 1: the first step compiles, and a timed one "
+                         f"would count the compile as training time; got --warmup {args.warmup}")
     report = run_bench(
         args.models, args.presets, args.seq_lens, args.batch_tokens, args.steps, args.warmup, args.gen_batch,
-        args.gen_prompt, args.gen_tokens, args.device, parse_sets(args.overrides), log=log,
+        args.gen_prompt, args.gen_tokens, args.device, parse_sets(args.overrides), compile=args.compile, log=log,
     )
     report["command"] = _command_line(args)
     print(markdown_table(report))

@@ -31,7 +31,7 @@ def gla_decode_step(
     Returns:
         ``o`` ``[B, H, V]`` in ``v``'s dtype.
     Raises:
-        ValueError: on mismatched shapes, a state of another dtype than the compute dtype or not contiguous,
+        ValueError: on mismatched shapes or devices, a state of another dtype than the compute dtype or not contiguous,
             an unknown backend, or ``"triton"`` for inputs it cannot run (saying why).
     """
     backend = backend or "auto"
@@ -61,9 +61,13 @@ def _torch_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor, scale
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("state", state)):
+    named = (("q", q), ("k", k), ("v", v), ("g", g), ("state", state))
+    for name, x in named:
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
+    if any(x.device != q.device for _, x in named):
+        raise ValueError("q, k, v, g and state must be on one device; got "
+                         + ", ".join(f"{name} on {x.device}" for name, x in named))
     if q.dim() != 3 or k.shape != q.shape or g.shape != q.shape:
         raise ValueError(f"q, k and g must share one shape [B, H, K] (one token per row); got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, g {tuple(g.shape)}")
