@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .attention import kv_head_positions
-from .hardware import cuda_sm_count
+from .hardware import cuda_sm_count, on_first_arg_device
 
 __all__ = ["decode_attention", "decode_attention_reference", "num_splits_for", "check_decode_shapes"]
 
@@ -253,6 +253,7 @@ def _weight_buffers(q: Tensor, S: int, has_n: bool) -> tuple[Tensor, Tensor]:
     return logits, lse
 
 
+@on_first_arg_device
 def decode_attention(
     q: Tensor,
     k: Tensor,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -24,3 +26,19 @@ def device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
     if not x.is_cuda or torch.compiler.is_compiling():
         return contextlib.nullcontext()
     return torch.cuda.device(x.device)
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def on_first_arg_device(fn: F) -> F:
+    """Run ``fn`` (a function launching Triton kernels on the tensors it is given, its first positional argument
+    a tensor) with that tensor's CUDA device current (see :func:`device_of`), so a model on ``cuda:1`` launches
+    there whatever the current device is."""
+
+    @functools.wraps(fn)
+    def on_device(x, *args, **kwargs):
+        with device_of(x):
+            return fn(x, *args, **kwargs)
+
+    return on_device  # type: ignore[return-value]

@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..hardware import on_first_arg_device
+
 # GEMV programs: the whole reduction dim in one block (up to MAX_BLOCK_D; wider inputs loop), so every
 # load of a program is issued before any arithmetic -- at batch 1 the kernel is a few hundred programs
 # each waiting on one round trip to memory. Weights of up to SMALL_WEIGHT elements get programs of
@@ -116,6 +118,7 @@ def gemv_kernel(
     tl.store(y_ptr + b * stride_y + offs_n, y.to(out_ty), mask=m_n)
 
 
+@on_first_arg_device
 def gemv(x: Tensor, weight: Tensor, norm_weight: Tensor | None, eps: float, residual: Tensor | None,
          swiglu: bool) -> Tensor:
     """Launch :func:`gemv_kernel`. ``x`` ``[B, D]`` (unit stride along D), ``weight`` ``[N, D]`` or, with
@@ -242,6 +245,7 @@ def patch_attention_kernel(
     tl.store(o_ptr + b * stride_o + h * D + offs, o.to(o_ptr.dtype.element_ty))
 
 
+@on_first_arg_device
 def patch_attention(qkv: Tensor, p: Tensor, k_cache: Tensor, v_cache: Tensor, slot_pos: Tensor | None,
                     n_heads: int, n_kv_heads: int, inv_freq: Tensor) -> Tensor:
     """Launch :func:`patch_attention_kernel` (arguments as :func:`.reference.patch_attention_reference`)."""
@@ -348,6 +352,7 @@ def rope_write_kernel(
                 tl.store(sp_ptr + b * stride_spb + group * stride_spg + at, new_pos.to(sp_ptr.dtype.element_ty))
 
 
+@on_first_arg_device
 def rope_write(qkv: Tensor, pos: Tensor, row_mask: Tensor | None, k_cache: Tensor, v_cache: Tensor,
                slot_pos: Tensor | None, n_heads: int, n_kv_heads: int, inv_freq: Tensor,
                first_empty: bool = False) -> Tensor:
@@ -455,6 +460,7 @@ def evict_kernel(
         tl.store(sp_row + offs, tl.full((BLOCK_C,), -1, sp.dtype), mask=offs == victim)
 
 
+@on_first_arg_device
 def evict(slot_pos: Tensor, pos: Tensor, key: int, sinks: int, recent: int, weights: Tensor | None,
           score: Tensor | None, row_mask: Tensor | None, lse: Tensor | None = None) -> None:
     """Launch :func:`evict_kernel` (arguments as :func:`.reference.evict_reference`; with ``lse`` ``[B, H]``,

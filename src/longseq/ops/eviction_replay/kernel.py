@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..hardware import on_first_arg_device
 from . import MAX_ENTRIES
 from .reference import check_replay_inputs
 
@@ -64,6 +65,7 @@ def _replay_kernel(
         tl.store(acc_ptr + row + offs, acc, mask=in_range)
 
 
+@on_first_arg_device
 def replay_evictions(
     scores: Tensor, key_pos: Tensor, pos: Tensor, alive: Tensor, acc: Tensor | None, recent: int
 ) -> tuple[Tensor, Tensor, Tensor | None]:
