@@ -2,7 +2,7 @@
 # Runs every GPU benchmark (and the GPU-marked tests) in one go on the device machine, one log per
 # step under $OUT (default ./gpu-out). Each step has its own time limit so one hang cannot eat the rest.
 #   bash benchmarks/gpu_suite.sh [step ...]
-#   steps: env tests gla triton triton2 triton-decode tune-rules bench bench-compile decode decode-b1 decode-smollm2 decode-fused decode-bounded decode-hybrid megabyte megabyte-fused megabyte-compile cache hf recall
+#   steps: env tests gla triton triton2 triton-decode tune-rules bench bench-compile train-profile decode decode-b1 decode-smollm2 decode-fused decode-bounded decode-hybrid megabyte megabyte-fused megabyte-compile cache hf recall
 #          profile triton-profile prefill
 #   with GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf also: prefill-smollm2 passkey-smollm2 sweep-smollm2
 set -u
@@ -62,6 +62,9 @@ for s in "${steps[@]}"; do
     decode-fused) run decode-fused 240 python3 -m longseq bench decode --models gla,transformer,megabyte:paper95m --presets 85m --contexts 4096 --batch-sizes 1 --policies full,tova:ctx/8 --gen-tokens 64 --fused --jsonl "$OUT/decode_fused.jsonl" ;;
     bench) run bench 420 python3 -m longseq bench --device cuda --models gla,transformer --presets medium --seq-lens 2048,8192 --batch-tokens 16384 --steps 5 --warmup 2 --json "$OUT/bench.json" ;;
     bench-compile) run bench-compile 540 python3 -m longseq bench --device cuda --models gla,transformer --presets medium --seq-lens 2048,8192 --batch-tokens 16384 --steps 5 --warmup 2 --compile --json "$OUT/bench_compile.json" ;;
+    train-profile)
+      run train-profile-gla 200 python3 benchmarks/profile_train.py --model gla --json "$OUT/train_profile_gla.json"
+      run train-profile-transformer 200 python3 benchmarks/profile_train.py --model transformer --json "$OUT/train_profile_transformer.json" ;;
     megabyte) run megabyte 420 python3 benchmarks/bench_megabyte.py --device cuda --json "$OUT/megabyte.json" ;;
     megabyte-fused) run megabyte-fused 300 python3 benchmarks/bench_megabyte.py --device cuda --fused --module-step --steps 0 --json "$OUT/megabyte_fused.json" ;;
     megabyte-compile) run megabyte-compile 300 python3 benchmarks/bench_megabyte.py --device cuda --compile --gen-bytes 0 --ref-gen-bytes 0 --json "$OUT/megabyte_compile.json" ;;

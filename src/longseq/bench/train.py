@@ -20,16 +20,12 @@ from .report import describe_device, fmt
 from .timing import OOM, is_oom, peak_memory_gib, release_memory, reset_peak_memory, sync, timed
 
 
-def bench_train(
-    model, batch: int, seq_len: int, steps: int, warmup: int, device: torch.device, compile: bool = False
-) -> dict[str, Any]:
-    """Training tokens/s (forward, backward, AdamW step) on random ``[batch, seq_len + 1]`` bytes.
-
-    ``compile``: the forward runs through ``torch.compile`` (as ``longseq train --compile`` runs it); it
-    compiles during the warmup steps, so give at least one.
-    """
-    if compile and warmup < 1:
-        raise ValueError(f"compile=True needs warmup >= 1 (the first step compiles); got warmup={warmup}")
+def train_step(
+    model, batch: int, seq_len: int, device: torch.device, compile: bool = False
+) -> Callable[[], None]:
+    """One training step on random ``[batch, seq_len + 1]`` bytes as a closure: forward under autocast, the
+    fp32 cross-entropy, backward, AdamW step. ``compile``: the forward runs through ``torch.compile`` (as
+    ``longseq train --compile`` runs it); its first call compiles."""
     optimizer, _ = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95), device)
     x = torch.randint(0, 256, (batch, seq_len + 1), device=device)
     model.train()
@@ -43,6 +39,17 @@ def bench_train(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return one_step
+
+
+def bench_train(
+    model, batch: int, seq_len: int, steps: int, warmup: int, device: torch.device, compile: bool = False
+) -> dict[str, Any]:
+    """Training tokens/s of :func:`train_step`: ``warmup`` untimed steps, then ``steps`` timed ones. With
+    ``compile`` the first warmup step compiles, so give at least one."""
+    if compile and warmup < 1:
+        raise ValueError(f"compile=True needs warmup >= 1 (the first step compiles); got warmup={warmup}")
+    one_step = train_step(model, batch, seq_len, device, compile)
     for _ in range(warmup):
         one_step()
     sync(device)
