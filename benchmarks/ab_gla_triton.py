@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import importlib.util
 import json
 import re
 import shutil
@@ -68,6 +69,10 @@ def read_frozen(root: Path, spec: str) -> tuple[Path, dict[str, str]]:
     if not sep or not rev or not folder.isidentifier():
         raise SystemExit(f"--freeze {spec!r}: expected REV:FOLDER with FOLDER a Python package name, e.g. "
                          "259dde4:base_triton or worktree:mine")
+    shadowed = shadowed_module(folder, root)
+    if shadowed:
+        raise SystemExit(f"--freeze {spec!r}: a package named {folder!r} would shadow the module {shadowed} once "
+                         "the folder is on sys.path (torch imports it); name another folder")
     out = root / folder
     if out.exists():
         raise SystemExit(f"--freeze {spec!r}: {out} already exists; remove it or name another folder")
@@ -88,6 +93,18 @@ def read_frozen(root: Path, spec: str) -> tuple[Path, dict[str, str]]:
     return out, sources
 
 
+def shadowed_module(name: str, root: Path) -> str | None:
+    """Where the module ``name`` lives if one is importable from outside ``root`` (a standard-library module such
+    as ``queue``, or an installed package): a frozen package of that name in ``root``, first on ``sys.path``, would
+    replace it for every import."""
+    if name in sys.stdlib_module_names or name in sys.builtin_module_names:
+        return f"{name} (standard library)"
+    spec = importlib.util.find_spec(name)
+    if spec is None or (spec.origin and Path(spec.origin).resolve().is_relative_to(root)):
+        return None
+    return f"{name} ({spec.origin})"
+
+
 def write_frozen(out: Path, sources: dict[str, str]) -> None:
     """Write ``sources`` into ``out`` as a top-level package: its relative imports from the rest of longseq
     (``from ...hardware``) become absolute."""
@@ -104,6 +121,10 @@ def load_variant(root: Path, spec: str, index: int):
     """``chunk_gla`` of the package ``root/folder`` for ``folder[:NAME=VALUE,...]``; with settings, of a copy
     (a package imports once per name) whose ``common`` constants are set to them."""
     folder, _, settings = spec.partition(":")
+    shadowed = shadowed_module(folder, root)
+    if shadowed:
+        raise SystemExit(f"variant {spec!r}: a package named {folder!r} shadows the module {shadowed}; rename the "
+                         "folder")
     if not (root / folder / "__init__.py").is_file():
         raise SystemExit(f"variant {spec!r}: {root / folder} is not a frozen kernel package (see the docstring)")
     if settings and not all(item.count("=") == 1 for item in settings.split(",")):

@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper) or 80 (Ampere)")
     p.add_argument("--sms", type=int, default=132, help="SM count the launch code plans for (H100 SXM: 132)")
     p.add_argument("--smem-kib", type=int, default=228, help="shared memory per SM in KiB (H100: 228)")
+    p.add_argument("--scale-fp64", action="store_true",
+                   help="type each kernel's float `scale` argument fp64, as torch.compile (inductor) passes it, and "
+                   "count the fp64 arithmetic left in each kernel's PTX (last column; 0 when the kernel casts it)")
     args = p.parse_args(argv)
     for shape in args.shapes:
         if not re.fullmatch(r"\d+x\d+x\d+x\d+x\d+", shape):
@@ -108,6 +111,30 @@ def record_launches(run_package, target: GPUTarget) -> list[Launch]:
     return launches
 
 
+def type_scale_as_fp64() -> None:
+    """Replace each chunk kernel taking a float ``scale`` by a copy whose ``scale`` is annotated ``fp64``: Triton then
+    compiles it with the argument typed as inductor types a Python float (the launch code looks the kernels up in
+    its module at call time, so the copies are what it launches)."""
+    import types
+
+    from longseq.ops.gla.triton import chunk_bwd, chunk_fwd
+
+    for module in (chunk_fwd, chunk_bwd):
+        for name, kernel in list(vars(module).items()):
+            if isinstance(kernel, JITFunction) and "scale" in kernel.signature.parameters:
+                fn = kernel.fn
+                copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+                copy.__annotations__ = {**fn.__annotations__, "scale": "fp64"}
+                copy.__module__, copy.__qualname__ = fn.__module__, fn.__qualname__
+                setattr(module, name, triton.jit(copy))
+
+
+def fp64_arithmetic(ptx: str) -> int:
+    """fp64 arithmetic instructions in ``ptx`` (not counting conversions such as ``cvt.rn.f32.f64``)."""
+    return len(re.findall(r"^\s*(?:add|sub|mul|fma|div|neg|max|min|ex2|lg2|rcp|sqrt)(?:\.\w+)*\.f64\b", ptx,
+                          flags=re.M))
+
+
 def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     """(registers per thread, spill store bytes, spill load bytes) from ``ptxas -v`` on one kernel's PTX, with the
     first of Triton's bundled assemblers that takes this PTX version (newer Tritons emit PTX for their newer one)."""
@@ -165,14 +192,16 @@ def main(argv=None) -> None:
     from longseq.ops.gla.triton import common
 
     set_constants(common, args.set, "--set")
+    if args.scale_fp64:
+        type_scale_as_fp64()
     common.cuda_sm_count = lambda device: args.sms  # the segment plan, as on a card of --sms SMs
 
     target = GPUTarget("cuda", args.arch, 32)
     print(f"triton {triton.__version__}, target sm_{args.arch}, {args.sms} SMs, {args.smem_kib} KiB shared per SM"
           + (f", set: {' '.join(args.set)}" if args.set else ""))
     print("\n| shape | kernel | programs | warps | stages | registers | spill stores / loads (B) | shared (KiB) "
-          "| programs per SM | warps per SM |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| programs per SM | warps per SM |" + (" fp64 ops |" if args.scale_fp64 else ""))
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.scale_fp64 else ""))
     for shape in args.shapes:
         H, K, V, B, T = (int(x) for x in shape.split("x"))
         for launch in record_launches(run_shape(H, K, V, B, T), target):
@@ -180,7 +209,8 @@ def main(argv=None) -> None:
             regs, stores, loads = ptxas_usage(launch.compiled.asm["ptx"], args.arch)
             per_sm = programs_per_sm(regs, meta.num_warps, meta.shared, args.smem_kib)
             print(f"| {shape} | {launch.name} | {launch.programs} | {meta.num_warps} | {meta.num_stages} | {regs} "
-                  f"| {stores} / {loads} | {meta.shared / 1024:.0f} | {per_sm} | {per_sm * meta.num_warps} |")
+                  f"| {stores} / {loads} | {meta.shared / 1024:.0f} | {per_sm} | {per_sm * meta.num_warps} |"
+                  + (f" {fp64_arithmetic(launch.compiled.asm['ptx'])} |" if args.scale_fp64 else ""))
     sys.stdout.flush()
 
 

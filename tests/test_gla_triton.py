@@ -498,7 +498,8 @@ def test_gpu_auto_picks_triton():
 def test_frozen_copy_for_ab_runs_like_the_package(tmp_path, monkeypatch):
     """``benchmarks/ab_gla_triton.py --freeze worktree:NAME`` makes a top-level package of these kernels (its
     imports from the rest of longseq made absolute) that computes what the package computes, bit for bit; a
-    second freeze into that folder is refused before anything is written, so edits to a copy are never lost."""
+    second freeze into that folder is refused before anything is written, so edits to a copy are never lost, and so is
+    a folder named like a module (``queue``) that it would shadow."""
     import subprocess
     import sys
     from pathlib import Path
@@ -528,13 +529,18 @@ def test_frozen_copy_for_ab_runs_like_the_package(tmp_path, monkeypatch):
     again = freeze("worktree:other_gla", "worktree:frozen_gla")
     assert again.returncode != 0 and f"{tmp_path / 'frozen_gla'} already exists" in again.stderr
     assert (tmp_path / "frozen_gla" / "common.py").read_text() == "edited" and not (tmp_path / "other_gla").exists()
+    # A folder named like a module torch imports would shadow it once on sys.path: refused, nothing written.
+    shadow = freeze("worktree:queue")
+    assert shadow.returncode != 0 and "would shadow the module queue (standard library)" in shadow.stderr
+    assert not (tmp_path / "queue").exists()
 
 
 def test_kernel_resource_report_compiles_every_launch_for_the_gpu():
     """``benchmarks/gla_kernel_resources.py`` compiles each kernel launch of one forward+backward for an H100 on this
     CPU-only machine and reads its registers from ptxas: the ten launches in order (the intra-chunk and dq/dk/dg
     kernels launch twice: bounded decay, then strong), a register count for each, and
-    program counts as the launch code's grids give them (dq/dk/dg: K tiles x chunks x heads, here 2 x 2 x 2)."""
+    program counts as the launch code's grids give them (dq/dk/dg: K tiles x chunks x heads, here 2 x 2 x 2). With
+    ``scale`` typed fp64, as torch.compile passes it, every launch still compiles, free of fp64 arithmetic."""
     import os
     import subprocess
     import sys
@@ -555,6 +561,34 @@ def test_kernel_resource_report_compiles_every_launch_for_the_gpu():
     assert [row[1] for row in rows] == forward + backward
     assert all(0 < int(row[5]) <= 255 for row in rows)
     assert all(row[2] == "8" and row[3] == "8" for row in rows[-2:])  # programs, warps (QKG_WARPS)
+    # torch.compile (inductor) types the float `scale` fp64: every kernel still compiles (a loop-carried fp32 state
+    # scaled by an fp64 would not) and keeps no fp64 arithmetic.
+    fp64 = subprocess.run([sys.executable, str(script), "--shapes", "2x32x32x1x128", "--set", "QKG_BK=16",
+                           "--scale-fp64"], capture_output=True, text=True, env=env, timeout=900)
+    assert fp64.returncode == 0, fp64.stderr
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in fp64.stdout.splitlines()
+            if line.startswith("| 2x32x32x1x128 |")]
+    assert [row[1] for row in rows] == forward + backward and all(row[-1] == "0" for row in rows)
     bad = subprocess.run([sys.executable, str(script), "--shapes", "2x32x32x1x128", "--set", "QKG_BK=wide"],
                          capture_output=True, text=True, env=env, timeout=900)
     assert bad.returncode != 0 and "--set: QKG_BK=wide is not of type int" in bad.stderr and "| 2x32" not in bad.stdout
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_gla_layer_under_torch_compile_matches_eager():
+    """``torch.compile`` (inductor) passes the kernels' float ``scale`` as fp64; each kernel casts it to fp32, so the
+    compiled layer trains: its output and gradients match the eager layer's."""
+    from longseq.nn.gla import GatedLinearAttention
+
+    torch.manual_seed(0)
+    layer = GatedLinearAttention(256, 2, backend="triton").to(DEVICE)
+    x = torch.randn(2, 300, 256, device=DEVICE, requires_grad=True)
+    results = []
+    for fn in (layer, torch.compile(layer)):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out, _ = fn(x)
+        grads = torch.autograd.grad(out.float().square().mean(), [x, layer.q_proj.weight, layer.gate_up.weight])
+        results.append([out.float(), *grads])
+    for got, want in zip(results[1], results[0], strict=True):
+        assert relative_rms_error(got, want) < 1e-2

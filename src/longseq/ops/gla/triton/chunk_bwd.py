@@ -78,6 +78,8 @@ def state_grads_kernel(
     :func:`.chunk_states_kernel`, mirrored: ``LOCAL`` walks each segment back from a zero start (``dht`` for
     the last), the second launch carries the later segments' results in.
     """
+    # torch.compile (inductor) passes a float argument as fp64, which would turn the fp32 tiles it scales into fp64
+    scale = tl.cast(scale, tl.float32)
     i_k, i_v, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_sh, i_seg = i_p // nseg, i_p % nseg
     i_s, i_h = (i_sh // H).to(tl.int64), i_sh % H  # int64: state offsets reach N * H * K * V
@@ -241,6 +243,8 @@ def qkg_grad_kernel(
     each skips the other's tiles. One kernel holding both paths spilled ~690 B per thread at 255 registers and
     64-wide K tiles; the bounded path alone spills nothing (``benchmarks/gla_kernel_resources.py``).
     """
+    # torch.compile (inductor) passes a float argument as fp64, which would turn the fp32 tiles it scales into fp64
+    scale = tl.cast(scale, tl.float32)
     NC: tl.constexpr = BT // BC
     i_k, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_s, t0, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT)

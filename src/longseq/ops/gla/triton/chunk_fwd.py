@@ -323,6 +323,8 @@ def intra_attention_kernel(
     tiles of each launch). The bounded path alone needs about 100 registers at 8 warps instead of over 200, so
     two programs share an SM.
     """
+    # torch.compile (inductor) passes a float argument as fp64, which would turn the fp32 tiles it scales into fp64
+    scale = tl.cast(scale, tl.float32)
     NC: tl.constexpr = BT // BC
     i_n, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT)
@@ -393,6 +395,8 @@ def output_kernel(
     operand comes straight from a load gave wrong outputs on an H100 (Triton 3.6) at some small tiles
     (e.g. K = 64, V = 32 in one K tile), where this form was right; the same holds in ``value_grad_kernel``.
     """
+    # torch.compile (inductor) passes a float argument as fp64, which would turn the fp32 tiles it scales into fp64
+    scale = tl.cast(scale, tl.float32)
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_s, t0, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT)
     o_t, t, m_t, last = chunk_rows(t0, eos, BT)

@@ -47,6 +47,8 @@ def recurrent_kernel(
     BV: tl.constexpr,
     HAS_H0: tl.constexpr,
 ):
+    # torch.compile (inductor) passes a float argument as fp64, which would turn the fp32 tiles it scales into fp64
+    scale = tl.cast(scale, tl.float32)
     i_v, i_sh = tl.program_id(0), tl.program_id(1)
     i_s, i_h = i_sh // H, i_sh % H
     bos = tl.load(cu_ptr + i_s).to(tl.int64)
