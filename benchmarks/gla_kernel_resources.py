@@ -131,8 +131,8 @@ def type_scale_as_fp64() -> None:
 
 def fp64_arithmetic(ptx: str) -> int:
     """fp64 arithmetic instructions in ``ptx`` (not counting conversions such as ``cvt.rn.f32.f64``)."""
-    return len(re.findall(r"^\s*(?:add|sub|mul|fma|div|neg|max|min|ex2|lg2|rcp|sqrt)(?:\.\w+)*\.f64\b", ptx,
-                          flags=re.M))
+    ops = "add|sub|mul|fma|div|neg|abs|max|min|ex2|lg2|rcp|sqrt|setp|selp"
+    return len(re.findall(rf"^\s*(?:@!?%p\d+\s+)?(?:{ops})(?:\.\w+)*\.f64\b", ptx, flags=re.M))
 
 
 def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:

@@ -2,7 +2,7 @@
 # Runs every GPU benchmark (and the GPU-marked tests) in one go on the device machine, one log per
 # step under $OUT (default ./gpu-out). Each step has its own time limit so one hang cannot eat the rest.
 #   bash benchmarks/gpu_suite.sh [step ...]
-#   steps: env tests gla triton triton2 triton-decode tune-rules bench bench-compile train-profile decode decode-b1 decode-smollm2 decode-fused decode-bounded decode-hybrid megabyte megabyte-fused megabyte-compile cache hf recall
+#   steps: env tests gla triton triton2 triton-decode tune-rules bench bench-compile bench-compile-8k train-profile decode decode-b1 decode-smollm2 decode-fused decode-bounded decode-hybrid megabyte megabyte-fused megabyte-compile cache hf recall
 #          profile triton-profile prefill
 #   with GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf also: prefill-smollm2 passkey-smollm2 sweep-smollm2
 set -u
@@ -40,7 +40,8 @@ run() {  # run NAME SECONDS CMD...
   echo "=== $name: $*" | tee -a "$OUT/summary.log"
   local t0=$SECONDS
   # each log line stamped with the wall clock: where a step spent its minutes shows in its log
-  timeout "$limit" "$@" 2>&1 | while IFS= read -r line; do echo "$(date +%T) $line"; done >"$OUT/$name.log"
+  # (a last line without a newline, as a killed step leaves it, is kept too)
+  timeout "$limit" "$@" 2>&1 | while IFS= read -r line || [ -n "$line" ]; do printf '%(%T)T %s\n' -1 "$line"; done >"$OUT/$name.log"
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$OUT/summary.log"
 }
 for s in "${steps[@]}"; do
@@ -61,7 +62,9 @@ for s in "${steps[@]}"; do
     decode-smollm2) run decode-smollm2 480 python3 -m longseq bench decode --models transformer --presets smollm2-135m --contexts 4096 --batch-sizes 1,max --max-batch 256 --policies full,tova:ctx/8 --gen-tokens 64 --compile --against hf --memory-limit-gib 40 --jsonl "$OUT/decode_smollm2.jsonl" ;;
     decode-fused) run decode-fused 240 python3 -m longseq bench decode --models gla,transformer,megabyte:paper95m --presets 85m --contexts 4096 --batch-sizes 1 --policies full,tova:ctx/8 --gen-tokens 64 --fused --jsonl "$OUT/decode_fused.jsonl" ;;
     bench) run bench 420 python3 -m longseq bench --device cuda --models gla,transformer --presets medium --seq-lens 2048,8192 --batch-tokens 16384 --steps 5 --warmup 2 --json "$OUT/bench.json" ;;
-    bench-compile) run bench-compile 540 python3 -m longseq bench --device cuda --models gla,transformer --presets medium --seq-lens 2048,8192 --batch-tokens 16384 --steps 5 --warmup 2 --compile --json "$OUT/bench_compile.json" ;;
+    bench-compile)  # one length per step: each compiles both models (GLA medium alone took over 150 s on an H200)
+      run bench-compile 560 python3 -m longseq bench --device cuda --models gla,transformer --presets medium --seq-lens 2048 --batch-tokens 16384 --steps 5 --warmup 2 --compile --json "$OUT/bench_compile.json" ;;
+    bench-compile-8k) run bench-compile-8k 560 python3 -m longseq bench --device cuda --models gla,transformer --presets medium --seq-lens 8192 --batch-tokens 16384 --steps 5 --warmup 2 --compile --json "$OUT/bench_compile_8k.json" ;;
     train-profile)
       run train-profile-gla 200 python3 benchmarks/profile_train.py --model gla --json "$OUT/train_profile_gla.json"
       run train-profile-transformer 200 python3 benchmarks/profile_train.py --model transformer --json "$OUT/train_profile_transformer.json" ;;

@@ -27,12 +27,13 @@ from longseq.models import build_model
 #: Kernel classes, first match wins (patterns on the CUDA kernel's name).
 CLASSES = [
     ("gla chunk kernels", r"chunk_states|intra_attention|output_kernel|prepare_kernel|qkg_grad|state_grads|value_grad"),
-    ("attention (SDPA)", r"flash|fmha|attention|cudnn"),
-    ("GEMM", r"gemm|xmma|cutlass|nvjet|cublas|sm90_|sm80_"),
-    ("optimizer", r"multi_tensor|adam"),
-    ("reductions / norms", r"reduce|norm|softmax|cross_entropy|nll_loss|log_softmax"),
+    # inductor's fused kernels (triton_poi_/triton_red_/triton_per_...), whatever op names they carry
     ("triton (compiled)", r"^triton_"),
-    ("elementwise / copies", r"elementwise|vectorized|copy|fill|cat|index|memcpy|memset"),
+    ("attention (SDPA)", r"flash|fmha|attention|cudnn"),
+    ("GEMM", r"gemm|xmma|cutlass|nvjet|cublas|splitK|sm90_|sm80_"),
+    ("optimizer", r"multi_tensor|adam"),
+    ("reductions / norms", r"reduce|norm|softmax|cross_entropy|nll_loss"),
+    ("elementwise / copies", r"elementwise|vectorized|copy|fill|\bcat|index|memcpy|memset"),
 ]
 
 

@@ -29,7 +29,12 @@ def train_step(
     optimizer, _ = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95), device)
     x = torch.randint(0, 256, (batch, seq_len + 1), device=device)
     model.train()
-    forward = torch.compile(model) if compile else model
+    if compile:
+        # Dynamo keeps compiled code per model class, not per model: a sweep's next configuration would recompile it
+        # with T marked dynamic (and past the recompile limit, silently run eager). Each configuration gets a fresh
+        # cache and a graph for its own static shapes, as `longseq train --compile` compiles its one shape.
+        torch._dynamo.reset()
+    forward = torch.compile(model, dynamic=False) if compile else model
 
     def one_step() -> None:
         with autocast(device):
