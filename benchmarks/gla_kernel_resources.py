@@ -49,8 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sms", type=int, default=132, help="SM count the launch code plans for (H100 SXM: 132)")
     p.add_argument("--smem-kib", type=int, default=228, help="shared memory per SM in KiB (H100: 228)")
     p.add_argument("--scale-fp64", action="store_true",
-                   help="type each kernel's float `scale` argument fp64, as torch.compile (inductor) passes it, and "
-                   "count the fp64 arithmetic left in each kernel's PTX (last column; 0 when the kernel casts it)")
+                   help="type each kernel's float `scale` argument fp64, as torch.compile (inductor) passes it, add a "
+                   "decode step's launch, and count the fp64 arithmetic left in each kernel's PTX (last column; 0 when "
+                   "the kernel casts it)")
     args = p.parse_args(argv)
     for shape in args.shapes:
         if not re.fullmatch(r"\d+x\d+x\d+x\d+x\d+", shape):
@@ -112,14 +113,14 @@ def record_launches(run_package, target: GPUTarget) -> list[Launch]:
 
 
 def type_scale_as_fp64() -> None:
-    """Replace each chunk kernel taking a float ``scale`` by a copy whose ``scale`` is annotated ``fp64``: Triton then
+    """Replace each GLA kernel taking a float ``scale`` by a copy whose ``scale`` is annotated ``fp64``: Triton then
     compiles it with the argument typed as inductor types a Python float (the launch code looks the kernels up in
     its module at call time, so the copies are what it launches)."""
     import types
 
-    from longseq.ops.gla.triton import chunk_bwd, chunk_fwd
+    from longseq.ops.gla.triton import chunk_bwd, chunk_fwd, recurrent
 
-    for module in (chunk_fwd, chunk_bwd):
+    for module in (chunk_fwd, chunk_bwd, recurrent):
         for name, kernel in list(vars(module).items()):
             if isinstance(kernel, JITFunction) and "scale" in kernel.signature.parameters:
                 fn = kernel.fn
@@ -170,6 +171,18 @@ def programs_per_sm(regs: int, warps: int, shared: int, smem_kib: int) -> int:
     return min(by_regs, by_smem, MAX_WARPS_PER_SM // warps)
 
 
+def run_decode_step(H: int, K: int, V: int, B: int):
+    """One decode step of the package (``recurrent_step``, B rows) on CPU tensors: bf16 q, k, v, an fp32 gate and
+    the fp32 state, as a compiled decode step passes them."""
+    from longseq.ops.gla.triton.autograd import recurrent_step
+
+    def run():
+        q, k, g = (torch.zeros(B, H, K, dtype=dtype) for dtype in (torch.bfloat16, torch.bfloat16, torch.float32))
+        recurrent_step(q, k, torch.zeros(B, H, V, dtype=torch.bfloat16), g, K**-0.5, torch.zeros(B, H, K, V))
+
+    return run
+
+
 def run_shape(H: int, K: int, V: int, B: int, T: int):
     """The package's forward and backward on CPU tensors of this shape (values never computed): bf16 q, k, v and an
     fp32 gate, as the GLA layer and the benchmarks pass them (the backward then reuses the forward's cumsums)."""
@@ -204,7 +217,11 @@ def main(argv=None) -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.scale_fp64 else ""))
     for shape in args.shapes:
         H, K, V, B, T = (int(x) for x in shape.split("x"))
-        for launch in record_launches(run_shape(H, K, V, B, T), target):
+        launches = record_launches(run_shape(H, K, V, B, T), target)
+        if args.scale_fp64:  # a compiled decode step types its scale fp64 too
+            decode = record_launches(run_decode_step(H, K, V, B), target)
+            launches += [Launch(f"{launch.name} (decode step)", launch.programs, launch.compiled) for launch in decode]
+        for launch in launches:
             meta = launch.compiled.metadata
             regs, stores, loads = ptxas_usage(launch.compiled.asm["ptx"], args.arch)
             per_sm = programs_per_sm(regs, meta.num_warps, meta.shared, args.smem_kib)

@@ -568,7 +568,8 @@ def test_kernel_resource_report_compiles_every_launch_for_the_gpu():
     assert fp64.returncode == 0, fp64.stderr
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in fp64.stdout.splitlines()
             if line.startswith("| 2x32x32x1x128 |")]
-    assert [row[1] for row in rows] == forward + backward and all(row[-1] == "0" for row in rows)
+    decode = ["recurrent_kernel (decode step)"]
+    assert [row[1] for row in rows] == forward + backward + decode and all(row[-1] == "0" for row in rows)
     bad = subprocess.run([sys.executable, str(script), "--shapes", "2x32x32x1x128", "--set", "QKG_BK=wide"],
                          capture_output=True, text=True, env=env, timeout=900)
     assert bad.returncode != 0 and "--set: QKG_BK=wide is not of type int" in bad.stderr and "| 2x32" not in bad.stdout
