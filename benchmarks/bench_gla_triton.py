@@ -17,7 +17,9 @@ visible in the same log. Decode: one token (T=1) through the fused recurrent ker
 (vs fla ``fused_recurrent_gla``): the kernel alone, updating the state in place, timed from a CUDA graph
 (as a captured model step runs it; ``do_bench`` would add the Python launch cost), next to a graph-timed
 copy of the same state (its ceiling), and the public op and fla's step with ``do_bench`` (the public
-op's input checks sync on max(g)); TFLOP/s and GB/s are the kernel's.
+op's input checks sync on max(g)); TFLOP/s and GB/s are the kernel's. The kernel and ``gla_decode_step`` are
+also timed in an eager loop of back-to-back calls (``loop_ms``: what an uncaptured decode loop waits per call,
+host launch cost included, with no L2 clear between calls to hide it).
 
 FLOP and byte counts (per head; C = 64 the chunk size):
 * chunk forward: ``T * (4*K*V + C*(K + V))`` (states k^T v and the inter-chunk q H, 2KV each; the
@@ -170,6 +172,27 @@ def graph_ms(fn) -> float:
     decode step pays, without the Python launch cost that ``do_bench`` also measures for kernels this
     short (tens of microseconds)."""
     return do_bench_cudagraph(lambda: [fn() for _ in range(GRAPH_CALLS)], rep=50) / GRAPH_CALLS
+
+
+LOOP_CALLS = 200
+
+
+def loop_ms(fn, repeats: int = 5) -> float:
+    """Per-call time of ``fn`` called LOOP_CALLS times back to back (best of ``repeats``): what an eager decode
+    loop waits per call, ``max(host time, GPU time)``. ``do_bench`` clears L2 before each call, which gives the
+    host a head start of that memset's duration: how much launch cost it hides depends on the card's bandwidth."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(LOOP_CALLS):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / LOOP_CALLS)
+    return best
 
 
 def check(B: int, T: int, H: int, K: int, V: int, **tag) -> None:
@@ -329,6 +352,7 @@ def bench_decode_one(B: int, H: int, K: int, V: int) -> None:
     with torch.no_grad():
         compile_s = first_call_s(step)
         t, copy_t, api_t, seq_t = graph_ms(step), graph_ms(copy), ms(api_step), ms(seq_step)
+        kernel_loop_t, api_loop_t = loop_ms(step), loop_ms(api_step)
         fla_t = None
         if fused_recurrent_gla is not None:
             try:
@@ -349,6 +373,9 @@ def bench_decode_one(B: int, H: int, K: int, V: int) -> None:
             copy_ms=copy_t,
             ratio_copy=t / copy_t,
             api_step_ms=api_t,
+            kernel_loop_ms=kernel_loop_t,
+            api_loop_ms=api_loop_t,
+            ratio_api_loop=api_loop_t / t,
             seq_op_step_ms=seq_t,
             fla_step_ms=fla_t,
             compile_s=compile_s,
@@ -442,15 +469,16 @@ def main() -> None:
           "op's input value checks, which the last column adds)\n")
     print(
         "| H | K | V | B | decode kernel, graph (ms) | state copy, graph (ms) | kernel / copy | gla_decode_step (ms) "
-        "| op / kernel | gated_linear_attention, T=1 (ms) | fla step (ms) "
-        "| TFLOP/s | GB/s | first call (s) |"
+        "| op / kernel | kernel, eager loop (ms) | op, eager loop (ms) | op loop / kernel "
+        "| gated_linear_attention, T=1 (ms) | fla step (ms) | TFLOP/s | GB/s | first call (s) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in ROWS:
         if r["kind"] == "decode":
             print(
                 f"| {r['H']} | {r['K']} | {r['V']} | {r['B']} | {r['step_ms']:.4f} | {r['copy_ms']:.4f} | "
                 f"{r['ratio_copy']:.2f} | {r['api_step_ms']:.4f} | {r['api_step_ms'] / r['step_ms']:.2f} | "
+                f"{r['kernel_loop_ms']:.4f} | {r['api_loop_ms']:.4f} | {r['ratio_api_loop']:.2f} | "
                 f"{r['seq_op_step_ms']:.4f} | {fmt(r['fla_step_ms'], '.4f')} | "
                 f"{r['tflops']:.2f} | {r['gbps']:.0f} | {r['compile_s']:.2f} |"
             )

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..models import build_model, capabilities, config_class
+from ..models import build_model, capabilities, compile_blocks, config_class
 from ..precision import autocast
 from ..train.distributed import pick_device
 from ..train.schedule import build_optimizer
@@ -24,8 +24,8 @@ def train_step(
     model, batch: int, seq_len: int, device: torch.device, compile: bool = False
 ) -> Callable[[], None]:
     """One training step on random ``[batch, seq_len + 1]`` bytes as a closure: forward under autocast, the
-    fp32 cross-entropy, backward, AdamW step. ``compile``: the forward runs through ``torch.compile`` (as
-    ``longseq train --compile`` runs it); its first call compiles."""
+    fp32 cross-entropy, backward, AdamW step. ``compile``: the model's blocks are compiled in place
+    (:func:`~longseq.models.compile_blocks`, as ``longseq train --compile`` compiles them); its first call compiles."""
     optimizer, _ = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95), device)
     x = torch.randint(0, 256, (batch, seq_len + 1), device=device)
     model.train()
@@ -34,11 +34,11 @@ def train_step(
         # with T marked dynamic (and past the recompile limit, silently run eager). Each configuration gets a fresh
         # cache and a graph for its own static shapes, as `longseq train --compile` compiles its one shape.
         torch._dynamo.reset()
-    forward = torch.compile(model, dynamic=False) if compile else model
+        compile_blocks(model, dynamic=False)
 
     def one_step() -> None:
         with autocast(device):
-            logits = forward(x[:, :-1])
+            logits = model(x[:, :-1])
         loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
         loss.backward()
         optimizer.step()

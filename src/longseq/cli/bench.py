@@ -63,8 +63,8 @@ def add_parser(sub) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     p.add_argument(
         "--compile", action="store_true",
-        help="train mode: torch.compile each model for its training steps (compiles during the warmup steps, "
-        "as `longseq train --compile` runs); decode mode: static state and the decode step captured as a CUDA "
+        help="train mode: torch.compile each model's blocks for its training steps (compiles during the warmup "
+        "steps, as `longseq train --compile` does); decode mode: static state and the decode step captured as a CUDA "
         "graph (default: eager, dynamic state)",
     )
     _add_train_flags(p.add_argument_group("train mode"))

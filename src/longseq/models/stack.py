@@ -50,6 +50,25 @@ class BlockStack(nn.ModuleList):
                              device=device, static_len=static_len) for i, b in enumerate(self)]
 
 
+def compile_blocks(model: nn.Module, **options: Any) -> int:
+    """``torch.compile`` every block of every :class:`BlockStack` in ``model``, in place (regional compilation).
+
+    Blocks of one kind run the same code, so dynamo traces one of them and every other reuses its graph (their
+    weights are the graph's inputs): a 28-layer model compiles in about the time of one layer, where compiling the
+    whole model traces all 28 into one graph. Embedding, final norm and head stay eager. ``options`` go to
+    ``torch.compile`` (e.g. ``dynamic=False``). Compiles before any parallel wrapper is applied (FSDP shards
+    the compiled blocks). A model without a ``BlockStack`` is compiled whole (``model.compile``).
+
+    Returns the number of blocks compiled (0 when the model was compiled whole).
+    """
+    blocks = [block for stack in model.modules() if isinstance(stack, BlockStack) for block in stack]
+    if not blocks:
+        model.compile(**options)
+    for block in blocks:
+        block.compile(**options)
+    return len(blocks)
+
+
 class StackLM(LanguageModel):
     """Token embedding, a :class:`BlockStack` of ``config.n_layers`` blocks, block ``i`` made by
     ``make_block(config, i)``, a final RMSNorm and the output head (tied to the embedding with

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..data import DataError, WindowSampler, builtin_corpus_path, load_corpus, run_holdout, split_documents
 from ..data.tokens import tokenize_corpus
 from ..evaluate import EvaluationStopped, check_seq_len, corpus_documents, evaluate_bpb, model_tokenizer
-from ..models import config_class, model_from_config
+from ..models import compile_blocks, config_class, model_from_config
 from ..models.registry import capabilities
 from ..precision import autocast
 from ..sources import open_tokenizer
@@ -216,11 +216,10 @@ def _run(
 
 @dataclass
 class _Setup:
-    """The model as trained (``wrapped``: DDP, FSDP or the model itself), the callable the steps use
-    (compiled or not), the module validation runs, and the optimizer with its schedule."""
+    """The model as trained (``wrapped``: DDP, FSDP or the model itself; with ``--compile`` its blocks are
+    compiled in place), the module validation runs, and the optimizer with its schedule."""
 
     wrapped: torch.nn.Module
-    forward: Callable[[torch.Tensor], torch.Tensor]
     eval_model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     names: list[str]
@@ -239,6 +238,8 @@ def _build_training(cfg, model_cfg, saved_state, saved_model, sampler, info: Dis
         model.load_state_dict(saved_model, strict=True)  # before sharding: FSDP shards what is loaded
     model.to(device)
     check_seq_len(model, cfg.seq_len)
+    if cfg.compile:
+        compile_blocks(model)  # before the parallel wrapper: FSDP shards the compiled blocks
     wrapped = wrap_model(model, info)
     optimizer, names = build_optimizer(
         wrapped if info.parallel == "fsdp" else model,
@@ -252,9 +253,8 @@ def _build_training(cfg, model_cfg, saved_state, saved_model, sampler, info: Dis
         load_full_optimizer_state(wrapped, optimizer, saved_state["optimizer"], info, names)
         sampler.load_state_dict(saved_state["sampler"])
         set_rng_state(saved_state["rng"], device)
-    forward = torch.compile(wrapped) if cfg.compile else wrapped
     eval_model = wrapped.module if info.parallel == "ddp" else wrapped
-    return _Setup(wrapped, forward, eval_model, optimizer, names, schedule)
+    return _Setup(wrapped, eval_model, optimizer, names, schedule)
 
 
 def _progress_bar(cfg: TrainConfig, start_step: int):
@@ -337,7 +337,7 @@ class _Session:
         for i in range(cfg.grad_accum):
             x = batch[i * self.micro : (i + 1) * self.micro]
             with set_grad_sync(setup.wrapped, info, sync=i == cfg.grad_accum - 1), autocast(device):
-                logits = setup.forward(x[:, :-1])
+                logits = setup.wrapped(x[:, :-1])
                 if weights is None:
                     loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
                 else:
