@@ -469,7 +469,7 @@ def main() -> None:
           "op's input value checks, which the last column adds)\n")
     print(
         "| H | K | V | B | decode kernel, graph (ms) | state copy, graph (ms) | kernel / copy | gla_decode_step (ms) "
-        "| op / kernel | kernel, eager loop (ms) | op, eager loop (ms) | op loop / kernel "
+        "| op / kernel | kernel, eager loop (ms) | op, eager loop (ms) | op loop / kernel graph "
         "| gated_linear_attention, T=1 (ms) | fla step (ms) | TFLOP/s | GB/s | first call (s) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -482,6 +482,8 @@ def main() -> None:
                 f"{r['seq_op_step_ms']:.4f} | {fmt(r['fla_step_ms'], '.4f')} | "
                 f"{r['tflops']:.2f} | {r['gbps']:.0f} | {r['compile_s']:.2f} |"
             )
+    print(f"\n(graph: per call, replayed from a CUDA graph of {GRAPH_CALLS} calls; eager loop: per call, best of 5 "
+          f"runs of {LOOP_CALLS} back-to-back calls; gla_decode_step, T=1 op and fla: do_bench median)")
     e = env()
     print(
         f"\ndevice: {e['device']}; torch {e['torch']}, triton {e['triton']}, CUDA {e['cuda']}, "

@@ -6,10 +6,11 @@
 
 * training: one optimizer step = forward + backward + AdamW on ``--batch`` sequences of
   ``--train-len`` bytes (bf16 autocast on CUDA, fp32 on CPU); bytes/s counts predicted bytes.
-  ``--compile`` adds rows with ``torch.compile(model)`` (as ``longseq train --compile``) for longseq and
-  for MEGABYTE-pytorch; the eager rows stay. ``--local-sdpa`` times the longseq rows once per SDPA
-  backend of the local model's attention; ``--module-path`` adds a row with the blocks called as modules
-  (the implementation before the stateless fast path; same math).
+  ``--compile`` adds rows with ``torch.compile(model)`` (the whole model; ``longseq train --compile``
+  compiles each block instead) for longseq and for MEGABYTE-pytorch; the eager rows stay.
+  ``--local-sdpa`` times the longseq rows once per SDPA backend of the local model's attention;
+  ``--module-path`` adds a row with the blocks called as modules (the implementation before the stateless
+  fast path; same math).
 * generation: batch 1, a ``--context``-byte prompt, greedy. longseq prefills its state once, then
   decodes one byte per step with the decode step of ``longseq bench decode``
   (:func:`longseq.bench.decode.bench_decode_longseq`): the headline row is the captured path (static

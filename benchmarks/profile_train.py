@@ -51,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-tokens", type=int, default=16384, help="tokens per step; batch = this // seq-len")
     p.add_argument("--steps", type=int, default=3, help="profiled steps, after 3 warmup steps")
-    p.add_argument("--compile", action="store_true", help="the forward through torch.compile")
+    p.add_argument("--compile", action="store_true",
+                   help="the blocks through torch.compile, as longseq train --compile")
     p.add_argument("--top", type=int, default=25, help="slowest kernels listed")
     p.add_argument("--json", default=None, help="also write the per-class and per-kernel totals here")
     args = p.parse_args(argv)

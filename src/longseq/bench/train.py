@@ -6,6 +6,7 @@ for memory, and an out-of-memory phase reported as ``"OOM"`` rather than ending 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,8 @@ def train_step(
 ) -> Callable[[], None]:
     """One training step on random ``[batch, seq_len + 1]`` bytes as a closure: forward under autocast, the
     fp32 cross-entropy, backward, AdamW step. ``compile``: the model's blocks are compiled in place
-    (:func:`~longseq.models.compile_blocks`, as ``longseq train --compile`` compiles them); its first call compiles."""
+    (:func:`~longseq.models.compile_blocks` with static shapes, as ``longseq train --compile`` compiles them); its
+    first call compiles."""
     optimizer, _ = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95), device)
     x = torch.randint(0, 256, (batch, seq_len + 1), device=device)
     model.train()
@@ -125,7 +127,9 @@ def _bench_one(
         batch = max(1, batch_tokens // seq_len)
         # ``bench_train`` is looked up here, at call time, so a test can replace it with a fake OOM.
         _run_phase(row, "train", lambda: bench_train(model, batch, seq_len, steps, warmup, dev, compile), dev)
-        _run_phase(row, "gen", lambda: bench_generate(model, gen_batch, gen_prompt, gen_tokens, dev), dev)
+        # the blocks compiled for training would compile again for each decode step's shapes: generate eager
+        with torch.compiler.set_stance("force_eager") if compile else contextlib.nullcontext():
+            _run_phase(row, "gen", lambda: bench_generate(model, gen_batch, gen_prompt, gen_tokens, dev), dev)
     except (torch.cuda.OutOfMemoryError, RuntimeError) as err:  # e.g. the model itself does not fit
         if not is_oom(err):
             raise
@@ -152,7 +156,8 @@ def run_bench(
     log=print,
 ) -> dict[str, Any]:
     """Every (model, preset, seq_len) combination; training batch = ``max(1, batch_tokens // seq_len)``;
-    ``compile``: the training steps run the model through ``torch.compile`` (see :func:`bench_train`).
+    ``compile``: the training steps run the model's blocks through ``torch.compile`` (see :func:`bench_train`;
+    generation stays eager).
 
     Returns the report :func:`markdown_table` prints: the device, versions and settings, and one row per
     configuration under ``"results"`` (each also passed to ``log`` as a line as soon as it is measured).

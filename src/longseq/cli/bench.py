@@ -64,8 +64,8 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--compile", action="store_true",
         help="train mode: torch.compile each model's blocks for its training steps (compiles during the warmup "
-        "steps, as `longseq train --compile` does); decode mode: static state and the decode step captured as a CUDA "
-        "graph (default: eager, dynamic state)",
+        "steps, as `longseq train --compile` does; generation stays eager); decode mode: static state and the "
+        "decode step captured as a CUDA graph (default: eager, dynamic state)",
     )
     _add_train_flags(p.add_argument_group("train mode"))
     _add_decode_flags(p.add_argument_group("decode mode"))

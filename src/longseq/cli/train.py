@@ -105,7 +105,9 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     """Where and how the run executes, and what happens to an existing run directory."""
     p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], help="data parallelism under torchrun (default none)")
     add_device_flag(p, "cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile each residual block (one graph per block kind, reused by every layer)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile each residual block (the blocks of one kind share one graph; validation "
+                   "stays eager)")
     p.add_argument("--seed", type=int, help="seed for initialisation and data order (default 0)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its newest checkpoint")

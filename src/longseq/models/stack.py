@@ -55,9 +55,15 @@ def compile_blocks(model: nn.Module, **options: Any) -> int:
 
     Blocks of one kind run the same code, so dynamo traces one of them and every other reuses its graph (their
     weights are the graph's inputs): a 28-layer model compiles in about the time of one layer, where compiling the
-    whole model traces all 28 into one graph. Embedding, final norm and head stay eager. ``options`` go to
-    ``torch.compile`` (e.g. ``dynamic=False``). Compiles before any parallel wrapper is applied (FSDP shards
-    the compiled blocks). A model without a ``BlockStack`` is compiled whole (``model.compile``).
+    whole model traces all 28 into one graph. (Blocks of one kind called at other shapes, as MEGABYTE's global and
+    local stacks are, get a graph per shape with ``dynamic=False``.) Embedding, final norm and head stay eager.
+    ``options`` go to ``torch.compile``. Call it before any parallel wrapper is applied (FSDP then shards the
+    compiled blocks). A model without a ``BlockStack`` is compiled whole (``model.compile``).
+
+    From then on every call of the blocks goes through dynamo, evaluation and decoding on a dynamic state included
+    (the static-state ``step`` path does not call them). Code that should run eager, without compiling graphs for
+    its own shapes and grad mode, runs under ``torch.compiler.set_stance("force_eager")``, as ``longseq train``'s
+    validation and ``longseq bench``'s generation do.
 
     Returns the number of blocks compiled (0 when the model was compiled whole).
     """

@@ -6,6 +6,7 @@ Single process: ``longseq train ...``. Several: ``torchrun --nproc-per-node N -m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -239,7 +240,8 @@ def _build_training(cfg, model_cfg, saved_state, saved_model, sampler, info: Dis
     model.to(device)
     check_seq_len(model, cfg.seq_len)
     if cfg.compile:
-        compile_blocks(model)  # before the parallel wrapper: FSDP shards the compiled blocks
+        # before the parallel wrapper (FSDP shards the compiled blocks); training shapes are fixed
+        compile_blocks(model, dynamic=False)
     wrapped = wrap_model(model, info)
     optimizer, names = build_optimizer(
         wrapped if info.parallel == "fsdp" else model,
@@ -439,14 +441,16 @@ class _Session:
         if not self.val_set:
             return
         try:
-            res = evaluate_bpb(
-                self.setup.eval_model,
-                self.val_set,
-                self.cfg.seq_len,
-                batch_size=max(1, self.micro),
-                device=self.info.device,
-                should_stop=lambda: any_rank(signals.signum is not None, self.info),
-            )
+            # eager: compiled blocks would compile again for validation's grad mode and batch shapes
+            with torch.compiler.set_stance("force_eager") if self.cfg.compile else contextlib.nullcontext():
+                res = evaluate_bpb(
+                    self.setup.eval_model,
+                    self.val_set,
+                    self.cfg.seq_len,
+                    batch_size=max(1, self.micro),
+                    device=self.info.device,
+                    should_stop=lambda: any_rank(signals.signum is not None, self.info),
+                )
         except EvaluationStopped:
             self.skipped_validation.add(step)
             return
