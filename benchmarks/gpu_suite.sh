@@ -2,7 +2,7 @@
 # Runs every GPU benchmark (and the GPU-marked tests) in one go on the device machine, one log per
 # step under $OUT (default ./gpu-out). Each step has its own time limit so one hang cannot eat the rest.
 #   bash benchmarks/gpu_suite.sh [step ...]
-#   steps: env tests gla triton triton2 triton-decode tune-rules bench bench-compile bench-compile-8k train-profile decode decode-b1 decode-smollm2 decode-fused decode-bounded decode-hybrid megabyte megabyte-fused megabyte-compile cache hf recall
+#   steps: env tests gla triton triton2 triton-decode tune-rules bench bench-compile bench-compile-8k compile-time train-profile decode decode-b1 decode-smollm2 decode-fused decode-bounded decode-hybrid megabyte megabyte-fused megabyte-compile cache hf recall
 #          profile triton-profile prefill
 #   with GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf also: prefill-smollm2 passkey-smollm2 sweep-smollm2
 set -u
@@ -65,6 +65,7 @@ for s in "${steps[@]}"; do
     bench-compile)  # one length per step: each compiles both models (GLA medium alone took over 150 s on an H200)
       run bench-compile 560 python3 -m longseq bench --device cuda --models gla,transformer --presets medium --seq-lens 2048 --batch-tokens 16384 --steps 5 --warmup 2 --compile --json "$OUT/bench_compile.json" ;;
     bench-compile-8k) run bench-compile-8k 560 python3 -m longseq bench --device cuda --models gla,transformer --presets medium --seq-lens 8192 --batch-tokens 16384 --steps 5 --warmup 2 --compile --json "$OUT/bench_compile_8k.json" ;;
+    compile-time) run compile-time 450 python3 benchmarks/compile_time.py --model gla --preset medium --batch 8 --seq-len 2048 --steps 5 ;;
     train-profile)
       run train-profile-gla 200 python3 benchmarks/profile_train.py --model gla --json "$OUT/train_profile_gla.json"
       run train-profile-transformer 200 python3 benchmarks/profile_train.py --model transformer --json "$OUT/train_profile_transformer.json" ;;
