@@ -15,11 +15,12 @@ import argparse
 import json
 import os
 import tempfile
-import time
 
 import torch
 
-from longseq.models import build_model, compile_blocks
+from longseq.bench.timing import timed
+from longseq.cli.common import add_overrides_flag, parse_sets
+from longseq.models import build_model, compile_blocks, config_class
 from longseq.precision import autocast
 
 
@@ -27,28 +28,22 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="transformer")
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="config override (integers only), e.g. n_layers=12")
+    add_overrides_flag(p, "model config override, e.g. n_layers=12 (repeatable)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=3)
     args = p.parse_args(argv)
-    overrides = {}
-    for item in args.overrides:
-        name, sep, value = item.partition("=")
-        if not sep or not value.lstrip("-").isdigit():
-            p.error(f"--set takes FIELD=INTEGER; got {item!r}")
-        overrides[name] = int(value)
-    args.overrides = overrides
+    try:
+        args.overrides = parse_sets(args.overrides) or {}
+        config = config_class(args.model)  # a bad kind, preset or field: refused before any work
+        config.check_overrides(args.overrides)
+        config.from_preset(args.preset, **args.overrides)
+    except ValueError as err:
+        p.error(str(err))
     if min(args.batch, args.seq_len, args.steps) < 1:
         p.error("--batch, --seq-len and --steps must be >= 1")
     return args
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def one_mode(args, mode: str) -> dict:
@@ -70,16 +65,10 @@ def one_mode(args, mode: str) -> dict:
             loss = forward(x).float().logsumexp(-1).mean()
         loss.backward()
 
-    t0 = time.perf_counter()
-    step()
-    sync(device)
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync(device)
+    first, _ = timed(device, step)
+    steps, _ = timed(device, lambda: [step() for _ in range(args.steps)])
     return dict(mode=mode, model=args.model, preset=args.preset, overrides=args.overrides, device=str(device),
-                first_step_s=first, step_ms=(time.perf_counter() - t0) / args.steps * 1e3,
+                first_step_s=first, step_ms=steps / args.steps * 1e3,
                 graphs=counters["stats"]["unique_graphs"], torch=torch.__version__)
 
 
