@@ -20,7 +20,6 @@ CPU smoke test:             python benchmarks/bench_cache_decode.py --device cpu
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
 import sys
@@ -30,6 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import longseq
+from longseq.bench.timing import is_oom, release_memory, sync
 from longseq.cache import TOVA, CachePolicy, Full, KVCache, Window
 
 
@@ -42,22 +42,6 @@ class Run:
     peak_bytes: int
     state_bytes: int
     measured_peak: bool  # False on CPU: peak is weights + allocated cache buffers (an estimate)
-
-
-def is_oom(err: BaseException) -> bool:
-    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
-    return (oom_type is not None and isinstance(err, oom_type)) or "out of memory" in str(err).lower()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -122,7 +106,7 @@ def try_batch(model, policy, batch, args, device) -> Run | None:
         if not is_oom(err) and not isinstance(err, MemoryError):
             raise
         run = None
-    free_memory(device)
+    release_memory(device)
     if run is not None and run.peak_bytes > args.memory_budget:
         return None
     return run

@@ -20,12 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from longseq.bench.timing import sync
 from longseq.ops.gla import gated_linear_attention, gla_chunk
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_call(fn, device: torch.device, repeats: int) -> float:
@@ -33,10 +29,10 @@ def time_call(fn, device: torch.device, repeats: int) -> float:
     fn()
     best = float("inf")
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return best
 

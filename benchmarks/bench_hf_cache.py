@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import hashlib
 import json
 import math
@@ -72,6 +71,7 @@ import torch
 
 import longseq
 import longseq.hf as lh
+from longseq.bench.timing import is_oom, release_memory, sync
 from longseq.cache import CachePolicy, Full, KVCache, parse_policy
 
 GIB = 2**30
@@ -101,23 +101,8 @@ class Result:
 
 
 # -- small helpers ------------------------------------------------------------------------------------
-def is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def reset_peak(device: torch.device) -> None:
-    free_memory(device)
+    release_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -254,7 +239,7 @@ def choose_batch(args: argparse.Namespace, device: torch.device, per_token: int)
     if args.simulate_memory_mib:
         avail = int(args.simulate_memory_mib * MIB)
     elif device.type == "cuda":
-        free_memory(device)
+        release_memory(device)
         free, total = torch.cuda.mem_get_info(device)
         reserved = torch.cuda.memory_reserved(device)
         avail = free
@@ -431,7 +416,7 @@ class Bench:
         else:
             self._run_reused(spec, cache, L, n_new, res, label)
         cache = None
-        free_memory(d)
+        release_memory(d)
         return res
 
     def _run_reused(self, spec: str, cache: lh.LongseqCache, L: int, n_new: int, res: Result, label: str) -> None:

@@ -61,6 +61,7 @@ from torch.nn.attention import SDPBackend
 
 import longseq
 from longseq.bench.decode import bench_decode_longseq, decode_warmup
+from longseq.bench.timing import sync
 from longseq.models import build_model
 from longseq.nn import fused as fused_step
 
@@ -71,11 +72,6 @@ SDPA_BACKENDS = {
     "cudnn": [SDPBackend.CUDNN_ATTENTION],
     "math": [SDPBackend.MATH],
 }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -114,10 +110,10 @@ def print_profile(title: str, one_step: Callable[[], float], device: torch.devic
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    _sync(device)
+    sync(device)
     with profile(activities=activities) as prof:
         one_step()
-        _sync(device)
+        sync(device)
     events = prof.key_averages()
     if device.type != "cuda":
         print(f"\n### profile: {title} -- one training step, {sum(e.count for e in events)} op calls\n", flush=True)
@@ -162,12 +158,12 @@ def time_training(
         one_step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     loss = float("nan")
     for _ in range(steps):
         loss = one_step()
-    _sync(device)
+    sync(device)
     seconds = (time.perf_counter() - start) / max(steps, 1)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     if profile_title is not None:
@@ -334,11 +330,11 @@ def bench_reference(args, device: torch.device, gen_dtype: torch.dtype) -> list[
         def run() -> None:
             with torch.no_grad():
                 model(prompt)  # warm-up: the same kernels as its first generate step
-                _sync(device)
+                sync(device)
                 model.max_seq_len = (total // P, P)  # generate() runs until prod(max_seq_len) bytes
                 start = time.perf_counter()
                 out = model.generate(prompt)
-                _sync(device)
+                sync(device)
                 seconds = time.perf_counter() - start
             assert out.numel() == total, out.shape
             row.update(gen_prefill_s=None, gen_ms_per_byte=seconds / row["gen_new_bytes"] * 1e3,
