@@ -9,14 +9,19 @@ from typing import TypeVar
 
 import torch
 
+# A plain dict, not functools.cache: torch.compile warns on every traced call of a cache-wrapped function.
+_SM_COUNTS: dict[torch.device, int] = {}
 
-@functools.cache
+
 def cuda_sm_count(device: torch.device) -> int | None:
     """Streaming multiprocessors of a CUDA ``device`` (read once per device); None off CUDA, where each caller
     picks the count its rule assumes (the interpreter runs one program at a time)."""
     if device.type != "cuda":
         return None
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    count = _SM_COUNTS.get(device)
+    if count is None:
+        count = _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return count
 
 
 def device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
