@@ -97,8 +97,7 @@ def record_launches(run_package, target: GPUTarget) -> list[Launch]:
         programs = 1
         for extent in grid:
             programs *= int(extent)
-        strong = " (strong decay)" if kwargs.get("STRONG") else ""  # the second launch of a split kernel
-        launches.append(Launch(self.fn.__name__ + strong, programs, compiled))
+        launches.append(Launch(self.fn.__name__, programs, compiled))
         return compiled
 
     previous = getattr(triton_driver, "_active", None)  # None off a GPU: no driver to go back to

@@ -538,7 +538,7 @@ def test_frozen_copy_for_ab_runs_like_the_package(tmp_path, monkeypatch):
 def test_kernel_resource_report_compiles_every_launch_for_the_gpu():
     """``benchmarks/gla_kernel_resources.py`` compiles each kernel launch of one forward+backward for an H100 on this
     CPU-only machine and reads its registers from ptxas: the ten launches in order (the intra-chunk and dq/dk/dg
-    kernels launch twice: bounded decay, then strong), a register count for each, and
+    kernels each have a second one for the tiles of strong decay), a register count for each, and
     program counts as the launch code's grids give them (dq/dk/dg: K tiles x chunks x heads, here 2 x 2 x 2). With
     ``scale`` typed fp64, as torch.compile passes it, every launch still compiles, free of fp64 arithmetic."""
     import os
@@ -554,10 +554,10 @@ def test_kernel_resource_report_compiles_every_launch_for_the_gpu():
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in done.stdout.splitlines()
             if line.startswith("| 2x32x32x1x128 |")]
     forward = ["prepare_kernel", "chunk_states_kernel", "intra_attention_kernel",
-               "intra_attention_kernel (strong decay)", "output_kernel"]
+               "intra_attention_strong_kernel", "output_kernel"]
     # An fp32 gate's cumsums are kept for the backward, and one V tile forms its state operands: no prepare launch.
     backward = ["chunk_states_kernel", "state_grads_kernel", "value_grad_kernel", "qkg_grad_kernel",
-                "qkg_grad_kernel (strong decay)"]
+                "qkg_grad_strong_kernel"]
     assert [row[1] for row in rows] == forward + backward
     assert all(0 < int(row[5]) <= 255 for row in rows)
     assert all(row[2] == "8" and row[3] == "8" for row in rows[-2:])  # programs, warps (QKG_WARPS)

@@ -69,9 +69,9 @@ Precision: ``tl.dot`` operands are bf16 for bf16 inputs, fp32 (TF32) for fp16 in
 for fp32 inputs, always with fp32 accumulation (:func:`.common.kernel_dtypes`). Gate cumsums, states,
 ``A`` and ``dA`` are fp32; outputs and gradients are stored in their inputs' dtypes. Where a chunk's
 total decay is bounded (``MAX_DECAY``) the intra-chunk blocks are single products about the chunk
-start; otherwise they take the sub-chunk split described above. The kernels of ``A`` and ``dq/dk/dg`` launch
-twice over the same grid, for the bounded tiles and then the others, each launch skipping the other's tiles: one
-kernel holding both paths is sized by the longer one's registers (255 with spills for dq/dk/dg).
+start; otherwise they take the sub-chunk split described above. ``A`` and ``dq/dk/dg`` each have two kernels:
+one over every tile that computes the bounded ones and queues the others, and one that walks the queue with the
+split (a kernel holding both paths is sized by the longer one's registers, and spilled for dq/dk/dg).
 """
 
 from __future__ import annotations

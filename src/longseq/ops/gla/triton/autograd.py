@@ -21,7 +21,7 @@ class ChunkGLAFunction(torch.autograd.Function):
     bf16 input with K = 128), so the backward does not redo the forward's most exp-heavy kernel;
     it recomputes the decayed q and k and the chunk states (``h`` would cost far more to keep). An fp32 ``g``
     is kept as its chunk cumsums instead, sparing the backward their recompute (the backward reads clamped gates
-    off the cumsums' steps, :func:`.chunk_bwd.qkg_grad_kernel`). That costs no memory where ``g`` is an
+    off the cumsums' steps, :func:`.chunk_bwd.qkg_tile`). That costs no memory where ``g`` is an
     intermediate nothing else keeps (the GLA layer's gate), and one more ``g``-sized fp32 buffer where ``g`` stays
     alive anyway (a leaf, or saved by another op); a bf16 ``g`` is kept as itself (its cumsums would double it).
     """

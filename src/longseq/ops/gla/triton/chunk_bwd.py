@@ -10,9 +10,9 @@ of chunk ``n``.
 
 Three kernels: the reverse state recurrence (``state_grads_kernel``; two launches when segmented), ``dv``
 (``value_grad_kernel``)
-and one kernel for ``dq``, ``dk`` and ``dg`` together (``qkg_grad_kernel``; launched twice, for tiles of bounded
-and of strong decay), which also forms
-``dA = do v^T`` itself from the ``do`` and ``v`` tiles it already loads.
+and one kernel for ``dq``, ``dk`` and ``dg`` together (``qkg_grad_kernel``, with ``qkg_grad_strong_kernel`` for the
+tiles of strong decay it queues), which also forms ``dA = do v^T`` itself from the ``do`` and ``v`` tiles it already
+loads.
 """
 
 from __future__ import annotations
@@ -30,12 +30,15 @@ from .chunk_fwd import (
     carried_state,
     chunk_rows,
     chunk_span,
+    decay_bounded,
     diagonal_pairs,
     launch_state_pass,
     load_cumsum,
+    queue_tile,
     row_of,
     state_operands,
     store_segment,
+    strong_programs,
 )
 from .common import CHUNK, G_FLOOR, SUB_CHUNK, KernelDtypes, SeqInfo, block_size
 
@@ -175,7 +178,7 @@ def value_grad_kernel(
 def inter_chunk_grads(v_ptr, h_ptr, do_ptr, dh_ptr, t, m_t, o_t, slot, i_n, i_h, o_k, m_k, scale, H: tl.constexpr,
                       K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       DT: tl.constexpr, PREC: tl.constexpr):
-    """What :func:`qkg_grad_kernel` sums over the V tiles for one (K tile, chunk, head): ``do H_c^T`` and
+    """What :func:`qkg_tile` sums over the V tiles for one (K tile, chunk, head): ``do H_c^T`` and
     ``v dH_{c+1}^T`` ``[BT, BK]`` (before their decay factors), the causal ``dA = scale do v^T`` ``[BT, BT]``
     and ``sum_v H_c dH_{c+1}`` ``[BK]``, all fp32."""
     dq = tl.zeros([BT, BK], dtype=tl.float32)
@@ -200,6 +203,102 @@ def inter_chunk_grads(v_ptr, h_ptr, do_ptr, dh_ptr, t, m_t, o_t, slot, i_n, i_h,
 
 
 @triton.jit
+def qkg_tile(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, h_ptr, do_ptr, dh_ptr, dq_ptr, dk_ptr, dg_ptr, chunk_idx_ptr, cu_ptr,
+             scale, i_k, i_n, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+             BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+             FLOOR: tl.constexpr, STRONG: tl.constexpr, G_IS_CUMSUM: tl.constexpr):
+    """``dq``, ``dk`` and ``dg`` of one (K tile, chunk, head).
+
+    Over the V tiles (:func:`inter_chunk_grads`): ``dA = do v^T``, the inter-chunk parts ``do H_c^T`` and
+    ``v dH_{c+1}^T``, and ``sum_v H_c dH_{c+1}``. Then the intra-chunk parts from ``dA``, split as the
+    forward's ``A``: one product each where the decay is bounded (``STRONG=False``); otherwise queries of
+    sub-chunk ``I`` against earlier keys split at ``r_I``, keys of sub-chunk ``J`` against later queries split
+    at ``r_{J+1}`` (the cumsum at ``J``'s last row), and the diagonal blocks pairwise, all four at once.
+    Finally ``dg`` from the cancellation-free split in the package docstring, 0 where the gate was clamped.
+    """
+    # torch.compile (inductor) passes a float argument as fp64, which would turn the fp32 tiles it scales into fp64
+    scale = tl.cast(scale, tl.float32)
+    NC: tl.constexpr = BT // BC
+    i_s, t0, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT)
+    o_t, t, m_t, last = chunk_rows(t0, eos, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    qk_off = (t[:, None] * H + i_h) * K + o_k[None, :]
+    dq, dk, da, cross = inter_chunk_grads(v_ptr, h_ptr, do_ptr, dh_ptr, t, m_t, o_t, i_n + i_s, i_n, i_h, o_k,
+                                          m_k, scale, H, K, V, BT, BK, BV, DT, PREC)
+    qq = tl.load(q_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
+    kk = tl.load(k_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
+    b, b_last = load_cumsum(b_ptr, t, m_t, last, o_k, m_k, i_h, H, K)
+    dq = dq * (scale * tl.exp(b))
+    dk = dk * tl.exp(b_last[None, :] - b)
+    # dg terms (package docstring): x_rev is reverse-cumsummed over the chunk, x_fwd cumsummed before m.
+    x_rev = qq * dq
+    x_fwd = kk * dk
+    if not STRONG:
+        # Bounded decay (see intra_attention_tile): the whole intra-chunk part in two products.
+        kd = (kk * tl.exp(-b)).to(DT)
+        qd = (qq * tl.exp(b)).to(DT)
+        dq_raw = tl.dot(da.to(DT), kd, input_precision=PREC)
+        dk_raw = tl.dot(tl.trans(da.to(DT)), qd, input_precision=PREC)
+        dq += dq_raw * tl.exp(b)
+        dk += dk_raw * tl.exp(-b)
+        # q dq - k dk from the rounded factors the products used: then each pair (i, j) enters as the
+        # same qd_i dA_ij kd_j with both signs, and pairs inside the reverse cumsum cancel up to the
+        # fp32 rounding of the two accumulations (which sum in different orders).
+        x_rev += qd.to(tl.float32) * dq_raw - kd.to(tl.float32) * dk_raw
+    else:
+        sub = o_t // BC
+        pos = o_t % BC
+        dq_in = tl.zeros([BT, BK], dtype=tl.float32)
+        dk_in = tl.zeros([BT, BK], dtype=tl.float32)
+        # Off-diagonal sub-chunk blocks; r = cumsum at the last row of sub-chunk i_i - 1.
+        for i_i in tl.static_range(1, NC):
+            r = row_of(b, o_t, i_i * BC - 1)
+            # Queries of sub-chunk i_i against the keys before it.
+            kd = kk * tl.exp(tl.where(sub[:, None] < i_i, r[None, :] - b, float("-inf")))
+            da_q = tl.where((sub[:, None] == i_i) & (o_t[None, :] < i_i * BC), da, 0.0)
+            dq_in += tl.dot(da_q.to(DT), kd.to(DT), input_precision=PREC) * tl.exp(
+                tl.where(sub[:, None] == i_i, b - r[None, :], float("-inf"))
+            )
+            # Keys of sub-chunk i_i - 1 against the queries from sub-chunk i_i on.
+            qd = qq * tl.exp(tl.where(sub[:, None] >= i_i, b - r[None, :], float("-inf")))
+            da_k = tl.where((o_t[:, None] >= i_i * BC) & (sub[None, :] == i_i - 1), da, 0.0)
+            dk_in += tl.dot(tl.trans(da_k.to(DT)), qd.to(DT), input_precision=PREC) * tl.exp(
+                tl.where(sub[:, None] == i_i - 1, r[None, :] - b, float("-inf"))
+            )
+
+        # Diagonal 16 x 16 blocks: row i pairs with key j = (its sub-chunk start) + jj.
+        for jj in range(0, BC):
+            j, kj, e = diagonal_pairs(k_ptr, b_ptr, b, b_last, t0, eos, sub, pos, jj, o_k, m_k, i_h, H, K, BC)
+            da_ij = tl.sum(tl.where(o_t[None, :] == j[:, None], da, 0.0), axis=1)  # dA[i, j(i)]
+            dq_in += da_ij[:, None] * kj * e
+            # dk[j] = sum over the rows i of j's sub-chunk of dA[i, j] q_i e_ij: reduce each sub-chunk's
+            # 16 rows, then write the sums to rows pos == jj.
+            part = tl.sum(tl.reshape(da_ij[:, None] * qq * e, [NC, BC, BK]), axis=1)
+            spread = tl.reshape(tl.broadcast_to(part[:, None, :], [NC, BC, BK]), [BT, BK])
+            dk_in += tl.where((pos == jj)[:, None], spread, 0.0)
+        dq += dq_in
+        dk += dk_in
+        x_rev += qq * dq_in - kk * dk_in
+
+    tl.store(dq_ptr + qk_off, dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
+    tl.store(dk_ptr + qk_off, dk.to(dk_ptr.dtype.element_ty), mask=m_tk)
+    dg = tl.sum(x_rev, axis=0)[None, :] - tl.cumsum(x_rev, axis=0) + x_rev
+    dg += tl.cumsum(x_fwd, axis=0) - x_fwd + (tl.exp(b_last) * cross)[None, :]
+    if G_IS_CUMSUM:
+        # Only the cumsums were kept: a clamped gate shows as a step of FLOOR between rows (up to the
+        # rounding of the cumsum, far below 0.01 for |b| <= 64 * 100); a gate within 0.01 above the floor
+        # also gets 0, instead of a gradient of order e^{-100}.
+        b_prev = tl.load(b_ptr + qk_off - H * K, mask=m_tk & (o_t > 0)[:, None], other=0.0)
+        dg = tl.where(b - b_prev > FLOOR + 0.01, dg, 0.0)
+    else:
+        gg = tl.load(g_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
+        dg = tl.where(gg >= FLOOR, dg, 0.0)
+    tl.store(dg_ptr + qk_off, dg.to(dg_ptr.dtype.element_ty), mask=m_tk)
+
+
+@triton.jit
 def qkg_grad_kernel(
     q_ptr,
     k_ptr,
@@ -214,6 +313,7 @@ def qkg_grad_kernel(
     dg_ptr,
     chunk_idx_ptr,
     cu_ptr,
+    queue_ptr,
     scale,
     H: tl.constexpr,
     K: tl.constexpr,
@@ -226,111 +326,59 @@ def qkg_grad_kernel(
     PREC: tl.constexpr,
     FLOOR: tl.constexpr,
     MAX_DECAY: tl.constexpr,
-    STRONG: tl.constexpr,
     G_IS_CUMSUM: tl.constexpr,
 ):
-    """``dq``, ``dk`` and ``dg`` of one (K tile, chunk, head).
-
-    Over the V tiles (:func:`inter_chunk_grads`): ``dA = do v^T``, the inter-chunk parts ``do H_c^T`` and
-    ``v dH_{c+1}^T``, and ``sum_v H_c dH_{c+1}``. Then the intra-chunk parts from ``dA``, split as the
-    forward's ``A``: one product each where the decay is bounded; otherwise queries of sub-chunk ``I``
-    against earlier keys split at ``r_I``, keys of sub-chunk ``J`` against later queries split at
-    ``r_{J+1}`` (the cumsum at ``J``'s last row), and the diagonal blocks pairwise, all four at once.
-    Finally ``dg`` from the cancellation-free split in the package docstring, 0 where the gate was clamped.
-
-    Launched twice over the same grid: ``STRONG=False`` computes the tiles whose decay across the chunk is
-    bounded (every tile, for gates like the benchmarks' and trained models'), ``STRONG=True`` the others, and
-    each skips the other's tiles. One kernel holding both paths spilled ~690 B per thread at 255 registers and
-    64-wide K tiles; the bounded path alone spills nothing (``benchmarks/gla_kernel_resources.py``).
-    """
-    # torch.compile (inductor) passes a float argument as fp64, which would turn the fp32 tiles it scales into fp64
-    scale = tl.cast(scale, tl.float32)
-    NC: tl.constexpr = BT // BC
+    """:func:`qkg_tile` for the tile of this program, grid (K tiles, chunks, heads), where its decay across the
+    chunk is bounded (every tile, for gates like the benchmarks' and trained models'); any other tile is queued
+    for :func:`qkg_grad_strong_kernel`. As for :func:`.chunk_fwd.intra_attention_kernel`: one kernel holding both
+    paths spilled ~690 B per thread at 255 registers and 64-wide K tiles; the bounded path alone spills
+    nothing."""
     i_k, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_s, t0, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT)
-    o_t, t, m_t, last = chunk_rows(t0, eos, BT)
-    o_k = i_k * BK + tl.arange(0, BK)
-    m_k = o_k < K
-    b_last = tl.load(b_ptr + (last * H + i_h) * K + o_k, mask=m_k, other=0.0)
-    strong = tl.min(b_last, axis=0) < -MAX_DECAY
-    if STRONG:
-        mine = strong
+    if decay_bounded(b_ptr, chunk_idx_ptr, cu_ptr, i_n, i_h, i_k * BK, 1, H, K, BT, BK, MAX_DECAY):
+        qkg_tile(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, h_ptr, do_ptr, dh_ptr, dq_ptr, dk_ptr, dg_ptr, chunk_idx_ptr,
+                 cu_ptr, scale, i_k, i_n, i_h, H, K, V, BT, BC, BK, BV, DT, PREC, FLOOR, False, G_IS_CUMSUM)
     else:
-        mine = strong == 0  # the exact complement (a NaN cumsum fails both comparisons)
-    if mine:
-        m_tk = m_t[:, None] & m_k[None, :]
-        qk_off = (t[:, None] * H + i_h) * K + o_k[None, :]
-        dq, dk, da, cross = inter_chunk_grads(v_ptr, h_ptr, do_ptr, dh_ptr, t, m_t, o_t, i_n + i_s, i_n, i_h, o_k,
-                                              m_k, scale, H, K, V, BT, BK, BV, DT, PREC)
-        qq = tl.load(q_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
-        kk = tl.load(k_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
-        b, _ = load_cumsum(b_ptr, t, m_t, last, o_k, m_k, i_h, H, K)
-        dq = dq * (scale * tl.exp(b))
-        dk = dk * tl.exp(b_last[None, :] - b)
-        # dg terms (package docstring): x_rev is reverse-cumsummed over the chunk, x_fwd cumsummed before m.
-        x_rev = qq * dq
-        x_fwd = kk * dk
-        if not STRONG:
-            # Bounded decay (see intra_attention_kernel): the whole intra-chunk part in two products.
-            kd = (kk * tl.exp(-b)).to(DT)
-            qd = (qq * tl.exp(b)).to(DT)
-            dq_raw = tl.dot(da.to(DT), kd, input_precision=PREC)
-            dk_raw = tl.dot(tl.trans(da.to(DT)), qd, input_precision=PREC)
-            dq += dq_raw * tl.exp(b)
-            dk += dk_raw * tl.exp(-b)
-            # q dq - k dk from the rounded factors the products used: then each pair (i, j) enters as the
-            # same qd_i dA_ij kd_j with both signs, and pairs inside the reverse cumsum cancel up to the
-            # fp32 rounding of the two accumulations (which sum in different orders).
-            x_rev += qd.to(tl.float32) * dq_raw - kd.to(tl.float32) * dk_raw
-        else:
-            sub = o_t // BC
-            pos = o_t % BC
-            dq_in = tl.zeros([BT, BK], dtype=tl.float32)
-            dk_in = tl.zeros([BT, BK], dtype=tl.float32)
-            # Off-diagonal sub-chunk blocks; r = cumsum at the last row of sub-chunk i_i - 1.
-            for i_i in tl.static_range(1, NC):
-                r = row_of(b, o_t, i_i * BC - 1)
-                # Queries of sub-chunk i_i against the keys before it.
-                kd = kk * tl.exp(tl.where(sub[:, None] < i_i, r[None, :] - b, float("-inf")))
-                da_q = tl.where((sub[:, None] == i_i) & (o_t[None, :] < i_i * BC), da, 0.0)
-                dq_in += tl.dot(da_q.to(DT), kd.to(DT), input_precision=PREC) * tl.exp(
-                    tl.where(sub[:, None] == i_i, b - r[None, :], float("-inf"))
-                )
-                # Keys of sub-chunk i_i - 1 against the queries from sub-chunk i_i on.
-                qd = qq * tl.exp(tl.where(sub[:, None] >= i_i, b - r[None, :], float("-inf")))
-                da_k = tl.where((o_t[:, None] >= i_i * BC) & (sub[None, :] == i_i - 1), da, 0.0)
-                dk_in += tl.dot(tl.trans(da_k.to(DT)), qd.to(DT), input_precision=PREC) * tl.exp(
-                    tl.where(sub[:, None] == i_i - 1, r[None, :] - b, float("-inf"))
-                )
+        queue_tile(queue_ptr, i_k + tl.num_programs(0) * (i_n + tl.num_programs(1) * i_h))
 
-            # Diagonal 16 x 16 blocks: row i pairs with key j = (its sub-chunk start) + jj.
-            for jj in range(0, BC):
-                j, kj, e = diagonal_pairs(k_ptr, b_ptr, b, b_last, t0, eos, sub, pos, jj, o_k, m_k, i_h, H, K, BC)
-                da_ij = tl.sum(tl.where(o_t[None, :] == j[:, None], da, 0.0), axis=1)  # dA[i, j(i)]
-                dq_in += da_ij[:, None] * kj * e
-                # dk[j] = sum over the rows i of j's sub-chunk of dA[i, j] q_i e_ij: reduce each sub-chunk's
-                # 16 rows, then write the sums to rows pos == jj.
-                part = tl.sum(tl.reshape(da_ij[:, None] * qq * e, [NC, BC, BK]), axis=1)
-                spread = tl.reshape(tl.broadcast_to(part[:, None, :], [NC, BC, BK]), [BT, BK])
-                dk_in += tl.where((pos == jj)[:, None], spread, 0.0)
-            dq += dq_in
-            dk += dk_in
-            x_rev += qq * dq_in - kk * dk_in
 
-        tl.store(dq_ptr + qk_off, dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
-        tl.store(dk_ptr + qk_off, dk.to(dk_ptr.dtype.element_ty), mask=m_tk)
-        dg = tl.sum(x_rev, axis=0)[None, :] - tl.cumsum(x_rev, axis=0) + x_rev
-        dg += tl.cumsum(x_fwd, axis=0) - x_fwd + (tl.exp(b_last) * cross)[None, :]
-        if G_IS_CUMSUM:
-            # Only the cumsums were kept: a clamped gate shows as a step of FLOOR between rows (up to the
-            # rounding of the cumsum, far below 0.01 for |b| <= 64 * 100); a gate within 0.01 above the floor
-            # also gets 0, instead of a gradient of order e^{-100}.
-            b_prev = tl.load(b_ptr + qk_off - H * K, mask=m_tk & (o_t > 0)[:, None], other=0.0)
-            dg = tl.where(b - b_prev > FLOOR + 0.01, dg, 0.0)
-        else:
-            gg = tl.load(g_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
-            dg = tl.where(gg >= FLOOR, dg, 0.0)
-        tl.store(dg_ptr + qk_off, dg.to(dg_ptr.dtype.element_ty), mask=m_tk)
+@triton.jit
+def qkg_grad_strong_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    b_ptr,
+    h_ptr,
+    do_ptr,
+    dh_ptr,
+    dq_ptr,
+    dk_ptr,
+    dg_ptr,
+    chunk_idx_ptr,
+    cu_ptr,
+    queue_ptr,
+    n_chunks,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    DT: tl.constexpr,
+    PREC: tl.constexpr,
+    FLOOR: tl.constexpr,
+    G_IS_CUMSUM: tl.constexpr,
+):
+    """:func:`qkg_tile` with the sub-chunk split for the tiles :func:`qkg_grad_kernel` queued; a small grid
+    walks the queue."""
+    KT: tl.constexpr = (K + BK - 1) // BK
+    for w in range(tl.program_id(0), tl.load(queue_ptr), tl.num_programs(0)):
+        tile = tl.load(queue_ptr + 1 + w)
+        i_k, i_n, i_h = tile % KT, (tile // KT) % n_chunks, tile // KT // n_chunks
+        qkg_tile(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, h_ptr, do_ptr, dh_ptr, dq_ptr, dk_ptr, dg_ptr, chunk_idx_ptr,
+                 cu_ptr, scale, i_k, i_n, i_h, H, K, V, BT, BC, BK, BV, DT, PREC, FLOOR, True, G_IS_CUMSUM)
 
 
 def chunk_backward(
@@ -432,42 +480,17 @@ def qkg_grads(
     info: SeqInfo,
     kd: KernelDtypes,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch :func:`qkg_grad_kernel`; returns ``dq``, ``dk``, ``dg`` ``[TT, H, K]`` in q's, k's, g's dtypes (``g``
-    None: only the cumsums ``b`` were kept, of an fp32 ``g``)."""
+    """Launch :func:`qkg_grad_kernel` and :func:`qkg_grad_strong_kernel`; returns ``dq``, ``dk``, ``dg``
+    ``[TT, H, K]`` in q's, k's, g's dtypes (``g`` None: only the cumsums ``b`` were kept, of an fp32 ``g``)."""
     _, H, K = q.shape
     V = v.shape[-1]
     BK, BV = block_size(K, common.QKG_BK), block_size(V, common.QKG_BV)
     dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g if g is not None else b)
-    for strong in (False, True):  # the bounded-decay tiles, then the others (see the kernel's docstring)
-        qkg_grad_kernel[(triton.cdiv(K, BK), info.num_chunks, H)](
-            q,
-            k,
-            v,
-            g if g is not None else b,
-            b,
-            h,
-            do,
-            dh,
-            dq,
-            dk,
-            dg,
-            info.chunk_indices,
-            info.cu_seqlens,
-            scale,
-            H=H,
-            K=K,
-            V=V,
-            BT=CHUNK,
-            BC=SUB_CHUNK,
-            BK=BK,
-            BV=BV,
-            DT=kd.dot,
-            PREC=kd.prec,
-            FLOOR=G_FLOOR,
-            MAX_DECAY=common.MAX_DECAY,
-            STRONG=strong,
-            G_IS_CUMSUM=g is None,
-            num_warps=common.QKG_WARPS,
-            num_stages=common.QKG_STAGES,
-        )
+    grid = (triton.cdiv(K, BK), info.num_chunks, H)
+    queue = torch.zeros(grid[0] * grid[1] * grid[2] + 1, dtype=torch.int32, device=q.device)
+    args = (q, k, v, g if g is not None else b, b, h, do, dh, dq, dk, dg, info.chunk_indices, info.cu_seqlens, queue)
+    meta = dict(H=H, K=K, V=V, BT=CHUNK, BC=SUB_CHUNK, BK=BK, BV=BV, DT=kd.dot, PREC=kd.prec, FLOOR=G_FLOOR,
+                G_IS_CUMSUM=g is None, num_warps=common.QKG_WARPS, num_stages=common.QKG_STAGES)
+    qkg_grad_kernel[grid](*args, scale, MAX_DECAY=common.MAX_DECAY, **meta)
+    qkg_grad_strong_kernel[(strong_programs(queue.numel() - 1, q.device),)](*args, info.num_chunks, scale, **meta)
     return dq, dk, dg

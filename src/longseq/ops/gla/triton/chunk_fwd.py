@@ -280,93 +280,114 @@ def chunk_states_kernel(
 
 
 @triton.jit
+def decay_bounded(b_ptr, chunk_idx_ptr, cu_ptr, i_n, i_h, k_start, k_tiles, H: tl.constexpr, K: tl.constexpr,
+                  BT: tl.constexpr, BK: tl.constexpr, MAX_DECAY: tl.constexpr):
+    """Whether chunk ``i_n`` of head ``i_h`` decays by at most ``MAX_DECAY`` in each of the ``k_tiles`` K tiles from
+    column ``k_start``: its last row of gate cumsums stays ``>= -MAX_DECAY`` there."""
+    _, t0, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT)
+    last = tl.minimum(t0 + BT, eos) - 1
+    lowest = tl.zeros([BK], dtype=tl.float32)
+    for i_k in range(0, k_tiles):
+        o_k = k_start + i_k * BK + tl.arange(0, BK)
+        lowest = tl.minimum(lowest, tl.load(b_ptr + (last * H + i_h) * K + o_k, mask=o_k < K, other=0.0))
+    return tl.min(lowest, axis=0) >= -MAX_DECAY
+
+
+@triton.jit
+def queue_tile(queue_ptr, tile):
+    """Append ``tile`` (an int id) to a queue: ``queue[0]`` counts the entries (zeroed before the launch),
+    ``queue[1:]`` holds them, in no fixed order."""
+    slot = tl.atomic_add(queue_ptr, 1)
+    tl.store(queue_ptr + 1 + slot, tile)
+
+
+@triton.jit
 def bounded_attention(qq, kk, b, o_t, DT: tl.constexpr, PREC: tl.constexpr):
     """One K tile's causal ``(q e^{b}) (k e^{-b})^T`` ``[BT, BT]`` fp32, the decay split at the chunk start (valid
-    where the tile's decay across the chunk is bounded, see :func:`intra_attention_kernel`)."""
+    where the tile's decay across the chunk is bounded, see :func:`intra_attention_tile`)."""
     qk = tl.dot((qq * tl.exp(b)).to(DT), tl.trans((kk * tl.exp(-b)).to(DT)), input_precision=PREC)
     return tl.where(o_t[:, None] >= o_t[None, :], qk, 0.0)
 
 
 @triton.jit
-def intra_attention_kernel(
-    q_ptr,
-    k_ptr,
-    b_ptr,
-    a_ptr,
-    chunk_idx_ptr,
-    cu_ptr,
-    scale,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    BT: tl.constexpr,
-    BC: tl.constexpr,
-    BK: tl.constexpr,
-    DT: tl.constexpr,
-    PREC: tl.constexpr,
-    MAX_DECAY: tl.constexpr,
-    STRONG: tl.constexpr,
-):
-    """A chunk's whole scaled attention matrix ``A`` ``[BT, BT]``; grid (NT, H), loop over K tiles.
+def intra_attention_tile(q_ptr, k_ptr, b_ptr, a_ptr, chunk_idx_ptr, cu_ptr, scale, i_n, i_h, H: tl.constexpr,
+                         K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
+                         PREC: tl.constexpr, MAX_DECAY: tl.constexpr, STRONG: tl.constexpr):
+    """Chunk ``i_n``'s whole scaled attention matrix ``A`` ``[BT, BT]`` for head ``i_h``, looping over K tiles.
 
-    Where every gate cumsum of the chunk stays above ``-MAX_DECAY`` (so ``exp(-b)`` cannot overflow
-    and ``exp(b)`` cannot underflow), ``A`` is one product ``(q e^{b}) (k e^{-b})^T``: each term is a
-    product of two correctly rounded factors, as exact as the split below. Otherwise (strong gates,
-    resets) each K tile whose decay is not bounded takes the secondary split in log space:
+    Where every gate cumsum of the tile stays above ``-MAX_DECAY`` (so ``exp(-b)`` cannot overflow
+    and ``exp(b)`` cannot underflow), its part of ``A`` is one product ``(q e^{b}) (k e^{-b})^T``: each term is a
+    product of two correctly rounded factors, as exact as the split below. ``STRONG=False`` assumes that of
+    every tile. Otherwise (strong gates, resets) the secondary split in log space:
 
     Off-diagonal sub-chunk blocks (query sub-chunk ``I``, keys before ``I``): the decay is split at
     ``r_I``, the cumsum at the last row before ``I``: ``(q_i e^{b_i - r_I}) . (k_j e^{r_I - b_j})``,
     one ``tl.dot`` per ``I`` with the rows of other sub-chunks masked out. Diagonal 16 x 16 blocks:
     pairwise in log space, all four blocks at once, one key offset ``jj`` per iteration.
-
-    Launched twice over the same grid, as :func:`.chunk_bwd.qkg_grad_kernel`: ``STRONG=False`` takes the
-    chunks whose every K tile is bounded, ``STRONG=True`` the others (the choice is per chunk, whatever the K
-    tiles of each launch). The bounded path alone needs about 100 registers at 8 warps instead of over 200, so
-    two programs share an SM.
     """
     # torch.compile (inductor) passes a float argument as fp64, which would turn the fp32 tiles it scales into fp64
     scale = tl.cast(scale, tl.float32)
     NC: tl.constexpr = BT // BC
-    i_n, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, eos = chunk_span(chunk_idx_ptr, cu_ptr, i_n, BT)
     o_t, t, m_t, last = chunk_rows(t0, eos, BT)
     sub = o_t // BC  # sub-chunk of each row
     pos = o_t % BC  # row within its sub-chunk
-
-    lowest = tl.zeros([BK], dtype=tl.float32)  # the chunk's strongest decay, per column of a K tile
+    acc = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        lowest = tl.minimum(lowest, tl.load(b_ptr + (last * H + i_h) * K + o_k, mask=o_k < K, other=0.0))
-    strong = tl.min(lowest, axis=0) < -MAX_DECAY
-    if STRONG:
-        mine = strong
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
+        qk_off = (t[:, None] * H + i_h) * K + o_k[None, :]
+        qq = tl.load(q_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
+        kk = tl.load(k_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
+        b, b_last = load_cumsum(b_ptr, t, m_t, last, o_k, m_k, i_h, H, K)
+        if not STRONG:
+            acc += bounded_attention(qq, kk, b, o_t, DT, PREC)
+        elif tl.min(b_last, axis=0) >= -MAX_DECAY:  # a bounded tile of a chunk decaying strongly elsewhere
+            acc += bounded_attention(qq, kk, b, o_t, DT, PREC)
+        else:
+            for i_i in tl.static_range(1, NC):
+                r = row_of(b, o_t, i_i * BC - 1)
+                qd = qq * tl.exp(tl.where(sub[:, None] == i_i, b - r[None, :], float("-inf")))
+                kd = kk * tl.exp(tl.where(sub[:, None] < i_i, r[None, :] - b, float("-inf")))
+                acc += tl.dot(qd.to(DT), tl.trans(kd.to(DT)), input_precision=PREC)
+            for jj in range(0, BC):
+                j, kj, e = diagonal_pairs(k_ptr, b_ptr, b, b_last, t0, eos, sub, pos, jj, o_k, m_k, i_h, H, K, BC)
+                col = tl.sum(qq * kj * e, axis=1)
+                acc += tl.where(o_t[None, :] == j[:, None], col[:, None], 0.0)
+    tl.store(a_ptr + (t[:, None] * H + i_h) * BT + o_t[None, :], acc * scale, mask=m_t[:, None])
+
+
+@triton.jit
+def intra_attention_kernel(q_ptr, k_ptr, b_ptr, a_ptr, chunk_idx_ptr, cu_ptr, queue_ptr, scale, H: tl.constexpr,
+                           K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
+                           PREC: tl.constexpr, MAX_DECAY: tl.constexpr):
+    """:func:`intra_attention_tile` of this program's chunk, grid (NT, H), where every K tile's decay is bounded;
+    any other chunk is queued for :func:`intra_attention_strong_kernel`.
+
+    Two kernels because one holding both paths is sized by the longer one: the bounded path alone needs 105
+    registers instead of 216 at 8 warps, so two programs share an SM. The strong path's kernel walks the queue
+    with a grid of a few programs per SM: one program per chunk there, each exiting at once for the (usually all)
+    bounded chunks, was slower than the registers saved (RESULTS, "session 26").
+    """
+    i_n, i_h = tl.program_id(0), tl.program_id(1)
+    if decay_bounded(b_ptr, chunk_idx_ptr, cu_ptr, i_n, i_h, 0, tl.cdiv(K, BK), H, K, BT, BK, MAX_DECAY):
+        intra_attention_tile(q_ptr, k_ptr, b_ptr, a_ptr, chunk_idx_ptr, cu_ptr, scale, i_n, i_h, H, K, BT, BC, BK, DT,
+                             PREC, MAX_DECAY, False)
     else:
-        mine = strong == 0  # the exact complement (a NaN cumsum fails both comparisons)
-    if mine:
-        acc = tl.zeros([BT, BT], dtype=tl.float32)
-        for i_k in range(0, tl.cdiv(K, BK)):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m_k = o_k < K
-            m_tk = m_t[:, None] & m_k[None, :]
-            qk_off = (t[:, None] * H + i_h) * K + o_k[None, :]
-            qq = tl.load(q_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
-            kk = tl.load(k_ptr + qk_off, mask=m_tk, other=0.0).to(tl.float32)
-            b, b_last = load_cumsum(b_ptr, t, m_t, last, o_k, m_k, i_h, H, K)
-            if not STRONG:
-                acc += bounded_attention(qq, kk, b, o_t, DT, PREC)
-            elif tl.min(b_last, axis=0) >= -MAX_DECAY:  # a bounded tile of a chunk decaying strongly elsewhere
-                acc += bounded_attention(qq, kk, b, o_t, DT, PREC)
-            else:
-                for i_i in tl.static_range(1, NC):
-                    r = row_of(b, o_t, i_i * BC - 1)
-                    qd = qq * tl.exp(tl.where(sub[:, None] == i_i, b - r[None, :], float("-inf")))
-                    kd = kk * tl.exp(tl.where(sub[:, None] < i_i, r[None, :] - b, float("-inf")))
-                    acc += tl.dot(qd.to(DT), tl.trans(kd.to(DT)), input_precision=PREC)
-                for jj in range(0, BC):
-                    j, kj, e = diagonal_pairs(k_ptr, b_ptr, b, b_last, t0, eos, sub, pos, jj, o_k, m_k, i_h, H, K,
-                                              BC)
-                    col = tl.sum(qq * kj * e, axis=1)
-                    acc += tl.where(o_t[None, :] == j[:, None], col[:, None], 0.0)
-        tl.store(a_ptr + (t[:, None] * H + i_h) * BT + o_t[None, :], acc * scale, mask=m_t[:, None])
+        queue_tile(queue_ptr, i_n + tl.num_programs(0) * i_h)
+
+
+@triton.jit
+def intra_attention_strong_kernel(q_ptr, k_ptr, b_ptr, a_ptr, chunk_idx_ptr, cu_ptr, queue_ptr, n_chunks, scale,
+                                  H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                                  BK: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, MAX_DECAY: tl.constexpr):
+    """:func:`intra_attention_tile` with the sub-chunk split where needed, for the chunks
+    :func:`intra_attention_kernel` queued; a small grid walks the queue."""
+    for w in range(tl.program_id(0), tl.load(queue_ptr), tl.num_programs(0)):
+        chunk = tl.load(queue_ptr + 1 + w)
+        intra_attention_tile(q_ptr, k_ptr, b_ptr, a_ptr, chunk_idx_ptr, cu_ptr, scale, chunk % n_chunks,
+                             chunk // n_chunks, H, K, BT, BC, BK, DT, PREC, MAX_DECAY, True)
 
 
 @triton.jit
@@ -569,6 +590,17 @@ def segment_buffers(segments: int, H: int, K: int, V: int, like: Tensor) -> tupl
     return tuple(like.new_empty(shape, dtype=torch.float32) for shape in shapes)
 
 
+def strong_programs(tiles: int, device: torch.device) -> int:
+    """Grid of a strong-decay kernel walking the queue of at most ``tiles`` tiles: a few programs per SM (the
+    queue is usually empty; off CUDA, one)."""
+    return max(1, min(tiles, common.STRONG_PROGRAMS_PER_SM * (common.cuda_sm_count(device) or 1)))
+
+
+def intra_warps(BK: int) -> int:
+    """Warps of an intra-chunk program with ``BK``-wide K tiles: 4 up to 32-wide ones, else ``INTRA_WARPS``."""
+    return 4 if BK <= 32 else common.INTRA_WARPS
+
+
 def intra_block_size(K: int, kd: KernelDtypes) -> int:
     """K tile of :func:`intra_attention_kernel`: all of K in one tile on the bf16 path up to
     ``INTRA_WHOLE_K_MAX``, else ``INTRA_BK``-wide tiles (see :mod:`.common`)."""
@@ -577,33 +609,20 @@ def intra_block_size(K: int, kd: KernelDtypes) -> int:
 
 
 def intra_attention(q: Tensor, k: Tensor, b: Tensor, scale: float, info: SeqInfo, kd: KernelDtypes) -> Tensor:
-    """Launch :func:`intra_attention_kernel` twice (chunks of bounded decay, then the others); returns ``A``
+    """Launch :func:`intra_attention_kernel` and :func:`intra_attention_strong_kernel`; returns ``A``
     ``[TT, H, 64]`` fp32."""
     TT, H, K = q.shape
+    BK = intra_block_size(K, kd)
     a = q.new_empty(TT, H, CHUNK, dtype=torch.float32)
-    for strong in (False, True):
-        # The whole-K tile was timed on the bounded path only; the strong one keeps the tiles it had.
-        BK = block_size(K, common.INTRA_BK) if strong else intra_block_size(K, kd)
-        intra_attention_kernel[(info.num_chunks, H)](
-            q,
-            k,
-            b,
-            a,
-            info.chunk_indices,
-            info.cu_seqlens,
-            scale,
-            H=H,
-            K=K,
-            BT=CHUNK,
-            BC=SUB_CHUNK,
-            BK=BK,
-            DT=kd.dot,
-            PREC=kd.prec,
-            MAX_DECAY=common.MAX_DECAY,
-            STRONG=strong,
-            num_warps=4 if BK <= 32 else common.INTRA_WARPS,
-            num_stages=1,
-        )
+    queue = torch.zeros(info.num_chunks * H + 1, dtype=torch.int32, device=q.device)
+    args = (q, k, b, a, info.chunk_indices, info.cu_seqlens, queue)
+    meta = dict(H=H, K=K, BT=CHUNK, BC=SUB_CHUNK, DT=kd.dot, PREC=kd.prec, MAX_DECAY=common.MAX_DECAY, num_stages=1)
+    intra_attention_kernel[(info.num_chunks, H)](*args, scale, BK=BK, num_warps=intra_warps(BK), **meta)
+    # The whole-K tile was timed on the bounded path only; the strong one keeps INTRA_BK-wide tiles.
+    strong_bk = block_size(K, common.INTRA_BK)
+    intra_attention_strong_kernel[(strong_programs(info.num_chunks * H, q.device),)](
+        *args, info.num_chunks, scale, BK=strong_bk, num_warps=intra_warps(strong_bk), **meta
+    )
     return a
 
 

@@ -77,6 +77,9 @@ QKG_BK = 64
 QKG_BV = 64
 QKG_WARPS = 8
 QKG_STAGES = 1
+# The intra-chunk and dq/dk/dg kernels take the single-product path for tiles of bounded decay and queue the others
+# for a second kernel with the sub-chunk split, which walks the queue with this many programs per SM.
+STRONG_PROGRAMS_PER_SM = 4
 # fp32 products (fp16 and fp32 inputs) hold twice the registers per operand element, and the 128-wide V tiles
 # of the state passes and dv were timed on the bf16 path only: fp32 products keep 64.
 FP32_PRODUCTS_MAX_BV = 64
