@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import importlib.metadata
 import json
 import os
@@ -61,7 +60,7 @@ from torch.nn.attention import SDPBackend
 
 import longseq
 from longseq.bench.decode import bench_decode_longseq, decode_warmup
-from longseq.bench.timing import sync
+from longseq.bench.timing import release_memory, sync
 from longseq.models import build_model
 from longseq.nn import fused as fused_step
 
@@ -95,12 +94,6 @@ def _device_name(device: torch.device) -> str:
 
 def _num_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def print_profile(title: str, one_step: Callable[[], float], device: torch.device, rows: int) -> None:
@@ -169,7 +162,7 @@ def time_training(
     if profile_title is not None:
         print_profile(profile_title, one_step, device, profile_rows)
     opt.state.clear()
-    _free(device)
+    release_memory(device)
     return dict(step_s=seconds, loss=loss, peak_gib=peak)
 
 
@@ -261,7 +254,7 @@ def bench_longseq(args, backbone: str, device: torch.device, gen_dtype: torch.dt
                 _guard(row, lambda row=row, static=static: row.update(_gen_fields(bench_decode_longseq(
                     model, None, args.context, 1, args.gen_bytes, gen_warmup, static, device))))
             rows.append(row)
-            _free(device)
+            release_memory(device)
     return rows
 
 
@@ -440,10 +433,10 @@ def main() -> None:
     rows: list[dict] = []
     for backbone in args.global_backbones:
         rows += bench_longseq(args, backbone, device, gen_dtype)
-        _free(device)
+        release_memory(device)
     if not args.skip_reference:
         rows += bench_reference(args, device, gen_dtype)
-        _free(device)
+        release_memory(device)
     add_ratios(rows)
     for row in rows:
         print(json.dumps(row), flush=True)

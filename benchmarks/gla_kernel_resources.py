@@ -206,7 +206,7 @@ def main(argv=None) -> None:
     set_constants(common, args.set, "--set")
     if args.scale_fp64:
         type_scale_as_fp64()
-    common.cuda_sm_count = lambda device: args.sms  # the segment plan, as on a card of --sms SMs
+    common.cuda_sm_count = lambda device: args.sms  # the segment plan and the strong kernels' grid on --sms SMs
 
     target = GPUTarget("cuda", args.arch, 32)
     print(f"triton {triton.__version__}, target sm_{args.arch}, {args.sms} SMs, {args.smem_kib} KiB shared per SM"

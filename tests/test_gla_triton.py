@@ -539,7 +539,8 @@ def test_kernel_resource_report_compiles_every_launch_for_the_gpu():
     """``benchmarks/gla_kernel_resources.py`` compiles each kernel launch of one forward+backward for an H100 on this
     CPU-only machine and reads its registers from ptxas: the ten launches in order (the intra-chunk and dq/dk/dg
     kernels each have a second one for the tiles of strong decay), a register count for each, and
-    program counts as the launch code's grids give them (dq/dk/dg: K tiles x chunks x heads, here 2 x 2 x 2). With
+    program counts as the launch code's grids give them (dq/dk/dg: K tiles x chunks x heads, here 2 x 2 x 2; its strong
+    kernel: min(tiles, STRONG_PROGRAMS_PER_SM x SMs), here the 8 tiles). With
     ``scale`` typed fp64, as torch.compile passes it, every launch still compiles, free of fp64 arithmetic."""
     import os
     import subprocess

@@ -331,8 +331,8 @@ def qkg_grad_kernel(
     """:func:`qkg_tile` for the tile of this program, grid (K tiles, chunks, heads), where its decay across the
     chunk is bounded (every tile, for gates like the benchmarks' and trained models'); any other tile is queued
     for :func:`qkg_grad_strong_kernel`. As for :func:`.chunk_fwd.intra_attention_kernel`: one kernel holding both
-    paths spilled ~690 B per thread at 255 registers and 64-wide K tiles; the bounded path alone spills
-    nothing."""
+    paths spilled ~690 B per thread at 255 registers and 64-wide K tiles; this kernel spills nothing at K = 128 and
+    4 B at K = 256 (Triton 3.6, H100: ``benchmarks/results/2026-12-08_sm90_gla_kernel_resources_s29.log``)."""
     i_k, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if decay_bounded(b_ptr, chunk_idx_ptr, cu_ptr, i_n, i_h, i_k * BK, 1, H, K, BT, BK, MAX_DECAY):
         qkg_tile(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, h_ptr, do_ptr, dh_ptr, dq_ptr, dk_ptr, dg_ptr, chunk_idx_ptr,

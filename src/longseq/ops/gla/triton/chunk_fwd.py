@@ -365,10 +365,13 @@ def intra_attention_kernel(q_ptr, k_ptr, b_ptr, a_ptr, chunk_idx_ptr, cu_ptr, qu
     """:func:`intra_attention_tile` of this program's chunk, grid (NT, H), where every K tile's decay is bounded;
     any other chunk is queued for :func:`intra_attention_strong_kernel`.
 
-    Two kernels because one holding both paths is sized by the longer one: the bounded path alone needs 105
-    registers instead of 216 at 8 warps, so two programs share an SM. The strong path's kernel walks the queue
-    with a grid of a few programs per SM: one program per chunk there, each exiting at once for the (usually all)
-    bounded chunks, was slower than the registers saved (RESULTS, "session 26").
+    Two kernels because one holding both paths is sized by the longer one. Compiled by Triton 3.6 for an H100,
+    this kernel takes 92 registers (K = 128) and 103 (K = 256), so two programs share an SM; session 25's kernel
+    holding both paths took 216 and 215 (``benchmarks/results/2026-12-08_sm90_gla_kernel_resources_s29.log`` and
+    ``2026-12-07_sm90_gla_kernel_resources_s25.log``). The strong path's kernel walks the queue with a grid of a
+    few programs per SM. Its predecessor, a second launch of one program per chunk exiting at once for bounded
+    chunks, was 1.5-2.4% slower fwd+bwd than one kernel with both paths at H16 K128 and 1.0-1.3% faster at
+    H4 K256 V512 (RESULTS, "session 26"); the queue beat that launch by 2.4-4.3% fwd+bwd (RESULTS, "session 29").
     """
     i_n, i_h = tl.program_id(0), tl.program_id(1)
     if decay_bounded(b_ptr, chunk_idx_ptr, cu_ptr, i_n, i_h, 0, tl.cdiv(K, BK), H, K, BT, BK, MAX_DECAY):
