@@ -594,3 +594,52 @@ def test_gpu_gla_layer_under_torch_compile_matches_eager():
         results.append([out.float(), *grads])
     for got, want in zip(results[1], results[0], strict=True):
         assert relative_rms_error(got, want) < 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_strong_gates_fill_the_queue_under_cuda_graph_and_torch_compile():
+    """Gates decaying by ~64 per chunk (past ``MAX_DECAY`` in every tile) send every tile to the strong-decay kernels:
+    1024 queued chunks of the forward and 1024 dq/dk/dg tiles for a grid of at most 4 programs per SM, so the atomics
+    and the grid-stride walk run with many programs at once (the interpreter runs one). Replayed from a CUDA graph, the
+    forward matches the float64 reference at every replay (the graph re-zeroes the queue); under torch.compile the
+    output and every gradient match eager's."""
+    B, T, H, K, V = 2, 8192, 4, 64, 64
+    q, k, v, g, s0 = make_inputs(B, T, H, K, V, dtype=torch.bfloat16, gate_lo=-2.0, seed=7)
+    with torch.no_grad():
+        qd, kd, vd, gd, sd = (x.double() for x in (q, k, v, g, s0))
+        o_ref, s_ref = gla_chunk(qd, kd, vd, gd, K**-0.5, initial_state=sd)
+
+    def forward():
+        return gated_linear_attention(q, k, v, g, initial_state=s0, output_final_state=True, backend="triton",
+                                      check_values=False)
+
+    with torch.no_grad():
+        forward()  # compiles the kernels outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            o_g, s_g = forward()
+        for _ in range(2):
+            o_g.fill_(float("nan"))
+            s_g.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert relative_rms_error(o_g, o_ref) <= 4e-3
+            assert relative_rms_error(s_g, s_ref) <= 4e-3
+
+    def with_grads(fn):
+        leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g, s0)]
+        o, s = fn(*leaves)
+        grads = torch.autograd.grad(o.float().square().mean() + s.square().mean(), leaves)
+        return [o.float(), s, *grads]
+
+    def op(q, k, v, g, s0):
+        return gated_linear_attention(q, k, v, g, initial_state=s0, output_final_state=True, backend="triton")
+
+    eager = with_grads(op)
+    assert relative_rms_error(eager[0], o_ref) <= 4e-3
+    compiled = with_grads(torch.compile(op))
+    for name, got, want in zip(["o", "state", "dq", "dk", "dv", "dg", "ds0"], compiled, eager, strict=True):
+        assert torch.isfinite(got).all(), name
+        assert relative_rms_error(got, want) <= 1e-3, name
