@@ -63,7 +63,7 @@ for s in "${steps[@]}"; do
     decode-fused) run decode-fused 240 python3 -m longseq bench decode --models gla,transformer,megabyte:paper95m --presets 85m --contexts 4096 --batch-sizes 1 --policies full,tova:ctx/8 --gen-tokens 64 --fused --jsonl "$OUT/decode_fused.jsonl" ;;
     bench) run bench 420 python3 -m longseq bench --device cuda --models gla,transformer --presets medium --seq-lens 2048,8192 --batch-tokens 16384 --steps 5 --warmup 2 --json "$OUT/bench.json" ;;
     bench-compile)  # one length per step: compiling GLA medium whole took over 150 s on an H200 (session 27); since
-      # session 28 --compile compiles each block (one layer's graph), not yet timed on a GPU
+      # session 28 --compile compiles each block (one layer's graph): a GLA-only 2K process took 47 s on an H100 (session 29)
       run bench-compile 560 python3 -m longseq bench --device cuda --models gla,transformer --presets medium --seq-lens 2048 --batch-tokens 16384 --steps 5 --warmup 2 --compile --json "$OUT/bench_compile.json" ;;
     bench-compile-8k) run bench-compile-8k 560 python3 -m longseq bench --device cuda --models gla,transformer --presets medium --seq-lens 8192 --batch-tokens 16384 --steps 5 --warmup 2 --compile --json "$OUT/bench_compile_8k.json" ;;
     compile-time) run compile-time 450 python3 benchmarks/compile_time.py --model gla --preset medium --batch 8 --seq-len 2048 --steps 5 ;;

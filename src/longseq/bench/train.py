@@ -6,14 +6,13 @@ for memory, and an out-of-memory phase reported as ``"OOM"`` rather than ending 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..models import build_model, capabilities, compile_blocks, config_class
+from ..models import build_model, capabilities, compile_blocks, config_class, eager_if_compiled
 from ..precision import autocast
 from ..train.distributed import pick_device
 from ..train.schedule import build_optimizer
@@ -128,7 +127,7 @@ def _bench_one(
         # ``bench_train`` is looked up here, at call time, so a test can replace it with a fake OOM.
         _run_phase(row, "train", lambda: bench_train(model, batch, seq_len, steps, warmup, dev, compile), dev)
         # the blocks compiled for training would compile again for each decode step's shapes: generate eager
-        with torch.compiler.set_stance("force_eager") if compile else contextlib.nullcontext():
+        with eager_if_compiled(compile):
             _run_phase(row, "gen", lambda: bench_generate(model, gen_batch, gen_prompt, gen_tokens, dev), dev)
     except (torch.cuda.OutOfMemoryError, RuntimeError) as err:  # e.g. the model itself does not fit
         if not is_oom(err):

@@ -10,7 +10,7 @@ from .gla import GLALM
 from .hybrid import HybridLM
 from .megabyte import MegabyteLM, MegabyteState
 from .registry import MODELS, Capabilities, ModelSpec, capabilities, model_spec, register_model
-from .stack import BlockStack, StackLM, compile_blocks
+from .stack import BlockStack, StackLM, compile_blocks, eager_if_compiled
 from .state import ModelState
 from .transformer import TransformerLM
 
@@ -63,8 +63,8 @@ def model_from_config(cfg: ModelConfig) -> LanguageModel:
 
 
 __all__ = [
-    "BlockStack", "Capabilities", "ModelSpec", "StackLM", "capabilities", "compile_blocks", "model_spec",
-    "register_model",
+    "BlockStack", "Capabilities", "ModelSpec", "StackLM", "capabilities", "compile_blocks", "eager_if_compiled",
+    "model_spec", "register_model",
     "GLAConfig", "GLALM", "HybridConfig", "HybridLM", "LanguageModel", "MODELS", "MegabyteConfig", "MegabyteLM",
     "MegabyteState",
     "ModelConfig", "ModelState", "TransformerConfig",

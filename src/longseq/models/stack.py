@@ -7,6 +7,7 @@ that mixes the two blocks by layer; MEGABYTE composes two :class:`BlockStack` s 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -62,8 +63,8 @@ def compile_blocks(model: nn.Module, **options: Any) -> int:
 
     From then on every call of the blocks goes through dynamo, evaluation and decoding on a dynamic state included
     (the static-state ``step`` path does not call them). Code that should run eager, without compiling graphs for
-    its own shapes and grad mode, runs under ``torch.compiler.set_stance("force_eager")``, as ``longseq train``'s
-    validation and ``longseq bench``'s generation do.
+    its own shapes and grad mode, runs under :func:`eager_if_compiled` (``torch.compiler.set_stance("force_eager")``),
+    as ``longseq train``'s validation and ``longseq bench``'s generation do.
 
     Returns the number of blocks compiled (0 when the model was compiled whole).
     """
@@ -73,6 +74,13 @@ def compile_blocks(model: nn.Module, **options: Any) -> int:
     for block in blocks:
         block.compile(**options)
     return len(blocks)
+
+
+def eager_if_compiled(compiled: bool) -> contextlib.AbstractContextManager:
+    """The context that runs a :func:`compile_blocks`-compiled model eager (``force_eager``) when ``compiled``, so
+    that work at other shapes or grad modes than training's (validation, generation) compiles no graphs of its own;
+    a no-op context otherwise."""
+    return torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
 
 
 class StackLM(LanguageModel):

@@ -6,7 +6,6 @@ Single process: ``longseq train ...``. Several: ``torchrun --nproc-per-node N -m
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from ..data import DataError, WindowSampler, builtin_corpus_path, load_corpus, run_holdout, split_documents
 from ..data.tokens import tokenize_corpus
 from ..evaluate import EvaluationStopped, check_seq_len, corpus_documents, evaluate_bpb, model_tokenizer
-from ..models import compile_blocks, config_class, model_from_config
+from ..models import compile_blocks, config_class, eager_if_compiled, model_from_config
 from ..models.registry import capabilities
 from ..precision import autocast
 from ..sources import open_tokenizer
@@ -442,7 +441,7 @@ class _Session:
             return
         try:
             # eager: compiled blocks would compile again for validation's grad mode and batch shapes
-            with torch.compiler.set_stance("force_eager") if self.cfg.compile else contextlib.nullcontext():
+            with eager_if_compiled(self.cfg.compile):
                 res = evaluate_bpb(
                     self.setup.eval_model,
                     self.val_set,
