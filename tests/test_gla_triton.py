@@ -23,7 +23,8 @@ triton = pytest.importorskip("triton")
 
 from longseq.ops.gla import gated_linear_attention, gla_chunk, gla_recurrent  # noqa: E402
 from longseq.ops.gla.triton import (  # noqa: E402
-    chunk_fwd,  # noqa: E402
+    chunk_bwd,
+    chunk_fwd,
     common,
     recurrent_gla,
 )
@@ -259,6 +260,30 @@ def test_strong_and_infinite_gates_stay_finite_and_exact(poison, state_operands)
         _, _, grads = run_with_grads("triton", q, k, v, g.to(dtype), s0, w, torch.ones_like(s0))
         dg = grads[3]
         assert dg.dtype == dtype and bool((dg[g == float("-inf")] == 0).all()) and bool((dg[g > -20] != 0).any())
+
+
+@pytest.mark.parametrize("programs_per_sm", [3, 64])
+def test_strong_kernels_walk_the_queue_with_several_programs(poison, monkeypatch, programs_per_sm):
+    """Off CUDA the strong-decay kernels get one program; here a pretend 1-SM GPU gives them 3 (each walks every
+    third queued tile from its own start) or 64 (capped at the tile count: one tile each). Every chunk of both
+    heads decays past ``MAX_DECAY``: 10 queued chunks in the forward, 20 queued K tiles in the backward (16-wide
+    tiles of K = 32), none of them a multiple of 3. Each tile must be taken exactly once (``poison`` catches
+    one left out) and land where its id says."""
+    monkeypatch.setattr(common, "MAX_BLOCK", 16)
+    monkeypatch.setattr(common, "STRONG_PROGRAMS_PER_SM", programs_per_sm)
+    monkeypatch.setattr(common, "cuda_sm_count", lambda device: 1)
+    grids = []  # (queue capacity, programs) of each strong-decay launch
+    strong_programs = chunk_fwd.strong_programs
+
+    def recorded(tiles, device):
+        grids.append((tiles, strong_programs(tiles, device)))
+        return grids[-1][1]
+
+    monkeypatch.setattr(chunk_fwd, "strong_programs", recorded)
+    monkeypatch.setattr(chunk_bwd, "strong_programs", recorded)
+    q, k, v, g, s0 = make_inputs(1, 300, 2, 32, 16, gate_lo=-20.0, seed=21)
+    check_against_reference(q, k, v, g, s0, rtol=5e-5)
+    assert grids == [(10, min(10, programs_per_sm)), (20, min(20, programs_per_sm))]
 
 
 def test_mixed_decay_takes_both_paths_in_one_call(poison):

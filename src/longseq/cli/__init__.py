@@ -28,7 +28,9 @@ __all__ = ["build_parser", "main", "stop_bytes"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``longseq`` parser, its subcommands in the order ``longseq --help`` lists them."""
-    parser = argparse.ArgumentParser(prog="longseq", description="Long-sequence byte-level language modelling.")
+    description = ("Long-sequence language modelling: GLA, MEGABYTE and Transformers with bounded (TOVA) caches, "
+                   "trained here or loaded from a pretrained checkpoint.")
+    parser = argparse.ArgumentParser(prog="longseq", description=description)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_train, _add_eval, _add_generate, _add_bench, _add_plot, _add_quickstart):
         add(sub)

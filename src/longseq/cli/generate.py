@@ -29,10 +29,13 @@ def add_parser(sub) -> None:
         "--prompt-file", metavar="FILE", action="append",
         help="read a prompt from this file (bytes); repeatable like --prompt",
     )
-    p.add_argument("--max-new-tokens", type=int, default=256, help="bytes to generate (default 256)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=256,
+        help="tokens to generate: bytes for longseq's own models, tokenizer tokens for a pretrained one (default 256)",
+    )
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely bytes")
-    p.add_argument("--top-p", type=float, help="nucleus sampling: smallest set of bytes with probability >= p")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: smallest set of tokens with probability >= p")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument(
         "--stop", action="append", metavar="TEXT",
