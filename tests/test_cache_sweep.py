@@ -107,6 +107,35 @@ def test_kept_position_stats():
     assert all(0.0 <= s.first_token <= 1.0 and 0 < s.recent[1] <= 1.0 for s in tova)
 
 
+def test_kept_position_stats_of_megabyte_count_patches_in_the_global_layers():
+    """MEGABYTE's global caches keep patch positions: after 256 bytes (P = 4) the global layers have taken 65 patch
+    positions (the pads' 0, then one per input patch), so a Window of 8 keeps the 8 latest patches (mean age 3.5
+    patches, the latest always kept), and statistics start once more than 8 patches have come. The local layers'
+    per-patch caches, which no policy bounds, are not reported."""
+    model = longseq.build_model("megabyte", "tiny").eval()
+    P, n_global = model.config.patch_size, model.config.n_global_layers
+    assert P == 4
+    ids = torch.randint(0, 256, (256,), generator=torch.Generator().manual_seed(0))
+    stats = kept_position_stats(model, ids, Window(8), every=16, recent=(1, 8))
+    assert [s.layer for s in stats] == list(range(n_global))
+    for s in stats:
+        # 16-byte chunks: one sample after each from 32 bytes on (9 patch positions, one evicted) to 256 (65)
+        assert s.samples == sum(1 for n in range(16, 257, 16) if n // P + 1 > 8) == 15
+        assert s.first_token == 0.0 and s.recent[1] == 1.0 and s.recent[8] == 1.0
+        assert s.mean_age == pytest.approx(3.5)
+
+
+def test_score_document_takes_byte_ids_of_any_integer_dtype():
+    """Byte ids as a memory-mapped corpus gives them (uint8) score as int64 ids do; float ids are refused."""
+    model = tiny()
+    ids = torch.tensor(list(b"the cat sat on the mat, the cat sat"), dtype=torch.long)
+    want = score_document(model, ids, Window(8), chunk_size=7)
+    got = score_document(model, ids.to(torch.uint8), Window(8), chunk_size=7)
+    assert got.tokens == want.tokens == ids.numel() - 1 and got.nats == want.nats
+    with pytest.raises(ValueError, match=r"ids must be a \[T\] integer tensor; got shape \(35,\), dtype torch.float32"):
+        score_document(model, ids.float(), Window(8))
+
+
 def test_run_sweep_refuses_an_out_dir_it_cannot_fill_before_scoring(tmp_path):
     """A file at out_dir or above it, and a folder where one of the sweep's files goes, are refused before any
     scoring (no progress line) and without writing anything."""

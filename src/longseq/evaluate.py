@@ -268,6 +268,8 @@ def evaluate_bpb(
     ``should_stop`` is asked before every batch; when it returns true, :class:`EvaluationStopped` is raised
     (a training run's signal handling stops validation this way within one batch).
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
     stride = seq_len if stride is None else int(stride)
     check_seq_len(model, seq_len)
     device = torch.device(device) if device is not None else next(model.parameters()).device

@@ -74,7 +74,10 @@ def score_document(
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
     device = model.device  # type: ignore[attr-defined]
     tokenizer = sweep_tokenizer(model)
-    ids = (ids if isinstance(ids, Tensor) else as_document_ids(ids, tokenizer)).to(device)
+    if isinstance(ids, Tensor) and (ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool):
+        raise ValueError(f"ids must be a [T] integer tensor; got shape {tuple(ids.shape)}, dtype {ids.dtype}")
+    # Any integer ids (a memory-mapped corpus gives uint8): the model and the loss take int64.
+    ids = (ids if isinstance(ids, Tensor) else as_document_ids(ids, tokenizer)).to(device, torch.long)
     state = model.init_state(1, cache=policy)  # type: ignore[attr-defined]
     score = Score(n_bytes=scored_bytes(tokenizer, ids))
     prev_last: Tensor | None = (
@@ -358,7 +361,8 @@ def kept_position_stats(
     tokens consumed than the budget), every attention layer's kept set is summarised: is the first token
     kept, what fraction of the ``r`` most recent tokens is kept (for each ``r`` in ``recent``), and the mean
     age of the kept tokens. Returns one :class:`KeptStats` per attention layer (layers without a token
-    cache, e.g. GLA in a hybrid, are skipped).
+    cache, e.g. GLA in a hybrid, are skipped). For MEGABYTE these are the global layers, counted in patches
+    (position 0 is the pads' patch): ``recent`` and ``mean_age`` are in patches too.
     """
     policy = parse_policy(policy) if isinstance(policy, str) else policy
     ids = as_document_ids(document, sweep_tokenizer(model))
@@ -367,12 +371,15 @@ def kept_position_stats(
     acc: dict[int, KeptStats] = {}
 
     def observe(state: Any, consumed: int) -> None:
-        if policy.budget is not None and consumed <= policy.budget:
+        # In the persistent layers' own positions: MEGABYTE's global caches hold patches, not bytes (its local
+        # caches restart at every patch and no policy bounds them).
+        current = state.persistent_positions
+        if policy.budget is not None and current <= policy.budget:
             return  # nothing evicted yet: every statistic would be trivially 1
-        for layer, cache in enumerate(state.layers):
+        for layer, cache in enumerate(state.persistent_layers):
             if not cache.keeps_tokens:
                 continue
-            s = kept_positions_summary(cache.kept_positions(), consumed, recent)
+            s = kept_positions_summary(cache.kept_positions(), current, recent)
             st = acc.setdefault(layer, KeptStats(layer=layer, recent={r: 0.0 for r in recent}))
             n = st.samples
             st.first_token = (st.first_token * n + s["first_token"]) / (n + 1)

@@ -119,8 +119,7 @@ class LanguageModel(nn.Module, ABC):
         """Raise ``ValueError`` unless ``input_ids`` is a ``[B, T]`` integer tensor of ids in ``[0, vocab)``."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T]; got shape {tuple(input_ids.shape)}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must be an integer tensor; got dtype {input_ids.dtype}")
+        check_id_dtype(input_ids)
         if input_ids.numel() and not torch.compiler.is_compiling():
             # One host sync in the common (valid) case; the range is only read back to report an error.
             if bool(((input_ids < 0) | (input_ids >= self.config.vocab_size)).any()):
@@ -139,10 +138,9 @@ class LanguageModel(nn.Module, ABC):
         if not isinstance(input_ids, Tensor):
             raise TypeError(f"input_ids must be a [B, T] integer tensor; got {type(input_ids).__name__}")
         if state.static:
-            if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-                raise ValueError(
-                    f"input_ids must be a [B, T] integer tensor; got {tuple(input_ids.shape)} {input_ids.dtype}"
-                )
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [B, T]; got shape {tuple(input_ids.shape)}")
+            check_id_dtype(input_ids)
             assert state.host_positions is not None and state.max_len is not None
             if max(state.host_positions) + input_ids.shape[1] > state.max_len:
                 raise ValueError(
@@ -156,6 +154,19 @@ class LanguageModel(nn.Module, ABC):
             raise ValueError(f"input_ids has batch {B} but the state was made for batch {state.batch_size}")
         if T == 0:
             raise ValueError("step needs at least one new token; got input_ids of shape [B, 0]")
+
+
+#: The index dtypes an embedding takes. Narrower ones (uint8 bytes from a memory-mapped corpus, int16) are refused
+#: rather than converted: a range check in them would wrap (uint8 256 is 0), and the embedding would reject them.
+ID_DTYPES = (torch.int64, torch.int32)
+
+
+def check_id_dtype(input_ids: Tensor) -> None:
+    """``ValueError`` unless ``input_ids`` is int64 or int32 (:data:`ID_DTYPES`)."""
+    if input_ids.dtype not in ID_DTYPES:
+        raise ValueError(
+            f"input_ids must be an integer tensor of int64 or int32; got dtype {input_ids.dtype} (convert with .long())"
+        )
 
 
 def check_state_args(batch_size: int, max_len: int | None) -> None:

@@ -43,6 +43,17 @@ class BlockStack(nn.ModuleList):
             h = block.step(h, positions, state, row_mask=row_mask)
         return h
 
+    def check_states(self, states: list[LayerState]) -> None:
+        """``ValueError`` unless ``states`` holds one state per block, each of the kind and shape its block keeps:
+        a state made by another model would otherwise fail deep inside a layer, or be half ignored."""
+        if len(states) != len(self):
+            raise ValueError(f"the state holds {len(states)} layer states for {len(self)} blocks "
+                             "(pass a state from this model's init_state)")
+        for i, (block, state) in enumerate(zip(self, states, strict=True)):
+            check = getattr(block, "check_state", None)  # optional in the block interface (a user's block may lack it)
+            if check is not None:
+                check(state, i)
+
     def init_states(self, batch_size: int, *, cache: Any = None, device: torch.device | None = None,
                     static_len: int | None = None, policy_layers: Collection[int] | None = None) -> list[LayerState]:
         """One fresh state per block (see the blocks' ``init_state``); the cache policy goes to the blocks in
@@ -132,6 +143,9 @@ class StackLM(LanguageModel):
     def _step(self, input_ids: Tensor, state: ModelState, last_only: bool) -> tuple[Tensor, ModelState]:
         """:meth:`step`'s logits ``[B, T, vocab]``, or ``[B, 1, vocab]`` after the last token only."""
         self.check_step_inputs(input_ids, state)
+        if type(state) is not ModelState:  # e.g. a MegabyteState: its layers count patches, not tokens
+            raise TypeError(f"state must come from {type(self).__name__}.init_state; got {type(state).__name__}")
+        self.blocks.check_states(state.layers)
         if state.static:
             logits = self._static_step(input_ids, state)
             return (logits[:, -1:] if last_only else logits), state

@@ -55,6 +55,12 @@ class ModelState:
         all of them here; MEGABYTE's local states restart at every patch."""
         return self.layers
 
+    @property
+    def persistent_positions(self) -> int:
+        """Positions the :attr:`persistent_layers` have taken so far: the tokens consumed, here (a static
+        state's furthest row)."""
+        return self.position
+
     def reserve(self, n_tokens: int) -> None:
         """Hint that ``n_tokens`` tokens per row are about to arrive (a prompt), so each layer's growing
         buffers allocate once for them instead of regrowing as they stream in."""

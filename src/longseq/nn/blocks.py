@@ -8,7 +8,10 @@ Every block type has the same three methods:
   training, full-sequence forward) or continuing ``state`` (updated in place);
 * ``step(h, positions, state, *, row_mask=None) -> h``: one token per row (``[B, 1, d_model]``), the
   decode step; the fused decode kernels of :mod:`longseq.ops.decode_block` sit behind it;
-* ``init_state(batch_size, *, cache=None, device=None, static_len=None) -> LayerState``.
+* ``init_state(batch_size, *, cache=None, device=None, static_len=None) -> LayerState``;
+* optionally ``check_state(state, index)``: ``ValueError`` unless ``state`` is one this block's
+  ``init_state`` could have made (its kind and shape), so that a model's ``step`` refuses another model's
+  state before any work.
 
 ``row_mask`` (``[B]`` bool, static states only) advances only the rows where it is True; the others keep
 their state (MEGABYTE's global model, which advances only the rows that complete a patch).
@@ -81,6 +84,17 @@ class TransformerBlock(nn.Module):
         attn, mlp = self.attn, self.mlp
         return plain_modules(h, (self,), (attn.qkv, attn.out, mlp.gate_up, mlp.down))
 
+    def check_state(self, state: object, index: int) -> None:
+        """``ValueError`` unless ``state`` is a :class:`KVCache` with this block's KV heads and head size (layer
+        ``index`` of its model's state)."""
+        if not isinstance(state, KVCache):
+            raise ValueError(f"layer {index} is a Transformer block, which keeps a KVCache; the state holds a "
+                             f"{type(state).__name__} there (pass a state from this model's init_state)")
+        want = (self.attn.n_kv_heads, self.attn.head_dim)
+        if state.k is not None and (state.k.shape[1], state.k.shape[-1]) != want:
+            raise ValueError(f"layer {index}: the KVCache holds {state.k.shape[1]} heads of size {state.k.shape[-1]}, "
+                             f"this block {want[0]} of size {want[1]} (pass a state from this model's init_state)")
+
     def init_state(self, batch_size: int, *, cache: CachePolicy | None = None, device: torch.device | None = None,
                    static_len: int | None = None) -> KVCache:
         """A :class:`KVCache` under ``cache`` (default ``Full()``); static with ``static_len`` slots for
@@ -121,6 +135,17 @@ class GLABlock(nn.Module):
     def step(self, h: Tensor, positions: Tensor, state: RecurrentState, *, row_mask: Tensor | None = None) -> Tensor:
         """One token per row (the GLA op takes its recurrent decode kernel for it)."""
         return self(h, positions, state, row_mask=row_mask)
+
+    def check_state(self, state: object, index: int) -> None:
+        """``ValueError`` unless ``state`` is a :class:`RecurrentState` of this block's ``[H, K, V]`` (layer
+        ``index`` of its model's state)."""
+        if not isinstance(state, RecurrentState):
+            raise ValueError(f"layer {index} is a GLA block, which keeps a RecurrentState; the state holds a "
+                             f"{type(state).__name__} there (pass a state from this model's init_state)")
+        want = (self.attn.n_heads, self.attn.head_k, self.attn.head_v)
+        if tuple(state.shape[1:]) != want:
+            raise ValueError(f"layer {index}: the RecurrentState is [B, H, K, V] = {list(state.shape)}, this block "
+                             f"keeps [B, {', '.join(map(str, want))}] (pass a state from this model's init_state)")
 
     def init_state(self, batch_size: int, *, cache: CachePolicy | None = None, device: torch.device | None = None,
                    static_len: int | None = None) -> RecurrentState:

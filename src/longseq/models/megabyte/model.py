@@ -197,6 +197,8 @@ class MegabyteLM(StaticDecode, LanguageModel):
         """
         state = check_megabyte_state(state)
         self.check_step_inputs(input_ids, state)
+        self.global_blocks.check_states(state.global_layers)
+        self.local_blocks.check_states(state.local_layers)
         n, T = state.position, input_ids.shape[1]
         self._check_length(n + T)
         if state.static:

@@ -51,6 +51,12 @@ class MegabyteState(ModelState):
         """The global layers: the local ones hold at most one patch (they restart at every patch)."""
         return self.global_layers
 
+    @property
+    def persistent_positions(self) -> int:
+        """Patch positions the global layers have taken: position 0 (the pads) once started, then one per input
+        patch completed, so ``position // P + 1``."""
+        return self.position // self.patch_size + 1 if self.started else 0
+
     def reserve(self, n_tokens: int) -> None:
         """As :meth:`ModelState.reserve`, counted in the units each stack sees: the global layers take one
         position per patch (``n_tokens // P`` plus the pads' and a partial patch's); the local layers restart
