@@ -118,6 +118,22 @@ def test_missing_paths_and_non_models_are_clear_errors(tmp_path):
         load_pretrained(tmp_path / "empty")
 
 
+def test_truncated_gguf_is_a_clear_error(tmp_path):
+    """A .gguf cut short (a download stopped midway) is named as incomplete, not a struct.error traceback."""
+    gguf = pytest.importorskip("gguf")
+    whole = tmp_path / "whole.gguf"
+    writer = gguf.GGUFWriter(str(whole), "llama")
+    writer.add_context_length(64)
+    writer.add_token_list([f"t{i}" for i in range(300)])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"{cut} is not a complete GGUF file"):
+        load_pretrained(cut)
+
+
 def byte_level_tokenizer():
     """A byte-level BPE tokenizer without merges (ids 0..255), built offline with the tokenizers library."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

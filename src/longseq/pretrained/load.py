@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,10 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: Any, progress: bool) -> T
     folder, name = str(path.parent), path.name
     # transformers parses the whole .gguf (vocabulary included, seconds for a 49K-token one) for each config it
     # reads: read it once and hand it to the model.
-    hf_config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    try:
+        hf_config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    except struct.error as err:  # the header promised more bytes than the file holds
+        raise ValueError(f"{path} is not a complete GGUF file (truncated?): {err}") from None
     cfg = config_from_hf(hf_config.to_dict())
     with _gguf_progress_bar(progress):
         hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=hf_config,
